@@ -1,0 +1,22 @@
+"""distrain: distributed data-parallel training for PyTorch — one config, one loop, proven equal across scale."""
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # lazy: `import distrain` stays cheap for the CLI's error paths
+    if name == "Trainer":
+        from distrain.trainer import Trainer
+
+        return Trainer
+    if name in ("Config", "load_config"):
+        from distrain import config
+
+        return getattr(config, name)
+    if name in ("ConfigError", "DistrainError", "CheckpointError"):
+        from distrain import errors
+
+        return getattr(errors, name)
+    raise AttributeError(f"module 'distrain' has no attribute {name!r}")
+
+
+__all__ = ["Trainer", "Config", "load_config", "ConfigError", "DistrainError", "CheckpointError", "__version__"]

@@ -1,0 +1,300 @@
+"""The one config: a dataclass schema, loaded from YAML plus ``key=value`` overrides, validated with dotted keys.
+
+Every knob a user can turn is declared here once. OmegaConf checks keys and types against the dataclasses;
+``validate`` checks ranges and the batch arithmetic (``global_batch = micro_batch x grad_accum x world``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from distrain.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # the run directory is <dir>/<name>
+    dir: str = "runs"
+    seed: int = 0  # seeds model init and the data permutation; equal on every rank
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"  # a built-in: mlp | cnn | lstm | gpt (ignored when a model object is passed to Trainer)
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # a built-in: digits | text | regression (ignored when datasets are passed to Trainer)
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    eval_fraction: float = 0.2  # share of the samples held out for evaluation
+    eval_batch: int = 256  # per-rank batch size during evaluation
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 64  # samples per optimizer step, summed over all ranks: the invariant
+    micro_batch: Optional[int] = None  # samples per forward/backward on one rank; None = global_batch / world
+    steps: int = 100
+    optimizer: str = "adamw"  # sgd | adam | adamw
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd only
+    lr_schedule: str = "constant"  # constant | cosine (both after a linear warmup)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
+    eval_every: int = 0  # steps between evaluations; 0 = only at the end (if there is eval data)
+    log_every: int = 10
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
+    resume: str = "auto"  # auto | never | PATH to a checkpoint
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "ddp"  # single | ddp (more strategies register themselves)
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    timeout_s: float = 300.0  # a collective that takes longer fails, naming the rank and collective
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between saves; 0 disables step-based saves
+    every_minutes: float = 0.0  # minutes between saves; 0 disables time-based saves
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
+    async_save: bool = False
+    at_end: bool = True  # save after the final step
+
+
+@dataclass
+class MetricsConfig:
+    tensorboard: bool = False
+    progress: str = "auto"  # auto (bar on a TTY, plain lines otherwise) | bar | plain | none
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look up a table, or skip
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+ConfigSource = Union[str, os.PathLike, Mapping[str, Any], Config, DictConfig, None]
+
+CHOICES: Dict[str, Sequence[str]] = {
+    "train.optimizer": ("sgd", "adam", "adamw"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "dist.backend": ("auto", "gloo", "nccl"),
+    "dist.device": ("auto", "cpu", "cuda"),
+    "metrics.progress": ("auto", "bar", "plain", "none"),
+}
+
+
+def _describe_omegaconf_error(err: OmegaConfBaseException, origin: str) -> ConfigError:
+    """Turn an OmegaConf error into a ConfigError naming the dotted key and what is allowed."""
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError) or "not in struct" in str(err) or "Key '" in str(err):
+        parent, _, leaf = str(key).rpartition(".")
+        allowed = _allowed_keys(parent)
+        hint = f" Allowed keys in '{parent or 'the top level'}': {', '.join(allowed)}." if allowed else ""
+        return ConfigError(f"Unknown config key '{key}' in {origin}.{hint}", key=str(key))
+    if isinstance(err, ValidationError):
+        value = getattr(err, "value", None)
+        expected = getattr(err, "ref_type", None) or getattr(err, "object_type", None)
+        want = _type_name(expected) if expected is not None else "the declared type"
+        return ConfigError(
+            f"Config key '{key}' has value {value!r} in {origin}, which is not a valid {want}.", key=str(key)
+        )
+    return ConfigError(f"Config problem at '{key}' in {origin}: {err.msg if hasattr(err, 'msg') else err}", key=str(key))
+
+
+def _type_name(tp: Any) -> str:
+    name = getattr(tp, "__name__", None) or str(tp)
+    return name.replace("typing.", "")
+
+
+def _allowed_keys(section: str) -> List[str]:
+    node = OmegaConf.structured(Config)
+    node = OmegaConf.select(node, section) if section else node
+    return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+
+
+def _load_yaml(path: Union[str, os.PathLike]) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file '{path}' does not exist (or is not a file). Pass the path to a YAML file, "
+                          f"for example configs/quickstart.yaml.", key="CONFIG")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends: report line/column, not a traceback
+        detail = " ".join(str(err).split())
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {detail}", key="CONFIG") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"Config file '{path}' must hold a mapping of sections (run, model, data, train, ...), "
+                          f"not a {type(loaded).__name__}.", key="CONFIG")
+    return loaded
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"Override '{item}' is not of the form key=value (for example train.steps=50).",
+                              key=item)
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"Overrides {list(overrides)} could not be parsed: {err}", key="overrides") from None
+
+
+def load_config(source: ConfigSource = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Build the typed config from a YAML path, a dict or a Config, then apply ``key=value`` overrides.
+
+    Raises ConfigError for unknown keys, wrong types and out-of-range values (world-independent checks).
+    """
+    schema = OmegaConf.structured(Config)
+    layers: List[tuple] = []
+    if isinstance(source, (str, os.PathLike)):
+        layers.append((_load_yaml(source), f"config file '{source}'"))
+    elif isinstance(source, Config):
+        layers.append((OmegaConf.structured(source), "the Config object"))
+    elif isinstance(source, (Mapping, DictConfig)):
+        layers.append((OmegaConf.create(dict(source) if not isinstance(source, DictConfig) else source), "the config dict"))
+    elif source is not None:
+        raise ConfigError(f"config must be a YAML path, a dict or a distrain Config, not {type(source).__name__}.",
+                          key="config")
+    if overrides:
+        layers.append((_parse_overrides(overrides), "the command-line overrides"))
+    cfg = schema
+    for layer, origin in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            raise _describe_omegaconf_error(err, origin) from None
+    OmegaConf.set_readonly(cfg, False)
+    validate(cfg)
+    return cfg
+
+
+def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"Config key '{key}' has value {value!r}; {allowed}.", key=key)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and choice checks that do not depend on the world size."""
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        _require(value in choices, key, value, f"allowed values are {', '.join(choices)}")
+    t = cfg.train
+    _require(t.global_batch >= 1, "train.global_batch", t.global_batch, "it must be a positive integer")
+    _require(t.micro_batch is None or t.micro_batch >= 1, "train.micro_batch", t.micro_batch,
+             "it must be a positive integer (or null to use global_batch / world_size)")
+    _require(t.steps >= 1, "train.steps", t.steps, "it must be a positive integer")
+    _require(t.lr > 0, "train.lr", t.lr, "it must be a positive number")
+    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", list(t.betas),
+             "it must be two numbers in [0, 1), for example [0.9, 0.999]")
+    _require(t.eps > 0, "train.eps", t.eps, "it must be a positive number")
+    _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "it must be zero or positive")
+    _require(0 <= t.momentum < 1, "train.momentum", t.momentum, "it must be in [0, 1)")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "it must be zero or positive")
+    _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "it must be in [0, 1]")
+    _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "it must be zero (off) or positive")
+    _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "it must be zero (only at the end) or positive")
+    _require(t.log_every >= 1, "train.log_every", t.log_every, "it must be a positive integer")
+    _require(bool(t.resume), "train.resume", t.resume, "use auto, never, or a checkpoint path")
+    d = cfg.data
+    _require(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "it must be in [0, 1)")
+    _require(d.eval_batch >= 1, "data.eval_batch", d.eval_batch, "it must be a positive integer")
+    _require(cfg.dist.timeout_s > 0, "dist.timeout_s", cfg.dist.timeout_s, "it must be a positive number of seconds")
+    c = cfg.checkpoint
+    _require(c.every >= 0, "checkpoint.every", c.every, "it must be zero (off) or positive")
+    _require(c.every_minutes >= 0, "checkpoint.every_minutes", c.every_minutes, "it must be zero (off) or positive")
+    _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "it must be at least 1")
+    _require(c.keep_every >= 0, "checkpoint.keep_every", c.keep_every, "it must be zero (off) or positive")
+    _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", cfg.run.name,
+             "it must be a non-empty name without '/'")
+    _require(cfg.metrics.peak_flops >= 0, "metrics.peak_flops", cfg.metrics.peak_flops, "it must be zero or positive")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the global batch splits over ranks and micro-steps."""
+
+    global_batch: int
+    world_size: int
+    micro_batch: int
+    grad_accum: int
+
+    @property
+    def per_rank(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+
+def batch_plan(cfg: DictConfig, world_size: int) -> BatchPlan:
+    """Derive grad_accum from global_batch = micro_batch x grad_accum x world_size, or explain why it can't."""
+    g, w = int(cfg.train.global_batch), int(world_size)
+    if g % w:
+        raise ConfigError(
+            f"train.global_batch={g} cannot be split over world_size={w} ranks: it must be a multiple of the "
+            f"world size (each rank takes an equal slice). Choose a global batch divisible by {w}, "
+            f"or run with a world size that divides {g}.", key="train.global_batch")
+    per_rank = g // w
+    m = int(cfg.train.micro_batch) if cfg.train.micro_batch is not None else per_rank
+    if per_rank % m:
+        raise ConfigError(
+            f"train.global_batch={g} with train.micro_batch={m} and world_size={w} does not divide: "
+            f"global_batch must equal micro_batch x grad_accum x world_size, and {g} / ({m} x {w}) is not an "
+            f"integer. Pick a micro_batch that divides {per_rank} (the per-rank share), e.g. "
+            f"{_divisor_hint(per_rank, m)}.", key="train.micro_batch")
+    return BatchPlan(global_batch=g, world_size=w, micro_batch=m, grad_accum=per_rank // m)
+
+
+def _divisor_hint(n: int, near: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: (abs(d - near), -d))
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_container(cfg: DictConfig) -> Dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short fingerprint of everything that shapes the trajectory (not run name/dir, logging or resume)."""
+    data = to_container(cfg)
+    for volatile in ("run.name", "run.dir", "train.resume", "train.log_every", "train.steps", "metrics", "checkpoint"):
+        section, _, leaf = volatile.partition(".")
+        if leaf:
+            data.get(section, {}).pop(leaf, None)
+        else:
+            data.pop(section, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,98 @@
+"""Process group lifecycle and the few collectives the trainer itself needs (metrics, barriers)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import torch
+import torch.distributed as torch_dist
+
+from distrain.env import ProcessInfo
+from distrain.errors import ConfigError
+
+
+def resolve_device(requested: str, info: ProcessInfo) -> torch.device:
+    """auto: this rank's CUDA device (by local rank) when CUDA is there, else the CPU."""
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("dist.device=cuda but no CUDA device is visible to this process. Use dist.device=auto "
+                              "or cpu, or check CUDA_VISIBLE_DEVICES and the driver.", key="dist.device")
+        device = torch.device("cuda", info.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """auto: nccl for CUDA tensors, gloo for CPU tensors."""
+    if requested == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if requested == "nccl" and device.type != "cuda":
+        raise ConfigError("dist.backend=nccl needs CUDA devices, but this run is on the CPU. Use dist.backend=gloo "
+                          "(or auto).", key="dist.backend")
+    return requested
+
+
+def init_process_group(info: ProcessInfo, backend: str, device: torch.device, timeout_s: float,
+                       local_group: bool = True) -> bool:
+    """Join the job's process group; returns True when this call created it (and so should destroy it).
+
+    A group that already exists (a user who initialised it, or a second Trainer in one script) is reused.
+    A single process gets a one-rank group on an in-memory store when ``local_group`` is set, so sharding
+    strategies run unchanged at world size 1 (no port, no rendezvous).
+    """
+    if torch_dist.is_initialized() or (not info.distributed and not local_group):
+        return False
+    kwargs = {"device_id": device} if backend == "nccl" else {}
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not info.distributed:
+        torch_dist.init_process_group(backend=backend, store=torch_dist.HashStore(), rank=0, world_size=1,
+                                      timeout=timeout, **kwargs)
+        return True
+    os.environ.setdefault("MASTER_ADDR", info.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(info.master_port))
+    torch_dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size, timeout=timeout,
+                                  **kwargs)
+    return True
+
+
+def destroy_process_group() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (a no-op in a single process)."""
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank ``src``'s Python object on every rank (small things only: paths, decisions)."""
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: object) -> list:
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return [obj]
+    out: list = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,37 @@
+"""Who am I? Rank, local rank, world size and master, from torchrun, SLURM or a plain process."""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional
+
+from distrain.env.base import ClusterEnvironment, ProcessInfo
+from distrain.env.single import SingleProcessEnvironment
+from distrain.env.slurm import SlurmEnvironment
+from distrain.env.torchelastic import TorchElasticEnvironment
+
+# Order matters: torchrun started by srun (one per node) sets both, and torchrun's variables are the truth.
+ENVIRONMENTS = (TorchElasticEnvironment, SlurmEnvironment, SingleProcessEnvironment)
+
+
+def detect(environ: Optional[Mapping[str, str]] = None) -> ProcessInfo:
+    """Read this process's place in the job from the first environment that recognises itself."""
+    environ = os.environ if environ is None else environ
+    for env in ENVIRONMENTS:
+        if env.detect(environ):
+            info = env.info(environ)
+            _check(info)
+            return info
+    raise AssertionError("SingleProcessEnvironment always applies")
+
+
+def _check(info: ProcessInfo) -> None:
+    from distrain.errors import ConfigError
+
+    if info.world_size < 1 or not 0 <= info.rank < info.world_size:
+        raise ConfigError(f"The {info.source} environment says rank {info.rank} of world size {info.world_size}, "
+                          f"which is impossible (rank must be in [0, world_size)). Check the launcher's variables.",
+                          key="RANK")
+
+
+__all__ = ["ClusterEnvironment", "ProcessInfo", "detect", "ENVIRONMENTS"]

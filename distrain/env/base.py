@@ -1,0 +1,55 @@
+"""What every cluster environment answers: who am I, how many are we, who is the master."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    source: str  # which environment answered: torchelastic | slurm | single
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+class ClusterEnvironment:
+    """One cluster environment: ``detect`` says whether it applies, ``info`` reads it."""
+
+    name = "base"
+
+    @staticmethod
+    def detect(environ: Mapping[str, str]) -> bool:
+        raise NotImplementedError
+
+    @staticmethod
+    def info(environ: Mapping[str, str]) -> ProcessInfo:
+        raise NotImplementedError
+
+
+def int_var(environ: Mapping[str, str], name: str, source: str) -> int:
+    """Read an integer environment variable, or raise a ConfigError naming it."""
+    from distrain.errors import ConfigError
+
+    value = environ.get(name)
+    if value is None:
+        raise ConfigError(f"Environment variable {name} is not set, but the other {source} variables are: the "
+                          f"{source} environment is half set. Launch with {source} itself, or unset its variables "
+                          f"to run as a single process.", key=name)
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"Environment variable {name}={value!r} is not an integer ({source} sets it to one).",
+                          key=name) from None

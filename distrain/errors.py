@@ -1,0 +1,39 @@
+"""Errors a user can act on. The CLI turns each into one paragraph and an exit code."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class DistrainError(Exception):
+    """Base of every error distrain raises on purpose; ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, key: Optional[str] = None):
+        super().__init__(message)
+        self.key = key
+
+
+class ConfigError(DistrainError):
+    """A config key, value or combination that cannot work; names the dotted key and what is allowed."""
+
+    exit_code = 2
+
+
+class UsageError(DistrainError):
+    """A command-line mistake (bad flag value, missing path)."""
+
+    exit_code = 2
+
+
+class CheckpointError(DistrainError):
+    """A checkpoint that is missing, incomplete, corrupt, or does not match the run."""
+
+    exit_code = 2
+
+
+class DistributedError(DistrainError):
+    """A distributed failure: a rank that did not arrive, a collective that timed out."""
+
+    exit_code = 1

@@ -1,0 +1,77 @@
+"""`distrain launch`: validate the config for the whole world first, then hand over to torch.distributed.run.
+
+torchrun's elastic agent does the real work (spawning, rendezvous, restarts, error files); this module only
+translates our flags into its arguments and its failures into one readable paragraph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List
+
+from distrain.errors import DistrainError, UsageError
+
+
+def _world_size(args: argparse.Namespace) -> int:
+    """Workers in the whole job (the maximum, for an elastic MIN:MAX node range)."""
+    nnodes = str(args.nnodes)
+    try:
+        max_nodes = int(nnodes.split(":")[-1])
+    except ValueError:
+        raise UsageError(f"--nnodes {nnodes!r} is not a number or a MIN:MAX range (e.g. 2 or 1:4).") from None
+    if max_nodes < 1:
+        raise UsageError(f"--nnodes {nnodes} is not allowed: it must be at least 1.")
+    return max_nodes * args.nproc_per_node
+
+
+def torchrun_args(args: argparse.Namespace) -> List[str]:
+    """The argument list for torch.distributed.run that starts `python -m distrain train` on every worker."""
+    out = ["--nproc-per-node", str(args.nproc_per_node), "--nnodes", str(args.nnodes),
+           "--max-restarts", str(args.max_restarts), "--monitor-interval", str(args.monitor_interval)]
+    multi_node = args.rdzv_endpoint is not None or str(args.nnodes) != "1"
+    if multi_node:
+        if args.rdzv_endpoint is None:
+            raise UsageError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node), so "
+                             f"the nodes can find each other.")
+        out += ["--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", args.rdzv_id]
+        if args.node_rank is not None:
+            out += ["--node-rank", str(args.node_rank)]
+    else:
+        out += ["--standalone"]  # one node: a private rendezvous on a free port, nothing to configure
+    return out + ["--module", "distrain", "train", args.config, *args.overrides]
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Check the config against the job's world size, then run torchrun's agent in this process."""
+    from distrain.config import batch_plan, load_config
+
+    if args.nproc_per_node < 1:
+        raise UsageError(f"--nproc-per-node {args.nproc_per_node} is not allowed: it must be at least 1 "
+                         f"(the number of worker processes on this node).")
+    if args.max_restarts < 0:
+        raise UsageError(f"--max-restarts {args.max_restarts} is not allowed: it must be 0 or more.")
+    world = _world_size(args)
+    batch_plan(load_config(args.config, args.overrides), world)  # fail here, once, not in every worker
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    # torchrun would warn and pin 1 thread; share this node's cores between its workers instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc_per_node)))
+    parsed = torchrun.get_args_parser().parse_args(torchrun_args(args))
+    try:
+        torchrun.run(parsed)
+    except ChildFailedError as err:
+        codes = {failure.exitcode for failure in err.failures.values()}
+        first_rank, first = min(err.failures.items(), key=lambda kv: kv[1].timestamp)
+        detail = first.message if isinstance(first.message, str) else first.message.get("message", "")
+        detail = (detail or "").strip().splitlines()
+        print(f"distrain: error: worker rank {first_rank} failed first (exit code {first.exitcode}"
+              f"{', ' + detail[-1] if detail else ''}); {len(err.failures)} rank(s) failed in all. Each rank's log "
+              f"is in <run dir>/logs/rank<N>.log.", file=sys.stderr)
+        return 2 if codes == {2} else 1
+    except DistrainError:
+        raise
+    return 0

@@ -1,0 +1,33 @@
+"""Every rank writes its own log file (for post-mortems); only rank 0 talks to the console."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+LOGGER_NAME = "distrain"
+
+
+def setup_logging(run_dir: Path, rank: int, console: bool) -> logging.Logger:
+    """Log to ``run_dir/logs/rank{rank}.log`` on every rank, and to stderr on rank 0 when ``console``."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    log_dir = run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(log_dir / f"rank{rank}.log")
+    file_handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(message)s"))
+    logger.addHandler(file_handler)
+    if console and rank == 0:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter("[distrain] %(message)s"))
+        logger.addHandler(stream)
+    return logger
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)

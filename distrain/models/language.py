@@ -1,0 +1,117 @@
+"""Character-level language models: an LSTM and a small decoder-only transformer (GPT)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distrain.data.datasets import DataSpec
+from distrain.models.registry import register_model
+
+
+def _require_lm(spec: DataSpec, name: str) -> None:
+    if spec.task != "lm":
+        raise ValueError(f"{name} is a language model and needs token data, e.g. data.name=text")
+
+
+class CharLSTM(nn.Module):
+    def __init__(self, vocab_size: int, embed: int, hidden: int, layers: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed)
+        self.lstm = nn.LSTM(embed, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, vocab_size)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(idx))
+        return self.head(out)
+
+
+@register_model("lstm")
+def lstm(spec: DataSpec, embed: int = 64, hidden: int = 128, layers: int = 1) -> nn.Module:
+    _require_lm(spec, "lstm")
+    return CharLSTM(spec.num_classes, embed, hidden, layers)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"embed={dim} must be divisible by heads={heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; the unit FSDP shards one at a time."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, heads)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size: int, block_size: int, embed: int, heads: int, layers: int):
+        super().__init__()
+        self.block_size = block_size
+        self.tok = nn.Embedding(vocab_size, embed)
+        self.pos = nn.Embedding(block_size, embed)
+        self.blocks = nn.ModuleList(Block(embed, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(embed)
+        self.head = nn.Linear(embed, vocab_size, bias=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * layers))
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        if t > self.block_size:
+            raise ValueError(f"sequence length {t} exceeds the model's block_size {self.block_size}")
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+@register_model("gpt")
+def gpt(spec: DataSpec, embed: int = 64, heads: int = 4, layers: int = 2, block_size: int = 0) -> nn.Module:
+    """A nanoGPT-style decoder; block_size defaults to the dataset's window."""
+    _require_lm(spec, "gpt")
+    return GPT(spec.num_classes, block_size or spec.extra.get("block_size", 64), embed, heads, layers)
+
+
+def flops_per_token(model: nn.Module) -> float:
+    """Training FLOPs per token (forward + backward), the 6N + attention estimate of the PaLM paper."""
+    n = sum(p.numel() for p in model.parameters())
+    if isinstance(model, GPT):
+        n -= model.pos.weight.numel()
+        attn = 12 * len(model.blocks) * model.tok.embedding_dim * model.block_size
+        return 6 * n + attn
+    return 6 * n

@@ -1,0 +1,45 @@
+"""Model registry: a name maps to a builder that reads the dataset's shapes, and kwargs override defaults."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict, Optional
+
+from torch import nn
+
+from distrain.data.datasets import DataSpec
+from distrain.errors import ConfigError
+
+ModelBuilder = Callable[..., nn.Module]
+MODELS: Dict[str, ModelBuilder] = {}
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Register ``builder(spec: DataSpec, **kwargs) -> nn.Module`` under ``name`` (usable as model.name)."""
+
+    def deco(builder: ModelBuilder) -> ModelBuilder:
+        MODELS[name] = builder
+        return builder
+
+    return deco
+
+
+def build_model(name: str, kwargs: Dict[str, Any], spec: Optional[DataSpec]) -> nn.Module:
+    """Build a registered model for data described by ``spec``; config errors name model.name/model.kwargs."""
+    if name not in MODELS:
+        raise ConfigError(f"Unknown model model.name={name!r}. Built-in models: {', '.join(sorted(MODELS))}; "
+                          f"or pass your own nn.Module to distrain.Trainer(model=...).", key="model.name")
+    builder = MODELS[name]
+    accepted = [p for p in inspect.signature(builder).parameters if p != "spec"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ConfigError(f"model.kwargs has {', '.join(unknown)}, which model {name!r} does not take. "
+                          f"Allowed: {', '.join(accepted)}.", key=f"model.kwargs.{unknown[0]}")
+    if spec is None:
+        raise ConfigError(f"model.name={name!r} needs to know the data's shapes, but the dataset has no `spec`. "
+                          f"Pass your own nn.Module with model=..., or use a built-in dataset.", key="model.name")
+    try:
+        return builder(spec=spec, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model {name!r} cannot be built with model.kwargs={dict(kwargs)} on {spec.task} data: "
+                          f"{err}", key="model.kwargs") from None

@@ -1,0 +1,43 @@
+"""Classifiers and regressors for small fixed-size inputs: an MLP and a CNN for the 8x8 digits."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from distrain.data.datasets import DataSpec
+from distrain.models.registry import register_model
+
+
+def _outputs(spec: DataSpec) -> int:
+    return spec.num_classes if spec.task == "classification" else spec.output_dim
+
+
+@register_model("mlp")
+def mlp(spec: DataSpec, hidden: int = 128, depth: int = 2) -> nn.Module:
+    """Flatten -> depth x (Linear, ReLU) -> Linear. Works on digits (classes) and regression (values)."""
+    if spec.task not in ("classification", "regression"):
+        raise ValueError("mlp needs classification or regression data (use lstm or gpt for text)")
+    layers = [nn.Flatten()]
+    width = math.prod(spec.input_shape)
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, _outputs(spec)))
+    return nn.Sequential(*layers)
+
+
+@register_model("cnn")
+def cnn(spec: DataSpec, channels: int = 32, hidden: int = 128) -> nn.Module:
+    """Two 3x3 conv layers, a 2x2 max-pool and two linear layers; sized for 1x8x8 digits."""
+    if spec.task != "classification" or len(spec.input_shape) != 3:
+        raise ValueError("cnn needs image classification data shaped (channels, height, width), e.g. digits")
+    c, h, w = spec.input_shape
+    return nn.Sequential(
+        nn.Conv2d(c, channels, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(2 * channels * (h // 2) * (w // 2), hidden), nn.ReLU(),
+        nn.Linear(hidden, spec.num_classes),
+    )

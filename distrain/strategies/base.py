@@ -1,0 +1,130 @@
+"""The one small interface every strategy implements; the trainer calls nothing else.
+
+A strategy owns what differs between DDP, ZeRO, FSDP, DeepSpeed, Accelerate and local SGD: how the model
+and optimizer are wrapped, how backward accumulates (and when gradients are synchronised), clipping, the
+optimizer step, parameter synchronisation, and how the state is gathered or saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, ContextManager, Dict, Iterable, Optional
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from distrain.config import BatchPlan
+from distrain.env import ProcessInfo
+from distrain.errors import ConfigError
+from distrain.optim import build_optimizer
+
+
+@dataclass
+class StrategyContext:
+    """Everything a strategy may need to know about the run, resolved before it is built."""
+
+    info: ProcessInfo
+    device: torch.device
+    plan: BatchPlan
+    train: DictConfig  # the train section: optimizer, lr, clipping, precision
+    seed: int
+
+
+class Strategy:
+    name = "base"
+    exact = True  # W ranks reproduce 1 rank with accumulation, to float rounding (`distrain verify` checks it)
+    needs_process_group = True
+
+    def __init__(self, ctx: StrategyContext):
+        self.ctx = ctx
+        self.model: nn.Module  # what the trainer calls forward on
+        self.optimizer: torch.optim.Optimizer
+
+    # --- setup -------------------------------------------------------------------------------------
+    def setup(self, model: nn.Module) -> None:
+        """Place and wrap ``model``, then build the optimizer over the (possibly sharded) parameters."""
+        raise NotImplementedError
+
+    def _build_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        return build_optimizer(params, self.ctx.train)
+
+    # --- the step ----------------------------------------------------------------------------------
+    def forward_context(self) -> ContextManager:
+        """Autocast for bf16/fp16 where the engine has no mixed-precision mechanism of its own."""
+        precision = self.ctx.train.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.ctx.device.type, dtype=dtype)
+
+    def accumulate(self, last_micro_step: bool) -> ContextManager:
+        """Context around one micro-step's forward+backward; gradients sync only on the last one."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a micro-batch's mean loss, scaled so the accumulated gradient is the global-batch mean."""
+        (loss / self.ctx.plan.grad_accum).backward()
+
+    def clip_grad_norm(self, max_norm: float) -> Optional[torch.Tensor]:
+        """Clip the global gradient norm to ``max_norm`` (0 = off); returns the norm before clipping."""
+        if max_norm <= 0:
+            return None
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def step(self) -> None:
+        """Apply the optimizer update and clear the gradients."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def sync(self, step: int) -> None:
+        """Synchronise parameters after the update, for strategies that do not sync gradients (local SGD)."""
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # --- state -------------------------------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        """The user's model inside the wrapper (for eval/inference and naming)."""
+        return getattr(self.model, "module", self.model)
+
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Consolidated full weights on CPU, complete on rank 0 (other ranks may get an empty dict)."""
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def state_tensors(self) -> Dict[str, Iterable[torch.Tensor]]:
+        """This rank's parameters, gradients and optimizer state tensors, for memory accounting."""
+        params = [p for p in self.model.parameters()]
+        return {
+            "params": params,
+            "grads": [p.grad for p in params if p.grad is not None],
+            "optimizer": [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)],
+        }
+
+    def memory_report(self) -> Dict[str, int]:
+        """Bytes of parameters, gradients and optimizer state held by this rank (shards count as local)."""
+        return {kind: sum(_local_bytes(t) for t in tensors) for kind, tensors in self.state_tensors().items()}
+
+    def teardown(self) -> None:
+        """Release engine resources (hooks, threads)."""
+
+
+def _local_bytes(tensor: torch.Tensor) -> int:
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # DTensor shards (FSDP2)
+    if local.numel() == 1 and local.dim() == 0:  # optimizer step counters and scalars
+        return local.element_size()
+    return local.numel() * local.element_size()
+
+
+def make_strategy(cls: type, ctx: StrategyContext, kwargs: Dict[str, Any]) -> Strategy:
+    """Build ``cls(ctx, **kwargs)``, turning an unknown or ill-typed kwarg into a ConfigError that names it."""
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "ctx")]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ConfigError(f"strategy.kwargs has {', '.join(unknown)}, which strategy {cls.name!r} does not take. "
+                          f"Allowed: {', '.join(accepted) or 'none'}.", key=f"strategy.kwargs.{unknown[0]}")
+    return cls(ctx, **kwargs)

@@ -1,0 +1,16 @@
+"""One process, no process group: the reference every other strategy must reproduce."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from distrain.strategies.base import Strategy
+
+
+class SingleStrategy(Strategy):
+    name = "single"
+    needs_process_group = False
+
+    def setup(self, model: nn.Module) -> None:
+        self.model = model.to(self.ctx.device)
+        self.optimizer = self._build_optimizer(self.model.parameters())
