@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", metavar="CONFIG", help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
+    p = sub.add_parser("verify", help="prove that N ranks give the same parameters as one rank")
+    p.add_argument("config", metavar="CONFIG")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--worlds", default="1,2", help="comma-separated world sizes; the first is the reference (default 1,2)")
+    p.add_argument("--steps", type=int, default=None, help="override train.steps (default: the config's)")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="max relative parameter difference (default 1e-5)")
+
     p = sub.add_parser("config", help="inspect configs")
     config_sub = p.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
     show = config_sub.add_parser("show", help="print the resolved config and the batch plan for a world size")
@@ -69,7 +76,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `distrain` and `python -m distrain`; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
+        # key=value overrides may come after options (`verify CONFIG --worlds 1,2 train.steps=5`).
+        stray = [a for a in extra if "=" not in a or a.startswith("-")]
+        if stray or (extra and not hasattr(args, "overrides")):
+            raise UsageError(f"distrain: unrecognized arguments: {' '.join(stray or extra)}. "
+                             f"Run `distrain --help` for usage.")
+        if extra:
+            args.overrides = list(args.overrides) + extra
         if not args.command:
             build_parser().print_help()
             return 2
@@ -107,16 +121,43 @@ def _launch(args: argparse.Namespace) -> int:
     return launch(args)
 
 
+@command("verify")
+def _verify(args: argparse.Namespace) -> int:
+    from distrain.strategies import strategy_class
+    from distrain.config import load_config
+    from distrain.verify import format_table, parse_worlds, verify
+
+    worlds = parse_worlds(args.worlds)
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps {args.steps} is not allowed: it must be at least 1.")
+    strategy = strategy_class(load_config(args.config, args.overrides).strategy.name)
+    print(f"distrain verify: {args.config} with strategy {strategy.name!r} at world sizes {worlds} ...", flush=True)
+    rows = verify(args.config, worlds, args.overrides, steps=args.steps)
+    print(format_table(rows, args.tolerance))
+    bad = [r for r in rows if r.max_rel_diff > args.tolerance or not r.same_indices]
+    if bad and strategy.exact:
+        print(f"distrain verify: FAILED: {len(bad)} world size(s) differ from world size {worlds[0]} beyond "
+              f"{args.tolerance:g} (or consumed different samples); strategy {strategy.name!r} should be exact.")
+        return 1
+    if bad:
+        print(f"distrain verify: strategy {strategy.name!r} is not exact by design (it does not sync every step); "
+              f"differences are reported, not failed.")
+        return 0
+    print("distrain verify: OK: every world size matches.")
+    return 0
+
+
 @command("config")
 def _config(args: argparse.Namespace) -> int:
-    from distrain.config import batch_plan, load_config, to_yaml
+    from distrain.config import load_config, to_yaml
+    from distrain.preflight import preflight
 
     if args.config_command != "show":
         raise UsageError("distrain config: choose an action: `distrain config show CONFIG [key=value ...]`.")
     if args.world_size < 1:
         raise UsageError(f"--world-size {args.world_size} is not allowed: it must be at least 1.")
     cfg = load_config(args.config, args.overrides)
-    plan = batch_plan(cfg, args.world_size)
+    plan = preflight(cfg, args.world_size)
     print(to_yaml(cfg).rstrip())
     print(f"# derived for world_size={plan.world_size}: global_batch={plan.global_batch} = micro_batch "
           f"{plan.micro_batch} x grad_accum {plan.grad_accum} x world_size {plan.world_size}")

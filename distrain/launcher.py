@@ -45,7 +45,8 @@ def torchrun_args(args: argparse.Namespace) -> List[str]:
 
 def launch(args: argparse.Namespace) -> int:
     """Check the config against the job's world size, then run torchrun's agent in this process."""
-    from distrain.config import batch_plan, load_config
+    from distrain.config import load_config
+    from distrain.preflight import preflight
 
     if args.nproc_per_node < 1:
         raise UsageError(f"--nproc-per-node {args.nproc_per_node} is not allowed: it must be at least 1 "
@@ -53,7 +54,7 @@ def launch(args: argparse.Namespace) -> int:
     if args.max_restarts < 0:
         raise UsageError(f"--max-restarts {args.max_restarts} is not allowed: it must be 0 or more.")
     world = _world_size(args)
-    batch_plan(load_config(args.config, args.overrides), world)  # fail here, once, not in every worker
+    preflight(load_config(args.config, args.overrides), world)  # fail here, once, not in every worker
 
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

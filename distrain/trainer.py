@@ -242,6 +242,7 @@ class Trainer:
         """Release the strategy and, if this Trainer created it, the process group."""
         self.strategy.teardown()
         if self._owns_group:
+            dist.barrier()  # no rank tears the group down while a peer is still talking to it
             dist.destroy_process_group()
             self._owns_group = False
 

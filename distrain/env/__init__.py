@@ -29,8 +29,10 @@ def _check(info: ProcessInfo) -> None:
     from distrain.errors import ConfigError
 
     if info.world_size < 1 or not 0 <= info.rank < info.world_size:
-        raise ConfigError(f"The {info.source} environment says rank {info.rank} of world size {info.world_size}, "
-                          f"which is impossible (rank must be in [0, world_size)). Check the launcher's variables.",
+        names = {"slurm": "SLURM_PROCID/SLURM_NTASKS"}.get(info.source, "RANK/WORLD_SIZE")
+        raise ConfigError(f"The {info.source} environment says rank {info.rank} of world size {info.world_size} "
+                          f"({names}), which is impossible: the rank must be in [0, world_size). Check the "
+                          f"launcher's variables.",
                           key="RANK")
 
 

@@ -41,7 +41,9 @@ class CausalSelfAttention(nn.Module):
         if dim % heads:
             raise ValueError(f"embed={dim} must be divisible by heads={heads}")
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        # No bias: a key bias gets an analytically zero gradient (softmax is shift-invariant), and Adam would
+        # amplify its rounding noise into real updates, so runs that differ only in summation order drift apart.
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

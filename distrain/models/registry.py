@@ -33,7 +33,8 @@ def build_model(name: str, kwargs: Dict[str, Any], spec: Optional[DataSpec]) -> 
     accepted = [p for p in inspect.signature(builder).parameters if p != "spec"]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ConfigError(f"model.kwargs has {', '.join(unknown)}, which model {name!r} does not take. "
+        raise ConfigError(f"Config key(s) {', '.join('model.kwargs.' + k for k in unknown)} not accepted by model "
+                          f"{name!r}. "
                           f"Allowed: {', '.join(accepted)}.", key=f"model.kwargs.{unknown[0]}")
     if spec is None:
         raise ConfigError(f"model.name={name!r} needs to know the data's shapes, but the dataset has no `spec`. "

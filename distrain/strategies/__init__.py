@@ -16,11 +16,19 @@ STRATEGIES: Dict[str, str] = {
 
 
 def strategy_class(name: str) -> type:
-    if name not in STRATEGIES:
-        raise ConfigError(f"Unknown strategy strategy.name={name!r}. Available: {', '.join(STRATEGIES)}.",
-                          key="strategy.name")
-    module, _, cls = STRATEGIES[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
+    """The Strategy class for a registered name, or for a user's own ``package.module:ClassName``."""
+    target = STRATEGIES.get(name, name if ":" in name else None)
+    if target is None:
+        raise ConfigError(f"Unknown strategy strategy.name={name!r}. Available: {', '.join(STRATEGIES)}, or your "
+                          f"own Strategy subclass as 'package.module:ClassName'.", key="strategy.name")
+    module, _, cls_name = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), cls_name)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"strategy.name={name!r} cannot be loaded: {err}.", key="strategy.name") from None
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise ConfigError(f"strategy.name={name!r} is not a distrain Strategy subclass.", key="strategy.name")
+    return cls
 
 
 def build_strategy(name: str, ctx: StrategyContext, kwargs: Dict[str, Any]) -> Strategy:

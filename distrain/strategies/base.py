@@ -64,9 +64,24 @@ class Strategy:
         """Context around one micro-step's forward+backward; gradients sync only on the last one."""
         return contextlib.nullcontext()
 
+    # How the engine combines gradients across ranks: "sum" (then backward scales every micro-batch by
+    # micro/global) or "mean" (the engine divides by the world size; backward scales by 1/grad_accum).
+    grad_reduction = "sum"
+
+    def loss_scale(self) -> float:
+        """Factor on a micro-batch's mean loss so the synchronised gradient is the global-batch mean.
+
+        With "sum", every micro-batch gets the same factor 1/(grad_accum x world) = micro/global at every world
+        size, so W ranks add up exactly the terms one rank adds, only in another order. That is what keeps
+        W=1, 2, 3 equal to float rounding (dividing by k, then by W, rounds differently than dividing by k*W).
+        """
+        if self.grad_reduction == "sum":
+            return 1.0 / (self.ctx.plan.grad_accum * self.ctx.plan.world_size)
+        return 1.0 / self.ctx.plan.grad_accum
+
     def backward(self, loss: torch.Tensor) -> None:
-        """Backward of a micro-batch's mean loss, scaled so the accumulated gradient is the global-batch mean."""
-        (loss / self.ctx.plan.grad_accum).backward()
+        """Backward of a micro-batch's mean loss, scaled so the synchronised gradient is the global-batch mean."""
+        (loss * self.loss_scale()).backward()
 
     def clip_grad_norm(self, max_norm: float) -> Optional[torch.Tensor]:
         """Clip the global gradient norm to ``max_norm`` (0 = off); returns the norm before clipping."""
@@ -125,6 +140,7 @@ def make_strategy(cls: type, ctx: StrategyContext, kwargs: Dict[str, Any]) -> St
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "ctx")]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ConfigError(f"strategy.kwargs has {', '.join(unknown)}, which strategy {cls.name!r} does not take. "
+        raise ConfigError(f"Config key(s) {', '.join('strategy.kwargs.' + k for k in unknown)} not accepted by "
+                          f"strategy {cls.name!r}. "
                           f"Allowed: {', '.join(accepted) or 'none'}.", key=f"strategy.kwargs.{unknown[0]}")
     return cls(ctx, **kwargs)

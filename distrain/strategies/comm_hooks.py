@@ -1,9 +1,11 @@
 """DDP communication hooks by name: compress gradients to fp16/bf16 on the wire, or PowerSGD low-rank."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: DDP checks the hook's annotations at runtime (GradBucket, Future).
 
 from typing import Optional
 
+import torch
+import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 
@@ -12,10 +14,19 @@ from distrain.errors import ConfigError
 HOOKS = ("fp16", "bf16", "powersgd")
 
 
-def register_comm_hook(ddp: DistributedDataParallel, name: Optional[str], powersgd_rank: int = 1) -> None:
-    """Attach the named hook (None = DDP's default all-reduce in the gradient dtype)."""
+def sum_allreduce_hook(process_group: Optional[dist.ProcessGroup], bucket: dist.GradBucket
+                       ) -> torch.futures.Future[torch.Tensor]:
+    """All-reduce a bucket as a SUM (DDP's default divides by the world size; we pre-scale the loss instead)."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def register_comm_hook(ddp: DistributedDataParallel, name: Optional[str], powersgd_rank: int = 1) -> str:
+    """Attach the named hook (None = plain all-reduce); returns how it reduces: "sum" or "mean"."""
     if name is None:
-        return
+        ddp.register_comm_hook(None, sum_allreduce_hook)
+        return "sum"
     if name == "fp16":
         ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
     elif name == "bf16":
@@ -29,3 +40,4 @@ def register_comm_hook(ddp: DistributedDataParallel, name: Optional[str], powers
     else:
         raise ConfigError(f"strategy.kwargs.comm_hook={name!r} is not a known DDP comm hook. Allowed: "
                           f"{', '.join(HOOKS)} (or null for plain all-reduce).", key="strategy.kwargs.comm_hook")
+    return "mean"  # torch's compression hooks divide by the world size themselves

@@ -30,7 +30,7 @@ class DDPStrategy(Strategy):
         model = model.to(self.ctx.device)
         device_ids = [self.ctx.device] if self.ctx.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=device_ids, **self.ddp_kwargs)
-        register_comm_hook(ddp, self.comm_hook, self.powersgd_rank)
+        self.grad_reduction = register_comm_hook(ddp, self.comm_hook, self.powersgd_rank)
         return ddp
 
     def setup(self, model: nn.Module) -> None:

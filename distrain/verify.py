@@ -1,0 +1,121 @@
+"""`distrain verify`: run one config at several world sizes (same global batch) and prove they agree.
+
+Each world size runs in its own torchrun job (`distrain.verify_worker`), which writes the final full weights
+(safetensors), the final loss and the sample indices every rank consumed. W=1 (with gradient accumulation) is
+the reference; every other world size must match it to float rounding when the strategy claims exactness.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from distrain.errors import DistrainError, UsageError
+
+
+@dataclass
+class WorldResult:
+    world_size: int
+    grad_accum: int
+    final_loss: float
+    weights: Dict[str, torch.Tensor]
+    indices: List[int]  # every sample index consumed, over all ranks and steps (a multiset, sorted)
+
+
+@dataclass
+class Comparison:
+    world_size: int
+    grad_accum: int
+    final_loss: float
+    max_abs_diff: float
+    max_rel_diff: float  # per tensor: max |a - b| / max |a|, then the max over tensors
+    same_indices: bool
+
+
+def parse_worlds(text: str) -> List[int]:
+    try:
+        worlds = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise UsageError(f"--worlds {text!r} must be a comma-separated list of world sizes, e.g. 1,2,3.") from None
+    if not worlds or any(w < 1 for w in worlds):
+        raise UsageError(f"--worlds {text!r} must list positive world sizes, e.g. 1,2,3.")
+    return worlds
+
+
+def run_world(config: str, world_size: int, out_dir: Path, overrides: Sequence[str], timeout_s: float = 600
+              ) -> WorldResult:
+    """Train ``config`` with ``world_size`` gloo workers under torchrun and collect what the workers wrote."""
+    from safetensors.torch import load_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size),
+           "--module", "distrain.verify_worker", config, str(out_dir), *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        reasons = [line for line in lines if "error:" in line]  # the worker's own one-paragraph message
+        tail = "\n".join(reasons[:1] or lines[-15:])
+        raise DistrainError(f"verify: the run at world size {world_size} failed (exit {proc.returncode}):\n{tail}")
+    result = json.loads((out_dir / "result.json").read_text())
+    indices: List[int] = []
+    for rank in range(world_size):
+        indices += json.loads((out_dir / f"indices.rank{rank}.json").read_text())
+    return WorldResult(world_size=world_size, grad_accum=result["grad_accum"], final_loss=result["loss"],
+                       weights=load_file(str(out_dir / "weights.safetensors")), indices=sorted(indices))
+
+
+def compare(reference: WorldResult, other: WorldResult) -> Comparison:
+    max_abs, max_rel = 0.0, 0.0
+    for name, ref in reference.weights.items():
+        diff = (other.weights[name].double() - ref.double()).abs().max().item() if ref.numel() else 0.0
+        scale = ref.double().abs().max().item() if ref.numel() else 0.0
+        max_abs = max(max_abs, diff)
+        max_rel = max(max_rel, diff / scale if scale > 0 else diff)
+    if set(reference.weights) != set(other.weights):
+        max_abs = max_rel = float("inf")
+    return Comparison(other.world_size, other.grad_accum, other.final_loss, max_abs, max_rel,
+                      other.indices == reference.indices)
+
+
+def verify(config: str, worlds: Sequence[int], overrides: Sequence[str] = (), steps: Optional[int] = None,
+           workdir: Optional[Path] = None) -> List[Comparison]:
+    """Run ``config`` at each world size; compare every one against the first (normally W=1)."""
+    from distrain.config import load_config
+    from distrain.preflight import preflight
+
+    overrides = list(overrides) + ([f"train.steps={steps}"] if steps else [])
+    cfg = load_config(config, overrides)
+    for w in worlds:
+        preflight(cfg, w)  # every world size must split the global batch; say so before starting anything
+    tmp = tempfile.TemporaryDirectory(prefix="distrain-verify-") if workdir is None else None
+    root = Path(tmp.name) if tmp else Path(workdir)
+    try:
+        results = []
+        for w in worlds:
+            run_overrides = overrides + [f"run.dir={root}", f"run.name=w{w}", "train.resume=never",
+                                         "checkpoint.every=0", "checkpoint.every_minutes=0", "checkpoint.at_end=false",
+                                         "metrics.progress=none"]
+            results.append(run_world(config, w, root / f"w{w}" / "verify", run_overrides))
+        return [compare(results[0], r) for r in results]
+    finally:
+        if tmp:
+            tmp.cleanup()
+
+
+def format_table(rows: Sequence[Comparison], tolerance: float) -> str:
+    lines = [f"{'world':>5} {'accum':>5} {'final loss':>12} {'max abs diff':>13} {'max rel diff':>13} "
+             f"{'same samples':>12}  verdict"]
+    for r in rows:
+        ok = r.max_rel_diff <= tolerance and r.same_indices
+        lines.append(f"{r.world_size:>5} {r.grad_accum:>5} {r.final_loss:>12.6f} {r.max_abs_diff:>13.3e} "
+                     f"{r.max_rel_diff:>13.3e} {str(r.same_indices):>12}  {'ok' if ok else 'MISMATCH'}")
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""Shared helpers: run the real CLI and real multi-process jobs (gloo), never mocks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The environment for a child process: no inherited launcher variables, one thread per process."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in
+           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra or {})
+    return env
+
+
+def run_cli(args: Sequence[str], cwd: Optional[Path] = None, timeout: float = 300,
+            env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """`python -m distrain ARGS` in a child process; returns the completed process (text output)."""
+    return subprocess.run([sys.executable, "-m", "distrain", *args], cwd=cwd or REPO, capture_output=True, text=True,
+                          timeout=timeout, env=child_env(env))
+
+
+def run_torchrun(nproc: int, target: Sequence[str], cwd: Optional[Path] = None, timeout: float = 300,
+                 env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N TARGET...` (TARGET: a script and args, or -m module args)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *target]
+    return subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=child_env(env))
+
+
+def read_jsonl(path: Path) -> list:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO
