@@ -111,6 +111,26 @@ class Strategy:
         """Consolidated full weights on CPU, complete on rank 0 (other ranks may get an empty dict)."""
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
+    # --- checkpoints -------------------------------------------------------------------------------
+    # Strategies whose engine saves itself (DeepSpeed) set this and implement save/load_engine_checkpoint.
+    engine_checkpoint = False
+
+    def checkpoint_state(self) -> Dict[str, Any]:
+        """Model and optimizer state for torch.distributed.checkpoint (DCP); sharded where the strategy shards.
+
+        torch's state_dict helpers see through DDP and FSDP2 wrappers and give DCP the keys it reshards by.
+        """
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optim": optim_state}
+
+    def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
+        """Load what ``checkpoint_state`` produced (after DCP filled it in place)."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
     def state_tensors(self) -> Dict[str, Iterable[torch.Tensor]]:
         """This rank's parameters, gradients and optimizer state tensors, for memory accounting."""
         params = [p for p in self.model.parameters()]

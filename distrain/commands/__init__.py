@@ -1,0 +1,10 @@
+"""One module per `distrain` subcommand; each exposes ``register(subparsers)``."""
+
+CONFIG_HELP = "YAML config file"
+OVERRIDES_HELP = "config overrides, e.g. train.steps=50"
+
+
+def add_config_arguments(parser) -> None:
+    """The CONFIG positional and the key=value overrides every config-driven command takes."""
+    parser.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)

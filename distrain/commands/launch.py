@@ -1,0 +1,27 @@
+"""`distrain launch`: N workers per node through torch's elastic launcher (see distrain.launcher)."""
+
+from __future__ import annotations
+
+import argparse
+
+from distrain.commands import add_config_arguments
+
+
+def register(sub) -> None:
+    p = sub.add_parser("launch", help="start N workers per node with torch's elastic launcher, then train")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="workers on this node (default 1)")
+    p.add_argument("--nnodes", default="1", metavar="N|MIN:MAX", help="number of nodes (default 1)")
+    p.add_argument("--node-rank", type=int, default=None, metavar="R", help="this node's rank (static rendezvous)")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="c10d rendezvous address (multi-node)")
+    p.add_argument("--rdzv-id", default="distrain", help="job id shared by all nodes (default distrain)")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="restart the worker group up to K times after a failure (resumes from the latest checkpoint)")
+    p.add_argument("--monitor-interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    add_config_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from distrain.launcher import launch
+
+    return launch(args)
