@@ -1,0 +1,27 @@
+"""The README's promises: its first two commands exist, and CI runs exactly the README's test command."""
+
+import re
+
+from conftest import REPO
+
+
+def _readme_commands():
+    text = (REPO / "README.md").read_text()
+    return re.findall(r"^    (python3 -m venv .*)$", text, flags=re.M)
+
+
+def test_readme_opens_with_quickstart_and_test_commands():
+    quickstart, tests = _readme_commands()[:2]
+    assert "distrain launch --nproc-per-node 2 configs/quickstart.yaml" in quickstart
+    assert "-c constraints.txt" in quickstart and "-c constraints.txt" in tests  # never a CUDA download
+    assert tests.endswith("python -m pytest")
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    tests = _readme_commands()[1]
+    ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert tests in ci_lines
+
+
+def test_constraints_pin_the_cpu_torch():
+    assert "torch==2.13.0" in (REPO / "constraints.txt").read_text()
