@@ -12,6 +12,18 @@ def __getattr__(name):  # lazy: `import distrain` stays cheap for the CLI's erro
         from distrain import config
 
         return getattr(config, name)
+    if name in ("load_model", "load_weights", "classify", "generate_text"):
+        from distrain import inference
+
+        return getattr(inference, name)
+    if name == "evaluate_checkpoint":
+        from distrain.evaluation import evaluate_checkpoint
+
+        return evaluate_checkpoint
+    if name == "export_checkpoint":
+        from distrain.checkpoint.export import export_checkpoint
+
+        return export_checkpoint
     if name in ("ConfigError", "DistrainError", "CheckpointError"):
         from distrain import errors
 
@@ -19,4 +31,5 @@ def __getattr__(name):  # lazy: `import distrain` stays cheap for the CLI's erro
     raise AttributeError(f"module 'distrain' has no attribute {name!r}")
 
 
-__all__ = ["Trainer", "Config", "load_config", "ConfigError", "DistrainError", "CheckpointError", "__version__"]
+__all__ = ["Trainer", "Config", "load_config", "ConfigError", "DistrainError", "CheckpointError", "__version__",
+           "load_model", "load_weights", "classify", "generate_text", "evaluate_checkpoint", "export_checkpoint"]

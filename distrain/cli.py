@@ -14,7 +14,7 @@ import sys
 import textwrap
 from typing import Optional, Sequence
 
-from distrain.errors import DistrainError, UsageError
+from distrain.errors import DistrainError, DistributedError, UsageError
 
 # One module per subcommand, in the order `distrain --help` lists them.
 COMMAND_MODULES = [
@@ -22,6 +22,15 @@ COMMAND_MODULES = [
     "distrain.commands.launch",
     "distrain.commands.verify",
     "distrain.commands.config",
+    "distrain.commands.ckpt",
+    "distrain.commands.eval",
+    "distrain.commands.predict",
+    "distrain.commands.slurm",
+    "distrain.commands.runs",
+    "distrain.commands.plot",
+    "distrain.commands.doctor",
+    "distrain.commands.plan",
+    "distrain.commands.bench",
 ]
 
 
@@ -50,6 +59,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
+        if "--" in extra and hasattr(args, "passthrough"):  # `slurm submit ... -- SBATCH_OPTIONS`: theirs, unparsed
+            cut = extra.index("--")
+            extra, args.passthrough = extra[:cut], extra[cut + 1:]
         # key=value overrides may come after options (`verify CONFIG --worlds 1,2 train.steps=5`).
         stray = [a for a in extra if "=" not in a or a.startswith("-")]
         if stray or (extra and not hasattr(args, "overrides")):
@@ -62,12 +74,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         return int(args.handler(args) or 0)
     except DistrainError as err:
-        if _should_report():
+        if _should_report() or isinstance(err, DistributedError):  # a distributed failure differs per rank
             print(f"distrain: error: {_paragraph(str(err))}", file=sys.stderr)
+        _record_for_launcher(err)
         return err.exit_code
     except KeyboardInterrupt:
         print("distrain: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        _record_for_launcher(err)
+        raise
+
+
+def _record_for_launcher(err: BaseException) -> None:
+    """Under torchrun, write this worker's error file: the launcher then reports which rank failed first, and why."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from distrain.faults import record_error_file
+
+        record_error_file(err)
 
 
 def _should_report() -> bool:

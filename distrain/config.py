@@ -23,20 +23,20 @@ from distrain.errors import ConfigError
 @dataclass
 class RunConfig:
     name: str = "run"  # the run directory is <dir>/<name>
-    dir: str = "runs"
+    dir: str = "runs"  # parent directory of the run directories
     seed: int = 0  # seeds model init and the data permutation; equal on every rank
 
 
 @dataclass
 class ModelConfig:
     name: str = "mlp"  # a built-in: mlp | cnn | lstm | gpt (ignored when a model object is passed to Trainer)
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # the builder's arguments, e.g. {hidden: 256, depth: 3}
 
 
 @dataclass
 class DataConfig:
     name: str = "digits"  # a built-in: digits | text | regression (ignored when datasets are passed to Trainer)
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # the dataset's arguments, e.g. text: {block_size: 128}
     eval_fraction: float = 0.2  # share of the samples held out for evaluation
     eval_batch: int = 256  # per-rank batch size during evaluation
 
@@ -45,27 +45,27 @@ class DataConfig:
 class TrainConfig:
     global_batch: int = 64  # samples per optimizer step, summed over all ranks: the invariant
     micro_batch: Optional[int] = None  # samples per forward/backward on one rank; None = global_batch / world
-    steps: int = 100
+    steps: int = 100  # optimizer steps to train for (in total, across resumes)
     optimizer: str = "adamw"  # sgd | adam | adamw
-    lr: float = 1e-3
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    lr: float = 1e-3  # peak learning rate (after warmup)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw moment decay rates
+    eps: float = 1e-8  # adam/adamw denominator term
+    weight_decay: float = 0.0  # decoupled for adamw, L2 for sgd/adam
     momentum: float = 0.0  # sgd only
     lr_schedule: str = "constant"  # constant | cosine (both after a linear warmup)
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # steps of linear warmup from 0 to lr
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
     eval_every: int = 0  # steps between evaluations; 0 = only at the end (if there is eval data)
-    log_every: int = 10
+    log_every: int = 10  # steps between metrics records (and console lines)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
     resume: str = "auto"  # auto | never | PATH to a checkpoint
 
 
 @dataclass
 class StrategyConfig:
-    name: str = "ddp"  # single | ddp (more strategies register themselves)
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    name: str = "ddp"  # a registered strategy (docs/strategies.md), or your own as package.module:ClassName
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # the strategy's options, e.g. ddp: {bucket_cap_mb: 50}
 
 
 @dataclass
@@ -75,19 +75,33 @@ class DistConfig:
     device: str = "auto"  # auto | cpu | cuda
 
 
+# Signals a run may take as "checkpoint and stop" (with or without the SIG prefix, any case).
+FAULT_SIGNALS = ("USR1", "USR2", "TERM", "HUP", "INT")
+
+
+@dataclass
+class FaultsConfig:
+    # On any of these signals every rank stops at the end of the same step and a checkpoint is committed.
+    # USR1 is SLURM's "--signal=USR1@SECONDS" before the time limit; TERM is plain scancel / preemption / k8s.
+    signals: List[str] = field(default_factory=lambda: ["USR1", "TERM"])
+    requeue: bool = True  # under SLURM, `scontrol requeue` the job after that checkpoint (when the signal requeues)
+    requeue_signals: List[str] = field(default_factory=lambda: ["USR1"])  # TERM is also a user's scancel: no requeue
+    watchdog: bool = True  # per-rank heartbeats: a collective that times out names the ranks that did not arrive
+
+
 @dataclass
 class CheckpointConfig:
     every: int = 0  # steps between saves; 0 disables step-based saves
     every_minutes: float = 0.0  # minutes between saves; 0 disables time-based saves
-    keep_last: int = 3
+    keep_last: int = 3  # committed checkpoints to keep (older ones are deleted)
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
-    async_save: bool = False
+    async_save: bool = False  # write checkpoints in the background while training goes on
     at_end: bool = True  # save after the final step
 
 
 @dataclass
 class MetricsConfig:
-    tensorboard: bool = False
+    tensorboard: bool = False  # also write TensorBoard event files to <run dir>/tensorboard
     progress: str = "auto"  # auto (bar on a TTY, plain lines otherwise) | bar | plain | none
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look up a table, or skip
 
@@ -102,6 +116,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
 
 ConfigSource = Union[str, os.PathLike, Mapping[str, Any], Config, DictConfig, None]
@@ -240,6 +255,15 @@ def validate(cfg: DictConfig) -> None:
     _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", cfg.run.name,
              "it must be a non-empty name without '/'")
     _require(cfg.metrics.peak_flops >= 0, "metrics.peak_flops", cfg.metrics.peak_flops, "it must be zero or positive")
+    f = cfg.faults
+    for key in ("signals", "requeue_signals"):
+        names = [str(n).upper().removeprefix("SIG") for n in f[key]]
+        _require(all(n in FAULT_SIGNALS for n in names), f"faults.{key}", list(f[key]),
+                 f"allowed signal names are {', '.join(FAULT_SIGNALS)} (an empty list turns signal handling off)")
+    stray = sorted({str(n).upper().removeprefix("SIG") for n in f.requeue_signals} -
+                   {str(n).upper().removeprefix("SIG") for n in f.signals})
+    _require(not stray, "faults.requeue_signals", list(f.requeue_signals),
+             f"every requeue signal must also be in faults.signals ({', '.join(stray)} is not)")
 
 
 @dataclass(frozen=True)
@@ -291,7 +315,8 @@ def to_container(cfg: DictConfig) -> Dict[str, Any]:
 def config_hash(cfg: DictConfig) -> str:
     """A short fingerprint of everything that shapes the trajectory (not run name/dir, logging or resume)."""
     data = to_container(cfg)
-    for volatile in ("run.name", "run.dir", "train.resume", "train.log_every", "train.steps", "metrics", "checkpoint"):
+    for volatile in ("run.name", "run.dir", "train.resume", "train.log_every", "train.steps", "metrics", "checkpoint",
+                     "faults"):
         section, _, leaf = volatile.partition(".")
         if leaf:
             data.get(section, {}).pop(leaf, None)

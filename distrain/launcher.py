@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
-from typing import List
+from typing import Any, Dict, List, Tuple
 
 from distrain.errors import DistrainError, UsageError
 
@@ -37,10 +38,37 @@ def torchrun_args(args: argparse.Namespace) -> List[str]:
                              f"the nodes can find each other.")
         out += ["--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", args.rdzv_id]
         if args.node_rank is not None:
-            out += ["--node-rank", str(args.node_rank)]
+            # Node 0 hosts the rendezvous store at --rdzv-endpoint. torch guesses that from the host name, which
+            # fails when the endpoint is an address the name does not resolve to (containers, namespaces, NAT).
+            # (c10d assigns the ranks itself: torchrun's own --node-rank would only be ignored, with a warning.)
+            out += ["--rdzv-conf", f"is_host={'true' if args.node_rank == 0 else 'false'}"]
+        if getattr(args, "local_addr", None):
+            out += ["--local-addr", args.local_addr]  # the workers' MASTER_ADDR when this node is rank 0
     else:
         out += ["--standalone"]  # one node: a private rendezvous on a free port, nothing to configure
     return out + ["--module", "distrain", "train", args.config, *args.overrides]
+
+
+def _message(failure: Any) -> str:
+    message = failure.message
+    return (message if isinstance(message, str) else message.get("message", "")) or ""
+
+
+def root_cause(failures: Dict[int, Any]) -> Tuple[int, Any]:
+    """The failed worker that most likely caused the others to fail: (global rank, torchelastic ProcessFailure).
+
+    torchelastic orders failures by a whole-second timestamp, taken from the error file or, without one, from
+    when the agent noticed - so a rank killed by SIGKILL can look later than the peer that lost it. Hence, in
+    order: not a worker the agent itself terminated (SIGTERM) while tearing the group down; not a
+    DistributedError, which is a report about *other* ranks (a collective that lost or waited for a peer);
+    then the earliest.
+    """
+    def key(item: Tuple[int, Any]) -> Tuple[bool, bool, int]:
+        failure = item[1]
+        return (failure.exitcode == -signal.SIGTERM, _message(failure).startswith("DistributedError"),
+                failure.timestamp)
+
+    return min(failures.items(), key=key)
 
 
 def launch(args: argparse.Namespace) -> int:
@@ -66,9 +94,8 @@ def launch(args: argparse.Namespace) -> int:
         torchrun.run(parsed)
     except ChildFailedError as err:
         codes = {failure.exitcode for failure in err.failures.values()}
-        first_rank, first = min(err.failures.items(), key=lambda kv: kv[1].timestamp)
-        detail = first.message if isinstance(first.message, str) else first.message.get("message", "")
-        detail = (detail or "").strip().splitlines()
+        first_rank, first = root_cause(err.failures)
+        detail = _message(first).strip().splitlines()
         print(f"distrain: error: worker rank {first_rank} failed first (exit code {first.exitcode}"
               f"{', ' + detail[-1] if detail else ''}); {len(err.failures)} rank(s) failed in all. Each rank's log "
               f"is in <run dir>/logs/rank<N>.log.", file=sys.stderr)

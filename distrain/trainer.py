@@ -17,15 +17,19 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from distrain import dist
+from distrain.checkpoint import Checkpointer
 from distrain.config import ConfigSource, batch_plan, load_config, to_yaml
 from distrain.data import GlobalStepSampler, build_datasets, fetch_batch, move_to, split_input_target
 from distrain.env import detect
-from distrain.errors import ConfigError
+from distrain.errors import ConfigError, DistributedError
+from distrain.faults import FaultTolerance
+from distrain.flops import FlopsEstimate, flops_per_sample, peak_flops
 from distrain.logs import get_logger, setup_logging
 from distrain.losses import LossFn, correct_and_count, default_loss
 from distrain.metrics import MetricsWriter, Progress
 from distrain.models import build_model
 from distrain.optim import lr_at
+from distrain.perf import StepTimer, Throughput, memory_kind, peak_memory_bytes
 from distrain.runinfo import RunRecord
 from distrain.strategies import StrategyContext, build_strategy, strategy_class
 
@@ -38,6 +42,7 @@ class Trainer:
                  overrides: Sequence[str] = ()):
         self.cfg: DictConfig = load_config(config, overrides)
         self.info = detect()
+        self.faults = FaultTolerance(self.cfg.faults, self.info)  # before the process group: flight recorder on
         self.plan = batch_plan(self.cfg, self.info.world_size)
         strategy_cls = strategy_class(self.cfg.strategy.name)
         self.device = dist.resolve_device(self.cfg.dist.device, self.info)
@@ -63,6 +68,10 @@ class Trainer:
 
         torch.manual_seed(self.cfg.run.seed)  # identical initial weights on every rank, whatever the strategy
         user_model = self._model(model, spec)
+        self.throughput = Throughput(self._flops(user_model, spec, builtin=model is None),
+                                     peak_flops(self.device, self.cfg.train.precision, self.cfg.metrics.peak_flops),
+                                     self.info.world_size)
+        self.timer = StepTimer(self.device)
         ctx = StrategyContext(info=self.info, device=self.device, plan=self.plan, train=self.cfg.train,
                               seed=self.cfg.run.seed)
         self.strategy = build_strategy(self.cfg.strategy.name, ctx, self.cfg.strategy.kwargs)
@@ -72,6 +81,12 @@ class Trainer:
         self.log.info(f"rank {self.info.rank}/{self.info.world_size} ({self.info.source}) on {self.device}, "
                       f"strategy {self.strategy.name}, global batch {self.plan.global_batch} = micro "
                       f"{self.plan.micro_batch} x accum {self.plan.grad_accum} x world {self.plan.world_size}")
+        self.checkpointer = Checkpointer(self.run_dir, self.cfg, self.strategy, self.info, self.sampler,
+                                         model_object=None if model is None else user_model, data_spec=spec)
+        resume_from = self.checkpointer.resolve(self.cfg.train.resume)  # auto | never | PATH
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        self.faults.start(self.log, self.cfg.dist.timeout_s, backend)  # preemption signals, hang watchdog
 
     # --- setup helpers ---------------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
@@ -106,23 +121,39 @@ class Trainer:
         raise ConfigError(f"model must be an nn.Module or a zero-argument function returning one; got "
                           f"{type(model).__name__}.", key="model")
 
+    def _flops(self, model: nn.Module, spec: Any, builtin: bool) -> FlopsEstimate:
+        """Training FLOPs per sample, for achieved FLOP/s and MFU: a built-in's formula, else torch's counter."""
+        if builtin:
+            return flops_per_sample(model, spec, builtin=self.cfg.model.name)
+        sample, _ = split_input_target(fetch_batch(self.train_data, [0]))
+        return flops_per_sample(model, spec, sample=sample)
+
     # --- the loop --------------------------------------------------------------------------------------
+    def _is_log_step(self, completed: int) -> bool:
+        return completed % self.cfg.train.log_every == 0 or completed == self.cfg.train.steps
+
     def train_step(self, step: int) -> torch.Tensor:
         """One optimizer step; returns this rank's summed micro-batch losses (not yet reduced)."""
         micro_batches = self.sampler.micro_batches(step, self.info.rank, self.info.world_size,
                                                    self.plan.micro_batch)  # split: my slice of step's batch
         self.strategy.set_lr(lr_at(step, self.cfg.train))
+        measure = self._is_log_step(step + 1)
+        self.timer.begin(measure)  # log steps time their phases: compute vs exposed communication
         loss_sum = torch.zeros((), device=self.device)
         for i, indices in enumerate(micro_batches):  # train: forward/backward per micro-batch
-            inputs, targets = move_to(split_input_target(fetch_batch(self.train_data, indices)), self.device)
-            with self.strategy.accumulate(last_micro_step=i == len(micro_batches) - 1):
+            with self.timer.phase("micro"), self.strategy.accumulate(last_micro_step=i == len(micro_batches) - 1):
+                inputs, targets = move_to(split_input_target(fetch_batch(self.train_data, indices)), self.device)
                 with self.strategy.forward_context():
                     loss = self.loss_fn(self.strategy.model(inputs), targets)
                 self.strategy.backward(loss)  # gradient sync (all-reduce/reduce-scatter) rides the last backward
             loss_sum += loss.detach()
-        self._grad_norm = self.strategy.clip_grad_norm(self.cfg.train.grad_clip)
-        self.strategy.step()  # update: optimizer step on this rank's (shard of the) parameters
-        self.strategy.sync(step)  # sync: parameter averaging, for strategies that skip gradient sync
+        with self.timer.phase("update"):
+            self._grad_norm = self.strategy.clip_grad_norm(self.cfg.train.grad_clip)
+            if self._grad_norm is None and measure:  # logged without clipping too, on log steps only
+                self._grad_norm = self.strategy.grad_norm()
+            self.strategy.step()  # update: optimizer step on this rank's (shard of the) parameters
+        with self.timer.phase("sync"):
+            self.strategy.sync(step)  # sync: parameter averaging, for strategies that skip gradient sync
         return loss_sum
 
     def fit(self) -> Dict[str, Any]:
@@ -133,16 +164,25 @@ class Trainer:
         record = RunRecord(self.run_dir) if self.info.is_main else None
         if record:
             record.start(self.info.world_size, vars(self.plan) | {"per_rank": self.plan.per_rank}, self.step)
+            self.faults.record_attempt(record, self.step)  # SLURM / torchelastic restart counts of this run
+            record.update(perf=self.throughput.describe() | {"memory": memory_kind(self.device)})
+            self.log.info(f"model FLOPs per sample: {self.throughput.flops.per_sample or 0:.4g} "
+                          f"({self.throughput.flops.method}); peak FLOP/s: {self.throughput.peak.source}")
         progress = Progress(cfg.metrics.progress if self.info.is_main else "none", total, self.step,
                             description=cfg.run.name)
         final: Dict[str, Any] = {}
         window_start, window_steps = time.perf_counter(), 0
         started = time.perf_counter()
+        first_step = self.step
         try:
             while self.step < total:
+                self.faults.step_started(self.step)  # the watchdog's "last seen" for this rank
                 loss_sum = self.train_step(self.step)
                 self.step += 1
+                if self.step == first_step + 1:  # after one step: optimizers allocate their state on the first
+                    self._log_memory()
                 window_steps += 1
+                progress.advance(self.step)
                 if self.step % cfg.train.log_every == 0 or self.step == total:
                     elapsed = time.perf_counter() - window_start
                     final = self._log_step(loss_sum, elapsed / window_steps, writer, progress)
@@ -154,10 +194,22 @@ class Trainer:
                     if writer:
                         writer.write({"step": self.step, **scores})
                     progress.write(f"eval @ step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+                self.checkpointer.maybe_save(self.step)  # checkpoint.every / every_minutes (async if configured)
+                if self.step < total and self.faults.should_stop(self.step):  # a preemption signal: all ranks agree
+                    break
+            if self.faults.preempted:
+                self.save_checkpoint("preempted")
+            elif cfg.checkpoint.at_end:
+                self.save_checkpoint("end")
+            self.checkpointer.wait()  # an async save still in flight is complete before fit returns
         except BaseException as err:
+            failure = self.faults.explain(err, self.step)  # a stuck collective: which one, which step, who is missing
             if record:
                 record.update(status="failed" if not isinstance(err, KeyboardInterrupt) else "interrupted",
-                              step=self.step, error=f"{type(err).__name__}: {err}")
+                              step=self.step, error=failure or f"{type(err).__name__}: {err}")
+            if failure:
+                raise DistributedError(failure) from err
+            self.faults.abort_peers(f"{type(err).__name__}: {err}")
             raise
         finally:
             progress.close()
@@ -165,7 +217,10 @@ class Trainer:
                 writer.close()
         final["wall_s"] = time.perf_counter() - started
         if record:
-            record.update(status="finished", step=self.step, final=final)
+            record.update(status="preempted" if self.faults.preempted else "finished", step=self.step, final=final)
+        if self.faults.preempted:
+            final["preempted"] = True
+            self.faults.after_checkpoint()  # rank 0 under SLURM: requeue; the next run resumes from that checkpoint
         return final
 
     def _log_step(self, loss_sum: torch.Tensor, step_time: float, writer: Optional[MetricsWriter],
@@ -181,7 +236,14 @@ class Trainer:
         if getattr(spec, "task", None) == "lm":
             record["tokens_per_s"] = record["samples_per_s"] * spec.input_shape[0]
         if self._grad_norm is not None:
-            record["grad_norm"] = float(self._grad_norm)
+            norm = self._grad_norm
+            record["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        record.update(self.timer.split(self.info.world_size))
+        record.update(self.throughput.record(record["samples_per_s"]))
+        if self.strategy.comm_bytes is not None:  # payload this rank sent for sync since it started (DDP, local SGD)
+            record["comm_bytes"] = self.strategy.comm_bytes
+        memory = self._peak_memory_mb()
+        record["peak_mem_mb"], record["peak_mem_mb_ranks"] = max(memory), memory
         if not math.isfinite(loss):
             self.log.warning(f"loss is {loss} at step {self.step}: training has diverged (lower train.lr, or set "
                              f"train.grad_clip)")
@@ -189,6 +251,12 @@ class Trainer:
             writer.write(record)
         progress.update(self.step, record)
         return {"step": self.step, "loss": loss, "samples": samples}
+
+    def _peak_memory_mb(self) -> List[float]:
+        """Every rank's peak memory in MiB (see distrain.perf.peak_memory_bytes), gathered with one all-reduce."""
+        mine = torch.zeros(self.info.world_size, dtype=torch.float64)
+        mine[self.info.rank] = peak_memory_bytes(self.device) / 2**20
+        return [round(v, 1) for v in dist.all_reduce_sum(mine.to(self.device)).cpu().tolist()]
 
     # --- evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -229,6 +297,20 @@ class Trainer:
         needed = math.ceil(per_rank / size)
         return batches + [([0], 0)] * (needed - len(batches))
 
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def save_checkpoint(self, reason: str = "manual") -> Path:
+        """Save a checkpoint of the current step now and return its directory once committed.
+
+        Collective: call it on every rank at the same step (from the loop, e.g. on a preemption signal).
+        Saving the same step twice is a no-op that returns the existing checkpoint.
+        """
+        return self.checkpointer.save(self.step, reason=reason, blocking=True)
+
+    def load_checkpoint(self, path: Union[str, Path]) -> None:
+        """Load model, optimizer and trainer state from a checkpoint directory (every rank); training continues
+        at its step, on exactly the next samples, at any world size."""
+        self.step = self.checkpointer.load(Path(path)).step
+
     # --- results ---------------------------------------------------------------------------------------
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """The consolidated full weights on CPU; complete on rank 0 whatever the strategy (call on all ranks)."""
@@ -238,16 +320,24 @@ class Trainer:
         """Bytes of parameters, gradients and optimizer state this rank holds."""
         return self.strategy.memory_report()
 
-    def close(self) -> None:
-        """Release the strategy and, if this Trainer created it, the process group."""
+    def _log_memory(self) -> None:
+        report = ", ".join(f"{kind} {size / 2**20:.2f} MiB" for kind, size in self.memory_report().items())
+        self.log.info(f"rank {self.info.rank} holds {report} ({self.strategy.name})")
+
+    def close(self, failed: bool = False) -> None:
+        """Release the strategy and, if this Trainer created it, the process group (no barrier after a failure:
+        a peer may be gone)."""
+        self.faults.close()
+        self.checkpointer.close()  # first: an async save in flight still needs the process group
         self.strategy.teardown()
         if self._owns_group:
-            dist.barrier()  # no rank tears the group down while a peer is still talking to it
+            if not failed:
+                dist.barrier()  # no rank tears the group down while a peer is still talking to it
             dist.destroy_process_group()
             self._owns_group = False
 
     def __enter__(self) -> "Trainer":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(failed=exc_type is not None)

@@ -11,9 +11,11 @@ def register(sub) -> None:
     p = sub.add_parser("launch", help="start N workers per node with torch's elastic launcher, then train")
     p.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="workers on this node (default 1)")
     p.add_argument("--nnodes", default="1", metavar="N|MIN:MAX", help="number of nodes (default 1)")
-    p.add_argument("--node-rank", type=int, default=None, metavar="R", help="this node's rank (static rendezvous)")
+    p.add_argument("--node-rank", type=int, default=None, metavar="R", help="this node's rank; node 0 hosts the rendezvous store at --rdzv-endpoint")
     p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="c10d rendezvous address (multi-node)")
     p.add_argument("--rdzv-id", default="distrain", help="job id shared by all nodes (default distrain)")
+    p.add_argument("--local-addr", default=None, metavar="ADDR",
+                   help="this node's address as the other nodes reach it (multi-node; default: its host name)")
     p.add_argument("--max-restarts", type=int, default=0, metavar="K",
                    help="restart the worker group up to K times after a failure (resumes from the latest checkpoint)")
     p.add_argument("--monitor-interval", type=float, default=1.0, help=argparse.SUPPRESS)

@@ -25,18 +25,25 @@ def run(args: argparse.Namespace) -> int:
     worlds = parse_worlds(args.worlds)
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps {args.steps} is not allowed: it must be at least 1.")
-    strategy = strategy_class(load_config(args.config, args.overrides).strategy.name)
+    cfg = load_config(args.config, args.overrides)
+    strategy = strategy_class(cfg.strategy.name)
+    exact = strategy.exact_for(cfg.strategy.kwargs)  # e.g. ddp with a compressing comm hook is not
     print(f"distrain verify: {args.config} with strategy {strategy.name!r} at world sizes {worlds} ...", flush=True)
     rows = verify(args.config, worlds, args.overrides, steps=args.steps)
     print(format_table(rows, args.tolerance))
     bad = [r for r in rows if r.max_rel_diff > args.tolerance or not r.same_indices]
-    if bad and strategy.exact:
+    wrong_samples = [r for r in rows if not r.same_indices]
+    if wrong_samples:  # whatever the strategy, every world size must consume exactly the same samples
+        print(f"distrain verify: FAILED: world size(s) {', '.join(str(r.world_size) for r in wrong_samples)} "
+              f"consumed different samples than world size {worlds[0]}.")
+        return 1
+    if bad and exact:
         print(f"distrain verify: FAILED: {len(bad)} world size(s) differ from world size {worlds[0]} beyond "
               f"{args.tolerance:g} (or consumed different samples); strategy {strategy.name!r} should be exact.")
         return 1
     if bad:
-        print(f"distrain verify: strategy {strategy.name!r} is not exact by design (it does not sync every step); "
-              f"differences are reported, not failed.")
+        print(f"distrain verify: strategy {strategy.name!r} with these strategy.kwargs is not exact by design (it "
+              f"does not sync every step, or compresses what it syncs); differences are reported, not failed.")
         return 0
     print("distrain verify: OK: every world size matches.")
     return 0

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distrain.data.datasets import DataSpec
-from distrain.models.registry import register_model
+from distrain.models.registry import register_flops, register_model
 
 
 def _require_lm(spec: DataSpec, name: str) -> None:
@@ -117,3 +117,22 @@ def flops_per_token(model: nn.Module) -> float:
         attn = 12 * len(model.blocks) * model.tok.embedding_dim * model.block_size
         return 6 * n + attn
     return 6 * n
+
+
+@register_flops("gpt")
+def gpt_flops(model: nn.Module, spec: DataSpec) -> float:
+    """Training FLOPs per sample: flops_per_token x the sample's sequence length."""
+    return flops_per_token(model) * spec.input_shape[0]
+
+
+@register_flops("lstm")
+def lstm_flops(model: nn.Module, spec: DataSpec) -> float:
+    """Training FLOPs per sample: the four gates' input and recurrent matmuls per layer, and the output head,
+    at 6 FLOPs per multiply-add (forward 2, backward 4), times the sequence length."""
+    lstm = model.lstm
+    per_token = 0.0
+    for layer in range(lstm.num_layers):
+        width = lstm.input_size if layer == 0 else lstm.hidden_size
+        per_token += 6 * 4 * lstm.hidden_size * (width + lstm.hidden_size)
+    per_token += 6 * model.head.in_features * model.head.out_features
+    return per_token * spec.input_shape[0]

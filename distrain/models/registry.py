@@ -12,6 +12,9 @@ from distrain.errors import ConfigError
 
 ModelBuilder = Callable[..., nn.Module]
 MODELS: Dict[str, ModelBuilder] = {}
+# name -> (built model, data spec) -> training FLOPs per sample (forward + backward), for throughput and MFU.
+FlopsFn = Callable[[nn.Module, DataSpec], float]
+MODEL_FLOPS: Dict[str, FlopsFn] = {}
 
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
@@ -20,6 +23,16 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     def deco(builder: ModelBuilder) -> ModelBuilder:
         MODELS[name] = builder
         return builder
+
+    return deco
+
+
+def register_flops(name: str) -> Callable[[FlopsFn], FlopsFn]:
+    """Register ``flops(model, spec) -> float``: training FLOPs per sample of the built-in model ``name``."""
+
+    def deco(fn: FlopsFn) -> FlopsFn:
+        MODEL_FLOPS[name] = fn
+        return fn
 
     return deco
 

@@ -7,7 +7,7 @@ import math
 from torch import nn
 
 from distrain.data.datasets import DataSpec
-from distrain.models.registry import register_model
+from distrain.models.registry import register_flops, register_model
 
 
 def _outputs(spec: DataSpec) -> int:
@@ -41,3 +41,41 @@ def cnn(spec: DataSpec, channels: int = 32, hidden: int = 128) -> nn.Module:
         nn.Linear(2 * channels * (h // 2) * (w // 2), hidden), nn.ReLU(),
         nn.Linear(hidden, spec.num_classes),
     )
+
+
+def sequential_flops(model: nn.Module, input_shape: tuple) -> float:
+    """Training FLOPs per sample of a Sequential of Conv2d/MaxPool2d/Flatten/Linear layers (and activations).
+
+    Each multiply-add counts 2 FLOPs forward and 4 backward (input and weight gradients), the usual 3x-forward
+    convention of MFU; bias adds, activations and pooling are left out (they are not matmul work).
+    """
+    shape = tuple(input_shape)
+    total = 0.0
+    for layer in model.modules():
+        if isinstance(layer, nn.Conv2d):
+            _, h, w = shape
+            kh, kw = layer.kernel_size
+            oh = (h + 2 * layer.padding[0] - layer.dilation[0] * (kh - 1) - 1) // layer.stride[0] + 1
+            ow = (w + 2 * layer.padding[1] - layer.dilation[1] * (kw - 1) - 1) // layer.stride[1] + 1
+            macs = layer.in_channels // layer.groups * layer.out_channels * kh * kw * oh * ow
+            total += 6 * macs
+            shape = (layer.out_channels, oh, ow)
+        elif isinstance(layer, nn.MaxPool2d):
+            k = layer.kernel_size if isinstance(layer.kernel_size, int) else layer.kernel_size[0]
+            shape = (shape[0], shape[1] // k, shape[2] // k)
+        elif isinstance(layer, nn.Flatten):
+            shape = (math.prod(shape),)
+        elif isinstance(layer, nn.Linear):
+            total += 6 * layer.in_features * layer.out_features
+            shape = (layer.out_features,)
+    return total
+
+
+@register_flops("mlp")
+def mlp_flops(model: nn.Module, spec: DataSpec) -> float:
+    return sequential_flops(model, spec.input_shape)
+
+
+@register_flops("cnn")
+def cnn_flops(model: nn.Module, spec: DataSpec) -> float:
+    return sequential_flops(model, spec.input_shape)

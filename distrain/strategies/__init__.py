@@ -12,6 +12,11 @@ from distrain.strategies.base import Strategy, StrategyContext, make_strategy
 STRATEGIES: Dict[str, str] = {
     "single": "distrain.strategies.single:SingleStrategy",
     "ddp": "distrain.strategies.ddp:DDPStrategy",
+    "zero1": "distrain.strategies.zero1:ZeRO1Strategy",
+    "fsdp": "distrain.strategies.fsdp:FSDPStrategy",
+    "deepspeed": "distrain.strategies.deepspeed_engine:DeepSpeedStrategy",
+    "accelerate": "distrain.strategies.accelerate_engine:AccelerateStrategy",
+    "local_sgd": "distrain.strategies.local_sgd:LocalSGDStrategy",
 }
 
 

@@ -20,6 +20,7 @@ from distrain.config import BatchPlan
 from distrain.env import ProcessInfo
 from distrain.errors import ConfigError
 from distrain.optim import build_optimizer
+from distrain.strategies import precision
 
 
 @dataclass
@@ -42,6 +43,9 @@ class Strategy:
         self.ctx = ctx
         self.model: nn.Module  # what the trainer calls forward on
         self.optimizer: torch.optim.Optimizer
+        precision.check_precision(ctx.train.precision, ctx.device)
+        # fp16's dynamic loss scale (None for fp32/bf16); engines with their own scaler set it to None.
+        self.grad_scaler: Optional[torch.amp.GradScaler] = precision.grad_scaler(ctx.train.precision, ctx.device)
 
     # --- setup -------------------------------------------------------------------------------------
     def setup(self, model: nn.Module) -> None:
@@ -54,11 +58,7 @@ class Strategy:
     # --- the step ----------------------------------------------------------------------------------
     def forward_context(self) -> ContextManager:
         """Autocast for bf16/fp16 where the engine has no mixed-precision mechanism of its own."""
-        precision = self.ctx.train.precision
-        if precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.ctx.device.type, dtype=dtype)
+        return precision.autocast(self.ctx.train.precision, self.ctx.device)
 
     def accumulate(self, last_micro_step: bool) -> ContextManager:
         """Context around one micro-step's forward+backward; gradients sync only on the last one."""
@@ -81,17 +81,41 @@ class Strategy:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of a micro-batch's mean loss, scaled so the synchronised gradient is the global-batch mean."""
-        (loss * self.loss_scale()).backward()
+        loss = loss * self.loss_scale()
+        (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
 
     def clip_grad_norm(self, max_norm: float) -> Optional[torch.Tensor]:
         """Clip the global gradient norm to ``max_norm`` (0 = off); returns the norm before clipping."""
         if max_norm <= 0:
             return None
+        if self.grad_scaler:
+            self.grad_scaler.unscale_(self.optimizer)  # clip the true gradients, not the loss-scaled ones
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def grad_norm(self) -> float:
+        """The global L2 norm of the gradients the next step applies, leaving them untouched (for logging).
+
+        Call it on every rank: DTensor gradient shards (FSDP2) give per-shard norms that torch combines across
+        the mesh with a collective. fp16 gradients are still loss-scaled here, so the scale is divided out.
+        Engines that keep gradients outside ``p.grad`` (DeepSpeed ZeRO-2/3) override this.
+        """
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if hasattr(norm, "full_tensor"):  # DTensor: the partial norms of the shards, reduced over the mesh
+            norm = norm.full_tensor()
+        if self.grad_scaler:
+            norm = norm / self.grad_scaler.get_scale()
+        return float(norm)
 
     def step(self) -> None:
         """Apply the optimizer update and clear the gradients."""
-        self.optimizer.step()
+        if self.grad_scaler:
+            self.grad_scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed; then the scale drops
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def sync(self, step: int) -> None:
@@ -123,26 +147,48 @@ class Strategy:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        return {"model": model_state, "optim": optim_state}
+        return {"model": model_state, "optim": optim_state, **self._scaler_state()}
 
     def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
         """Load what ``checkpoint_state`` produced (after DCP filled it in place)."""
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self._load_scaler_state(state)
+
+    def _scaler_state(self) -> Dict[str, Any]:
+        """fp16's loss scale and growth tracker, so a resumed run does not restart the scale search."""
+        return {"grad_scaler": self.grad_scaler.state_dict()} if self.grad_scaler else {}
+
+    def _load_scaler_state(self, state: Dict[str, Any]) -> None:
+        if self.grad_scaler and state.get("grad_scaler"):
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
 
     def state_tensors(self) -> Dict[str, Iterable[torch.Tensor]]:
-        """This rank's parameters, gradients and optimizer state tensors, for memory accounting."""
+        """This rank's parameters, gradients and optimizer state tensors, for memory accounting.
+
+        A gradient counts as big as its (local shard of the) parameter whether or not it is allocated at this
+        instant: DDP keeps it in its buckets between steps, FSDP re-creates it every backward; either way it is
+        memory the step needs. Optimizer state is what the optimizer holds now (Adam allocates it on step 1).
+        """
         params = [p for p in self.model.parameters()]
         return {
             "params": params,
-            "grads": [p.grad for p in params if p.grad is not None],
+            "grads": [p.grad if p.grad is not None else p for p in params if p.requires_grad],
             "optimizer": [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)],
         }
 
     def memory_report(self) -> Dict[str, int]:
         """Bytes of parameters, gradients and optimizer state held by this rank (shards count as local)."""
         return {kind: sum(_local_bytes(t) for t in tensors) for kind, tensors in self.state_tensors().items()}
+
+    # Payload bytes this rank has handed to collectives for gradient/parameter sync so far (None: not counted).
+    comm_bytes: Optional[int] = None
+
+    @classmethod
+    def exact_for(cls, kwargs: Dict[str, Any]) -> bool:
+        """Whether this strategy with these strategy.kwargs should reproduce 1 rank (lossy options say no)."""
+        return cls.exact
 
     def teardown(self) -> None:
         """Release engine resources (hooks, threads)."""

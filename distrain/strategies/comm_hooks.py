@@ -2,7 +2,7 @@
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations at runtime (GradBucket, Future).
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -22,21 +22,61 @@ def sum_allreduce_hook(process_group: Optional[dist.ProcessGroup], bucket: dist.
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-def register_comm_hook(ddp: DistributedDataParallel, name: Optional[str], powersgd_rank: int = 1) -> str:
-    """Attach the named hook (None = plain all-reduce); returns how it reduces: "sum" or "mean"."""
+class ByteCounter:
+    """Payload bytes handed to gradient collectives, summed over steps (what goes on the wire, per rank)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+
+def _counted(hook: Callable, counter: ByteCounter, bytes_per_element: Optional[int]) -> Callable:
+    """``hook`` that also adds its bucket's payload to ``counter`` (None: the bucket's own dtype)."""
+
+    def counted_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        buffer = bucket.buffer()
+        counter.total += buffer.numel() * (bytes_per_element or buffer.element_size())
+        return hook(state, bucket)
+
+    return counted_hook
+
+
+def _counted_powersgd(counter: ByteCounter) -> Callable:
+    """PowerSGD, counting its low-rank P and Q factors (and uncompressed tensors) after the warm-up."""
+
+    def counted_hook(state: powerSGD_hook.PowerSGDState, bucket: dist.GradBucket
+                     ) -> torch.futures.Future[torch.Tensor]:
+        buffer = bucket.buffer()
+        if state.iter < state.start_powerSGD_iter:  # warm-up: a plain all-reduce of the whole bucket
+            counter.total += buffer.numel() * buffer.element_size()
+            return powerSGD_hook.powerSGD_hook(state, bucket)
+        before = state.total_numel_after_compression  # PowerSGD's own tally of what it all-reduces
+        future = powerSGD_hook.powerSGD_hook(state, bucket)
+        counter.total += (state.total_numel_after_compression - before) * buffer.element_size()
+        return future
+
+    return counted_hook
+
+
+def register_comm_hook(ddp: DistributedDataParallel, name: Optional[str], powersgd_rank: int = 1,
+                       counter: Optional[ByteCounter] = None) -> str:
+    """Attach the named hook (None = plain all-reduce); returns how it reduces: "sum" or "mean".
+
+    ``counter``, when given, accumulates the payload bytes every bucket puts on the wire.
+    """
+    counter = counter if counter is not None else ByteCounter()
     if name is None:
-        ddp.register_comm_hook(None, sum_allreduce_hook)
+        ddp.register_comm_hook(None, _counted(sum_allreduce_hook, counter, None))
         return "sum"
     if name == "fp16":
-        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        ddp.register_comm_hook(None, _counted(default_hooks.fp16_compress_hook, counter, 2))
     elif name == "bf16":
-        ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        ddp.register_comm_hook(None, _counted(default_hooks.bf16_compress_hook, counter, 2))
     elif name == "powersgd":
         # start_powerSGD_iter >= 2 is PowerSGD's own requirement (warm-up with exact all-reduce).
         state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
                                             start_powerSGD_iter=2, min_compression_rate=1,
                                             use_error_feedback=True, warm_start=True)
-        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        ddp.register_comm_hook(state, _counted_powersgd(counter))
     else:
         raise ConfigError(f"strategy.kwargs.comm_hook={name!r} is not a known DDP comm hook. Allowed: "
                           f"{', '.join(HOOKS)} (or null for plain all-reduce).", key="strategy.kwargs.comm_hook")

@@ -4,13 +4,14 @@ last micro-step's backward (``no_sync`` on the others, so accumulation costs one
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Optional
+from typing import Any, ContextManager, Dict, Optional
 
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from distrain.logs import get_logger
 from distrain.strategies.base import Strategy, StrategyContext
-from distrain.strategies.comm_hooks import register_comm_hook
+from distrain.strategies.comm_hooks import ByteCounter, register_comm_hook
 
 
 class DDPStrategy(Strategy):
@@ -25,12 +26,26 @@ class DDPStrategy(Strategy):
                                gradient_as_bucket_view=gradient_as_bucket_view)
         self.comm_hook = comm_hook
         self.powersgd_rank = powersgd_rank
+        self._sent = ByteCounter()
+
+    @classmethod
+    def exact_for(cls, kwargs: Dict[str, Any]) -> bool:
+        return kwargs.get("comm_hook") is None  # fp16/bf16/PowerSGD hooks compress gradients: lossy by design
+
+    @property
+    def comm_bytes(self) -> int:
+        """Gradient bytes this rank has all-reduced so far (after compression, when a comm hook compresses)."""
+        return self._sent.total
 
     def wrap(self, model: nn.Module) -> DistributedDataParallel:
         model = model.to(self.ctx.device)
         device_ids = [self.ctx.device] if self.ctx.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=device_ids, **self.ddp_kwargs)
-        self.grad_reduction = register_comm_hook(ddp, self.comm_hook, self.powersgd_rank)
+        self.grad_reduction = register_comm_hook(ddp, self.comm_hook, self.powersgd_rank, self._sent)
+        if self.ddp_kwargs["static_graph"] and self.ctx.plan.grad_accum > 1:
+            get_logger().warning("strategy.kwargs.static_graph=true with gradient accumulation: DDP's no_sync is "
+                                 "broken under static_graph in this torch (pytorch/pytorch#143580), so gradients are "
+                                 "all-reduced on every micro-step instead of the last one only")
         return ddp
 
     def setup(self, model: nn.Module) -> None:
@@ -38,4 +53,6 @@ class DDPStrategy(Strategy):
         self.optimizer = self._build_optimizer(self.model.parameters())
 
     def accumulate(self, last_micro_step: bool) -> ContextManager:
-        return contextlib.nullcontext() if last_micro_step else self.model.no_sync()
+        if last_micro_step or self.ddp_kwargs["static_graph"]:  # static_graph: see wrap()
+            return contextlib.nullcontext()
+        return self.model.no_sync()

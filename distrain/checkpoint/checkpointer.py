@@ -1,0 +1,418 @@
+"""The Checkpointer: when to save, how a save is committed atomically, and how a run resumes.
+
+A save, on every rank at the same step:
+    1. every rank writes its RNG states, rank 0 the trainer state, into ``step_XXXXXXXX.tmp-<id>/``;
+    2. every rank writes its own shard of model and optimizer with DCP (``dcp.save``, or ``dcp.async_save`` in
+       a background thread when ``checkpoint.async_save``) - or the engine saves itself (DeepSpeed);
+    3. once every shard is on disk (DCP gathers every rank's write results before rank 0 writes its metadata;
+       a barrier for the synchronous path), rank 0 writes the manifest (size + sha256 of every file), renames
+       the directory to ``step_XXXXXXXX/`` in one os.rename, points ``latest`` at it (atomic replace), and
+       applies retention.
+A save killed anywhere before the rename leaves only a ``.tmp-`` directory, which nothing ever reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import shutil
+import threading
+import time
+import uuid
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch.distributed as torch_dist
+from omegaconf import DictConfig
+from torch import nn
+
+from distrain import dist
+from distrain.checkpoint.compat import check_resume_config
+from distrain.checkpoint.discovery import PATH_HELP, checkpoints_dir_of, describe_skipped, newest_valid
+from distrain.checkpoint.layout import (CONSOLIDATED, DCP_DIR, ENGINE_DIR, checkpoints_root, committed,
+                                        fsync_dir, is_checkpoint_dir, leftovers, parse_step, step_name, temp_name, trash_name,
+                                        write_latest)
+from distrain.checkpoint.manifest import problem, write_manifest
+from distrain.checkpoint.retention import apply_retention
+from distrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, explain_dcp_error, read_metadata
+from distrain.checkpoint.trainer_state import TrainerState, read_rng, restore_rng, write_rng
+from distrain.config import config_hash, to_container
+from distrain.data import GlobalStepSampler
+from distrain.env import ProcessInfo
+from distrain.errors import CheckpointError
+from distrain.logs import get_logger
+from distrain.runinfo import versions
+from distrain.strategies.base import Strategy
+
+# Fault injection for tests: "STEP:SECONDS" makes every rank sleep inside the save of checkpoint STEP, after the
+# trainer state is written and before the shards are, so a test can kill a save in the middle.
+STALL_ENV = "DISTRAIN_CHECKPOINT_STALL"
+
+
+def model_description(cfg: DictConfig, model_object: Optional[nn.Module]) -> Dict[str, Any]:
+    """How to rebuild the model from a checkpoint: a registry name and kwargs, or (user object) its class."""
+    if model_object is None:
+        return {"source": "config", "name": cfg.model.name, "kwargs": to_container(cfg.model)["kwargs"]}
+    cls = type(model_object)
+    return {"source": "object", "class": f"{cls.__module__}.{cls.__qualname__}"}
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@dataclass
+class _PendingSave:
+    """An async save in flight: DCP's future, and (rank 0) the commit that follows it."""
+
+    step: int
+    tmp: Path
+    final: Path
+    reason: str
+    started: float
+    blocked_s: float
+    future: Any
+    committed: threading.Event = field(default_factory=threading.Event)
+    error: Optional[BaseException] = None
+
+
+class Checkpointer:
+    """Saves, commits, retains and loads the checkpoints of one run (``<run_dir>/checkpoints``)."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, strategy: Strategy, info: ProcessInfo,
+                 sampler: GlobalStepSampler, model_object: Optional[nn.Module] = None, data_spec: Any = None):
+        self.root = checkpoints_root(run_dir)
+        self.cfg = cfg
+        self.strategy = strategy
+        self.info = info
+        self.sampler = sampler
+        self.model_info = model_description(cfg, model_object)
+        self.data_spec = _spec_dict(data_spec)
+        self.log = get_logger()
+        self.last_saved_step: Optional[int] = None
+        self.last_blocked_s = 0.0  # how long the latest save held the training loop
+        self._last_save_time = time.monotonic()
+        self._pending: Optional[_PendingSave] = None
+        self._group = self._async_group()
+        if info.is_main:
+            self._remove_leftovers()
+
+    # --- cadence -----------------------------------------------------------------------------------
+    def due(self, step: int) -> Optional[str]:
+        """Why a checkpoint is due after ``step`` steps ("every" / "every_minutes"), or None; same on all ranks."""
+        c = self.cfg.checkpoint
+        if c.every and step % c.every == 0:
+            return "every"
+        if c.every_minutes > 0:
+            elapsed = time.monotonic() - self._last_save_time
+            if dist.broadcast_object(elapsed >= c.every_minutes * 60):  # clocks differ: rank 0 decides for all
+                return "every_minutes"
+        return None
+
+    def maybe_save(self, step: int) -> Optional[Path]:
+        """Save if the cadence says so (asynchronously when checkpoint.async_save); call on every rank."""
+        reason = self.due(step)
+        if reason is None:
+            return None
+        return self.save(step, reason, blocking=not self.cfg.checkpoint.async_save)
+
+    # --- saving ------------------------------------------------------------------------------------
+    def save(self, step: int, reason: str = "manual", blocking: bool = True) -> Path:
+        """Save the state after ``step`` steps; returns the committed directory. Call on every rank at the same step.
+
+        ``blocking=False`` (async) returns once the state is staged in memory; the write and the commit finish
+        in the background, and the next save, ``wait`` or ``close`` waits for them.
+        """
+        self.wait()
+        final = self.root / step_name(step)
+        if self.last_saved_step == step:  # e.g. a preemption save, then the end-of-training save
+            return final
+        started = time.perf_counter()
+        token = dist.broadcast_object(uuid.uuid4().hex[:8] if self.info.is_main else None)
+        tmp = self.root / temp_name(step, str(token))
+        tmp.mkdir(parents=True, exist_ok=True)
+        write_rng(tmp, self.info.rank)
+        if self.info.is_main:
+            self._trainer_state(step, reason).write(tmp)
+        _stall_for_tests(step)
+        use_async = not blocking and not self.strategy.engine_checkpoint
+        future = None
+        if self.strategy.engine_checkpoint:
+            self._save_engine(tmp)
+        else:
+            future = self._save_dcp(tmp, step, use_async)
+        if future is not None:
+            blocked = time.perf_counter() - started
+            pending = self._pending = _PendingSave(step, tmp, final, reason, started, blocked, future)
+            if self.info.is_main:
+                future.add_done_callback(lambda fut: self._finish_async(pending, fut))
+            self.last_saved_step = step
+            self.last_blocked_s = blocked
+            return final
+        dist.barrier()  # every rank's files are on disk
+        if self.info.is_main:
+            self._commit(step, tmp, final, reason, started, blocked_s=None)
+        dist.barrier()  # nobody returns (and perhaps exits, on preemption) before the checkpoint is committed
+        self.last_saved_step = step
+        self._last_save_time = time.monotonic()
+        self.last_blocked_s = time.perf_counter() - started
+        return final
+
+    def _save_dcp(self, tmp: Path, step: int, use_async: bool) -> Any:
+        """Every rank writes its shard; returns DCP's future when asynchronous."""
+        import torch.distributed.checkpoint as dcp
+
+        state = self.strategy.checkpoint_state()
+        writer = dcp.FileSystemWriter(str(tmp / DCP_DIR))
+        try:
+            with _single_process_quiet():
+                if use_async:
+                    return dcp.async_save(state, storage_writer=writer, process_group=self._group,
+                                          no_dist=_no_dist())
+                dcp.save(state, storage_writer=writer, no_dist=_no_dist())
+                return None
+        except BaseException as err:  # DCP raises CheckpointException, a BaseException, on every rank
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise CheckpointError(f"Saving checkpoint step {step} into {tmp} failed: {_first_line(err)}. The "
+                                  f"previous checkpoint stays the latest.") from None
+
+    def _save_engine(self, tmp: Path) -> None:
+        """The engine's own format (DeepSpeed), plus consolidated weights in ours (for export and inference)."""
+        from safetensors.torch import save_file
+
+        self.strategy.save_engine_checkpoint(tmp / ENGINE_DIR)
+        weights = self.strategy.full_state_dict()  # collective; complete on rank 0
+        if self.info.is_main:
+            save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / CONSOLIDATED))
+
+    def _trainer_state(self, step: int, reason: str) -> TrainerState:
+        epoch, offset = self.sampler.epoch_and_offset(step)
+        return TrainerState(
+            step=step, data_epoch=int(epoch), data_offset=int(offset), world_size=self.info.world_size,
+            strategy=self.strategy.name, engine_checkpoint=bool(self.strategy.engine_checkpoint),
+            config=to_container(self.cfg), config_hash=config_hash(self.cfg), model=self.model_info,
+            data_spec=self.data_spec, versions=versions(), reason=reason)
+
+    def _commit(self, step: int, tmp: Path, final: Path, reason: str, started: float,
+                blocked_s: Optional[float]) -> None:
+        """Rank 0, once every rank's files are written: manifest, one rename, then the ``latest`` pointer."""
+        manifest = write_manifest(tmp, step=step, world_size=self.info.world_size, strategy=self.strategy.name,
+                                  reason=reason)
+        if final.exists():  # the same step saved again (a resume from an earlier step): replace it
+            old = self.root / trash_name(step, uuid.uuid4().hex[:8])
+            os.rename(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, final)
+        fsync_dir(self.root)
+        write_latest(self.root, final.name)
+        # A resume from an earlier step started a new trajectory: later checkpoints belong to the abandoned one.
+        superseded = [p for s, p in committed(self.root) if s > step]
+        for path in superseded:
+            doomed = self.root / trash_name(parse_step(path.name) or 0, uuid.uuid4().hex[:8])
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        deleted = apply_retention(self.root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
+        seconds = time.perf_counter() - started
+        mode = f", async: training blocked {blocked_s:.2f} s" if blocked_s is not None else ""
+        extra = f"; removed {', '.join(p.name for p in superseded + deleted)}" if superseded or deleted else ""
+        self.log.info(f"checkpoint: saved step {step} ({reason}) to {final}: {_human_bytes(manifest['total_bytes'])} "
+                      f"in {seconds:.2f} s{mode}{extra}")
+
+    def _finish_async(self, pending: _PendingSave, future: Any) -> None:
+        """Rank 0, in DCP's background thread when its write finished on every rank: commit."""
+        try:
+            future.result()
+            self._commit(pending.step, pending.tmp, pending.final, pending.reason, pending.started, pending.blocked_s)
+        except BaseException as err:  # noqa: BLE001 - reported at wait(); the previous checkpoint stays the latest
+            pending.error = err
+        finally:
+            pending.committed.set()
+
+    def wait(self, collective: bool = True) -> None:
+        """Finish an async save in flight (write and commit). ``collective``: every rank calls it at this point,
+        so they also agree on whether it succeeded."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        ok = True
+        try:
+            pending.future.result()
+        except BaseException as err:  # noqa: BLE001
+            ok = False
+            pending.error = pending.error or err
+        if self.info.is_main:
+            pending.committed.wait()
+            ok = pending.error is None
+            if not ok:
+                self.log.error(f"checkpoint: async save of step {pending.step} failed: {_first_line(pending.error)}; "
+                               f"the previous checkpoint stays the latest")
+        if collective:
+            ok = bool(dist.broadcast_object(ok))
+        self._last_save_time = time.monotonic()
+        if not ok and self.last_saved_step == pending.step:
+            self.last_saved_step = None
+
+    def close(self) -> None:
+        """Let an async save in flight finish (so the final checkpoint is complete before the process exits)."""
+        self.wait(collective=False)
+        if self._group is not None and torch_dist.is_initialized():
+            torch_dist.destroy_process_group(self._group)
+        self._group = None
+
+    # --- resuming ----------------------------------------------------------------------------------
+    def resolve(self, resume: str) -> Optional[Path]:
+        """The checkpoint ``train.resume`` selects (auto | never | PATH), validated on rank 0; same on all ranks."""
+        if resume == "never":
+            return None
+        outcome: Any = None
+        if self.info.is_main:
+            try:
+                outcome = ("ok", self._choose(resume))
+            except CheckpointError as err:
+                outcome = ("error", str(err), err.key)
+        outcome = dist.broadcast_object(outcome)
+        if outcome[0] == "error":
+            raise CheckpointError(outcome[1], key=outcome[2])
+        return Path(outcome[1]) if outcome[1] else None
+
+    def _choose(self, resume: str) -> Optional[str]:
+        if resume == "auto":
+            found, skipped = newest_valid(self.root)
+            if skipped:
+                self.log.warning(f"resume: skipped invalid checkpoint(s) {describe_skipped(skipped)}; "
+                                 + (f"falling back to {found.name}" if found else "no valid checkpoint is left, "
+                                    "starting from step 0"))
+            return str(found) if found else None
+        path = Path(resume)
+        if not path.exists():
+            raise CheckpointError(f"train.resume={resume!r} does not exist. Use auto, never, or {PATH_HELP}.",
+                                  key="train.resume")
+        if is_checkpoint_dir(path):
+            reason = problem(path)
+            if reason:
+                raise CheckpointError(f"train.resume={resume!r} is not a valid checkpoint: {reason}. Resume from "
+                                      f"another one (`distrain ckpt ls` lists them) or use train.resume=auto.",
+                                      key="train.resume")
+            return str(path)
+        found, skipped = newest_valid(checkpoints_dir_of(path))
+        if found is None:
+            raise CheckpointError(f"train.resume={resume!r} holds no valid checkpoint"
+                                  + (f" (invalid: {describe_skipped(skipped)})" if skipped else "")
+                                  + f". Use auto, never, or {PATH_HELP}.", key="train.resume")
+        if skipped:
+            self.log.warning(f"resume: skipped invalid checkpoint(s) {describe_skipped(skipped)}; falling back to "
+                             f"{found.name}")
+        return str(found)
+
+    def load(self, path: Path) -> TrainerState:
+        """Load model, optimizer, RNG and scaler state from ``path`` into this run (every rank); returns the
+        trainer state. Raises CheckpointError if the config changed in a way that breaks the trajectory."""
+        path = Path(path)
+        state = TrainerState.read(path)
+        notes = check_resume_config(state.config, to_container(self.cfg), str(path))
+        if state.engine_checkpoint != bool(self.strategy.engine_checkpoint):
+            raise CheckpointError(f"Checkpoint {path} was written by strategy {state.strategy!r} "
+                                  f"({'engine' if state.engine_checkpoint else 'DCP'} format); strategy "
+                                  f"{self.strategy.name!r} cannot read it. Resume with strategy.name="
+                                  f"{state.strategy}.", key="strategy.name")
+        if state.engine_checkpoint:
+            self.strategy.load_engine_checkpoint(path / ENGINE_DIR)
+        else:
+            self._load_dcp(path)
+        notes += self._restore_extras(path, state)
+        self.last_saved_step = state.step
+        self._last_save_time = time.monotonic()
+        self.log.info(f"resume: loaded {path} at step {state.step} (data epoch {state.data_epoch}, offset "
+                      f"{state.data_offset}; saved at world size {state.world_size}, now {self.info.world_size})"
+                      + "".join(f"; {n}" for n in notes))
+        return state
+
+    def _load_dcp(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        read_metadata(path / DCP_DIR)  # refuse a tampered metadata file with a clear message, on every rank
+        target = self.strategy.checkpoint_state()
+        try:
+            with _single_process_quiet():
+                dcp.load(target, storage_reader=SafeFileSystemReader(str(path / DCP_DIR)),
+                         planner=SafeLoadPlanner(), no_dist=_no_dist())
+        except BaseException as err:  # noqa: BLE001 - DCP wraps failures in CheckpointException (a BaseException)
+            raise explain_dcp_error(err, path) from None
+        self.strategy.load_checkpoint_state(target)
+
+    def _restore_extras(self, path: Path, state: TrainerState) -> List[str]:
+        notes = []
+        rng = read_rng(path, self.info.rank) if state.world_size == self.info.world_size else None
+        if rng is not None:
+            restore_rng(rng)
+        else:
+            notes.append("RNG states not restored (saved at another world size; each rank keeps its seeded state)")
+        return notes
+
+    # --- housekeeping ------------------------------------------------------------------------------
+    def _async_group(self) -> Any:
+        """A gloo group of its own for async saves: DCP's background collectives must not interleave with the
+        training loop's on the default group (and async staging needs a CPU backend even on NCCL runs)."""
+        if not self.cfg.checkpoint.async_save:
+            return None
+        if self.strategy.engine_checkpoint:
+            self.log.info(f"checkpoint.async_save is ignored for strategy {self.strategy.name!r}: its engine saves "
+                          f"synchronously")
+            return None
+        if not torch_dist.is_initialized():
+            return None
+        return torch_dist.new_group(backend="gloo",
+                                    timeout=datetime.timedelta(seconds=float(self.cfg.dist.timeout_s)))
+
+    def _remove_leftovers(self) -> None:
+        stale = leftovers(self.root)
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+        if stale:
+            self.log.info(f"checkpoint: removed {len(stale)} uncommitted leftover(s) of an earlier run: "
+                          f"{', '.join(p.name for p in stale)}")
+
+
+def _spec_dict(spec: Any) -> Optional[Dict[str, Any]]:
+    if spec is None or not hasattr(spec, "__dataclass_fields__"):
+        return None
+    data = asdict(spec)
+    data["input_shape"] = list(data.get("input_shape", ()))
+    return data
+
+
+def _no_dist() -> bool:
+    """No process group (strategy single): DCP saves and loads in this one process."""
+    return not (torch_dist.is_available() and torch_dist.is_initialized())
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns on every single-process save/load even when asked for one explicitly (strategy single)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+        yield
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).strip().splitlines() if line and not line.startswith(" ")]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _stall_for_tests(step: int) -> None:
+    spec = os.environ.get(STALL_ENV, "")
+    if ":" in spec:
+        at, _, seconds = spec.partition(":")
+        if at.strip() == str(step):
+            time.sleep(float(seconds))
+
+
+__all__ = ["Checkpointer", "STALL_ENV", "model_description"]

@@ -1,0 +1,91 @@
+"""Finding checkpoints: the newest valid one in a run, what a user-given path means, and listings for the CLI."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from distrain.checkpoint.layout import CHECKPOINTS, committed, is_checkpoint_dir, leftovers, read_latest
+from distrain.checkpoint.manifest import problem, read_manifest
+from distrain.errors import CheckpointError
+
+PATH_HELP = ("a run directory (runs/NAME), its checkpoints/ directory, a checkpoint directory "
+             "(runs/NAME/checkpoints/step_XXXXXXXX)")
+
+
+def newest_valid(root: Path) -> Tuple[Optional[Path], List[Tuple[str, str]]]:
+    """The newest committed checkpoint under ``root`` that passes its manifest (sizes and sha256), and the
+    (name, reason) of every newer one that did not."""
+    skipped: List[Tuple[str, str]] = []
+    for _, path in reversed(committed(root)):
+        reason = problem(path)
+        if reason is None:
+            return path, skipped
+        skipped.append((path.name, reason))
+    return None, skipped
+
+
+def checkpoints_dir_of(path: Path) -> Path:
+    """The checkpoints/ directory for a run directory, or ``path`` itself when it already is one."""
+    return path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+
+
+def resolve_checkpoint(path: Path, what: str = "PATH") -> Path:
+    """A validated checkpoint directory from a run dir, a checkpoints dir or a checkpoint dir; CheckpointError if
+    there is none (``what`` names the argument in the message)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what} {str(path)!r} does not exist; give {PATH_HELP}.", key=what)
+    if is_checkpoint_dir(path):
+        reason = problem(path)
+        if reason is not None:
+            raise CheckpointError(f"{what} {str(path)!r} is not a valid checkpoint: {reason}. Use another "
+                                  f"checkpoint (`distrain ckpt ls RUN_DIR` lists them and says which are valid).",
+                                  key=what)
+        return path
+    found, skipped = newest_valid(checkpoints_dir_of(path))
+    if found is None:
+        detail = (" Invalid: " + "; ".join(f"{n} ({r})" for n, r in skipped) + ".") if skipped else ""
+        raise CheckpointError(f"{what} {str(path)!r} holds no valid checkpoint.{detail} Give {PATH_HELP}.", key=what)
+    return found
+
+
+def describe_skipped(skipped: List[Tuple[str, str]]) -> str:
+    return ", ".join(f"{name} ({reason})" for name, reason in skipped)
+
+
+@dataclass
+class Listing:
+    """One row of `distrain ckpt ls`."""
+
+    name: str
+    step: Optional[int]
+    created: Optional[float]
+    world_size: Optional[int]
+    size_bytes: int
+    problem: Optional[str]  # None: valid
+    latest: bool
+
+
+def list_checkpoints(root: Path, checksums: bool = True) -> List[Listing]:
+    """Every committed checkpoint and leftover under ``root``, oldest first, each checked against its manifest."""
+    latest = read_latest(root)
+    rows: List[Listing] = []
+    for step, path in committed(root):
+        manifest = read_manifest(path) or {}
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        world = manifest.get("world_size")
+        rows.append(Listing(path.name, step, manifest.get("created"), world, size, problem(path, checksums),
+                            path.name == latest))
+    for path in leftovers(root):
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        rows.append(Listing(path.name, None, path.stat().st_mtime, None, size,
+                            "uncommitted: a save that never finished (or a deletion cut short)", False))
+    return rows
+
+
+def manifest_summary(path: Path) -> str:
+    manifest = read_manifest(path)
+    return json.dumps({k: v for k, v in (manifest or {}).items() if k != "files"})

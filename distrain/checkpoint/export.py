@@ -1,0 +1,110 @@
+"""Consolidated weights out of a checkpoint: read them in one process (no process group), export to safetensors.
+
+A DCP checkpoint holds each rank's shard; DCP's format utilities rebuild the full tensors from its metadata
+without a model or a process group (the path ``dcp_to_torch_save`` takes), here through the safe reader. An
+engine (DeepSpeed) checkpoint carries a consolidated ``model.safetensors`` written at save time instead.
+The export is a plain ``.safetensors`` file plus a small JSON beside it (model name and kwargs, data spec),
+also embedded in the file's own metadata so the file alone is enough to rebuild the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import torch
+
+from distrain.checkpoint.discovery import resolve_checkpoint
+from distrain.checkpoint.layout import CONSOLIDATED, DCP_DIR
+from distrain.checkpoint.safe_load import load_full_state
+from distrain.checkpoint.trainer_state import TrainerState
+from distrain.errors import CheckpointError
+
+EXPORT_FORMAT = "distrain-export/1"
+METADATA_KEY = "distrain"
+
+
+def export_description(state: TrainerState, source: Path) -> Dict[str, Any]:
+    """What the JSON beside an export says: enough to rebuild the model and its data, and where it came from."""
+    cfg = state.config
+    return {
+        "format": EXPORT_FORMAT, "model": state.model, "data_spec": state.data_spec,
+        "data": {k: cfg["data"][k] for k in ("name", "kwargs", "eval_fraction")},
+        "step": state.step, "config_hash": state.config_hash, "source": str(source), "versions": state.versions,
+        "config": cfg,
+    }
+
+
+def read_checkpoint_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Full model weights and their description from a checkpoint, a run directory or an exported file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_export(path)
+    ckpt = resolve_checkpoint(path)
+    state = TrainerState.read(ckpt)
+    if state.engine_checkpoint:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(ckpt / CONSOLIDATED))
+    else:
+        weights = load_full_state(ckpt / DCP_DIR, keys={"model"}).get("model", {})
+    if not weights:
+        raise CheckpointError(f"Checkpoint {ckpt} holds no model weights.")
+    return weights, export_description(state, ckpt)
+
+
+def read_export(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Weights and description of an exported ``.safetensors`` file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta = read_export_description(path)
+    try:
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}.") from None
+
+
+def read_export_description(path: Path) -> Dict[str, Any]:
+    """The description of an exported file: from its own metadata, or else the JSON beside it."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist (or is not a file).")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(METADATA_KEY)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}.") from None
+    sidecar = path.with_suffix(".json")
+    if text is None and sidecar.is_file():
+        text = sidecar.read_text()
+    if text is None:
+        raise CheckpointError(f"{path} carries no distrain description (its metadata has no {METADATA_KEY!r} "
+                              f"entry and there is no {sidecar.name} beside it); export it with `distrain ckpt "
+                              f"export`, or load the weights into your own model with load_state_dict.")
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise CheckpointError(f"The distrain description of {path} is not valid JSON: {err}.") from None
+
+
+def export_checkpoint(source: Path, out: Path) -> Tuple[Path, Path]:
+    """Write the consolidated weights of ``source`` (checkpoint or run dir) to ``out`` (.safetensors) and the
+    description to ``out`` with a .json suffix; returns both paths."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise CheckpointError(f"--out {str(out)!r} must end in .safetensors (the export format).", key="--out")
+    weights, meta = read_checkpoint_weights(Path(source))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(meta, indent=1)
+    # safetensors refuses tensors that share memory; a clone per tensor makes each its own (tied weights stay
+    # tied by name in the model, which load_state_dict restores).
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}, str(out),
+              metadata={METADATA_KEY: text})
+    sidecar = out.with_suffix(".json")
+    sidecar.write_text(text + "\n")
+    return out, sidecar

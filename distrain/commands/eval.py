@@ -1,0 +1,34 @@
+"""`distrain eval RUN_DIR|PATH [key=value ...]`: eval-split loss (and accuracy) of a checkpoint or an export,
+in one process or on every rank under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from distrain.commands import OVERRIDES_HELP
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint (or exported .safetensors) on its eval split")
+    p.add_argument("path", metavar="RUN_DIR|PATH",
+                   help="run directory (newest valid checkpoint), checkpoint directory, or exported .safetensors")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP + " (e.g. data.eval_batch=512)")
+    p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from distrain import dist
+    from distrain.evaluation import evaluate_checkpoint
+
+    result = evaluate_checkpoint(Path(args.path), args.overrides)
+    if dist.rank() == 0 or not dist.world_size() > 1:
+        if args.json:
+            print(json.dumps(result))
+        else:
+            scores = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("eval_"))
+            print(f"eval @ step {result['step']} ({result['checkpoint']}): {scores}")
+    return 0

@@ -1,0 +1,22 @@
+"""`distrain plot RUN_DIR [RUN_DIR ...] --out runs.png`: compare runs in one headless PNG (see distrain.plotting)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plot", help="plot loss, eval, throughput and step time of one or more runs into one image")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run directories (run.dir/run.name), or a directory of runs such as runs/")
+    p.add_argument("--out", default="runs.png", help="image to write; the extension picks the format (default runs.png)")
+    p.add_argument("--title", default=None, help="figure title (default: the run names)")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from distrain.plotting import plot_runs
+
+    out, names = plot_runs(args.runs, args.out, title=args.title)
+    print(f"distrain plot: wrote {out} comparing {len(names)} run(s): {', '.join(names)}")
+    return 0

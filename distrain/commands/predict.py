@@ -1,0 +1,51 @@
+"""`distrain predict PATH`: classes for digits images (--index N of the eval split, predicted vs true), or text
+sampled from a char-level model (--prompt, --tokens, --temperature), from a checkpoint or an exported file."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("predict", help="predict with a built-in model: image classes or sampled text")
+    p.add_argument("path", metavar="PATH",
+                   help="exported .safetensors, checkpoint directory, or run directory (newest valid checkpoint)")
+    p.add_argument("--index", type=int, action="append", metavar="N",
+                   help="classify sample N of the data split (repeatable); classification/regression models")
+    p.add_argument("--split", choices=("eval", "train"), default="eval", help="split --index reads (default eval)")
+    p.add_argument("--prompt", default=None, help="text to continue (char-level models), e.g. 'def '")
+    p.add_argument("--tokens", type=int, default=200, help="characters to sample (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K", help="sample among the K likeliest only")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0): same seed, same text")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from distrain.errors import UsageError
+    from distrain.inference import generate_text, load, predict_samples
+
+    if args.tokens < 0:
+        raise UsageError(f"--tokens {args.tokens} is not allowed: it must be 0 or more.")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k {args.top_k} is not allowed: it must be at least 1.")
+    loaded = load(args.path)
+    task = loaded.spec.task
+    if task == "lm":
+        if args.index:
+            raise UsageError("--index is for classification/regression models; this is a language model: use "
+                             "--prompt TEXT.")
+        text = generate_text(loaded.model, args.prompt if args.prompt is not None else "\n", tokens=args.tokens,
+                             temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                             block_size=loaded.spec.extra.get("block_size"))
+        print(text)
+        return 0
+    if args.prompt is not None:
+        raise UsageError(f"--prompt is for char-level language models; this is a {task} model: use --index N.")
+    for row in predict_samples(loaded, args.index or [0], split=args.split):
+        if task == "classification":
+            print(f"{args.split}[{row['index']}]: predicted {row['predicted']} (p={row['probability']:.3f}), "
+                  f"true {row['true']}")
+        else:
+            print(f"{args.split}[{row['index']}]: predicted {row['predicted']}, true {row['true']}")
+    return 0

@@ -1,0 +1,38 @@
+"""`distrain runs ls [DIR]`: the runs in a run directory with status, steps, final loss, best eval and wall time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from distrain.errors import UsageError
+
+
+def register(sub) -> None:
+    from distrain.cli import Parser
+
+    p = sub.add_parser("runs", help="list runs and their status")
+    actions = p.add_subparsers(dest="runs_command", metavar="ACTION", parser_class=Parser)
+    ls = actions.add_parser("ls", help="list the runs in DIR (default runs/)")
+    ls.add_argument("dir", nargs="?", default="runs", metavar="DIR", help="a run.dir (default runs)")
+    ls.add_argument("--json", action="store_true", help="print one JSON object per run instead of a table")
+    ls.set_defaults(handler=run_ls)
+    p.set_defaults(handler=lambda args: _missing_action())
+
+
+def _missing_action() -> int:
+    raise UsageError("distrain runs: choose an action: `distrain runs ls [DIR]`.")
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    from distrain.runs import format_runs, list_runs
+
+    rows = list_runs(args.dir)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row.as_dict()))
+    elif rows:
+        print(format_runs(rows))
+    else:
+        print(f"distrain runs: no runs in {args.dir} (a run directory holds run.json and metrics.jsonl)")
+    return 0

@@ -1,0 +1,109 @@
+"""Performance of the training step: compute vs exposed communication, peak memory, achieved FLOP/s and MFU.
+
+How the step time is split (measured on log steps only, where the device is synchronised after each phase):
+
+* With gradient accumulation (grad_accum >= 2), every micro-step does the same forward/backward work, but only
+  the last one synchronises gradients (DDP's all-reduce, FSDP's reduce-scatter; the earlier ones run under
+  ``no_sync``). The extra time of the last micro-step over the mean of the others is the communication that
+  compute did not hide: the *exposed* communication. Collectives that run on every micro-step (FSDP's
+  parameter all-gathers) count as compute here, and so does communication inside the optimizer step (ZeRO-1's
+  parameter broadcast, DeepSpeed's engine step).
+* ``strategy.sync`` (parameter averaging of local SGD / DiLoCo) is communication and counts as such.
+* At world size 1 there is nothing to communicate: all of the step is compute.
+* With one micro-step per step on several ranks there is no sync-free micro-step to compare with, so the
+  split is reported as null (lower train.micro_batch to get accumulation and the split).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import time
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+
+from distrain.flops import FlopsEstimate, PeakFlops
+
+
+class StepTimer:
+    """Wall time of the phases of one measured step: micro-steps, optimizer update, parameter sync."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.measuring = False
+        self.micro: List[float] = []
+        self.phases: Dict[str, float] = {}
+
+    def begin(self, measure: bool) -> None:
+        """Start a step; only a measured step synchronises the device and records times."""
+        self.measuring = measure
+        if measure:
+            self.micro, self.phases = [], {}
+            self._sync_device()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a phase ("micro" for a micro-step's forward+backward, or "update", "sync")."""
+        if not self.measuring:
+            yield
+            return
+        start = time.perf_counter()
+        yield
+        self._sync_device()  # CUDA kernels and NCCL run asynchronously: wait for them before reading the clock
+        elapsed = time.perf_counter() - start
+        if name == "micro":
+            self.micro.append(elapsed)
+        else:
+            self.phases[name] = self.phases.get(name, 0.0) + elapsed
+
+    def split(self, world_size: int) -> Dict[str, Optional[float]]:
+        """compute_s and comm_s of the last measured step (see the module docstring for the method)."""
+        if not self.micro:
+            return {}
+        total = sum(self.micro) + sum(self.phases.values())
+        if world_size == 1:
+            comm: Optional[float] = 0.0
+        elif len(self.micro) >= 2:
+            baseline = sum(self.micro[:-1]) / (len(self.micro) - 1)
+            comm = max(0.0, self.micro[-1] - baseline) + self.phases.get("sync", 0.0)
+        else:
+            comm = None
+        return {"compute_s": None if comm is None else total - comm, "comm_s": comm}
+
+    def _sync_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak memory: allocated CUDA memory on a GPU, the peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss if sys.platform == "darwin" else maxrss * 1024)  # Linux reports KiB, macOS bytes
+
+
+def memory_kind(device: torch.device) -> str:
+    return "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS of the process (getrusage)"
+
+
+class Throughput:
+    """Achieved FLOP/s per device and MFU from samples/s, the model's FLOPs per sample and the device peak."""
+
+    def __init__(self, flops: FlopsEstimate, peak: PeakFlops, world_size: int):
+        self.flops, self.peak, self.world_size = flops, peak, world_size
+
+    def record(self, samples_per_s: float) -> Dict[str, Any]:
+        if self.flops.per_sample is None:
+            return {}
+        achieved = self.flops.per_sample * samples_per_s / self.world_size
+        out: Dict[str, Any] = {"flops_per_s": achieved}
+        out["mfu"] = achieved / self.peak.value if self.peak.value else None
+        return out
+
+    def describe(self) -> Dict[str, Any]:
+        """What run.json records about the estimate, including why MFU is missing when it is."""
+        return {"flops_per_sample": self.flops.per_sample, "flops_method": self.flops.method,
+                "peak_flops": self.peak.value, "peak_flops_source": self.peak.source}

@@ -1,0 +1,270 @@
+"""`distrain plan`: memory per rank and communication per step of each strategy, from the parameter count.
+
+The model is built on the meta device (no memory), giving Psi, its number of parameters. Each strategy's
+model states per rank then follow the ZeRO paper's accounting (Rajbhandari et al., 2020, section 3), applied to
+the bytes distrain's engines really keep:
+
+* fp32 training (and bf16 autocast, which keeps fp32 weights, gradients and optimizer state): 4 bytes of
+  parameter, 4 of gradient and K of optimizer state per parameter (K = 8 for Adam/AdamW, 4 for SGD with
+  momentum, 0 without). With Adam: ddp 16Psi; zero1 8Psi + 8Psi/N; zero2 4Psi + 12Psi/N; zero3 16Psi/N.
+* The paper's mixed-precision Adam (DeepSpeed with bf16/fp16): 2 + 2 bytes of half-precision parameter and
+  gradient, K = 12 (fp32 master copy, momentum, variance): stage 1 4Psi + 12Psi/N, stage 2 2Psi + 14Psi/N,
+  stage 3 16Psi/N.
+
+Communication per step is what each rank sends with ring collectives: an all-reduce of n bytes sends
+2(N-1)/N x n, an all-gather or reduce-scatter (N-1)/N x n. Activations are not model states and are not
+counted (they depend on the batch, not on the strategy); the plan says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig
+
+# Which model states a layout keeps whole on every rank ("full") or split over the N ranks ("shard").
+FULL, SHARD = "full", "shard"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one strategy (with its kwargs) places model states and what it communicates per step."""
+
+    label: str
+    strategy: str
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    params: str = FULL
+    grads: str = FULL
+    optimizer: str = FULL
+    # DeepSpeed's fp32 master copy of the weights, kept with the optimizer: in fp32 runs (stages 1-2 step on
+    # a separate fp32 partition) and in bf16/fp16 runs (stages 1-3 sharded, stage 0 whole).
+    master_fp32: str = ""
+    master_half: str = ""
+    half_precision_states: bool = False  # DeepSpeed keeps bf16/fp16 params and grads in bf16/fp16 runs
+    # Communication, in units of the model's gradient (= parameter) bytes:
+    reduce_every_micro_step: bool = False  # gradients reduced on every micro-step (DeepSpeed ZeRO-2/3)
+    sharded_reduce: bool = False  # a reduce-scatter where the backend has one (NCCL); gloo all-reduces instead
+    gathers_per_step: float = 0.0  # parameter all-gathers / broadcasts after the update (ZeRO-1/2)
+    gathers_per_micro_step: float = 0.0  # parameter all-gathers in forward (and backward) of each micro-step
+    # DeepSpeed ZeRO-3 keeps gathered parameters for backward while the model is under its live-parameter limit
+    # (stage3_max_live_parameters, 1e9 by default), and gathers them again in backward above it.
+    regather_in_backward_above: Optional[float] = None
+    every: int = 1  # communicates every `every` steps (local SGD's period)
+    exact: bool = True  # reproduces 1 rank (sync every step); only exact layouts are recommended
+    peak_unsharded: str = ""  # what a sharded layout gathers transiently during the step ("unit" | "model")
+    speed_rank: int = 0  # tie-break among equal traffic: fewer collectives and less engine machinery first
+
+
+def layouts(sync_every: int = 4) -> List[Layout]:
+    """The strategies distrain offers, as the planner models them (whether registered here or not)."""
+    ds = dict(strategy="deepspeed", half_precision_states=True)
+    return [
+        Layout("ddp", "ddp", speed_rank=0),
+        Layout("accelerate", "accelerate", speed_rank=1),
+        Layout("zero1", "zero1", optimizer=SHARD, gathers_per_step=1.0, speed_rank=2),
+        Layout("fsdp (shard grad op)", "fsdp", {"reshard_after_forward": False}, SHARD, SHARD, SHARD,
+               sharded_reduce=True, gathers_per_micro_step=1.0, peak_unsharded="model", speed_rank=3),
+        Layout("fsdp (full shard)", "fsdp", {"reshard_after_forward": True}, SHARD, SHARD, SHARD,
+               sharded_reduce=True, gathers_per_micro_step=2.0, peak_unsharded="unit", speed_rank=5),
+        Layout("deepspeed stage 0", kwargs={"stage": 0}, master_half=FULL, speed_rank=1, **ds),
+        Layout("deepspeed stage 1", kwargs={"stage": 1}, optimizer=SHARD, master_fp32=SHARD, master_half=SHARD,
+               gathers_per_step=1.0, speed_rank=3, **ds),
+        Layout("deepspeed stage 2", kwargs={"stage": 2}, grads=SHARD, optimizer=SHARD, master_fp32=SHARD,
+               master_half=SHARD, reduce_every_micro_step=True, sharded_reduce=True, gathers_per_step=1.0,
+               speed_rank=4, **ds),
+        Layout("deepspeed stage 3", kwargs={"stage": 3}, params=SHARD, grads=SHARD, optimizer=SHARD,
+               master_half=SHARD, reduce_every_micro_step=True, sharded_reduce=True, gathers_per_micro_step=1.0,
+               regather_in_backward_above=1e9, peak_unsharded="model", speed_rank=6, **ds),
+        Layout(f"local_sgd (H={sync_every})", "local_sgd", {"sync_every": sync_every}, every=sync_every,
+               exact=False, speed_rank=0),
+    ]
+
+
+def optimizer_bytes_per_param(train: DictConfig) -> int:
+    """fp32 optimizer state bytes per parameter: Adam/AdamW two moments (8), SGD momentum buffer (4) or none."""
+    if train.optimizer in ("adam", "adamw"):
+        return 8
+    return 4 if float(train.momentum) > 0 else 0
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    world_size: int
+    params: float  # bytes per rank
+    grads: float
+    optimizer: float  # optimizer state, with DeepSpeed's fp32 master copy where it keeps one
+    peak_extra: float  # transient unsharded parameters/gradients during the step
+    comm_bytes: float  # bytes each rank sends per step (averaged over the sync period)
+    formula: str
+
+    @property
+    def states(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def peak(self) -> float:
+        return self.states + self.peak_extra
+
+
+def estimate(layout: Layout, n_params: int, world_size: int, train: DictConfig, largest_unit: int = 0,
+             grad_accum: int = 1, backend: str = "gloo") -> Estimate:
+    """Bytes per rank and bytes sent per step for ``layout`` on a model of ``n_params`` parameters."""
+    n = world_size
+    psi = float(n_params)
+    half = layout.half_precision_states and train.precision in ("bf16", "fp16")
+    p_bytes, g_bytes = (2, 2) if half else (4, 4)
+    k = optimizer_bytes_per_param(train)
+    master = layout.master_half if half else layout.master_fp32
+
+    def share(kind: str, total: float) -> float:
+        return total / n if kind == SHARD else total if kind == FULL else 0.0
+
+    params, grads = share(layout.params, p_bytes * psi), share(layout.grads, g_bytes * psi)
+    optim = share(layout.optimizer, k * psi) + share(master, 4 * psi)
+    regathers = layout.regather_in_backward_above is not None and psi > layout.regather_in_backward_above
+    peak_unsharded = "unit" if regathers else layout.peak_unsharded
+    if peak_unsharded == "model":
+        extra = p_bytes * psi * (n - 1) / n
+    elif peak_unsharded == "unit":
+        extra = (p_bytes + g_bytes) * largest_unit * (n - 1) / n
+    else:
+        extra = 0.0
+    ring = (n - 1) / n if n > 1 else 0.0
+    reduce_factor = ring if layout.sharded_reduce and backend == "nccl" else 2 * ring
+    reductions = grad_accum if layout.reduce_every_micro_step else 1
+    per_micro = layout.gathers_per_micro_step + (1.0 if regathers else 0.0)
+    gathers = layout.gathers_per_step + per_micro * grad_accum
+    sent = (reductions * reduce_factor + gathers * ring) * g_bytes * psi / layout.every
+    terms = [(layout.params, p_bytes), (layout.grads, g_bytes), (layout.optimizer, k), (master, 4)]
+    return Estimate(layout, n, params, grads, optim, extra, sent, formula(terms))
+
+
+def formula(terms: Sequence[tuple]) -> str:
+    """The per-rank formula in the paper's notation from (placement, bytes per parameter) terms, e.g. 8Ψ + 8Ψ/N."""
+    whole = sum(b for kind, b in terms if kind == FULL)
+    split = sum(b for kind, b in terms if kind == SHARD)
+    parts = ([f"{whole}Ψ"] if whole else []) + ([f"{split}Ψ/N"] if split else [])
+    return " + ".join(parts) or "0"
+
+
+@dataclass
+class Plan:
+    config_name: str
+    model: str
+    n_params: int
+    largest_unit: int
+    world_size: int
+    grad_accum: int
+    backend: str
+    mem_per_rank: Optional[float]  # bytes; None = no limit given
+    estimates: List[Estimate]
+    unavailable: Dict[str, str]
+    recommended: Optional[Estimate]
+    precision: str = "fp32"
+    optimizer: str = "adamw"
+
+    def fits(self, e: Estimate) -> bool:
+        return self.mem_per_rank is None or e.peak <= self.mem_per_rank
+
+
+def count_parameters(cfg: DictConfig) -> tuple:
+    """(parameters, parameters of the largest shardable unit) of the config's model, built on the meta device."""
+    import torch
+
+    from distrain.data import build_datasets
+    from distrain.models import build_model
+
+    train, _ = build_datasets(cfg.data.name, cfg.data.kwargs, cfg.data.eval_fraction)
+    with torch.device("meta"):
+        model = build_model(cfg.model.name, cfg.model.kwargs, train.spec)
+    total = sum(p.numel() for p in model.parameters())
+    units = [child for m in model.modules() if isinstance(m, torch.nn.ModuleList) for child in m]
+    largest = max((sum(p.numel() for p in u.parameters()) for u in units), default=0)
+    root_only = total - sum(sum(p.numel() for p in u.parameters()) for u in units)
+    return total, max(largest, root_only)
+
+
+def plan_backend(cfg: DictConfig) -> str:
+    """The collective backend the run would use: dist.backend, or for auto nccl with CUDA and gloo without."""
+    if cfg.dist.backend != "auto":
+        return str(cfg.dist.backend)
+    import torch
+
+    cuda = cfg.dist.device == "cuda" or (cfg.dist.device == "auto" and torch.cuda.is_available())
+    return "nccl" if cuda else "gloo"
+
+
+def make_plan(cfg: DictConfig, world_size: int, mem_per_rank_gb: Optional[float] = None,
+              only: Sequence[str] = (), n_params: Optional[int] = None, largest_unit: int = 0,
+              backend: Optional[str] = None) -> Plan:
+    """Estimates for every layout at ``world_size`` and the fastest exact one that fits in ``mem_per_rank_gb``.
+
+    Raises ConfigError when the config's global batch does not split over ``world_size`` ranks.
+    """
+    from distrain.config import batch_plan
+    from distrain.errors import DistrainError
+    from distrain.strategies import STRATEGIES, strategy_class
+
+    accum = batch_plan(cfg, world_size).grad_accum
+    backend = backend or plan_backend(cfg)
+    if n_params is None:
+        n_params, largest_unit = count_parameters(cfg)
+    limit = mem_per_rank_gb * 2**30 if mem_per_rank_gb is not None else None
+    estimates, unavailable = [], {}
+    for layout in layouts():
+        if only and layout.label not in only:
+            continue
+        if layout.strategy not in STRATEGIES:
+            unavailable[layout.label] = "not registered"
+            continue
+        try:
+            strategy_class(layout.strategy)
+        except DistrainError:
+            unavailable[layout.label] = "registered, not installed"
+            continue
+        estimates.append(estimate(layout, n_params, world_size, cfg.train, largest_unit, accum, backend))
+    plan = Plan(str(cfg.run.name), str(cfg.model.name), n_params, largest_unit, world_size, accum, backend, limit,
+                estimates, unavailable, None, str(cfg.train.precision), str(cfg.train.optimizer))
+    fitting = [e for e in estimates if e.layout.exact and plan.fits(e)]
+    # Fastest: least traffic per step, then fewer collectives and less engine machinery.
+    plan.recommended = min(fitting, key=lambda e: (round(e.comm_bytes), e.layout.speed_rank), default=None)
+    return plan
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as the table `distrain plan` prints."""
+    lines = [f"model {plan.model}: Ψ = {plan.n_params:,} parameters (largest shardable unit {plan.largest_unit:,}); "
+             f"world size N = {plan.world_size}, grad_accum {plan.grad_accum}, {plan.backend}, "
+             f"{plan.precision} {plan.optimizer}"
+             + (f"; memory per rank {_size(plan.mem_per_rank)}" if plan.mem_per_rank is not None else ""), ""]
+    header = (f"{'strategy':<22} {'formula':<14} {'params':>11} {'grads':>11} {'optimizer':>11} {'states':>11} "
+              f"{'peak':>11} {'sent/step':>11}  fits")
+    lines += [header, "-" * len(header)]
+    for e in plan.estimates:
+        fit = "yes" if plan.fits(e) else "NO"
+        lines.append(f"{e.layout.label:<22} {e.formula:<14} {_size(e.params):>11} {_size(e.grads):>11} "
+                     f"{_size(e.optimizer):>11} {_size(e.states):>11} {_size(e.peak):>11} "
+                     f"{_size(e.comm_bytes):>11}  {fit}")
+    lines.append("")
+    lines.append("states: parameters + gradients + optimizer state per rank (ZeRO accounting); peak adds what a "
+                 "sharded strategy gathers during the step. Activations are extra and depend on micro_batch.")
+    if plan.unavailable:
+        lines.append("not available here: " + ", ".join(f"{k} ({v})" for k, v in plan.unavailable.items()))
+    if plan.recommended is not None:
+        r = plan.recommended
+        lines.append(f"recommended: {r.layout.label} (strategy.name={r.layout.strategy}"
+                     + "".join(f" strategy.kwargs.{k}={v}" for k, v in r.layout.kwargs.items())
+                     + f"): the least communication per step among the exact strategies that fit.")
+    else:
+        lines.append("recommended: none fits: add ranks (--world), lower the memory need (bf16 with DeepSpeed, "
+                     "a smaller model), or give each rank more memory.")
+    return "\n".join(lines)

@@ -1,0 +1,290 @@
+"""DeepSpeed: ``deepspeed.initialize`` with ZeRO stage 0-3 and offload, its config generated from ours.
+
+The user writes one config. Batch sizes and accumulation come from the batch plan, clipping and precision from
+``train.*``, the stage and offload from ``strategy.kwargs``; extra DeepSpeed keys pass through
+``strategy.kwargs.config`` (for example ``{zero_optimization: {overlap_comm: true}}``). The optimizer is the
+same torch optimizer every strategy builds (DeepSpeed steps it over its flat fp32 partitions), so every stage
+runs the same update rule as DDP; with optimizer offload, DeepSpeed's own CPU Adam replaces it (its fused kernel
+is why offload is worth it).
+
+DeepSpeed's accumulation model: ``engine.backward`` and ``engine.step`` on every micro-batch; the engine
+counts micro-steps and only the step on the accumulation boundary reduces and updates. ``backward`` here makes
+the non-boundary ``engine.step`` calls, ``step`` makes the boundary one.
+
+Exactness: stages 0-2 reduce gradients as a SUM (``gradient_allreduce_op: sum``) of losses pre-scaled by
+micro/global, like DDP, so W ranks match one rank to float rounding. Stage 3 only averages (DeepSpeed refuses
+SUM there): the loss is scaled by 1/grad_accum and the engine divides by W, one extra rounding per step.
+
+On a machine without CUDA, ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is imported (it picks its
+accelerator at import). The first start JIT-compiles a small communication op (~30 s); later starts reuse it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from pathlib import Path
+from typing import Any, ContextManager, Dict, List, Mapping, Optional
+
+import torch
+from torch import nn
+
+from distrain.errors import CheckpointError, ConfigError
+from distrain.optim import optimizer_kwargs
+from distrain.strategies.base import Strategy, StrategyContext, _local_bytes
+
+# Keys that our config owns: set them through train.* / strategy.kwargs, never twice.
+OWNED_KEYS = {
+    "train_batch_size": "train.global_batch", "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.global_batch / train.micro_batch", "gradient_clipping": "train.grad_clip",
+    "optimizer": "train.optimizer", "scheduler": "train.lr_schedule", "bf16": "train.precision",
+    "fp16": "train.precision", "gradient_allreduce_op": "(chosen per stage for exactness)",
+}
+CHECKPOINT_TAG = "deepspeed"
+
+
+def import_deepspeed() -> Any:
+    """Import DeepSpeed, telling it to run on the CPU when there is no CUDA (it decides at import time)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "deepspeed"
+    engine_checkpoint = True
+
+    def __init__(self, ctx: StrategyContext, stage: int = 0, offload_optimizer: bool = False,
+                 offload_param: bool = False, config: Optional[Mapping[str, Any]] = None):
+        super().__init__(ctx)
+        if stage not in (0, 1, 2, 3):
+            raise ConfigError(f"strategy.kwargs.stage={stage!r} is not a ZeRO stage. Allowed: 0 (plain data "
+                              f"parallel), 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters).",
+                              key="strategy.kwargs.stage")
+        if offload_optimizer and stage == 0:
+            raise ConfigError("strategy.kwargs.offload_optimizer=true needs ZeRO: set strategy.kwargs.stage to 1, 2 "
+                              "or 3.", key="strategy.kwargs.offload_optimizer")
+        if offload_param and stage != 3:
+            raise ConfigError("strategy.kwargs.offload_param=true offloads sharded parameters, which only ZeRO stage "
+                              "3 has: set strategy.kwargs.stage=3.", key="strategy.kwargs.offload_param")
+        self.stage = stage
+        self.offload_optimizer = offload_optimizer
+        self.offload_param = offload_param
+        self.extra = _plain(config or {})
+        clashes = sorted(set(self.extra) & set(OWNED_KEYS))
+        if clashes:
+            raise ConfigError(f"strategy.kwargs.config.{clashes[0]} is derived from distrain's own config "
+                              f"({OWNED_KEYS[clashes[0]]}); set it there so both engines agree. Pass only other "
+                              f"DeepSpeed keys through strategy.kwargs.config.", key=f"strategy.kwargs.config.{clashes[0]}")
+        if "stage" in self.extra.get("zero_optimization", {}):
+            raise ConfigError("strategy.kwargs.config.zero_optimization.stage duplicates strategy.kwargs.stage; set "
+                              "only strategy.kwargs.stage.", key="strategy.kwargs.config.zero_optimization.stage")
+        self.grad_scaler = None  # DeepSpeed scales fp16 losses itself
+        # SUM keeps W ranks equal to one rank; ZeRO-3 only offers the mean (see the module docstring).
+        self.grad_reduction = "sum" if stage < 3 else "mean"
+        self.engine: Any = None
+        self._last_micro_step = True
+        self._norm = torch.full((), float("nan"))
+
+    # --- setup -------------------------------------------------------------------------------------
+    def ds_config(self) -> Dict[str, Any]:
+        """The DeepSpeed config this run uses: derived from ours, then the user's extra keys merged in."""
+        plan, train = self.ctx.plan, self.ctx.train
+        zero: Dict[str, Any] = {"stage": self.stage}
+        if self.stage == 3:
+            # DeepSpeed keeps parameters under 1e5 elements whole on every rank by default, which for small
+            # models means nothing is sharded; shard everything unless the user raises it.
+            zero["stage3_param_persistence_threshold"] = 0
+        if self.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.ctx.device.type == "cuda"}
+        if self.offload_param:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": self.ctx.device.type == "cuda"}
+        config: Dict[str, Any] = {
+            "train_batch_size": plan.global_batch,
+            "train_micro_batch_size_per_gpu": plan.micro_batch,
+            "gradient_accumulation_steps": plan.grad_accum,
+            "gradient_clipping": float(train.grad_clip),
+            "gradient_allreduce_op": self.grad_reduction,
+            "bf16": {"enabled": train.precision == "bf16"},
+            "fp16": {"enabled": train.precision == "fp16"},
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,  # torch's SGD steps flat partitions like any other tensor
+            "steps_per_print": 2**31 - 1,  # distrain logs; keep DeepSpeed's own progress lines out of the way
+        }
+        if self.offload_optimizer and train.optimizer in ("adam", "adamw"):
+            kwargs = optimizer_kwargs(train)
+            config["optimizer"] = {"type": "AdamW" if train.optimizer == "adamw" else "Adam",
+                                   "params": {**kwargs, "adam_w_mode": train.optimizer == "adamw"}}
+        elif self.offload_optimizer:
+            config["zero_force_ds_cpu_optimizer"] = False  # SGD has no DeepSpeed CPU kernel: torch's steps on CPU
+        return _merge(config, self.extra)
+
+    def setup(self, model: nn.Module) -> None:
+        deepspeed = import_deepspeed()
+        config = self.ds_config()
+        model = model.to(self.ctx.device)
+        client_optimizer = None if "optimizer" in config else self._build_optimizer(model.parameters())
+        try:
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client_optimizer,
+                                                                     config=config, dist_init_required=False)
+        except (AssertionError, ValueError) as err:  # DeepSpeed's own config checks
+            raise ConfigError(f"DeepSpeed rejected the generated config (strategy.kwargs): {err}",
+                              key="strategy.kwargs") from None
+        self.model = self.engine
+
+    # --- the step ----------------------------------------------------------------------------------
+    # forward_context stays the base autocast: DeepSpeed's bf16/fp16 modes cast the module's weights, not its
+    # inputs, and autocast casts float inputs (images) to match and keeps the loss in fp32.
+
+    def accumulate(self, last_micro_step: bool) -> ContextManager:
+        self._last_micro_step = last_micro_step
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Our scale (micro/global for SUM, 1/grad_accum for the mean), so DeepSpeed must not divide by gas again.
+        self.engine.backward(loss * self.loss_scale(), scale_wrt_gas=False)
+        if not self._last_micro_step:
+            self.engine.step()  # DeepSpeed's micro-step: advances its counter, no update
+
+    def clip_grad_norm(self, max_norm: float) -> Optional[torch.Tensor]:
+        """DeepSpeed clips inside its step (gradient_clipping in the generated config) and measures the norm there,
+        so the tensor returned here is filled in by ``step``, before anyone reads it."""
+        self._norm = torch.full((), float("nan"))
+        return self._norm
+
+    def grad_norm(self) -> float:
+        """The gradient norm DeepSpeed measured in its last step (ZeRO keeps gradients in its own partitions)."""
+        return float(self._norm)
+
+    def step(self) -> None:
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("DeepSpeed's micro-step counter is not at an accumulation boundary: every micro-step "
+                               "must run inside Strategy.accumulate")
+        # ZeRO and DeepSpeed's bf16 optimizer measure the norm in their step; a plain stage-0 fp32 step does not,
+        # but then the reduced gradients are whole in p.grad until the step clears them.
+        own = None if hasattr(self.engine.optimizer, "_global_grad_norm") else Strategy.grad_norm(self)
+        self.engine.step()
+        self._norm.fill_(float(own if own is not None else self.engine.get_global_grad_norm()))
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:  # the basic optimizer's groups, behind ZeRO's wrapper
+            group["lr"] = lr
+
+    # --- state -------------------------------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Full weights on rank 0: the fp32 master values where DeepSpeed keeps a low-precision model copy."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        deepspeed = import_deepspeed()
+        rank0 = torch.distributed.get_rank() == 0
+        module = self.module
+        params = dict(module.named_parameters())
+        full: Dict[str, torch.Tensor] = {}
+        # Collective under ZeRO-3 (gathers every shard), so every rank walks the same parameters.
+        with deepspeed.zero.GatheredParameters(list(params.values()), enabled=self.stage == 3):
+            for name, value in module.state_dict().items():
+                master = safe_get_full_fp32_param(params[name]) if name in params else None
+                tensor = master if master is not None and self.ctx.train.precision != "fp32" else value
+                if rank0:
+                    full[name] = tensor.detach().float().cpu().clone() if tensor.is_floating_point() \
+                        else tensor.detach().cpu().clone()
+        return full
+
+    def memory_report(self) -> Dict[str, int]:
+        """Bytes this rank holds: DeepSpeed's partitions for sharded parts, plus its fp32 master copy.
+
+        ``params`` is the module's parameter storage (ZeRO-3: this rank's partition ``ds_tensor``);
+        ``grads`` is the gradient storage the update uses (ZeRO-2/3: this rank's partition);
+        ``optimizer`` is the optimizer's state (ZeRO-1+: over this rank's partition);
+        ``master_params`` is the fp32 copy ZeRO (and bf16 at stage 0) keeps to step on, absent otherwise.
+        """
+        module_params = list(self.module.parameters())
+        if self.stage == 3:
+            params = sum(_local_bytes(p.ds_tensor) for p in module_params)
+        else:
+            params = sum(_local_bytes(p) for p in module_params)
+        wrapper = self.engine.optimizer
+        basic = getattr(wrapper, "optimizer", wrapper)
+        masters = list(_master_partitions(wrapper))
+        element = module_params[0].element_size() if module_params else 4
+        if self.stage >= 2:
+            grads = sum(p.numel() for p in masters) * element
+        else:
+            grads = sum(p.numel() for p in module_params) * element
+        report = {
+            "params": params,
+            "grads": grads,
+            "optimizer": sum(_local_bytes(v) for s in basic.state.values() for v in s.values() if torch.is_tensor(v)),
+        }
+        if masters:
+            report["master_params"] = sum(_local_bytes(p) for p in masters)
+        return report
+
+    # --- checkpoints: DeepSpeed's own format --------------------------------------------------------
+    def checkpoint_state(self) -> Dict[str, Any]:
+        raise CheckpointError("strategy.name=deepspeed saves with DeepSpeed's engine (save_engine_checkpoint), not "
+                              "with torch.distributed.checkpoint: its flat ZeRO partitions are not DCP state dicts.")
+
+    def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
+        self.checkpoint_state()
+
+    def save_engine_checkpoint(self, directory: Path) -> None:
+        """``engine.save_checkpoint`` into ``directory/deepspeed`` (every rank writes its ZeRO partition)."""
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load_engine_checkpoint(self, directory: Path) -> None:
+        """``engine.load_checkpoint`` from ``directory/deepspeed``, optimizer state included.
+
+        Stage 0 loads at any world size (the optimizer state is saved whole). Stages 1-3 partition the optimizer
+        state by data-parallel rank and DeepSpeed loads them only at the world size they were saved at; to change
+        it, convert with ``python -m deepspeed.checkpoint.ds_to_universal`` and load with
+        ``strategy.kwargs.config.checkpoint.load_universal=true``.
+        """
+        try:
+            path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        except Exception as err:  # DeepSpeed raises several types (ZeRORuntimeException, AssertionError, OSError)
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint in '{directory}': {err}") from None
+        if path is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint '{CHECKPOINT_TAG}' in '{directory}'.")
+
+    def teardown(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+
+
+def _master_partitions(wrapper: Any) -> List[torch.Tensor]:
+    """The fp32 copies DeepSpeed steps on: ZeRO-3, ZeRO-1/2 and the stage-0 bf16 optimizer name them differently
+    (ZeRO-3 also swaps them in and out of the basic optimizer's param_groups, so those cannot be read)."""
+    for attribute in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        partitions = getattr(wrapper, attribute, None)
+        if partitions:
+            return [p for p in partitions if torch.is_tensor(p)]
+    return []  # a plain stage-0 fp32 step: the module's own parameters are what the optimizer steps
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain dicts/lists (DeepSpeed's config parser wants JSON types)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return copy.deepcopy(dict(value)) if isinstance(value, Mapping) else value
+
+
+def _merge(base: Dict[str, Any], extra: Mapping[str, Any]) -> Dict[str, Any]:
+    """``extra`` merged into ``base`` recursively (extra wins on leaves)."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged

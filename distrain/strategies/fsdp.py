@@ -1,0 +1,123 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters, gradients and optimizer state sharded over ranks.
+
+Each shard unit (a transformer block, then the root for what is left) all-gathers its parameters just before
+its forward and reduce-scatters its gradients right after its backward, so a rank holds about 1/W of the model
+between steps. ``reshard_after_forward=True`` frees the gathered parameters after forward and gathers them again
+for backward (ZeRO-3); ``False`` keeps them until backward (ZeRO-2-like: less communication, more memory).
+
+Wrapping policy (``wrap``): "auto" shards every child of an ``nn.ModuleList`` as its own unit (the usual
+container of transformer blocks: the built-in GPT's ``blocks``; the MLP, CNN and LSTM have none and become one
+unit), then the root. A list of class names instead shards every submodule of those classes, e.g.
+``strategy.kwargs.wrap=[Block]`` for a user's model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from distrain.errors import ConfigError
+from distrain.strategies import precision
+from distrain.strategies.base import Strategy, StrategyContext
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+
+    def __init__(self, ctx: StrategyContext, reshard_after_forward: bool = True,
+                 wrap: Union[str, Sequence[str]] = "auto", offload: bool = False):
+        super().__init__(ctx)
+        if not isinstance(reshard_after_forward, bool):
+            raise ConfigError(f"strategy.kwargs.reshard_after_forward={reshard_after_forward!r} must be true "
+                              f"(ZeRO-3: free gathered parameters after forward) or false (ZeRO-2-like: keep them "
+                              f"until backward).", key="strategy.kwargs.reshard_after_forward")
+        if offload and ctx.device.type != "cuda":
+            raise ConfigError("strategy.kwargs.offload=true moves FSDP's shards to host memory between uses, which "
+                              "only means something on a GPU; this run is on the CPU already. Remove it, or run "
+                              "on a GPU.", key="strategy.kwargs.offload")
+        self.reshard_after_forward = reshard_after_forward
+        self.wrap_policy = wrap if isinstance(wrap, str) else [str(name) for name in wrap]
+        self.offload = offload
+        self.grad_scaler = precision.grad_scaler(ctx.train.precision, ctx.device, sharded=True)
+        self.units: List[FSDPModule] = []
+
+    def setup(self, model: nn.Module) -> None:
+        model = model.to(self.ctx.device)
+        mesh = init_device_mesh(self.ctx.device.type, (self.ctx.info.world_size,))
+        kwargs: Dict[str, Any] = dict(mesh=mesh, reshard_after_forward=self.reshard_after_forward,
+                                      mp_policy=self._mixed_precision(),
+                                      offload_policy=CPUOffloadPolicy() if self.offload else OffloadPolicy())
+        for unit in self._units(model):  # bottom-up: blocks first, the root takes what is left
+            fully_shard(unit, **kwargs)
+        fully_shard(model, **kwargs)
+        self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for unit in self.units:
+            # Sum, never average: the loss is pre-scaled by micro/global (grad_reduction "sum"), which is what
+            # keeps W ranks equal to 1 rank. Forcing SUM also avoids PREMUL_SUM, which gloo does not have.
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)
+        self.model = model
+        self.optimizer = self._build_optimizer(model.parameters())  # over the DTensor shards
+
+    def _units(self, model: nn.Module) -> List[nn.Module]:
+        if self.wrap_policy == "auto":
+            return [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m]
+        if isinstance(self.wrap_policy, str):
+            raise ConfigError(f"strategy.kwargs.wrap={self.wrap_policy!r} is not a policy. Use auto (every child of "
+                              f"an nn.ModuleList) or a list of module class names, e.g. [Block].",
+                              key="strategy.kwargs.wrap")
+        units = [m for m in model.modules() if type(m).__name__ in self.wrap_policy and m is not model]
+        found = {type(m).__name__ for m in units}
+        missing = [name for name in self.wrap_policy if name not in found]
+        if missing:
+            raise ConfigError(f"strategy.kwargs.wrap names {missing}, but the model has no submodule of that class. "
+                              f"Its classes: {sorted({type(m).__name__ for m in model.modules()})}.",
+                              key="strategy.kwargs.wrap")
+        return units
+
+    def _mixed_precision(self) -> MixedPrecisionPolicy:
+        if self.ctx.train.precision == "fp32":
+            return MixedPrecisionPolicy()
+        # Compute in low precision, reduce gradients and return outputs in fp32 (the loss is taken in fp32);
+        # the sharded parameters the optimizer steps stay fp32.
+        return MixedPrecisionPolicy(param_dtype=precision.compute_dtype(self.ctx.train.precision),
+                                    reduce_dtype=torch.float32, output_dtype=torch.float32)
+
+    # --- the step ----------------------------------------------------------------------------------
+    def forward_context(self) -> ContextManager:
+        return contextlib.nullcontext()  # the MixedPrecisionPolicy casts; autocast on top would only add casts
+
+    def accumulate(self, last_micro_step: bool) -> ContextManager:
+        # Earlier micro-steps accumulate unsharded gradients locally; the last one reduce-scatters their sum.
+        self.model.set_requires_gradient_sync(last_micro_step)
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, max_norm: float) -> Optional[torch.Tensor]:
+        if max_norm <= 0:
+            return None
+        if self.grad_scaler:
+            self.grad_scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        # Each rank holds shards: the DTensor norm is a partial one until it is reduced over ranks.
+        total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        if isinstance(total, DTensor):
+            total = total.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
+
+    # --- state -------------------------------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        return self.model  # fully_shard changes the module's class in place; there is no wrapper to look through
+
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # All-gathers shard by shard onto rank 0's CPU memory; other ranks get an empty dict.
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,0 +1,61 @@
+"""One rank of a multi-strategy test launch: train several configs one after another in one process group.
+
+Starting torchrun and importing torch/DeepSpeed costs more than 30 small steps, so tests/test_strategies.py
+launches each world size once and runs every strategy inside it. For each run this writes what
+`distrain verify` writes (final full weights, final loss, the sample indices every rank consumed) plus every
+rank's memory report and comm byte count.
+
+    torchrun --nproc-per-node W tests/strategy_worker.py OUT_DIR RUNS_JSON
+RUNS_JSON: [{"name": ..., "config": path, "overrides": [...], "worlds": [1, 2, 3]}, ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as torch_dist
+
+
+def main(out_dir: Path, runs: list) -> None:
+    from safetensors.torch import save_file
+
+    from distrain import dist
+    from distrain.config import load_config
+    from distrain.data import build_datasets
+    from distrain.trainer import Trainer
+    from distrain.verify_worker import RecordingDataset
+
+    torch_dist.init_process_group("gloo")  # every Trainer below reuses it
+    world, rank = torch_dist.get_world_size(), torch_dist.get_rank()
+    datasets = {}
+    for run in runs:
+        if world not in run.get("worlds", [world]):
+            continue
+        run_dir = out_dir / run["name"] / f"w{world}"
+        overrides = list(run["overrides"]) + [f"run.dir={out_dir / 'runs'}", f"run.name={run['name']}-w{world}",
+                                              "train.resume=never", "checkpoint.at_end=false", "metrics.progress=none"]
+        cfg = load_config(run["config"], overrides)
+        key = json.dumps([cfg.data.name, dict(cfg.data.kwargs)], sort_keys=True)
+        if key not in datasets:
+            datasets[key] = build_datasets(cfg.data.name, cfg.data.kwargs, cfg.data.eval_fraction)[0]
+        recording = RecordingDataset(datasets[key])
+        with Trainer(cfg, train_data=recording, eval_data=None) as trainer:
+            final = trainer.fit()
+            weights = trainer.full_state_dict()
+            memory = dist.all_gather_object(trainer.memory_report())
+            comm = dist.all_gather_object(trainer.strategy.comm_bytes)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / f"indices.rank{rank}.json").write_text(json.dumps(recording.seen))
+            if rank == 0:
+                save_file({k: v.contiguous() for k, v in weights.items()}, str(run_dir / "weights.safetensors"))
+                (run_dir / "result.json").write_text(json.dumps({
+                    "loss": final["loss"], "grad_accum": trainer.plan.grad_accum, "world_size": world,
+                    "memory": memory, "comm_bytes": comm, "steps": trainer.step}))
+        dist.barrier()
+    torch_dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()))

@@ -1,0 +1,186 @@
+"""Checkpoints on disk: atomic layout, corruption detection and fallback, retention, config-change refusal, the CLI.
+
+Single-process runs (strategy single) in this process keep these fast; multi-rank behaviour (resharding, a save
+killed mid-write) is in test_resume.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+from distrain.checkpoint.layout import committed, read_latest, step_name
+from distrain.checkpoint.manifest import problem
+from distrain.checkpoint.retention import steps_to_keep
+from distrain.errors import CheckpointError
+from distrain.trainer import Trainer
+
+MLP = str(REPO / "configs" / "mlp.yaml")
+FAST = ["strategy.name=single", "metrics.progress=none", "train.eval_every=0", "train.log_every=5",
+        "train.optimizer=adamw", "train.lr=0.003", "data.eval_fraction=0.2"]
+
+
+def train(run_dir: Path, steps: int, *extra: str) -> Trainer:
+    """Train mlp on digits in this process; returns the (closed) trainer."""
+    overrides = [f"run.dir={run_dir.parent}", f"run.name={run_dir.name}", f"train.steps={steps}", *FAST, *extra]
+    with Trainer(MLP, overrides=overrides) as trainer:
+        trainer.fit()
+    return trainer
+
+
+def log_lines(run_dir: Path, needle: str) -> List[str]:
+    return [line for line in (run_dir / "logs" / "rank0.log").read_text().splitlines() if needle in line]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory) -> Path:
+    """A run with committed checkpoints at steps 5 and 10."""
+    run_dir = tmp_path_factory.mktemp("ckpt") / "base"
+    train(run_dir, 10, "checkpoint.every=5")
+    return run_dir
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_committed_layout_manifest_and_latest(two_checkpoints):
+    root = two_checkpoints / "checkpoints"
+    assert [s for s, _ in committed(root)] == [5, 10]
+    assert read_latest(root) == step_name(10)
+    assert not [p for p in root.iterdir() if ".tmp-" in p.name]
+    ckpt = root / step_name(10)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    on_disk = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    assert {"dcp/.metadata", "trainer_state.json", "rng/rank0.json"} <= on_disk
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 10 and state["world_size"] == 1 and state["config"]["train"]["steps"] == 10
+    assert (state["data_epoch"], state["data_offset"]) == divmod(10 * 64, 1438)
+    assert set(state["versions"]) == {"distrain", "torch"} and len(state["config_hash"]) == 16
+    assert problem(ckpt) is None
+
+
+def _truncate(ckpt: Path) -> None:
+    shard = ckpt / "dcp" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def _flip_byte(ckpt: Path) -> None:
+    shard = ckpt / "dcp" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+
+def _drop_manifest(ckpt: Path) -> None:
+    (ckpt / "manifest.json").unlink()
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (_truncate, "truncated"), (_flip_byte, "sha256"), (_drop_manifest, "manifest.json is missing"),
+])
+def test_damaged_checkpoint_is_detected_and_resume_falls_back(two_checkpoints, tmp_path, damage, expected):
+    run_dir = copy_run(two_checkpoints, tmp_path / "base")
+    damage(run_dir / "checkpoints" / step_name(10))
+    assert expected in problem(run_dir / "checkpoints" / step_name(10))
+    overrides = [f"run.dir={tmp_path}", "run.name=base", "train.steps=10", *FAST]
+    with Trainer(MLP, overrides=overrides) as trainer:
+        assert trainer.step == 5
+        trainer.fit()
+    skipped = log_lines(run_dir, "skipped invalid checkpoint")
+    assert len(skipped) == 1 and "step_00000010" in skipped[0] and expected in skipped[0]
+    assert "falling back to step_00000005" in skipped[0]
+    assert read_latest(run_dir / "checkpoints") == step_name(10)  # the re-save at step 10 replaced the bad one
+    assert problem(run_dir / "checkpoints" / step_name(10)) is None
+
+
+def test_explicit_path_to_a_damaged_checkpoint_is_an_error(two_checkpoints, tmp_path):
+    run_dir = copy_run(two_checkpoints, tmp_path / "base")
+    bad = run_dir / "checkpoints" / step_name(10)
+    _flip_byte(bad)
+    with pytest.raises(CheckpointError, match="sha256"):
+        Trainer(MLP, overrides=[f"run.dir={tmp_path}", "run.name=other", f"train.resume={bad}", *FAST])
+
+
+def test_resume_continues_the_uninterrupted_trajectory_in_process(two_checkpoints, tmp_path):
+    straight = train(tmp_path / "straight", 10)
+    resumed = train(tmp_path / "resumed", 10, f"train.resume={two_checkpoints / 'checkpoints' / step_name(5)}")
+    a, b = straight.full_state_dict(), resumed.full_state_dict()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6), name
+
+
+def test_resume_into_a_changed_config(two_checkpoints, tmp_path):
+    src = two_checkpoints / "checkpoints" / step_name(10)
+    common = [f"run.dir={tmp_path}", f"train.resume={src}", *FAST]
+    with pytest.raises(CheckpointError) as err:
+        Trainer(MLP, overrides=[*common, "run.name=a", "train.lr=0.01", "model.kwargs.hidden=64"])
+    assert "model.kwargs.hidden" in str(err.value) and "train.lr" in str(err.value)
+    # What may change: length, cadences, micro-batch, location.
+    with Trainer(MLP, overrides=[*common, "run.name=b", "train.steps=12", "train.micro_batch=16",
+                                 "train.log_every=3", "checkpoint.every=7"]) as trainer:
+        assert trainer.step == 10 and trainer.plan.grad_accum == 4
+        trainer.fit()
+    assert trainer.step == 12
+
+
+def test_retention_keeps_exactly_the_last_k_and_every_mth(tmp_path):
+    assert steps_to_keep([5, 10, 15, 20, 25, 30, 35, 40], keep_last=2, keep_every=20) == {20, 35, 40}
+    assert steps_to_keep([3, 6, 9], keep_last=5, keep_every=0) == {3, 6, 9}
+    run_dir = tmp_path / "ret"
+    train(run_dir, 40, "checkpoint.every=5", "checkpoint.keep_last=2", "checkpoint.keep_every=20")
+    root = run_dir / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000020", "step_00000035", "step_00000040"]
+    assert read_latest(root) == "step_00000040"
+
+
+def test_save_is_idempotent_and_at_end_does_not_duplicate(tmp_path):
+    run_dir = tmp_path / "idem"
+    overrides = [f"run.dir={tmp_path}", "run.name=idem", "train.steps=6", "checkpoint.every=3", *FAST]
+    with Trainer(MLP, overrides=overrides) as trainer:
+        trainer.fit()  # saves at 3 and 6 (every); at_end finds step 6 saved already
+        again = trainer.save_checkpoint("manual")
+    assert again == run_dir / "checkpoints" / step_name(6)
+    assert len(log_lines(run_dir, "checkpoint: saved step 6")) == 1
+    assert [s for s, _ in committed(run_dir / "checkpoints")] == [3, 6]
+
+
+def test_resume_never_and_missing_path(two_checkpoints, tmp_path):
+    run_dir = copy_run(two_checkpoints, tmp_path / "base")
+    with Trainer(MLP, overrides=[f"run.dir={tmp_path}", "run.name=base", "train.resume=never", *FAST]) as trainer:
+        assert trainer.step == 0
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Trainer(MLP, overrides=[f"run.dir={tmp_path}", "run.name=x", f"train.resume={run_dir}/nope", *FAST])
+
+
+def test_ckpt_ls_and_inspect_cli(two_checkpoints, tmp_path):
+    run_dir = copy_run(two_checkpoints, tmp_path / "base")
+    _truncate(run_dir / "checkpoints" / step_name(5))
+    (run_dir / "checkpoints" / "step_00000015.tmp-deadbeef").mkdir()
+    proc = run_cli(["ckpt", "ls", str(run_dir)])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    row5 = next(line for line in lines if line.startswith("step_00000005"))
+    row10 = next(line for line in lines if line.startswith("step_00000010"))
+    assert "NO:" in row5 and "truncated" in row5
+    assert row10.split()[1] == "10" and "yes (latest)" in row10 and " 1 " in row10 and "KiB" in row10
+    assert "uncommitted" in next(line for line in lines if "tmp-deadbeef" in line)
+
+    proc = run_cli(["ckpt", "inspect", str(run_dir / "checkpoints" / step_name(10)), "--json"])
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    tensors = {t["name"]: t for t in info["tensors"]}
+    assert tensors["model.1.weight"]["shape"] == [128, 64] and tensors["model.1.weight"]["dtype"] == "float32"
+    assert "optim.state.1.weight.exp_avg" in tensors
+    assert info["trainer_state"]["step"] == 10 and info["summary"]["world size"] == 1
+
+    proc = run_cli(["ckpt", "export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m.safetensors")])
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
