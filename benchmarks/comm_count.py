@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Callable, Dict
+from dataclasses import dataclass
+from typing import Callable, Dict, List
 
 from torch.profiler import ProfilerActivity, _ExperimentalConfig, profile
 
@@ -18,29 +19,42 @@ DTYPE_BYTES = {"float": 4, "double": 8, "c10::BFloat16": 2, "c10::Half": 2, "int
 BACKENDS = ("gloo:", "nccl:")
 
 
-def collective_bytes(run: Callable[[], object]) -> Dict[str, int]:
-    """Run ``run()`` under the profiler; returns input bytes per collective kind (e.g. {"all_reduce": 466432}).
+@dataclass
+class Collective:
+    kind: str  # all_reduce, all_gather, broadcast, ...
+    nbytes: int  # the input this rank contributed (all_reduce buffer, all_gather shard, reduce_scatter input)
+    start_ns: int
+    duration_s: float  # as the backend ran it (including any wait for a late peer)
 
-    Setup chatter that is not part of training (object broadcasts, barriers) is excluded by profiling only
-    the steps themselves; barriers carry no payload worth counting and are dropped.
+
+def collectives(run: Callable[[], object]) -> List[Collective]:
+    """Run ``run()`` under the profiler; returns the backend collectives it issued, in start order.
+
+    Barriers carry no payload and are dropped. Profiling only the steps themselves keeps setup chatter out.
     """
     # All threads: comm hooks issue collectives from future callbacks on the backend's threads (PowerSGD).
     config = _ExperimentalConfig(profile_all_threads=True)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True, experimental_config=config) as prof:
         run()
-    totals: Dict[str, int] = defaultdict(int)
+    out = []
     for event in prof.profiler.kineto_results.events():
         name = event.name()
         if not name.startswith(BACKENDS):
             continue
         kind = name.split(":", 1)[1]
-        if kind == "barrier":
-            continue
         shapes, dtypes = event.shapes(), event.dtypes()
-        if not shapes or not dtypes:
+        if kind == "barrier" or not shapes or not dtypes:
             continue
-        # The first input is what this rank contributes (all_reduce buffer, all_gather / reduce_scatter input).
-        totals[kind] += math.prod(shapes[0]) * DTYPE_BYTES.get(dtypes[0], 4)
+        nbytes = math.prod(shapes[0]) * DTYPE_BYTES.get(dtypes[0], 4)
+        out.append(Collective(kind, nbytes, event.start_ns(), event.duration_ns() / 1e9))
+    return sorted(out, key=lambda c: c.start_ns)
+
+
+def collective_bytes(run: Callable[[], object]) -> Dict[str, int]:
+    """Input bytes per collective kind that ``run()`` issued (e.g. {"all_reduce": 465408})."""
+    totals: Dict[str, int] = defaultdict(int)
+    for c in collectives(run):
+        totals[c.kind] += c.nbytes
     return dict(totals)
 
 

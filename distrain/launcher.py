@@ -59,14 +59,15 @@ def root_cause(failures: Dict[int, Any]) -> Tuple[int, Any]:
 
     torchelastic orders failures by a whole-second timestamp, taken from the error file or, without one, from
     when the agent noticed - so a rank killed by SIGKILL can look later than the peer that lost it. Hence, in
-    order: not a worker the agent itself terminated (SIGTERM) while tearing the group down; not a
+    order: not a worker the agent terminated (SIGTERM, no error file) while tearing the group down; not a
     DistributedError, which is a report about *other* ranks (a collective that lost or waited for a peer);
     then the earliest.
     """
     def key(item: Tuple[int, Any]) -> Tuple[bool, bool, int]:
         failure = item[1]
-        return (failure.exitcode == -signal.SIGTERM, _message(failure).startswith("DistributedError"),
-                failure.timestamp)
+        reported = os.path.isfile(failure.error_file)  # it failed by itself, whatever ended the process after
+        return (failure.exitcode == -signal.SIGTERM and not reported,
+                _message(failure).startswith("DistributedError"), failure.timestamp)
 
     return min(failures.items(), key=key)
 
@@ -87,6 +88,10 @@ def launch(args: argparse.Namespace) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    # The agent's rendezvous store outlives a restart, and with it the workers' process-group keys of the failed
+    # attempt: a restarted rank can read a dead peer's address and fail to connect (pytorch/pytorch#135712).
+    # Not sharing it gives every attempt a fresh store, hosted by the new rank 0.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # torchrun would warn and pin 1 thread; share this node's cores between its workers instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc_per_node)))
     parsed = torchrun.get_args_parser().parse_args(torchrun_args(args))

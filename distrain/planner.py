@@ -37,8 +37,8 @@ class Layout:
     params: str = FULL
     grads: str = FULL
     optimizer: str = FULL
-    # DeepSpeed's fp32 master copy of the weights, kept with the optimizer: in fp32 runs (stages 1-2 step on
-    # a separate fp32 partition) and in bf16/fp16 runs (stages 1-3 sharded, stage 0 whole).
+    # DeepSpeed's fp32 master copy of the weights, kept with the optimizer: in fp32 runs too (stages 1-3 step on
+    # a separate fp32 copy of the partition), and in bf16/fp16 runs (stages 1-3 sharded, stage 0 whole).
     master_fp32: str = ""
     master_half: str = ""
     half_precision_states: bool = False  # DeepSpeed keeps bf16/fp16 params and grads in bf16/fp16 runs
@@ -74,7 +74,7 @@ def layouts(sync_every: int = 4) -> List[Layout]:
                master_half=SHARD, reduce_every_micro_step=True, sharded_reduce=True, gathers_per_step=1.0,
                speed_rank=4, **ds),
         Layout("deepspeed stage 3", kwargs={"stage": 3}, params=SHARD, grads=SHARD, optimizer=SHARD,
-               master_half=SHARD, reduce_every_micro_step=True, sharded_reduce=True, gathers_per_micro_step=1.0,
+               master_fp32=SHARD, master_half=SHARD, reduce_every_micro_step=True, sharded_reduce=True, gathers_per_micro_step=1.0,
                regather_in_backward_above=1e9, peak_unsharded="model", speed_rank=6, **ds),
         Layout(f"local_sgd (H={sync_every})", "local_sgd", {"sync_every": sync_every}, every=sync_every,
                exact=False, speed_rank=0),

@@ -156,6 +156,7 @@ class Watchdog:
                                "exited, so this job cannot continue")
                 continue
             if abort and abort.get("rank") != self.info.rank:
+                self._acknowledge()
                 # Let a whole second pass since the failure, so the failing rank's error file is the earliest;
                 # if this rank's own main thread ends the run meanwhile (stop()), it reports for itself.
                 if self._stop.wait(max(0.0, float(abort.get("time", 0)) + 1.5 - time.time())):
@@ -203,20 +204,39 @@ class Watchdog:
         beats[self.info.rank] = me
         message = explain(err, completed, beats, self.info.world_size, self.timeout_s, self.interval_s,
                           me=self.info.rank)
-        self.post_abort(message)
+        self.post_abort(message, beats)
         return message
 
-    def post_abort(self, message: str) -> None:
-        """Tell every rank's watchdog that this job has failed (first poster wins)."""
+    def post_abort(self, message: str, beats: Optional[Dict[int, Optional[Heartbeat]]] = None) -> None:
+        """Tell every rank's watchdog that this job has failed (first poster wins).
+
+        A rank whose process hosts the store (rank 0 under srun, or under torchrun without the agent's store)
+        then waits, briefly, until the live ranks have read it: the store ends with this process.
+        """
         if self._store is None:
             return
         try:
             with self._lock:
-                if self._store.add("abort/count", 1) == 1:
+                first = self._store.add("abort/count", 1) == 1
+                if first:
                     self._store.set("abort", json.dumps({"rank": self.info.rank, "time": time.time(),
                                                          "message": message}))
+            if first and self.info.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+                beats = beats if beats is not None else self._read_heartbeats()
+                alive = sum(1 for r, b in beats.items() if r != self.info.rank and not (b and _process_gone(b)))
+                deadline = time.monotonic() + 2 * self.interval_s + 1
+                while time.monotonic() < deadline and self._acknowledged() < alive:
+                    time.sleep(0.05)
         except Exception as store_err:  # the store may be what failed
             self.log.warning(f"watchdog: could not post the abort to the store: {store_err}")
+
+    def _acknowledge(self) -> None:
+        with self._lock:
+            self._store.add("abort/acks", 1)
+
+    def _acknowledged(self) -> int:
+        with self._lock:
+            return int(self._store.add("abort/acks", 0))
 
     def _read_heartbeats(self) -> Dict[int, Optional[Heartbeat]]:
         beats: Dict[int, Optional[Heartbeat]] = {rank: None for rank in range(self.info.world_size)}

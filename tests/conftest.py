@@ -31,6 +31,16 @@ def run_cli(args: Sequence[str], cwd: Optional[Path] = None, timeout: float = 30
                           timeout=timeout, env=child_env(env))
 
 
+def run_cli_here(args: Sequence[object], capsys) -> tuple:
+    """The real CLI entry point (`distrain.cli.main`) in this process, without an interpreter start-up:
+    (exit code, stdout, stderr) captured by pytest's ``capsys``."""
+    from distrain.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def run_torchrun(nproc: int, target: Sequence[str], cwd: Optional[Path] = None, timeout: float = 300,
                  env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N TARGET...` (TARGET: a script and args, or -m module args)."""

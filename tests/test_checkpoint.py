@@ -14,7 +14,7 @@ from typing import List
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli_here
 from distrain.checkpoint.layout import committed, read_latest, step_name
 from distrain.checkpoint.manifest import problem
 from distrain.checkpoint.retention import steps_to_keep
@@ -161,26 +161,26 @@ def test_resume_never_and_missing_path(two_checkpoints, tmp_path):
         Trainer(MLP, overrides=[f"run.dir={tmp_path}", "run.name=x", f"train.resume={run_dir}/nope", *FAST])
 
 
-def test_ckpt_ls_and_inspect_cli(two_checkpoints, tmp_path):
+def test_ckpt_ls_and_inspect_cli(two_checkpoints, tmp_path, capsys):
     run_dir = copy_run(two_checkpoints, tmp_path / "base")
     _truncate(run_dir / "checkpoints" / step_name(5))
     (run_dir / "checkpoints" / "step_00000015.tmp-deadbeef").mkdir()
-    proc = run_cli(["ckpt", "ls", str(run_dir)])
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    code, stdout, err = run_cli_here(["ckpt", "ls", run_dir], capsys)
+    assert code == 0, err
+    lines = stdout.splitlines()
     row5 = next(line for line in lines if line.startswith("step_00000005"))
     row10 = next(line for line in lines if line.startswith("step_00000010"))
     assert "NO:" in row5 and "truncated" in row5
     assert row10.split()[1] == "10" and "yes (latest)" in row10 and " 1 " in row10 and "KiB" in row10
     assert "uncommitted" in next(line for line in lines if "tmp-deadbeef" in line)
 
-    proc = run_cli(["ckpt", "inspect", str(run_dir / "checkpoints" / step_name(10)), "--json"])
-    assert proc.returncode == 0, proc.stderr
-    info = json.loads(proc.stdout)
+    code, stdout, err = run_cli_here(["ckpt", "inspect", run_dir / "checkpoints" / step_name(10), "--json"], capsys)
+    assert code == 0, err
+    info = json.loads(stdout)
     tensors = {t["name"]: t for t in info["tensors"]}
     assert tensors["model.1.weight"]["shape"] == [128, 64] and tensors["model.1.weight"]["dtype"] == "float32"
     assert "optim.state.1.weight.exp_avg" in tensors
     assert info["trainer_state"]["step"] == 10 and info["summary"]["world size"] == 1
 
-    proc = run_cli(["ckpt", "export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m.safetensors")])
-    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    code, _, err = run_cli_here(["ckpt", "export", tmp_path / "nowhere", "--out", tmp_path / "m.safetensors"], capsys)
+    assert code == 2 and "does not exist" in err and "Traceback" not in err

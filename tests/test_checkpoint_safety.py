@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli_here
 from distrain.checkpoint.layout import step_name
 from distrain.checkpoint.manifest import write_manifest
 from distrain.checkpoint.safe_load import load_full_state
@@ -50,7 +50,7 @@ def _reseal(ckpt: Path) -> None:
     write_manifest(ckpt, step=4, world_size=1, strategy="single", reason="tampered")
 
 
-def _refusals(ckpt: Path, tmp_path: Path, marker: Path, commands: tuple, must_fail: tuple) -> None:
+def _refusals(ckpt: Path, tmp_path: Path, marker: Path, commands: tuple, must_fail: tuple, capsys) -> None:
     """Every way of loading ``ckpt`` either refuses it (CheckpointError, exit 2, no traceback) or, for commands in
     no need of the tampered part, succeeds; none ever creates ``marker``."""
     with pytest.raises(CheckpointError, match="[Rr]efused"):
@@ -59,29 +59,29 @@ def _refusals(ckpt: Path, tmp_path: Path, marker: Path, commands: tuple, must_fa
     every = {"ckpt": ["ckpt", "inspect", str(ckpt)], "predict": ["predict", str(ckpt), "--index", "0"],
              "eval": ["eval", str(ckpt), "metrics.progress=none"]}
     for args in (every[name] for name in commands):
-        proc = run_cli(args)
+        code, _, err = run_cli_here(args, capsys)
         assert not marker.exists(), args
         if args[0] in must_fail:
-            assert proc.returncode == 2 and "efused" in proc.stderr and "Traceback" not in proc.stderr, (args, proc)
+            assert code == 2 and "efused" in err and "Traceback" not in err, (args, err)
         else:
-            assert proc.returncode == 0, (args, proc.stderr[-2000:])
+            assert code == 0, (args, err[-2000:])
 
 
-def test_pickle_payload_in_dcp_metadata_is_refused(checkpoint, tmp_path):
+def test_pickle_payload_in_dcp_metadata_is_refused(checkpoint, tmp_path, capsys):
     ckpt = Path(shutil.copytree(checkpoint, tmp_path / step_name(4)))
     marker = tmp_path / "PWNED"
     evil = pickle.dumps(Payload(marker))
     (ckpt / "dcp" / ".metadata").write_bytes(evil)
     _reseal(ckpt)
-    _refusals(ckpt, tmp_path, marker, commands=("ckpt", "predict"), must_fail=("ckpt", "predict"))
-    proc = run_cli(["ckpt", "export", str(ckpt), "--out", str(tmp_path / "x.safetensors")])
-    assert proc.returncode == 2 and "builtins.exec" in proc.stderr and not marker.exists()
+    _refusals(ckpt, tmp_path, marker, commands=("ckpt", "predict"), must_fail=("ckpt", "predict"), capsys=capsys)
+    code, _, err = run_cli_here(["ckpt", "export", ckpt, "--out", tmp_path / "x.safetensors"], capsys)
+    assert code == 2 and "builtins.exec" in err and not marker.exists()
     pickle.loads(evil)  # the payload is live: a naive load runs it
     assert marker.read_text() == "pwned"
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_pickle_payload_in_a_dcp_value_is_refused(checkpoint, tmp_path):
+def test_pickle_payload_in_a_dcp_value_is_refused(checkpoint, tmp_path, capsys):
     import torch.distributed.checkpoint as dcp
 
     ckpt = Path(shutil.copytree(checkpoint, tmp_path / step_name(4)))
@@ -94,8 +94,9 @@ def test_pickle_payload_in_a_dcp_value_is_refused(checkpoint, tmp_path):
     assert not marker.exists()
     with pytest.raises(CheckpointError, match="optim.param_groups.0.lr"):
         Trainer(MLP, overrides=[f"run.dir={tmp_path}", "run.name=victim", f"train.resume={ckpt}", *FAST])
-    # predict reads only the model's entries, so it never touches the tampered optimizer value; eval loads all.
-    _refusals(ckpt, tmp_path, marker, commands=("predict", "eval"), must_fail=("eval",))
+    # predict and eval read only the model's entries, so they never touch the tampered optimizer value; a resume
+    # reads everything, and refuses.
+    _refusals(ckpt, tmp_path, marker, commands=("predict", "eval"), must_fail=(), capsys=capsys)
     with pytest.raises(CheckpointError, match="asks to import exec"):
         load_full_state(ckpt / "dcp")
     assert not marker.exists()

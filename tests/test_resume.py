@@ -100,13 +100,13 @@ def test_a_save_killed_mid_write_leaves_latest_at_the_previous_checkpoint(tmp_pa
                       and all((p / "rng" / f"rank{r}.json").is_file() for r in (0, 1))]
             time.sleep(0.2)
         assert inside, f"the save of step 10 never started: {agent.poll()} {agent.stderr.read()[-2000:] if agent.poll() is not None else ''}"
-        os.kill(_rank_pids(agent.pid)[1], signal.SIGKILL)  # a rank dies mid-save; torchrun takes the job down
-        agent.wait(timeout=120)
+        os.kill(_rank_pids(agent.pid)[1], signal.SIGKILL)  # a rank dies mid-save ...
+        time.sleep(0.5)
     finally:
-        if agent.poll() is None:
-            os.killpg(agent.pid, signal.SIGKILL)
-            agent.wait()
-    assert agent.returncode != 0
+        # ... and then the whole job (torchrun would SIGTERM rank 0, which a preemption handler may hold off for
+        # torchrun's 30 s grace period; a node loss or the scheduler's SIGKILL does not wait).
+        os.killpg(agent.pid, signal.SIGKILL)
+        agent.wait()
     assert read_latest(root) == step_name(5)
     assert [s for s, _ in committed(root)] == [5]
     assert any(p.name.startswith(step_name(10) + ".tmp-") for p in leftovers(root))

@@ -32,10 +32,11 @@ TARGET = 0.10
 WORLDS = [1, 2, 3]
 
 
-def run(opts: Options, worlds: List[int] = (), config: str = CONFIG, overrides: List[str] = tuple(OVERRIDES)
-        ) -> Dict[str, Any]:
-    """One job per world size; every available layout is measured inside each job."""
-    chosen = [layout for layout in layouts() if not strategy_missing(layout.strategy)]
+def run(opts: Options, worlds: List[int] = (), config: str = CONFIG, overrides: List[str] = tuple(OVERRIDES),
+        only: List[str] = ()) -> Dict[str, Any]:
+    """One job per world size; every available layout (or those labelled in ``only``) is measured in each job."""
+    chosen = [layout for layout in layouts() if not strategy_missing(layout.strategy)
+              and (not only or layout.label in only)]
     skipped = {layout.label: strategy_missing(layout.strategy) for layout in layouts()
                if strategy_missing(layout.strategy)}
     out: Dict[str, Any] = {"config": config, "overrides": list(overrides), "skipped": skipped, "worlds": {}}

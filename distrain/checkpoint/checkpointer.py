@@ -98,6 +98,8 @@ class Checkpointer:
         self.log = get_logger()
         self.last_saved_step: Optional[int] = None
         self.last_blocked_s = 0.0  # how long the latest save held the training loop
+        self.last_save_s = 0.0  # rank 0: start of the latest committed save to its commit (async: in the background)
+        self.last_save_bytes = 0  # rank 0: its size on disk
         self._last_save_time = time.monotonic()
         self._pending: Optional[_PendingSave] = None
         self._group = self._async_group()
@@ -221,6 +223,7 @@ class Checkpointer:
             shutil.rmtree(doomed, ignore_errors=True)
         deleted = apply_retention(self.root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
         seconds = time.perf_counter() - started
+        self.last_save_s, self.last_save_bytes = seconds, int(manifest["total_bytes"])
         mode = f", async: training blocked {blocked_s:.2f} s" if blocked_s is not None else ""
         extra = f"; removed {', '.join(p.name for p in superseded + deleted)}" if superseded or deleted else ""
         self.log.info(f"checkpoint: saved step {step} ({reason}) to {final}: {_human_bytes(manifest['total_bytes'])} "

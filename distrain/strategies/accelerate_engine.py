@@ -108,7 +108,15 @@ class AccelerateStrategy(Strategy):
 
     def teardown(self) -> None:
         if self.accelerator is not None:
+            from accelerate.state import AcceleratorState, GradientState
+
             self.accelerator.free_memory()
+            # Accelerate keeps its settings in process-wide singletons that refuse a second Accelerator with other
+            # settings (e.g. another precision); a closed Trainer releases them so the next one in this process
+            # can start fresh. The process group (PartialState) stays: it belongs to whoever created it.
+            AcceleratorState._reset_state(reset_partial_state=False)
+            GradientState._reset_state()
+            self.accelerator = None
 
 
 class _CheckedAccumulate:

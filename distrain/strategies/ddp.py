@@ -9,7 +9,7 @@ from typing import Any, ContextManager, Dict, Optional
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distrain.logs import get_logger
+from distrain.errors import ConfigError
 from distrain.strategies.base import Strategy, StrategyContext
 from distrain.strategies.comm_hooks import ByteCounter, register_comm_hook
 
@@ -27,6 +27,15 @@ class DDPStrategy(Strategy):
         self.comm_hook = comm_hook
         self.powersgd_rank = powersgd_rank
         self._sent = ByteCounter()
+        if static_graph and ctx.plan.grad_accum > 1:
+            # no_sync under static_graph crashes on the first backward, and once past that stops all-reducing
+            # (pytorch/pytorch#143580, fix pending in #187732); syncing every micro-step instead would add each
+            # earlier micro-step's already-reduced gradient W times over with our SUM reduction.
+            raise ConfigError(f"strategy.kwargs.static_graph=true cannot be combined with gradient accumulation "
+                              f"(here grad_accum={ctx.plan.grad_accum} at world size {ctx.plan.world_size}): torch's "
+                              f"DDP breaks no_sync under a static graph. Set train.micro_batch=null (one micro-batch "
+                              f"per rank and step) or strategy.kwargs.static_graph=false.",
+                              key="strategy.kwargs.static_graph")
 
     @classmethod
     def exact_for(cls, kwargs: Dict[str, Any]) -> bool:
@@ -42,10 +51,6 @@ class DDPStrategy(Strategy):
         device_ids = [self.ctx.device] if self.ctx.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=device_ids, **self.ddp_kwargs)
         self.grad_reduction = register_comm_hook(ddp, self.comm_hook, self.powersgd_rank, self._sent)
-        if self.ddp_kwargs["static_graph"] and self.ctx.plan.grad_accum > 1:
-            get_logger().warning("strategy.kwargs.static_graph=true with gradient accumulation: DDP's no_sync is "
-                                 "broken under static_graph in this torch (pytorch/pytorch#143580), so gradients are "
-                                 "all-reduced on every micro-step instead of the last one only")
         return ddp
 
     def setup(self, model: nn.Module) -> None:
@@ -53,6 +58,4 @@ class DDPStrategy(Strategy):
         self.optimizer = self._build_optimizer(self.model.parameters())
 
     def accumulate(self, last_micro_step: bool) -> ContextManager:
-        if last_micro_step or self.ddp_kwargs["static_graph"]:  # static_graph: see wrap()
-            return contextlib.nullcontext()
-        return self.model.no_sync()
+        return contextlib.nullcontext() if last_micro_step else self.model.no_sync()

@@ -212,10 +212,13 @@ class DeepSpeedStrategy(Strategy):
             params = sum(_local_bytes(p) for p in module_params)
         wrapper = self.engine.optimizer
         basic = getattr(wrapper, "optimizer", wrapper)
-        masters = list(_master_partitions(wrapper))
+        partitions = list(_master_partitions(wrapper))
+        # fp32 ZeRO-3 steps on the weights' own flat partition (no copy): only a separate tensor is a master copy.
+        weights = {(p.ds_tensor if self.stage == 3 else p).untyped_storage().data_ptr() for p in module_params}
+        masters = [m for m in partitions if m.untyped_storage().data_ptr() not in weights]
         element = module_params[0].element_size() if module_params else 4
         if self.stage >= 2:
-            grads = sum(p.numel() for p in masters) * element
+            grads = sum(p.numel() for p in partitions) * element
         else:
             grads = sum(p.numel() for p in module_params) * element
         report = {

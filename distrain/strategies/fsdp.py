@@ -51,11 +51,10 @@ class FSDPStrategy(Strategy):
         model = model.to(self.ctx.device)
         mesh = init_device_mesh(self.ctx.device.type, (self.ctx.info.world_size,))
         kwargs: Dict[str, Any] = dict(mesh=mesh, reshard_after_forward=self.reshard_after_forward,
-                                      mp_policy=self._mixed_precision(),
                                       offload_policy=CPUOffloadPolicy() if self.offload else OffloadPolicy())
         for unit in self._units(model):  # bottom-up: blocks first, the root takes what is left
-            fully_shard(unit, **kwargs)
-        fully_shard(model, **kwargs)
+            fully_shard(unit, mp_policy=self._mixed_precision(root=False), **kwargs)
+        fully_shard(model, mp_policy=self._mixed_precision(root=True), **kwargs)
         self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
         for unit in self.units:
             # Sum, never average: the loss is pre-scaled by micro/global (grad_reduction "sum"), which is what
@@ -81,13 +80,14 @@ class FSDPStrategy(Strategy):
                               key="strategy.kwargs.wrap")
         return units
 
-    def _mixed_precision(self) -> MixedPrecisionPolicy:
+    def _mixed_precision(self, root: bool) -> MixedPrecisionPolicy:
         if self.ctx.train.precision == "fp32":
             return MixedPrecisionPolicy()
-        # Compute in low precision, reduce gradients and return outputs in fp32 (the loss is taken in fp32);
-        # the sharded parameters the optimizer steps stay fp32.
+        # Compute in low precision and reduce gradients in fp32; the sharded parameters the optimizer steps stay
+        # fp32. Only the root returns fp32 (the loss is taken in fp32): inner units hand low-precision
+        # activations to the next layer, whose parameters are low precision too.
         return MixedPrecisionPolicy(param_dtype=precision.compute_dtype(self.ctx.train.precision),
-                                    reduce_dtype=torch.float32, output_dtype=torch.float32)
+                                    reduce_dtype=torch.float32, output_dtype=torch.float32 if root else None)
 
     # --- the step ----------------------------------------------------------------------------------
     def forward_context(self) -> ContextManager:

@@ -1,0 +1,94 @@
+"""Two "hosts" for real: two network namespaces joined by a veth pair, one `distrain launch` node in each,
+rendezvous over c10d at 10.231.0.1 and gloo traffic across the veth. Marked ``multinode`` (run with
+``-m multinode``; needs root and iproute2).
+
+The two-node run must end on the same parameters as a single-node run with the same world size (2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from fault_helpers import (FAST, PYTHON, QUICKSTART, launch_command, load_weights, max_rel_diff, processes_mentioning,
+                           worker_env)
+
+pytestmark = pytest.mark.multinode
+
+STEPS = 20
+SUBNET = "10.231.0"  # addresses exist only inside the test's own namespaces
+PORT = 29400
+
+
+def ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def two_hosts():
+    """[(namespace, veth, address)] for two namespaces joined by a veth pair; removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 is not installed (`apt-get install iproute2` provides `ip netns`)")
+    tag = f"dt{os.getpid() % 100000}"
+    hosts = [(f"{tag}n{i}", f"{tag}v{i}", f"{SUBNET}.{i}") for i in (1, 2)]
+    try:
+        for ns, _, _ in hosts:
+            made = ip("netns", "add", ns)
+            if made.returncode != 0:
+                pytest.skip(f"cannot create a network namespace here: {made.stderr.strip()}")
+        steps = [("link", "add", hosts[0][1], "type", "veth", "peer", "name", hosts[1][1])]
+        for ns, veth, addr in hosts:
+            steps += [("link", "set", veth, "netns", ns), ("-n", ns, "addr", "add", f"{addr}/24", "dev", veth),
+                      ("-n", ns, "link", "set", veth, "up"), ("-n", ns, "link", "set", "lo", "up")]
+        for step in steps:
+            done = ip(*step)
+            assert done.returncode == 0, f"ip {' '.join(step)}: {done.stderr}"
+        yield hosts
+    finally:
+        for ns, _, _ in hosts:
+            ip("netns", "del", ns)  # takes its end of the veth pair, and so the pair, with it
+
+
+def tx_bytes(ns: str, veth: str) -> int:
+    """Bytes the namespace has sent through its end of the veth pair."""
+    shown = ip("-j", "-s", "-n", ns, "link", "show", "dev", veth)
+    return int(json.loads(shown.stdout)[0]["stats64"]["tx"]["bytes"])
+
+
+def test_two_namespaces_match_the_single_node_run(two_hosts, tmp_path):
+    single = subprocess.run(launch_command(2, tmp_path / "single"), env=worker_env(tmp_path / "single-out"),
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    run_dir, out = tmp_path / "runs", tmp_path / "out"
+    nodes = []
+    for rank, (ns, veth, addr) in enumerate(two_hosts):
+        cmd = ["ip", "netns", "exec", ns, PYTHON, "-m", "distrain", "launch", "--nnodes", "2", "--node-rank",
+               str(rank), "--local-addr", addr, "--nproc-per-node", "1", "--rdzv-endpoint", f"{SUBNET}.1:{PORT}",
+               QUICKSTART, *FAST, f"run.dir={run_dir}"]
+        env = worker_env(out, GLOO_SOCKET_IFNAME=veth)  # gloo binds the veth, not the namespace's loopback
+        nodes.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    for rank, (node, output) in enumerate(zip(nodes, outputs)):
+        assert node.returncode == 0, f"node {rank}:\n{output[-3000:]}"
+    assert processes_mentioning(str(run_dir)) == []
+
+    weights = load_weights(out, STEPS)
+    diff = max_rel_diff(load_weights(tmp_path / "single-out", STEPS), weights)
+    param_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+    sent = [tx_bytes(ns, veth) for ns, veth, _ in two_hosts]
+    print(f"two namespaces vs one node: max relative difference {diff:.3e}; bytes sent over the veth {sent}")
+    assert diff <= 1e-5
+    # Every step all-reduces every gradient between the two "hosts": that traffic crossed the veth pair.
+    assert min(sent) > STEPS * param_bytes, (sent, param_bytes)

@@ -1,0 +1,85 @@
+"""`distrain plan`: the ZeRO formulas it applies, its command line, and its predictions against the memory and
+traffic that real gloo processes measure (the memory benchmark suite's own jobs)."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import REPO, run_cli
+from distrain.planner import estimate, layouts
+
+PSI = 1_000_000
+BY_LABEL = {layout.label: layout for layout in layouts()}
+
+
+def _train(precision: str = "fp32", optimizer: str = "adamw"):
+    return OmegaConf.create({"precision": precision, "optimizer": optimizer, "momentum": 0.9})
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+def test_mixed_precision_deepspeed_follows_the_zero_paper(n):
+    # Rajbhandari et al. 2020, mixed-precision Adam (K = 12): stage 1 4Ψ+12Ψ/N, stage 2 2Ψ+14Ψ/N, stage 3 16Ψ/N.
+    paper = {1: 4 * PSI + 12 * PSI / n, 2: 2 * PSI + 14 * PSI / n, 3: 16 * PSI / n}
+    for stage, expected in paper.items():
+        e = estimate(BY_LABEL[f"deepspeed stage {stage}"], PSI, n, _train("bf16"))
+        assert e.states == pytest.approx(expected), stage
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+def test_fp32_analogue_of_the_formulas(n):
+    # fp32 (CPU): params 4Ψ, grads 4Ψ, Adam 8Ψ -> ddp 16Ψ, zero1 8Ψ+8Ψ/N, zero2 4Ψ+12Ψ/N, zero3 16Ψ/N.
+    expected = {"ddp": 16 * PSI, "zero1": 8 * PSI + 8 * PSI / n, "fsdp (full shard)": 16 * PSI / n,
+                "fsdp (shard grad op)": 16 * PSI / n,  # FSDP2 reshards after backward: ZeRO-3 at rest
+                # DeepSpeed steps on a separate fp32 copy of each partition even in fp32: 4 bytes more.
+                "deepspeed stage 1": 8 * PSI + 12 * PSI / n, "deepspeed stage 2": 4 * PSI + 16 * PSI / n,
+                "deepspeed stage 3": 20 * PSI / n}
+    for label, value in expected.items():
+        assert estimate(BY_LABEL[label], PSI, n, _train()).states == pytest.approx(value), label
+    # SGD with momentum keeps one buffer (4 bytes), plain SGD none.
+    assert estimate(BY_LABEL["ddp"], PSI, n, _train(optimizer="sgd")).states == pytest.approx(12 * PSI)
+
+
+def test_traffic_per_step_of_ring_collectives():
+    n, g = 4, 4 * PSI
+    ring = (n - 1) / n
+    assert estimate(BY_LABEL["ddp"], PSI, n, _train()).comm_bytes == pytest.approx(2 * ring * g)
+    assert estimate(BY_LABEL["zero1"], PSI, n, _train()).comm_bytes == pytest.approx(3 * ring * g)
+    # FSDP full shard on NCCL: all-gather in forward and in backward, one reduce-scatter: 3(N-1)/N (ZeRO-3).
+    full = estimate(BY_LABEL["fsdp (full shard)"], PSI, n, _train(), backend="nccl")
+    assert full.comm_bytes == pytest.approx(3 * ring * g)
+    h = BY_LABEL["local_sgd (H=4)"]
+    assert estimate(h, PSI, n, _train()).comm_bytes == pytest.approx(2 * ring * g / 4)
+
+
+def test_plan_command_flags_what_does_not_fit_and_recommends():
+    # gpt example: Ψ = 116,352; ddp needs 16Ψ = 1.78 MiB per rank, zero1 at N=2 12Ψ = 1.33 MiB.
+    proc = run_cli(["plan", "configs/gpt.yaml", "--world", "2", "--mem-per-rank", "0.0015"])
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split("  ")[0].strip(): line for line in proc.stdout.splitlines()}
+    assert "Ψ = 116,352" in proc.stdout
+    assert rows["ddp"].rstrip().endswith("NO") and rows["zero1"].rstrip().endswith("yes")
+    assert "recommended: zero1" in proc.stdout
+
+    nothing = run_cli(["plan", "configs/gpt.yaml", "--world", "2", "--mem-per-rank", "0.0001"])
+    assert nothing.returncode == 1 and "none fits" in nothing.stdout
+
+    bad = run_cli(["plan", "configs/gpt.yaml", "--world", "0"])
+    assert bad.returncode == 2 and "--world 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_predictions_match_measured_memory_and_traffic_with_real_processes():
+    """The memory suite's jobs at W=2 and W=3: every strategy's memory_report and profiled collectives."""
+    from benchmarks.options import Options
+    from benchmarks.suites import memory
+
+    result = memory.run(Options(), worlds=[2, 3])
+    rows = memory.compare(result)
+    measured = {(r["world"], r["label"]) for r in rows}
+    for w in (2, 3):
+        for label in ("ddp", "zero1", "fsdp (full shard)", "fsdp (shard grad op)"):
+            assert (w, label) in measured, f"{label} at W={w} was not measured"
+    for r in rows:
+        assert abs(r["error"]) <= 0.10, (f"W={r['world']} {r['label']}: measured {r['measured_mean']:.0f} B/rank, "
+                                         f"planner {r['predicted']:.0f} ({r['formula']})")
+        assert r["sent_measured"] == pytest.approx(r["sent_predicted"], rel=0.10), \
+            f"W={r['world']} {r['label']}: sent {r['sent_measured']:.0f} B/step, planner {r['sent_predicted']:.0f}"
+    assert REPO.exists()

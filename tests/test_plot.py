@@ -1,0 +1,73 @@
+"""Comparing runs: `distrain plot` (a headless PNG) and `distrain runs ls`, on two real quickstart runs (W=1, W=2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import read_jsonl, run_cli
+
+QUICK = ["configs/quickstart.yaml", "train.steps=40", "train.eval_every=20", "train.log_every=10",
+         "checkpoint.at_end=false"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    one = run_cli(["train", *QUICK, "run.name=w1", f"run.dir={runs}"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli(["launch", "--nproc-per-node", "2", *QUICK, "run.name=w2", "train.micro_batch=16", f"run.dir={runs}"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    return runs
+
+
+def test_plot_writes_a_png_comparing_both_runs(two_runs, tmp_path):
+    import matplotlib.image
+
+    out = tmp_path / "runs.png"
+    proc = run_cli(["plot", str(two_runs / "w1"), str(two_runs / "w2"), "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    assert "w1, w2" in proc.stdout and "Traceback" not in proc.stderr
+    image = matplotlib.image.imread(out)
+    assert image.shape[:2] == (950, 1800)
+    assert image[..., :3].std() > 0.05  # drawn on, not a blank canvas
+
+
+def test_figure_labels_both_runs_and_draws_their_logged_values(two_runs):
+    from distrain.plotting import build_figure
+    from distrain.runs import read_run
+
+    runs = [read_run(two_runs / "w1"), read_run(two_runs / "w2")]
+    fig = build_figure(runs, ["w1", "w2"])
+    loss_vs_step, loss_vs_samples, evaluation = fig.axes[0], fig.axes[1], fig.axes[2]
+    labels = loss_vs_step.get_legend().get_texts()
+    assert [t.get_text() for t in labels] == ["w1 train", "w1 eval", "w2 train", "w2 eval"]
+    for line, run in zip(loss_vs_step.get_lines()[::2], ("w1", "w2")):
+        records = [r for r in read_jsonl(two_runs / run / "metrics.jsonl") if "loss" in r]
+        assert list(line.get_xdata()) == [r["step"] for r in records]
+        assert list(line.get_ydata()) == [r["loss"] for r in records]
+    assert list(loss_vs_samples.get_lines()[0].get_xdata()) == [640, 1280, 1920, 2560]  # 64 samples per step
+    assert [t.get_text() for t in evaluation.get_legend().get_texts()] == ["w1 (accuracy)", "w2 (accuracy)"]
+
+
+def test_plot_accepts_a_directory_of_runs(two_runs, tmp_path):
+    proc = run_cli(["plot", str(two_runs), "--out", str(tmp_path / "all.svg")])
+    assert proc.returncode == 0, proc.stderr
+    assert "2 run(s): w1, w2" in proc.stdout
+    assert (tmp_path / "all.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_runs_ls_summarises_finished_runs(two_runs):
+    proc = run_cli(["runs", "ls", str(two_runs)])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:3] == ["RUN", "STATUS", "STEPS"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows["w1"][1:5] == ["finished", "40/40", "1", "ddp"] and rows["w2"][1:5] == ["finished", "40/40", "2", "ddp"]
+    as_json = [json.loads(line) for line in run_cli(["runs", "ls", str(two_runs), "--json"]).stdout.splitlines()]
+    for row in as_json:
+        records = read_jsonl(two_runs / row["name"] / "metrics.jsonl")
+        assert row["final_loss"] == [r for r in records if "loss" in r][-1]["loss"]
+        assert row["best_eval_loss"] == min(r["eval_loss"] for r in records if "eval_loss" in r)
+        assert row["wall_s"] > 0
