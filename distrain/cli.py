@@ -14,7 +14,7 @@ import sys
 import textwrap
 from typing import Optional, Sequence
 
-from distrain.errors import DistrainError, DistributedError, UsageError
+from distrain.errors import DistrainError, DistributedError, StorageError, UsageError
 
 # One module per subcommand, in the order `distrain --help` lists them.
 COMMAND_MODULES = [
@@ -81,9 +81,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("distrain: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        from distrain.storage import is_storage_error
+
+        if not is_storage_error(err):
+            _record_for_launcher(err)
+            raise
+        report = _storage_error(err)
+        print(f"distrain: error: {_paragraph(str(report))}", file=sys.stderr)
+        _record_for_launcher(report)
+        return report.exit_code
     except Exception as err:
         _record_for_launcher(err)
         raise
+
+
+def _storage_error(err: OSError) -> StorageError:
+    """A write the disk refused (full, quota, file-size limit, read-only), as one paragraph with what to do."""
+    import errno
+
+    from distrain.storage import write_failure_hint
+
+    where = f"'{err.filename}'" if err.filename else "a file"
+    hint = write_failure_hint(err.filename or os.getcwd())
+    return StorageError(f"Writing {where} failed: {err.strerror} ({errno.errorcode.get(err.errno, err.errno)})"
+                        + (f", because {hint}" if hint else "") + ". Free space or raise the limit, or point run.dir "
+                        f"at another disk; checkpoints already committed are intact and the run resumes from the "
+                        f"latest one.")
 
 
 def _record_for_launcher(err: BaseException) -> None:
@@ -95,5 +119,15 @@ def _record_for_launcher(err: BaseException) -> None:
 
 
 def _should_report() -> bool:
-    """Under a launcher every rank hits the same config error: let rank 0 alone say it."""
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    """Under a launcher every rank hits the same config error: let rank 0 alone say it.
+
+    Unless the launcher variables themselves are broken (a rank outside [0, world), a world without a rank 0
+    to speak): then this process may be the only one, and it reports.
+    """
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    world = os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS"))
+    try:
+        r, w = int(rank), int(world) if world is not None else None
+    except ValueError:
+        return True
+    return r == 0 or w is None or not 0 <= r < w

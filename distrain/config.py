@@ -81,11 +81,14 @@ FAULT_SIGNALS = ("USR1", "USR2", "TERM", "HUP", "INT")
 
 @dataclass
 class FaultsConfig:
-    # On any of these signals every rank stops at the end of the same step and a checkpoint is committed.
-    # USR1 is SLURM's "--signal=USR1@SECONDS" before the time limit; TERM is plain scancel / preemption / k8s.
+    # On any of these signals every rank stops after the same step, commits a checkpoint and exits 0. USR1 is
+    # what SLURM's --signal=USR1@SECONDS sends before the time limit; TERM is plain scancel, a preempting
+    # scheduler or torchrun's agent shutting down. An empty list leaves the process's signals alone.
     signals: List[str] = field(default_factory=lambda: ["USR1", "TERM"])
-    requeue: bool = True  # under SLURM, `scontrol requeue` the job after that checkpoint (when the signal requeues)
-    requeue_signals: List[str] = field(default_factory=lambda: ["USR1"])  # TERM is also a user's scancel: no requeue
+    requeue: bool = True  # under SLURM, `scontrol requeue` the job after that checkpoint (see requeue_signals)
+    # The signals (among faults.signals) after which the job also requeues itself. Not TERM by default: that
+    # is also a user's plain scancel, which must end the job.
+    requeue_signals: List[str] = field(default_factory=lambda: ["USR1"])
     watchdog: bool = True  # per-rank heartbeats: a collective that times out names the ranks that did not arrive
 
 
@@ -141,12 +144,25 @@ def _describe_omegaconf_error(err: OmegaConfBaseException, origin: str) -> Confi
         return ConfigError(f"Unknown config key '{key}' in {origin}.{hint}", key=str(key))
     if isinstance(err, ValidationError):
         value = getattr(err, "value", None)
-        expected = getattr(err, "ref_type", None) or getattr(err, "object_type", None)
+        expected = _declared_type(str(key)) or getattr(err, "ref_type", None) or getattr(err, "object_type", None)
         want = _type_name(expected) if expected is not None else "the declared type"
         return ConfigError(
             f"Config key '{key}' has value {value!r} in {origin}, which is not a valid {want}.", key=str(key)
         )
     return ConfigError(f"Config problem at '{key}' in {origin}: {err.msg if hasattr(err, 'msg') else err}", key=str(key))
+
+
+def _declared_type(key: str) -> Any:
+    """The annotated type of a dotted key in the schema (e.g. int for train.steps), or None."""
+    cls: Any = Config
+    tp: Any = None
+    for part in key.split("."):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return None
+        tp = fields[part].type
+        cls = fields[part].default_factory if dataclasses.is_dataclass(fields[part].default_factory) else None
+    return tp
 
 
 def _type_name(tp: Any) -> str:
@@ -162,6 +178,9 @@ def _allowed_keys(section: str) -> List[str]:
 
 def _load_yaml(path: Union[str, os.PathLike]) -> DictConfig:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"Config file '{path}' is a directory. Pass the path to a YAML file inside it, for example "
+                          f"configs/quickstart.yaml.", key="CONFIG")
     if not path.is_file():
         raise ConfigError(f"Config file '{path}' does not exist (or is not a file). Pass the path to a YAML file, "
                           f"for example configs/quickstart.yaml.", key="CONFIG")
@@ -283,6 +302,11 @@ class BatchPlan:
 def batch_plan(cfg: DictConfig, world_size: int) -> BatchPlan:
     """Derive grad_accum from global_batch = micro_batch x grad_accum x world_size, or explain why it can't."""
     g, w = int(cfg.train.global_batch), int(world_size)
+    if g < w:
+        raise ConfigError(
+            f"train.global_batch={g} is smaller than world_size={w}: each of the {w} ranks needs at least one sample "
+            f"per step. Raise train.global_batch to a multiple of {w} (e.g. {w * max(1, -(-g // w))}), or use at most "
+            f"{g} workers.", key="train.global_batch")
     if g % w:
         raise ConfigError(
             f"train.global_batch={g} cannot be split over world_size={w} ranks: it must be a multiple of the "

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import torch
 import torch.distributed as torch_dist
 
 from distrain.env import ProcessInfo
-from distrain.errors import ConfigError
+from distrain.errors import ConfigError, DistributedError
 
 
 def resolve_device(requested: str, info: ProcessInfo) -> torch.device:
@@ -51,9 +52,35 @@ def init_process_group(info: ProcessInfo, backend: str, device: torch.device, ti
         return True
     os.environ.setdefault("MASTER_ADDR", info.master_addr)
     os.environ.setdefault("MASTER_PORT", str(info.master_port))
-    torch_dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size, timeout=timeout,
-                                  **kwargs)
+    try:
+        torch_dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size, timeout=timeout,
+                                      **kwargs)
+    except (torch_dist.DistNetworkError, torch_dist.DistStoreError) as err:
+        raise _rendezvous_error(err, info, timeout_s) from None
     return True
+
+
+def _rendezvous_error(err: Exception, info: ProcessInfo, timeout_s: float) -> DistributedError:
+    """One paragraph for a rendezvous that failed: a port someone else holds, ranks that never came, or the rest."""
+    addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    detail = " ".join(str(err).split())
+    where = f"Rank {info.rank} of {info.world_size} on {socket.gethostname()}"
+    if "EADDRINUSE" in detail or "address already in use" in detail.lower():
+        from distrain.ports import describe_owner
+
+        return DistributedError(
+            f"{where} could not open the rendezvous at MASTER_ADDR:MASTER_PORT = {addr}:{port}: the port is already in "
+            f"use by {describe_owner(int(port))}. Start the job with a free port (MASTER_PORT=<port>, or "
+            f"--rdzv-endpoint HOST:<port>; `distrain doctor` suggests one), or stop that process.")
+    if isinstance(err, torch_dist.DistStoreError) or "timed out" in detail.lower() or "timeout" in detail.lower():
+        return DistributedError(
+            f"{where} waited dist.timeout_s={timeout_s:g} s at the rendezvous {addr}:{port} and not all "
+            f"{info.world_size} ranks arrived. Check that every rank was started with the same MASTER_ADDR, "
+            f"MASTER_PORT and WORLD_SIZE, that {addr}:{port} is reachable from every host (firewall; "
+            f"GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME on multi-homed hosts), and that no rank crashed at start-up "
+            f"(its log is in <run dir>/logs/). Torch said: {detail[:300]}")
+    return DistributedError(f"{where} could not join the process group at {addr}:{port}: {detail[:300]}. Check the "
+                            f"address and port, and that rank 0 is running.")
 
 
 def destroy_process_group() -> None:

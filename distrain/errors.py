@@ -33,6 +33,12 @@ class CheckpointError(DistrainError):
     exit_code = 2
 
 
+class StorageError(DistrainError):
+    """A write the storage refused: the disk is full, a quota or file-size limit was hit, or it is read-only."""
+
+    exit_code = 1
+
+
 class DistributedError(DistrainError):
     """A distributed failure: a rank that did not arrive, a collective that timed out."""
 

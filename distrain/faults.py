@@ -220,10 +220,10 @@ class FaultTolerance:
             self.log.error(message)
         return message
 
-    def abort_peers(self, reason: str) -> None:
+    def abort_peers(self, err: BaseException) -> None:
         """This rank is failing: tell the others' watchdogs, so a rank stuck outside a collective ends too."""
-        if self.watchdog is not None:
-            self.watchdog.post_abort(reason)
+        if self.watchdog is not None and not isinstance(err, (KeyboardInterrupt, SystemExit)):
+            self.watchdog.post_abort(f"{type(err).__name__}: {err}")
 
     def close(self) -> None:
         if self.watchdog is not None:

@@ -72,6 +72,35 @@ def root_cause(failures: Dict[int, Any]) -> Tuple[int, Any]:
     return min(failures.items(), key=key)
 
 
+def check_rdzv_endpoint(endpoint: str) -> None:
+    """Refuse an endpoint that cannot work, before torchrun's agent would wait on it for minutes.
+
+    A port on this machine held by a program other than a distrain/torchrun agent (which is node 0's rendezvous
+    when two "nodes" share a host) would make the agent retry a store that never answers.
+    """
+    from distrain.ports import describe_owner, free_port, is_local_host, port_in_use, port_owner
+
+    host, _, port_text = endpoint.rpartition(":")
+    if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise UsageError(f"--rdzv-endpoint {endpoint!r} must be HOST:PORT, e.g. node0:29400 (the same on every node).")
+    port = int(port_text)
+    if is_local_host(host) and port_in_use(port):
+        owner = port_owner(port)
+        if owner is None or not _is_launcher(owner[1]):
+            raise UsageError(f"--rdzv-endpoint {endpoint}: port {port} on this machine is already in use by "
+                             f"{describe_owner(port)}, which is not a distrain or torchrun rendezvous, so the nodes "
+                             f"could never meet there. Choose a free port, the same on every node (e.g. "
+                             f"{free_port()} is free now; `distrain doctor` checks ports), or stop that process.")
+
+
+def _is_launcher(cmdline: str) -> bool:
+    """Whether a command line is `distrain launch` or torchrun: node 0's agent, whose store is meant to be there."""
+    tokens = cmdline.split()
+    names = [os.path.basename(t) for t in tokens]
+    return ("torchrun" in names or "torch.distributed.run" in tokens
+            or ("launch" in tokens and "distrain" in names))
+
+
 def launch(args: argparse.Namespace) -> int:
     """Check the config against the job's world size, then run torchrun's agent in this process."""
     from distrain.config import load_config
@@ -83,6 +112,8 @@ def launch(args: argparse.Namespace) -> int:
     if args.max_restarts < 0:
         raise UsageError(f"--max-restarts {args.max_restarts} is not allowed: it must be 0 or more.")
     world = _world_size(args)
+    if args.rdzv_endpoint is not None:
+        check_rdzv_endpoint(args.rdzv_endpoint)
     preflight(load_config(args.config, args.overrides), world)  # fail here, once, not in every worker
 
     from torch.distributed import run as torchrun

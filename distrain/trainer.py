@@ -7,6 +7,7 @@ factory), map-style Datasets and loss callable. It runs in a single process and 
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -64,6 +65,10 @@ class Trainer:
             raise ConfigError("No loss function: the training data has no built-in task, so pass "
                               "loss_fn=... to distrain.Trainer (any callable (output, target) -> scalar).",
                               key="loss_fn")
+        if self.plan.global_batch > len(self.train_data):
+            raise ConfigError(f"train.global_batch={self.plan.global_batch} is larger than the training set "
+                              f"({len(self.train_data)} samples): every step would see some samples twice. Use "
+                              f"train.global_batch <= {len(self.train_data)}, or more data.", key="train.global_batch")
         self.sampler = GlobalStepSampler(len(self.train_data), self.plan.global_batch, seed=self.cfg.run.seed)
 
         torch.manual_seed(self.cfg.run.seed)  # identical initial weights on every rank, whatever the strategy
@@ -83,9 +88,10 @@ class Trainer:
                       f"{self.plan.micro_batch} x accum {self.plan.grad_accum} x world {self.plan.world_size}")
         self.checkpointer = Checkpointer(self.run_dir, self.cfg, self.strategy, self.info, self.sampler,
                                          model_object=None if model is None else user_model, data_spec=spec)
-        resume_from = self.checkpointer.resolve(self.cfg.train.resume)  # auto | never | PATH
+        resume_from = self.checkpointer.resolve(self.cfg.train.resume)  # auto | never | PATH, validated
         if resume_from is not None:
-            self.load_checkpoint(resume_from)
+            self.step = self.checkpointer.load(resume_from).step
+        self._record_config()
         self.faults.start(self.log, self.cfg.dist.timeout_s, backend)  # preemption signals, hang watchdog
 
     # --- setup helpers ---------------------------------------------------------------------------------
@@ -93,11 +99,18 @@ class Trainer:
         if self.info.is_main:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+                with tempfile.TemporaryFile(dir=self.run_dir):  # writable? (mkdir succeeds on a read-only dir)
+                    pass
             except OSError as err:
                 raise ConfigError(f"Run directory '{self.run_dir}' (run.dir/run.name) cannot be written: "
                                   f"{err.strerror}. Choose a writable run.dir.", key="run.dir") from None
         dist.barrier()
+
+    def _record_config(self) -> None:
+        """config.yaml of the run, written only once the run is sure to start: a refused resume (another model,
+        a changed config) leaves the existing run's record as it was."""
+        if self.info.is_main:
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
 
     def _datasets(self, train_data: Optional[Dataset], eval_data: Optional[Dataset]):
         if train_data is None:
@@ -209,7 +222,7 @@ class Trainer:
                               step=self.step, error=failure or f"{type(err).__name__}: {err}")
             if failure:
                 raise DistributedError(failure) from err
-            self.faults.abort_peers(f"{type(err).__name__}: {err}")
+            self.faults.abort_peers(err)
             raise
         finally:
             progress.close()
@@ -307,9 +320,9 @@ class Trainer:
         return self.checkpointer.save(self.step, reason=reason, blocking=True)
 
     def load_checkpoint(self, path: Union[str, Path]) -> None:
-        """Load model, optimizer and trainer state from a checkpoint directory (every rank); training continues
-        at its step, on exactly the next samples, at any world size."""
-        self.step = self.checkpointer.load(Path(path)).step
+        """Load model, optimizer and trainer state from a checkpoint (or a run's newest valid one), on every rank;
+        training continues at its step, on exactly the next samples, at any world size."""
+        self.step = self.checkpointer.load(self.checkpointer.resolve_path(Path(path))).step
 
     # --- results ---------------------------------------------------------------------------------------
     def full_state_dict(self) -> Dict[str, torch.Tensor]:

@@ -204,14 +204,15 @@ class Watchdog:
         beats[self.info.rank] = me
         message = explain(err, completed, beats, self.info.world_size, self.timeout_s, self.interval_s,
                           me=self.info.rank)
-        self.post_abort(message, beats)
+        self.post_abort(message, beats, wait=True)
         return message
 
-    def post_abort(self, message: str, beats: Optional[Dict[int, Optional[Heartbeat]]] = None) -> None:
+    def post_abort(self, message: str, beats: Optional[Dict[int, Optional[Heartbeat]]] = None,
+                   wait: bool = False) -> None:
         """Tell every rank's watchdog that this job has failed (first poster wins).
 
-        A rank whose process hosts the store (rank 0 under srun, or under torchrun without the agent's store)
-        then waits, briefly, until the live ranks have read it: the store ends with this process.
+        With ``wait``, a rank whose process hosts the store (rank 0 under srun, or under torchrun without the
+        agent's store) then waits, briefly, until the live ranks have read it: the store ends with this process.
         """
         if self._store is None:
             return
@@ -221,7 +222,7 @@ class Watchdog:
                 if first:
                     self._store.set("abort", json.dumps({"rank": self.info.rank, "time": time.time(),
                                                          "message": message}))
-            if first and self.info.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            if wait and first and self.info.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
                 beats = beats if beats is not None else self._read_heartbeats()
                 alive = sum(1 for r, b in beats.items() if r != self.info.rank and not (b and _process_gone(b)))
                 deadline = time.monotonic() + 2 * self.interval_s + 1
@@ -235,8 +236,9 @@ class Watchdog:
             self._store.add("abort/acks", 1)
 
     def _acknowledged(self) -> int:
+        """Ranks that know of the abort: those that acknowledged it, and the other ranks that posted one."""
         with self._lock:
-            return int(self._store.add("abort/acks", 0))
+            return int(self._store.add("abort/acks", 0)) + int(self._store.add("abort/count", 0)) - 1
 
     def _read_heartbeats(self) -> Dict[int, Optional[Heartbeat]]:
         beats: Dict[int, Optional[Heartbeat]] = {rank: None for rank in range(self.info.world_size)}

@@ -21,6 +21,9 @@ from distrain.checkpoint.retention import steps_to_keep
 from distrain.errors import CheckpointError
 from distrain.trainer import Trainer
 
+# DCP warns on every single-process save/load (strategy single), even when asked for one explicitly.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is (disabled, )?unavailable")
+
 MLP = str(REPO / "configs" / "mlp.yaml")
 FAST = ["strategy.name=single", "metrics.progress=none", "train.eval_every=0", "train.log_every=5",
         "train.optimizer=adamw", "train.lr=0.003", "data.eval_fraction=0.2"]
@@ -157,6 +160,10 @@ def test_resume_never_and_missing_path(two_checkpoints, tmp_path):
     run_dir = copy_run(two_checkpoints, tmp_path / "base")
     with Trainer(MLP, overrides=[f"run.dir={tmp_path}", "run.name=base", "train.resume=never", *FAST]) as trainer:
         assert trainer.step == 0
+        trainer.load_checkpoint(run_dir)  # a run directory: its newest valid checkpoint
+        assert trainer.step == 10
+        trainer.load_checkpoint(run_dir / "checkpoints" / step_name(5))
+        assert trainer.step == 5
     with pytest.raises(CheckpointError, match="does not exist"):
         Trainer(MLP, overrides=[f"run.dir={tmp_path}", "run.name=x", f"train.resume={run_dir}/nope", *FAST])
 
@@ -184,3 +191,22 @@ def test_ckpt_ls_and_inspect_cli(two_checkpoints, tmp_path, capsys):
 
     code, _, err = run_cli_here(["ckpt", "export", tmp_path / "nowhere", "--out", tmp_path / "m.safetensors"], capsys)
     assert code == 2 and "does not exist" in err and "Traceback" not in err
+
+
+def test_async_save_in_one_process_commits_and_resumes_exactly(tmp_path):
+    straight = train(tmp_path / "straight", 8)
+    run_dir = tmp_path / "async"
+    train(run_dir, 8, "checkpoint.every=4", "checkpoint.async_save=true")
+    root = run_dir / "checkpoints"
+    assert [s for s, _ in committed(root)] == [4, 8] and read_latest(root) == step_name(8)
+    assert len(log_lines(run_dir, "async: training blocked")) == 2
+    resumed = train(tmp_path / "resumed", 8, f"train.resume={root / step_name(4)}")
+    a, b = straight.full_state_dict(), resumed.full_state_dict()
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+
+def test_time_based_cadence(tmp_path):
+    run_dir = tmp_path / "timed"
+    train(run_dir, 3, "checkpoint.every_minutes=0.00001", "checkpoint.keep_last=5", "checkpoint.at_end=false")
+    reasons = [json.loads((p / "manifest.json").read_text())["reason"] for _, p in committed(run_dir / "checkpoints")]
+    assert reasons == ["every_minutes"] * 3

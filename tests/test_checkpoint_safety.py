@@ -21,6 +21,9 @@ from distrain.checkpoint.safe_load import load_full_state
 from distrain.errors import CheckpointError
 from distrain.trainer import Trainer
 
+# DCP warns on every single-process save/load (strategy single), even when asked for one explicitly.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is (disabled, )?unavailable")
+
 MLP = str(REPO / "configs" / "mlp.yaml")
 FAST = ["strategy.name=single", "metrics.progress=none", "train.eval_every=0", "train.optimizer=adamw"]
 
@@ -80,7 +83,6 @@ def test_pickle_payload_in_dcp_metadata_is_refused(checkpoint, tmp_path, capsys)
     assert marker.read_text() == "pwned"
 
 
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_pickle_payload_in_a_dcp_value_is_refused(checkpoint, tmp_path, capsys):
     import torch.distributed.checkpoint as dcp
 

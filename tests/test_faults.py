@@ -24,8 +24,9 @@ import pytest
 
 from distrain.config import load_config
 from distrain.errors import ConfigError
-from fault_helpers import (KILL_ENV, QUICKSTART, STALL_ENV, DELAY_ENV, launch_command, load_weights, max_rel_diff,
-                           processes_mentioning, run_json, steps_logged, wait_until, worker_env)
+from fault_helpers import (DELAY_ENV, FAST, KILL_ENV, PYTHON, QUICKSTART, REPO, STALL_ENV, launch_command,
+                           load_weights, max_rel_diff, processes_mentioning, run_json, steps_logged, wait_until,
+                           worker_env)
 
 STEPS = 20
 TOLERANCE = 1e-5  # fp32, relative; resumes here are in fact bit-exact
@@ -145,3 +146,14 @@ def test_kill9_at_five_random_steps_every_run_completes_exactly(tmp_path, refere
         if diff > TOLERANCE or restarts != [0, 1]:
             failures.append(f"rank {rank} step {step}: difference {diff:.3e}, attempts {restarts}")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+def test_local_cpu_script_restarts_after_a_kill(tmp_path, reference):
+    """launch/local_cpu.sh: 2 CPU workers, MAX_RESTARTS=1; rank 0 is killed in step 9 and the group recovers."""
+    run_dir, out = tmp_path / "runs", tmp_path / "out"
+    env = worker_env(out, **{KILL_ENV: "0:9"}, NPROC="2", MAX_RESTARTS="1", DISTRAIN_PYTHON=PYTHON)
+    proc = run([str(REPO / "launch" / "local_cpu.sh"), *FAST, f"run.dir={run_dir}", "checkpoint.every=4"], env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert max_rel_diff(reference, load_weights(out, STEPS)) <= TOLERANCE
+    assert [a["start_step"] for a in run_json(run_dir)["attempts"]] == [0, 8]

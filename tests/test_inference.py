@@ -15,6 +15,9 @@ from distrain.data import build_datasets, fetch_batch, split_input_target
 from distrain.errors import CheckpointError
 from distrain.trainer import Trainer
 
+# DCP warns on every single-process save/load (strategy single), even when asked for one explicitly.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is (disabled, )?unavailable")
+
 FAST = ["strategy.name=single", "metrics.progress=none", "train.eval_every=0"]
 INDICES = [0, 5, 17, 100]
 

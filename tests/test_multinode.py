@@ -11,11 +11,12 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from fault_helpers import (FAST, PYTHON, QUICKSTART, launch_command, load_weights, max_rel_diff, processes_mentioning,
-                           worker_env)
+from fault_helpers import (FAST, PYTHON, QUICKSTART, REPO, launch_command, load_weights, max_rel_diff,
+                           processes_mentioning, worker_env)
 
 pytestmark = pytest.mark.multinode
 
@@ -61,17 +62,35 @@ def tx_bytes(ns: str, veth: str) -> int:
     return int(json.loads(shown.stdout)[0]["stats64"]["tx"]["bytes"])
 
 
-def test_two_namespaces_match_the_single_node_run(two_hosts, tmp_path):
-    single = subprocess.run(launch_command(2, tmp_path / "single"), env=worker_env(tmp_path / "single-out"),
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
+@pytest.fixture(scope="module")
+def single_node(tmp_path_factory) -> dict:
+    """Final weights of the same run on one node with the same world size (2)."""
+    root = tmp_path_factory.mktemp("single")
+    proc = subprocess.run(launch_command(2, root / "runs"), env=worker_env(root / "out"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_weights(root / "out", STEPS)
 
+
+def distrain_launch_node(rank: int, addr: str, run_dir: Path) -> list:
+    return [PYTHON, "-m", "distrain", "launch", "--nnodes", "2", "--node-rank", str(rank), "--local-addr", addr,
+            "--nproc-per-node", "1", "--rdzv-endpoint", f"{SUBNET}.1:{PORT}", QUICKSTART, *FAST,
+            f"run.dir={run_dir}"]
+
+
+def torchrun_script_node(rank: int, addr: str, run_dir: Path) -> list:
+    return ["env", "NNODES=2", f"NODE_RANK={rank}", "NPROC_PER_NODE=1", f"MASTER_ADDR={SUBNET}.1",
+            f"MASTER_PORT={PORT}", f"LOCAL_ADDR={addr}", f"DISTRAIN_PYTHON={PYTHON}",
+            str(REPO / "launch" / "torchrun.sh"), QUICKSTART, *FAST, f"run.dir={run_dir}"]
+
+
+@pytest.mark.parametrize("node_command", [distrain_launch_node, torchrun_script_node],
+                         ids=["distrain-launch", "launch-torchrun.sh"])
+def test_two_namespaces_match_the_single_node_run(two_hosts, single_node, tmp_path, node_command):
     run_dir, out = tmp_path / "runs", tmp_path / "out"
     nodes = []
     for rank, (ns, veth, addr) in enumerate(two_hosts):
-        cmd = ["ip", "netns", "exec", ns, PYTHON, "-m", "distrain", "launch", "--nnodes", "2", "--node-rank",
-               str(rank), "--local-addr", addr, "--nproc-per-node", "1", "--rdzv-endpoint", f"{SUBNET}.1:{PORT}",
-               QUICKSTART, *FAST, f"run.dir={run_dir}"]
+        cmd = ["ip", "netns", "exec", ns, *node_command(rank, addr, run_dir)]
         env = worker_env(out, GLOO_SOCKET_IFNAME=veth)  # gloo binds the veth, not the namespace's loopback
         nodes.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
@@ -85,7 +104,7 @@ def test_two_namespaces_match_the_single_node_run(two_hosts, tmp_path):
     assert processes_mentioning(str(run_dir)) == []
 
     weights = load_weights(out, STEPS)
-    diff = max_rel_diff(load_weights(tmp_path / "single-out", STEPS), weights)
+    diff = max_rel_diff(single_node, weights)
     param_bytes = sum(t.numel() * t.element_size() for t in weights.values())
     sent = [tx_bytes(ns, veth) for ns, veth, _ in two_hosts]
     print(f"two namespaces vs one node: max relative difference {diff:.3e}; bytes sent over the veth {sent}")

@@ -4,7 +4,7 @@ traffic that real gloo processes measure (the memory benchmark suite's own jobs)
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, run_cli
+from conftest import run_cli
 from distrain.planner import estimate, layouts
 
 PSI = 1_000_000
@@ -71,7 +71,11 @@ def test_predictions_match_measured_memory_and_traffic_with_real_processes():
     from benchmarks.options import Options
     from benchmarks.suites import memory
 
-    result = memory.run(Options(), worlds=[2, 3])
+    # Every engine family once (accelerate and deepspeed stage 0 keep DDP's layout; stage 1 is covered by zero1
+    # and stage 2) keeps this within a minute.
+    only = ["ddp", "zero1", "fsdp (full shard)", "fsdp (shard grad op)", "deepspeed stage 2", "deepspeed stage 3",
+            "local_sgd (H=4)"]
+    result = memory.run(Options(), worlds=[2, 3], only=only)
     rows = memory.compare(result)
     measured = {(r["world"], r["label"]) for r in rows}
     for w in (2, 3):
@@ -82,4 +86,3 @@ def test_predictions_match_measured_memory_and_traffic_with_real_processes():
                                          f"planner {r['predicted']:.0f} ({r['formula']})")
         assert r["sent_measured"] == pytest.approx(r["sent_predicted"], rel=0.10), \
             f"W={r['world']} {r['label']}: sent {r['sent_measured']:.0f} B/step, planner {r['sent_predicted']:.0f}"
-    assert REPO.exists()

@@ -118,3 +118,18 @@ def test_a_save_killed_mid_write_leaves_latest_at_the_previous_checkpoint(tmp_pa
     assert f"resume: loaded {root / step_name(5)} at step 5" in proc.stderr
     assert [s for s, _ in committed(root)] == [10, 15, 20] and read_latest(root) == step_name(20)
     assert not leftovers(root)
+
+
+@pytest.mark.slow
+def test_deepspeed_engine_checkpoint_resumes_exactly(tmp_path):
+    """The engine branch: DeepSpeed saves itself (ZeRO stage 0 reloads at any world size), distrain commits it."""
+    if "deepspeed" not in STRATEGIES:
+        pytest.skip("strategy 'deepspeed' is not registered in distrain.strategies.STRATEGIES yet")
+    common = [o for o in COMMON if not o.startswith("train.steps")] + [
+        "train.steps=20", "strategy.name=deepspeed", "strategy.kwargs.stage=0", f"run.dir={tmp_path}"]
+    straight = run_world(MLP, 2, tmp_path / "straight" / "out",
+                         [*common, "run.name=straight", "train.resume=never", "checkpoint.every=10"])
+    ckpt = tmp_path / "straight" / "checkpoints" / step_name(10)
+    assert (ckpt / "engine").is_dir() and (ckpt / "model.safetensors").is_file()
+    resumed = run_world(MLP, 1, tmp_path / "w1" / "out", [*common, "run.name=w1", f"train.resume={ckpt}"])
+    assert _max_rel_diff(straight.weights, resumed.weights) <= 1e-5

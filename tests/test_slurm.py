@@ -59,6 +59,13 @@ def test_submit_checks_the_world_size_before_queueing():
     assert proc.returncode == 2 and "train.global_batch=64" in proc.stderr and "world_size=3" in proc.stderr
 
 
+@pytest.mark.parametrize("script", ["slurm.sbatch", "local_cpu.sh", "torchrun.sh", "slurm-local/start.sh",
+                                    "slurm-local/stop.sh"])
+def test_launch_scripts_are_valid_shell(script):
+    proc = subprocess.run(["bash", "-n", str(REPO / "launch" / script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
 # --- the cluster -------------------------------------------------------------------------------------------
 def _cluster_answers() -> bool:
     try:

@@ -30,17 +30,20 @@ CONFIG = "configs/gpt.yaml"
 OVERRIDES = ["train.global_batch=24", "train.micro_batch=4"]
 TARGET = 0.10
 WORLDS = [1, 2, 3]
+# A smoke run measures one layout of each engine at W=2 only.
+SMOKE_LAYOUTS = ["ddp", "zero1", "fsdp (full shard)", "deepspeed stage 2", "accelerate", "local_sgd (H=4)"]
 
 
 def run(opts: Options, worlds: List[int] = (), config: str = CONFIG, overrides: List[str] = tuple(OVERRIDES),
         only: List[str] = ()) -> Dict[str, Any]:
     """One job per world size; every available layout (or those labelled in ``only``) is measured in each job."""
+    only = list(only) or (SMOKE_LAYOUTS if opts.smoke else [])
     chosen = [layout for layout in layouts() if not strategy_missing(layout.strategy)
               and (not only or layout.label in only)]
     skipped = {layout.label: strategy_missing(layout.strategy) for layout in layouts()
                if strategy_missing(layout.strategy)}
     out: Dict[str, Any] = {"config": config, "overrides": list(overrides), "skipped": skipped, "worlds": {}}
-    for w in (worlds or ([1, 2] if opts.smoke else WORLDS)):
+    for w in (worlds or ([2] if opts.smoke else WORLDS)):
         params = opts.job_params(config=config, overrides=list(overrides), layouts=[x.label for x in chosen])
         # Memory does not depend on speed: a third rank on two cores is fine here.
         out["worlds"][str(w)] = run_job(NAME, params, w, opts.threads_per_rank, opts.timeout_s)
@@ -61,13 +64,14 @@ def worker(params: Dict[str, Any], info: ProcessInfo, device: torch.device) -> D
             continue
         trainer = contestant.trainer
         report = memory_before_update(trainer, steps=2)
+        # Traffic per step over a whole sync period (local SGD talks every `every` steps).
         before = trainer.strategy.comm_bytes
-        profiled = collective_bytes(lambda: trainer.train_step(2))
-        counted = None if before is None else trainer.strategy.comm_bytes - before
+        profiled = collective_bytes(lambda: [trainer.train_step(2 + i) for i in range(layout.every)])
+        counted = None if before is None else (trainer.strategy.comm_bytes - before) / layout.every
         contestant.close()
         rows.append({"label": layout.label, "ranks": dist.all_gather_object(report),
-                     "collectives": dist.all_gather_object(profiled),
-                     "wire_bytes": dist.all_gather_object(wire_bytes(profiled, info.world_size)),
+                     "collectives": dist.all_gather_object({k: v / layout.every for k, v in profiled.items()}),
+                     "wire_bytes": dist.all_gather_object(wire_bytes(profiled, info.world_size) / layout.every),
                      "strategy_counted_bytes": dist.all_gather_object(counted)})
     return {"world_size": info.world_size, "params": n_params, "rows": rows, "notes": notes,
             "backend": torch.distributed.get_backend(),

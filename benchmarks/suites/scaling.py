@@ -4,7 +4,7 @@ and bytes communicated per sample for ddp against local_sgd with H = 1, 4, 8, 16
 Weak scaling: every rank keeps the same micro-batch (global batch = micro x W), one thread per rank. Jobs at
 different world sizes cannot share processes, so they run in alternating passes (W=1, 2, 3, W=1, 2, 3, ...)
 and each W's step times are pooled over the passes. Bytes per sample come from torch.profiler's record of the
-collectives over 16 steps (a whole number of periods for every H).
+collectives over 16 steps (a whole number of periods for every H), in the first W=2 job.
 """
 
 from __future__ import annotations
@@ -42,36 +42,32 @@ def run(opts: Options) -> Dict[str, Any]:
         skipped["local_sgd"] = why
     else:
         contestants[f"local_sgd (H={SCALING_H})"] = ("local_sgd", {"sync_every": SCALING_H})
+    periods = [] if "local_sgd" in skipped else [1, 4] if opts.smoke else PERIODS
+    profiled = {"ddp": ("ddp", {})}
+    profiled.update({f"local_sgd H={h}": ("local_sgd", {"sync_every": h}) for h in periods})
     timings: Dict[str, Dict[str, List[float]]] = {str(w): {} for w in worlds}
-    for _ in range(passes):
+    comm: Dict[str, Any] = {}
+    for p in range(passes):
         for w in worlds:
+            # The first pass at the comparison world size also profiles the bytes per sample of every period.
+            profile = p == 0 and w == opts.nproc
             params = opts.job_params(config=CONFIG, overrides=[f"train.global_batch={MICRO * w}",
                                                                f"train.micro_batch={MICRO}"],
                                      contestants=contestants, rounds=opts.timed_rounds(full=40, smoke=2),
-                                     warmup=opts.pick(full=3, smoke=1))
+                                     warmup=opts.pick(full=3, smoke=1), profiled=profiled if profile else {},
+                                     profile_steps=max(periods + [4]))
             job = run_job(NAME, params, w, opts.threads_per_rank, opts.timeout_s)
             for label, times in job["times"].items():
                 timings[str(w)].setdefault(label, []).extend(times)
+            if profile:
+                comm = {"world_size": w, "bytes_per_sample": job["bytes_per_sample"], "notes": job["notes"]}
     rows = []
     for w, per_label in timings.items():
         for label, times in per_label.items():
             s = stats.summary(times)
             rows.append({"world": int(w), "label": label, "step": s, "samples_per_s": MICRO * int(w) / s["median"],
                          "oversubscribed": int(w) * opts.threads_per_rank > cores})
-    periods = [] if "local_sgd" in skipped else [1, 4] if opts.smoke else PERIODS
-    comm = _bytes_per_sample(opts, periods)
     return {"rows": rows, "cores": cores, "micro": MICRO, "passes": passes, "skipped": skipped, "bytes": comm}
-
-
-def _bytes_per_sample(opts: Options, periods: List[int]) -> Dict[str, Any]:
-    """One 2-rank job: ddp and local_sgd at each period H, each profiled over a whole number of periods."""
-    contestants = {"ddp": ("ddp", {})}
-    contestants.update({f"local_sgd H={h}": ("local_sgd", {"sync_every": h}) for h in periods})
-    steps = max(periods + [4]) if not opts.smoke else 4
-    params = opts.job_params(config=CONFIG, overrides=[f"train.global_batch={MICRO * opts.nproc}",
-                                                       f"train.micro_batch={MICRO}"],
-                             contestants=contestants, rounds=0, warmup=0, profile_steps=steps)
-    return run_job(NAME, params, opts.nproc, opts.threads_per_rank, opts.timeout_s)
 
 
 def worker(params: Dict[str, Any], info: ProcessInfo, device: torch.device) -> Dict[str, Any]:
@@ -82,22 +78,23 @@ def worker(params: Dict[str, Any], info: ProcessInfo, device: torch.device) -> D
         c = build_on_all_ranks(label, lambda: DistrainContestant(work, strategy, kwargs), notes)
         if c is not None:
             built[label] = c
-    out: Dict[str, Any] = {"world_size": info.world_size, "notes": notes, "workload": work.describe()}
-    if params["rounds"]:
-        out["times"] = interleaved_rounds({k: c.step for k, c in built.items()}, params["rounds"], params["warmup"],
-                                          device)
-    if params.get("profile_steps"):
-        n = params["profile_steps"]
-        out["bytes_per_sample"] = {}
-        for label, c in built.items():
-            counted = collective_bytes(lambda: [c.step(s) for s in range(n)])
-            out["bytes_per_sample"][label] = {
-                "collectives": counted, "steps": n,
-                "wire_bytes_per_sample": wire_bytes(counted, info.world_size) / (n * work.plan.global_batch),
-                "payload_bytes_per_sample": sum(counted.values()) / (n * work.plan.global_batch)}
+    times = interleaved_rounds({k: c.step for k, c in built.items()}, params["rounds"], params["warmup"], device)
     for c in built.values():
         c.close()
-    return out
+    bytes_per_sample: Dict[str, Any] = {}
+    n = params["profile_steps"]
+    for label, (strategy, kwargs) in params["profiled"].items():
+        c = build_on_all_ranks(label, lambda: DistrainContestant(work, strategy, kwargs), notes)
+        if c is None:
+            continue
+        counted = collective_bytes(lambda: [c.step(s) for s in range(n)])  # a whole number of periods
+        c.close()
+        bytes_per_sample[label] = {
+            "collectives": counted, "steps": n,
+            "wire_bytes_per_sample": wire_bytes(counted, info.world_size) / (n * work.plan.global_batch),
+            "payload_bytes_per_sample": sum(counted.values()) / (n * work.plan.global_batch)}
+    return {"world_size": info.world_size, "notes": notes, "workload": work.describe(), "times": times,
+            "bytes_per_sample": bytes_per_sample}
 
 
 def report(result: Dict[str, Any], ctx: Any) -> Section:

@@ -13,7 +13,6 @@ A save killed anywhere before the rename leaves only a ``.tmp-`` directory, whic
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import shutil
@@ -23,7 +22,7 @@ import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch.distributed as torch_dist
 from omegaconf import DictConfig
@@ -42,7 +41,7 @@ from distrain.checkpoint.trainer_state import TrainerState, read_rng, restore_rn
 from distrain.config import config_hash, to_container
 from distrain.data import GlobalStepSampler
 from distrain.env import ProcessInfo
-from distrain.errors import CheckpointError
+from distrain.errors import CheckpointError, StorageError
 from distrain.logs import get_logger
 from distrain.runinfo import versions
 from distrain.strategies.base import Strategy
@@ -50,6 +49,11 @@ from distrain.strategies.base import Strategy
 # Fault injection for tests: "STEP:SECONDS" makes every rank sleep inside the save of checkpoint STEP, after the
 # trainer state is written and before the shards are, so a test can kill a save in the middle.
 STALL_ENV = "DISTRAIN_CHECKPOINT_STALL"
+
+# DCP warns on every save/load without a process group even when asked for one with no_dist=True (strategy
+# single); async saves warn from DCP's own thread, where a catch_warnings() context would not reach.
+warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized",
+                        category=UserWarning)
 
 
 def model_description(cfg: DictConfig, model_object: Optional[nn.Module]) -> Dict[str, Any]:
@@ -159,9 +163,16 @@ class Checkpointer:
             self.last_blocked_s = blocked
             return final
         dist.barrier()  # every rank's files are on disk
+        failure = None
         if self.info.is_main:
-            self._commit(step, tmp, final, reason, started, blocked_s=None)
-        dist.barrier()  # nobody returns (and perhaps exits, on preemption) before the checkpoint is committed
+            try:
+                self._commit(step, tmp, final, reason, started, blocked_s=None)
+            except OSError as err:  # disk full, permissions: every rank must hear of it, not wait forever
+                failure = f"committing checkpoint step {step} ({tmp} -> {final}) failed: {err}"
+        # Nobody returns (and perhaps exits, on preemption) before the checkpoint is committed, and all agree on it.
+        failure = dist.broadcast_object(failure)
+        if failure:
+            raise CheckpointError(f"{failure}. The previous checkpoint stays the latest.")
         self.last_saved_step = step
         self._last_save_time = time.monotonic()
         self.last_blocked_s = time.perf_counter() - started
@@ -174,15 +185,19 @@ class Checkpointer:
         state = self.strategy.checkpoint_state()
         writer = dcp.FileSystemWriter(str(tmp / DCP_DIR))
         try:
-            with _single_process_quiet():
-                if use_async:
-                    return dcp.async_save(state, storage_writer=writer, process_group=self._group,
-                                          no_dist=_no_dist())
-                dcp.save(state, storage_writer=writer, no_dist=_no_dist())
-                return None
+            if use_async:
+                return dcp.async_save(state, storage_writer=writer, process_group=self._group, no_dist=_no_dist())
+            dcp.save(state, storage_writer=writer, no_dist=_no_dist())
+            return None
         except BaseException as err:  # DCP raises CheckpointException, a BaseException, on every rank
             if isinstance(err, (KeyboardInterrupt, SystemExit)):
                 raise
+            from distrain.storage import write_failure_hint
+
+            hint = write_failure_hint(tmp)
+            if hint:  # the storage said no: a runtime failure with its cause, not a cryptic writer message
+                raise StorageError(f"Saving checkpoint step {step} into {tmp} failed because {hint}. The previous "
+                                   f"checkpoint stays the latest. (The writer said: {_first_line(err)}.)") from None
             raise CheckpointError(f"Saving checkpoint step {step} into {tmp} failed: {_first_line(err)}. The "
                                   f"previous checkpoint stays the latest.") from None
 
@@ -286,6 +301,13 @@ class Checkpointer:
             raise CheckpointError(outcome[1], key=outcome[2])
         return Path(outcome[1]) if outcome[1] else None
 
+    def resolve_path(self, path: Path) -> Path:
+        """A validated checkpoint directory from a checkpoint, checkpoints or run directory; same on all ranks."""
+        found = self.resolve(str(path)) if str(path) not in ("auto", "never") else None
+        if found is None:
+            raise CheckpointError(f"{str(path)!r} is not a checkpoint path; give {PATH_HELP}.")
+        return found
+
     def _choose(self, resume: str) -> Optional[str]:
         if resume == "auto":
             found, skipped = newest_valid(self.root)
@@ -344,9 +366,8 @@ class Checkpointer:
         read_metadata(path / DCP_DIR)  # refuse a tampered metadata file with a clear message, on every rank
         target = self.strategy.checkpoint_state()
         try:
-            with _single_process_quiet():
-                dcp.load(target, storage_reader=SafeFileSystemReader(str(path / DCP_DIR)),
-                         planner=SafeLoadPlanner(), no_dist=_no_dist())
+            dcp.load(target, storage_reader=SafeFileSystemReader(str(path / DCP_DIR)), planner=SafeLoadPlanner(),
+                     no_dist=_no_dist())
         except BaseException as err:  # noqa: BLE001 - DCP wraps failures in CheckpointException (a BaseException)
             raise explain_dcp_error(err, path) from None
         self.strategy.load_checkpoint_state(target)
@@ -395,14 +416,6 @@ def _spec_dict(spec: Any) -> Optional[Dict[str, Any]]:
 def _no_dist() -> bool:
     """No process group (strategy single): DCP saves and loads in this one process."""
     return not (torch_dist.is_available() and torch_dist.is_initialized())
-
-
-@contextlib.contextmanager
-def _single_process_quiet() -> Iterator[None]:
-    """DCP warns on every single-process save/load even when asked for one explicitly (strategy single)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
-        yield
 
 
 def _first_line(err: BaseException) -> str:

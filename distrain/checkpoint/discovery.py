@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -85,7 +84,3 @@ def list_checkpoints(root: Path, checksums: bool = True) -> List[Listing]:
                             "uncommitted: a save that never finished (or a deletion cut short)", False))
     return rows
 
-
-def manifest_summary(path: Path) -> str:
-    manifest = read_manifest(path)
-    return json.dumps({k: v for k, v in (manifest or {}).items() if k != "files"})

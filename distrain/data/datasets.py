@@ -7,6 +7,7 @@ registry the shapes (input size, classes, vocabulary) and the trainer the task (
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import string
 import sysconfig
 from dataclasses import dataclass, field
@@ -111,8 +112,14 @@ def text(block_size: int = 64, max_chars: int = 1_000_000, eval_fraction: float 
 
     The eval split is the tail of the corpus (contiguous, so no eval window overlaps a training window).
     """
+    if not (isinstance(block_size, int) and block_size >= 1):
+        raise ConfigError(f"data.kwargs.block_size={block_size!r} is not allowed: it must be a positive integer (the "
+                          f"window length in characters, e.g. 64).", key="data.kwargs.block_size")
     ids = encode(stdlib_corpus(max_chars))
     n_windows = (len(ids) - 1) // block_size
+    if n_windows < 2:
+        raise ConfigError(f"data.kwargs.max_chars={max_chars!r} gives {len(ids)} characters, fewer than two windows of "
+                          f"block_size={block_size}: raise max_chars or lower block_size.", key="data.kwargs.max_chars")
     cut = n_windows - max(1, int(round(n_windows * eval_fraction))) if eval_fraction > 0 else n_windows
     x = ids[:n_windows * block_size].view(n_windows, block_size)
     y = ids[1:n_windows * block_size + 1].view(n_windows, block_size)
@@ -123,6 +130,10 @@ def text(block_size: int = 64, max_chars: int = 1_000_000, eval_fraction: float 
 def regression(num_samples: int = 4096, dim: int = 16, outputs: int = 1, noise: float = 0.1, seed: int = 0,
                eval_fraction: float = 0.2) -> Tuple[TensorPairDataset, TensorPairDataset]:
     """Synthetic linear-plus-tanh regression, for MSE tests."""
+    for key, value, least in (("num_samples", num_samples, 2), ("dim", dim, 1), ("outputs", outputs, 1)):
+        if not (isinstance(value, int) and value >= least):
+            raise ConfigError(f"data.kwargs.{key}={value!r} is not allowed: it must be an integer of at least {least}.",
+                              key=f"data.kwargs.{key}")
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(num_samples, dim, generator=gen)
     w = torch.randn(dim, outputs, generator=gen) / dim ** 0.5
@@ -146,6 +157,12 @@ def build_datasets(name: str, kwargs: Dict[str, Any], eval_fraction: float
         raise ConfigError(f"Unknown dataset data.name={name!r}. Built-in datasets: {', '.join(DATASETS)}; "
                           f"or pass your own map-style Dataset to distrain.Trainer(train_data=...).", key="data.name")
     kwargs = dict(kwargs)
+    accepted = [p for p in inspect.signature(DATASETS[name]).parameters if p != "eval_fraction"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ConfigError(f"Config key(s) {', '.join('data.kwargs.' + k for k in unknown)} not accepted by dataset "
+                          f"{name!r}. Allowed: {', '.join(accepted) or 'none'} (the eval share is data.eval_fraction).",
+                          key=f"data.kwargs.{unknown[0]}")
     kwargs.setdefault("eval_fraction", eval_fraction)
     try:
         train, evaluation = DATASETS[name](**kwargs)
