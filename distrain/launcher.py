@@ -117,6 +117,7 @@ def launch(args: argparse.Namespace) -> int:
     preflight(load_config(args.config, args.overrides), world)  # fail here, once, not in every worker
 
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     # The agent's rendezvous store outlives a restart, and with it the workers' process-group keys of the failed
@@ -136,6 +137,11 @@ def launch(args: argparse.Namespace) -> int:
               f"{', ' + detail[-1] if detail else ''}); {len(err.failures)} rank(s) failed in all. Each rank's log "
               f"is in <run dir>/logs/rank<N>.log.", file=sys.stderr)
         return 2 if codes == {2} else 1
+    except SignalException as err:
+        # The agent forwarded the signal to the workers, which (faults.signals) commit a checkpoint and stop.
+        print(f"distrain: launch stopped by {signal.Signals(err.sigval).name}; the workers were asked to checkpoint "
+              f"and stop. Run the same command again to resume.", file=sys.stderr)
+        return 128 + int(err.sigval)
     except DistrainError:
         raise
     return 0

@@ -64,7 +64,7 @@ class Progress:
 
     def write(self, line: str) -> None:
         if self.bar is not None:
-            self.bar.write(line, file=sys.stderr)
+            self.bar.write(f"[distrain] {line}", file=sys.stderr)  # above the bar, looking like the log lines
         elif self.mode != "none":
             get_logger().info(line)
 

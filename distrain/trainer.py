@@ -179,8 +179,10 @@ class Trainer:
             record.start(self.info.world_size, vars(self.plan) | {"per_rank": self.plan.per_rank}, self.step)
             self.faults.record_attempt(record, self.step)  # SLURM / torchelastic restart counts of this run
             record.update(perf=self.throughput.describe() | {"memory": memory_kind(self.device)})
-            self.log.info(f"model FLOPs per sample: {self.throughput.flops.per_sample or 0:.4g} "
-                          f"({self.throughput.flops.method}); peak FLOP/s: {self.throughput.peak.source}")
+            flops, peak = self.throughput.flops, self.throughput.peak
+            self.log.info(f"model FLOPs per sample: {f'{flops.per_sample:.4g}' if flops.per_sample else 'unknown'} "
+                          f"({flops.method}); MFU: {f'{peak.value:.4g} FLOP/s peak from ' if peak.value else ''}"
+                          f"{peak.source}")
         progress = Progress(cfg.metrics.progress if self.info.is_main else "none", total, self.step,
                             description=cfg.run.name)
         final: Dict[str, Any] = {}

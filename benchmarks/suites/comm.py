@@ -62,8 +62,10 @@ def worker(params: Dict[str, Any], info: ProcessInfo, device: torch.device) -> D
     n_params = sum(p.numel() for p in default.trainer.strategy.module.parameters())
     raw = RawGradientSync(work)
 
+    # The compute-only reference is a model of its own, so no_sync never touches the measured DDP's state.
+    reference = DistrainContestant(work, "ddp", {})
     steps = {label: c.step for label, c in built.items()}
-    steps["no sync"] = step_without_grad_sync(default.trainer)
+    steps["no sync"] = step_without_grad_sync(reference.trainer)
     times = interleaved_rounds(steps, params["rounds"], params["warmup"], device)
 
     # Collective time, from the profiler: each rank's record of every all-reduce the step issued; the variants
@@ -71,7 +73,7 @@ def worker(params: Dict[str, Any], info: ProcessInfo, device: torch.device) -> D
     first = params["warmup"] + params["rounds"]
     profiled_steps = {**{label: c.step for label, c in built.items()}, RAW: raw.step}
     profiled = _profiled_rounds(profiled_steps, first, params["profile_steps"])
-    for c in built.values():
+    for c in [*built.values(), reference]:
         c.close()
 
     w = info.world_size

@@ -1,0 +1,75 @@
+"""The benchmarks keep running: a smoke run of every suite (marked `bench`: 1.5-3 minutes on 2 cores, depending on
+how busy they are) and the command-line front doors (`distrain bench`, `benchmarks/ddp_overhead.py`).
+
+Speed is never asserted here (the CPU is shared): the smoke run checks that each suite measured what it says,
+with real gloo processes, and that the report and the plots are written.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, child_env, run_cli
+
+
+def test_ddp_overhead_script_runs_from_a_plain_python():
+    # Issue 3's benchmark as a script: it finds the repository on its own (the smoke run covers the ddp pair).
+    proc = subprocess.run([sys.executable, "benchmarks/ddp_overhead.py", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=child_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "--rounds" in proc.stdout and "--smoke" in proc.stdout
+
+
+def test_bench_command_lists_the_suites_and_rejects_unknown_ones():
+    proc = run_cli(["bench", "--help"])
+    assert proc.returncode == 0
+    for suite in ("step_time", "comm", "memory", "scaling", "startup", "ddp_overhead"):
+        assert suite in proc.stdout
+    bad = run_cli(["bench", "no_such_suite"])
+    assert bad.returncode == 2 and "no_such_suite" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.bench
+def test_smoke_run_of_every_suite(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--out-dir", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env=child_env())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    results = json.loads(next(tmp_path.glob("*-smoke.json")).read_text())
+    suites = results["suites"]
+    assert list(suites) == ["step_time", "comm", "memory", "scaling", "startup"]
+    assert not [name for name, r in suites.items() if "error" in r]
+
+    # 1. every available pair timed in every round, the ddp pair always
+    mlp = suites["step_time"]["models"]["mlp"]
+    assert "ddp" in [row["label"] for row in mlp["rows"]]
+    for row in mlp["rows"]:
+        assert len(row["times_distrain"]) == len(row["times_raw"]) == mlp["rounds"]
+        assert row["ratio"]["ci_lo"] <= row["ratio"]["ratio"] <= row["ratio"]["ci_hi"]
+    # 2. the profiler saw the gradients all-reduced: 4 bytes per parameter; bf16 sends half
+    comm = suites["comm"]
+    assert comm["grad_bytes"] == 4 * comm["params"]
+    bf16 = next(v for v in comm["variants"] if v["label"] == "hook bf16")
+    assert bf16["bytes"]["all_reduce"] == 2 * comm["params"]
+    # 3. measured memory agrees with the planner
+    from benchmarks.suites.memory import compare
+
+    rows = compare(suites["memory"])
+    assert {r["label"] for r in rows} >= {"ddp", "zero1", "fsdp (full shard)"}
+    assert all(abs(r["error"]) <= 0.10 for r in rows), [(r["label"], r["error"]) for r in rows]
+    # 4. samples/s at W=1 and 2; local SGD with H=4 sends a quarter of ddp's bytes per sample
+    scaling = suites["scaling"]
+    assert {(r["world"], r["label"]) for r in scaling["rows"]} >= {(1, "ddp"), (2, "ddp")}
+    per = scaling["bytes"]["bytes_per_sample"]
+    if "local_sgd H=4" in per:
+        assert per["local_sgd H=4"]["wire_bytes_per_sample"] == pytest.approx(
+            per["ddp"]["wire_bytes_per_sample"] / 4, rel=0.01)
+    # 5. a launch reached its first step
+    assert suites["startup"]["launch"]["median"] > 0
+
+    report = (tmp_path / "smoke" / "BENCHMARKS.md").read_text()
+    for title in ("## Targets", "## 1. Step time", "## 2. Communication", "## 3. Memory", "## 4. Scaling",
+                  "## 5. Start-up"):
+        assert title in report
+    assert len(list((tmp_path / "smoke").glob("*.png"))) >= 3
