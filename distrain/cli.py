@@ -106,8 +106,8 @@ def _storage_error(err: OSError) -> StorageError:
     hint = write_failure_hint(err.filename or os.getcwd())
     return StorageError(f"Writing {where} failed: {err.strerror} ({errno.errorcode.get(err.errno, err.errno)})"
                         + (f", because {hint}" if hint else "") + ". Free space or raise the limit, or point run.dir "
-                        f"at another disk; checkpoints already committed are intact and the run resumes from the "
-                        f"latest one.")
+                        "at another disk; checkpoints already committed are intact and the run resumes from the "
+                        "latest one.")
 
 
 def _record_for_launcher(err: BaseException) -> None:

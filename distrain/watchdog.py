@@ -147,13 +147,12 @@ class Watchdog:
                 self._publish()
                 abort = self._read_abort()
                 self._store_failures = 0
-            except Exception as err:  # the store is gone: its host (rank 0 or the agent) has exited
+            except Exception as err:  # the store's host (rank 0, or the agent) has gone: say so once, carry on.
+                # Not a reason to end this rank by itself: the launcher (srun --kill-on-bad-exit, torchrun's
+                # agent) ends a job whose rank died, and this rank may be doing useful work after training.
                 self._store_failures += 1
                 if self._store_failures == 1:
                     self.log.warning(f"watchdog: the job's store does not answer ({type(err).__name__}: {err})")
-                if self._store_failures * self.interval_s >= max(10.0, 3 * self.interval_s):
-                    self._exit("the job's c10d store stopped answering: the rank (or agent) hosting it has "
-                               "exited, so this job cannot continue")
                 continue
             if abort and abort.get("rank") != self.info.rank:
                 self._acknowledge()

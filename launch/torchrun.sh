@@ -39,5 +39,8 @@ args=(--nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --max-restarts "${MA
       # torch guesses which node hosts the store from its host name; say it outright.
       --rdzv-conf "is_host=$([[ $NODE_RANK == 0 ]] && echo true || echo false)")
 [[ -n ${LOCAL_ADDR:-} ]] && args+=(--local-addr "$LOCAL_ADDR")
+# A fresh store per attempt: with torch's shared rendezvous store a restarted rank can read the failed
+# attempt's process-group keys and dial a dead peer (pytorch/pytorch#135712). `distrain launch` does the same.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 exec "$PY" -m torch.distributed.run "${args[@]}" -m distrain train "$CONFIG" "$@"

@@ -6,7 +6,8 @@ launches each world size once and runs every strategy inside it. For each run th
 rank's memory report and comm byte count.
 
     torchrun --nproc-per-node W tests/strategy_worker.py OUT_DIR RUNS_JSON
-RUNS_JSON: [{"name": ..., "config": path, "overrides": [...], "worlds": [1, 2, 3]}, ...]
+RUNS_JSON: [{"name": ..., "config": path, "overrides": [...], "worlds": [1, 2, 3]}, ...]; a run with
+"continues": NAME shares NAME's run directory and resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ def main(out_dir: Path, runs: list) -> None:
         if world not in run.get("worlds", [world]):
             continue
         run_dir = out_dir / run["name"] / f"w{world}"
-        overrides = list(run["overrides"]) + [f"run.dir={out_dir / 'runs'}", f"run.name={run['name']}-w{world}",
-                                              "train.resume=never", "checkpoint.at_end=false", "metrics.progress=none"]
+        run_name = f"{run.get('continues', run['name'])}-w{world}"
+        overrides = list(run["overrides"]) + [f"run.dir={out_dir / 'runs'}", f"run.name={run_name}",
+                                              f"train.resume={'auto' if 'continues' in run else 'never'}",
+                                              "checkpoint.at_end=false", "metrics.progress=none"]
         cfg = load_config(run["config"], overrides)
         key = json.dumps([cfg.data.name, dict(cfg.data.kwargs)], sort_keys=True)
         if key not in datasets:

@@ -117,7 +117,7 @@ def test_tensorboard_event_files_hold_the_logged_scalars(reference_run):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_report_the_same_grad_norm_and_split_the_step(strategy, reference_run, tmp_path):
-    proc = run_cli(["launch", "--nproc-per-node", "2", *SMALL, f"strategy.name={strategy}", f"run.name=w2",
+    proc = run_cli(["launch", "--nproc-per-node", "2", *SMALL, f"strategy.name={strategy}", "run.name=w2",
                     f"run.dir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     reference, records = _steps(reference_run), _steps(tmp_path / "w2")

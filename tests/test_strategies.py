@@ -50,6 +50,9 @@ LOCAL_SGD = {"local-sgd": ["strategy.name=local_sgd", "strategy.kwargs.sync_ever
 # per rank at W=3, against DDP at W=1 accumulating the same micro-batches of 8.
 STATIC = {"ddp-static-graph": (["strategy.name=ddp", "strategy.kwargs.static_graph=true", "train.micro_batch=8"], [3]),
           "ddp-micro8": (["strategy.name=ddp", "train.micro_batch=8"], [1])}
+# DeepSpeed saves with its own engine: 15 steps, a checkpoint, then a new process group resumes to 30; against
+# 30 straight steps (constant lr, so the shorter first run has the same schedule).
+DS_RESUME = EXACT["deepspeed-2"] + ["train.lr_schedule=constant"]
 
 
 def _runs() -> List[dict]:
@@ -57,6 +60,11 @@ def _runs() -> List[dict]:
     for table in (HOOKS, BF16, LOCAL_SGD):
         runs += [{"name": n, "config": GPT, "overrides": COMMON + o, "worlds": [2]} for n, o in table.items()]
     runs += [{"name": n, "config": GPT, "overrides": COMMON + o, "worlds": w} for n, (o, w) in STATIC.items()]
+    runs += [{"name": "ds-straight", "config": GPT, "overrides": COMMON + DS_RESUME, "worlds": [2]},
+             {"name": "ds-first-half", "config": GPT, "worlds": [2],
+              "overrides": COMMON + DS_RESUME + ["train.steps=15", "checkpoint.every=15"]},
+             {"name": "ds-resumed", "config": GPT, "worlds": [2], "continues": "ds-first-half",
+              "overrides": COMMON + DS_RESUME + ["checkpoint.every=15"]}]
     return runs
 
 
@@ -120,6 +128,14 @@ def test_every_engine_reaches_the_same_parameters_as_ddp(results):
 def test_deepspeed_stage3_is_exact_where_its_mean_is_exact(results):
     """The documented source of ZeRO-3's W=3 difference: at W=2 (division by 2, exact) it meets the 1e-5 bar."""
     assert _compare(results, "deepspeed-3", 2).max_rel_diff <= 1e-5
+
+
+def test_deepspeed_engine_checkpoint_resumes_exactly(results):
+    assert results["ds-first-half"][2]["steps"] == 15 and results["ds-resumed"][2]["steps"] == 30
+    row = _compare(results, "ds-resumed", 2, reference="ds-straight", reference_world=2)
+    assert row.max_rel_diff <= 1e-6, f"resumed DeepSpeed run differs by {row.max_rel_diff:.3e}"
+    halves = results["ds-first-half"][2]["result"].indices + results["ds-resumed"][2]["result"].indices
+    assert sorted(halves) == results["ds-straight"][2]["result"].indices  # no sample skipped or repeated
 
 
 # --- memory per rank --------------------------------------------------------------------------------------

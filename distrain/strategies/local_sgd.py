@@ -19,6 +19,7 @@ from typing import Any, ContextManager, Dict, List
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
 from distrain.errors import CheckpointError, ConfigError
 from distrain.strategies.base import Strategy, StrategyContext
@@ -74,23 +75,20 @@ class LocalSGDStrategy(Strategy):
         done = step + 1
         if done % self.sync_every and done != self.ctx.train.steps:
             return
-        params = [p.data for p in self.model.parameters()]
-        flat = torch.cat([p.reshape(-1) for p in params])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= self.ctx.info.world_size
-        self._sent += flat.numel() * flat.element_size()
-        averaged = torch.split(flat, [p.numel() for p in params])
+        params = list(self.model.parameters())
+        # torch's model-averaging utility: one all-reduce of all parameters, flattened.
+        average_parameters(iter(params), dist.group.WORLD)
+        self._sent += sum(p.numel() * p.element_size() for p in params)
         if self.outer == "average":
-            for p, avg in zip(params, averaged):
-                p.copy_(avg.view_as(p))
             return
         # DiLoCo: pseudo-gradient = anchor - average; an outer Nesterov step moves the anchor; all restart there.
-        for anchor, avg in zip(self.anchor, averaged):
-            anchor.grad = anchor - avg.view_as(anchor)
-        self.outer_optimizer.step()
-        self.outer_optimizer.zero_grad(set_to_none=True)
-        for p, anchor in zip(params, self.anchor):
-            p.copy_(anchor)
+        with torch.no_grad():
+            for anchor, p in zip(self.anchor, params):
+                anchor.grad = anchor - p
+            self.outer_optimizer.step()
+            self.outer_optimizer.zero_grad(set_to_none=True)
+            for p, anchor in zip(params, self.anchor):
+                p.copy_(anchor)
 
     # --- state -------------------------------------------------------------------------------------
     def checkpoint_state(self) -> Dict[str, Any]:
