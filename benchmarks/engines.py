@@ -152,8 +152,9 @@ def report(result: Dict[str, Any]) -> str:
              f"{'engine':<20} {'distrain (ms)':>14} {'hand-written (ms)':>18} {'ratio':>7} {'95% CI':>16}  target <= {TARGET}"]
     for label, r in result["rows"].items():
         verdict = "ok" if r["ratio"] <= TARGET else "ABOVE TARGET"
+        interval = "[{:.3f}, {:.3f}]".format(r["ci_lo"], r["ci_hi"])
         lines.append(f"{label:<20} {r['distrain_median_s'] * 1e3:>14.2f} {r['raw_median_s'] * 1e3:>18.2f} "
-                     f"{r['ratio']:>7.3f} {f'[{r['ci_lo']:.3f}, {r['ci_hi']:.3f}]':>16}  {verdict}")
+                     f"{r['ratio']:>7.3f} {interval:>16}  {verdict}")
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)
 

@@ -16,7 +16,7 @@ from distrain.errors import CheckpointError
 # Dotted prefixes of keys a resumed run may set differently from the run that saved.
 MAY_CHANGE = (
     "run.name", "run.dir", "train.steps", "train.resume", "train.log_every", "train.eval_every", "train.micro_batch",
-    "data.eval_batch", "dist", "checkpoint", "metrics",
+    "data.eval_batch", "dist", "checkpoint", "metrics", "faults",
 )
 
 

@@ -150,24 +150,32 @@ class DeepSpeedStrategy(Strategy):
             self.engine.step()  # DeepSpeed's micro-step: advances its counter, no update
 
     def clip_grad_norm(self, max_norm: float) -> Optional[torch.Tensor]:
-        """DeepSpeed clips inside its step (gradient_clipping in the generated config) and measures the norm there,
-        so the tensor returned here is filled in by ``step``, before anyone reads it."""
+        """DeepSpeed clips inside its step (gradient_clipping in the generated config).
+
+        ZeRO and DeepSpeed's bf16 optimizer measure the norm there: the tensor returned here is filled in by
+        ``step``, before anyone reads it. A plain stage-0 fp32 step measures nothing; then None, and the trainer
+        asks ``grad_norm`` on the steps it logs, while the reduced gradients are whole in p.grad.
+        """
+        if not self._engine_measures_norm():
+            return None
         self._norm = torch.full((), float("nan"))
         return self._norm
 
     def grad_norm(self) -> float:
-        """The gradient norm DeepSpeed measured in its last step (ZeRO keeps gradients in its own partitions)."""
-        return float(self._norm)
+        if not self._engine_measures_norm():
+            return super().grad_norm()
+        return float(self._norm)  # ZeRO keeps gradients in its own partitions: the norm of its last step
+
+    def _engine_measures_norm(self) -> bool:
+        return hasattr(self.engine.optimizer, "_global_grad_norm")
 
     def step(self) -> None:
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError("DeepSpeed's micro-step counter is not at an accumulation boundary: every micro-step "
                                "must run inside Strategy.accumulate")
-        # ZeRO and DeepSpeed's bf16 optimizer measure the norm in their step; a plain stage-0 fp32 step does not,
-        # but then the reduced gradients are whole in p.grad until the step clears them.
-        own = None if hasattr(self.engine.optimizer, "_global_grad_norm") else Strategy.grad_norm(self)
         self.engine.step()
-        self._norm.fill_(float(own if own is not None else self.engine.get_global_grad_norm()))
+        if self._engine_measures_norm():
+            self._norm.fill_(float(self.engine.get_global_grad_norm()))
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:  # the basic optimizer's groups, behind ZeRO's wrapper
