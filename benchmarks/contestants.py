@@ -32,9 +32,6 @@ class DistrainContestant:
         self.trainer.close()
 
 
-RawFactory = Callable[[Workload], Any]
-
-
 @dataclass
 class Pair:
     label: str  # e.g. "deepspeed stage 2"

@@ -25,7 +25,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List
 
-import torch
 
 from benchmarks.workload import REPO, Workload
 from distrain.optim import build_optimizer, lr_at

@@ -25,7 +25,7 @@ class RawLoop:
 
     def __init__(self, work: Workload):
         self.work = work
-        self.train = work.cfg.train
+        self.train = work.train  # plain Python values, as a hand-written loop has them
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()

@@ -8,7 +8,8 @@ device synchronisation on GPUs): the time is the whole job's step, including the
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, List, Mapping
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Mapping
 
 import torch
 import torch.distributed as dist
@@ -24,17 +25,40 @@ def settle(device: torch.device) -> None:
         dist.barrier()
 
 
-def timed_step(fn: StepFn, step: int, device: torch.device) -> float:
-    """Seconds for ``fn(step)`` on the whole job (barrier before and after)."""
+@dataclass
+class Timings(Mapping):
+    """Per contestant, one sample per timed round: wall seconds of the job's step (barrier to barrier), and the
+    CPU seconds this rank's main thread spent in it (the framework's own work: blind to waiting, and so to
+    most of the noise other processes cause on a shared machine, but also to time spent in other threads).
+
+    As a mapping it is the wall times: ``timings[name]``.
+    """
+
+    wall: Dict[str, List[float]] = field(default_factory=dict)
+    cpu: Dict[str, List[float]] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> List[float]:
+        return self.wall[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.wall)
+
+    def __len__(self) -> int:
+        return len(self.wall)
+
+
+def timed_step(fn: StepFn, step: int, device: torch.device) -> tuple:
+    """(wall seconds, main-thread CPU seconds) of ``fn(step)`` on the whole job (barrier before and after)."""
     settle(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     fn(step)
+    cpu = time.thread_time() - cpu
     settle(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu
 
 
 def interleaved_rounds(contestants: Mapping[str, StepFn], rounds: int, warmup: int, device: torch.device,
-                       first_step: int = 0) -> Dict[str, List[float]]:
+                       first_step: int = 0) -> Timings:
     """Step times per contestant over ``rounds`` rounds, after ``warmup`` untimed rounds.
 
     Every contestant runs global step ``first_step + k`` in round k, so all see the same data in the same
@@ -45,9 +69,11 @@ def interleaved_rounds(contestants: Mapping[str, StepFn], rounds: int, warmup: i
         for name in names:
             contestants[name](first_step + k)
     settle(device)
-    times: Dict[str, List[float]] = {name: [] for name in names}
+    out = Timings({name: [] for name in names}, {name: [] for name in names})
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(timed_step(contestants[name], first_step + warmup + r, device))
-    return times
+            wall, cpu = timed_step(contestants[name], first_step + warmup + r, device)
+            out.wall[name].append(wall)
+            out.cpu[name].append(cpu)
+    return out

@@ -7,9 +7,11 @@ from the same global-step sampler, so the contestants differ only in how they di
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from types import SimpleNamespace
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -40,8 +42,8 @@ class Workload:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     sampler: GlobalStepSampler
     run_root: Path
-    label: str = ""
-    _counter: List[int] = field(default_factory=lambda: [0])
+    train: SimpleNamespace  # train.* as plain Python values, the way a hand-written loop holds its settings
+    _runs: Iterator[int] = field(default_factory=itertools.count)
 
     @property
     def spec(self) -> Any:
@@ -63,9 +65,8 @@ class Workload:
         cfg = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))
         cfg.strategy.name = strategy
         cfg.strategy.kwargs = dict(kwargs)
-        self._counter[0] += 1
         cfg.run.dir = str(self.run_root)
-        cfg.run.name = f"c{self._counter[0]}-{strategy}"
+        cfg.run.name = f"c{next(self._runs)}-{strategy}"
         return cfg
 
     def describe(self) -> Dict[str, Any]:
@@ -78,8 +79,9 @@ class Workload:
 
 
 def make_workload(config: str, overrides: Sequence[str], info: ProcessInfo, device: torch.device,
-                  scratch: str, label: str = "") -> Workload:
-    """Load ``config`` (a path relative to the repo, or absolute) with overrides and build the shared data."""
+                  scratch: str) -> Workload:
+    """Load ``config`` (a path relative to the repo, or absolute) with overrides and build the shared data;
+    the contestants' run directories go under ``scratch``."""
     path = Path(config)
     cfg = load_config(path if path.is_absolute() else REPO / path, [*QUIET, *overrides])
     plan = batch_plan(cfg, info.world_size)
@@ -87,4 +89,6 @@ def make_workload(config: str, overrides: Sequence[str], info: ProcessInfo, devi
     loss_fn = default_loss(train.spec.task)
     return Workload(cfg=cfg, info=info, device=device, plan=plan, train_data=train, loss_fn=loss_fn,
                     sampler=GlobalStepSampler(len(train), plan.global_batch, seed=cfg.run.seed),
-                    run_root=Path(scratch), label=label or path.stem)
+                    run_root=Path(scratch),
+                    # an OmegaConf read costs ~10 us (lr_at ~100 us): a loop that paid it per step would be slowed
+                    train=SimpleNamespace(**OmegaConf.to_container(cfg.train, resolve=True)))

@@ -20,11 +20,14 @@ import contextlib
 import resource
 import sys
 import time
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, ContextManager, Dict, Iterator, List, Optional
 
 import torch
 
 from distrain.flops import FlopsEstimate, PeakFlops
+
+
+_NOT_MEASURED = contextlib.nullcontext()
 
 
 class StepTimer:
@@ -43,12 +46,12 @@ class StepTimer:
             self.micro, self.phases = [], {}
             self._sync_device()
 
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
+    def phase(self, name: str) -> ContextManager[None]:
         """Time a phase ("micro" for a micro-step's forward+backward, or "update", "sync")."""
-        if not self.measuring:
-            yield
-            return
+        return self._timed(name) if self.measuring else _NOT_MEASURED  # unmeasured steps pay ~nothing
+
+    @contextlib.contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         yield
         self._sync_device()  # CUDA kernels and NCCL run asynchronously: wait for them before reading the clock

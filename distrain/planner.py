@@ -263,7 +263,7 @@ def format_plan(plan: Plan) -> str:
         r = plan.recommended
         lines.append(f"recommended: {r.layout.label} (strategy.name={r.layout.strategy}"
                      + "".join(f" strategy.kwargs.{k}={v}" for k, v in r.layout.kwargs.items())
-                     + f"): the least communication per step among the exact strategies that fit.")
+                     + "): the least communication per step among the exact strategies that fit.")
     else:
         lines.append("recommended: none fits: add ranks (--world), lower the memory need (bf16 with DeepSpeed, "
                      "a smaller model), or give each rank more memory.")

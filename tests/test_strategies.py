@@ -199,7 +199,7 @@ def test_lossy_options_stay_close_to_exact_ddp_but_are_not_identical(results):
 
 
 # --- configuration errors ----------------------------------------------------------------------------------
-def _build(*overrides: str):
+def _build(*overrides: str, config: str = "configs/quickstart.yaml"):
     """Build (not set up) the configured strategy for one CPU rank: what Trainer does before wrapping a model."""
     import torch
 
@@ -207,7 +207,7 @@ def _build(*overrides: str):
     from distrain.env import ProcessInfo
     from distrain.strategies import StrategyContext, build_strategy
 
-    cfg = load_config("configs/quickstart.yaml", list(overrides))
+    cfg = load_config(config, list(overrides))
     info = ProcessInfo(rank=0, local_rank=0, world_size=1, local_world_size=1, master_addr="127.0.0.1",
                        master_port=29500, source="single")
     ctx = StrategyContext(info=info, device=torch.device("cpu"), plan=batch_plan(cfg, 1), train=cfg.train, seed=0)
@@ -236,6 +236,11 @@ def test_bad_strategy_settings_are_config_errors_naming_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
         _build(*overrides)
     assert err.value.key == key and key.split(".")[-1] in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["zero1", "fsdp", "deepspeed", "accelerate", "local_sgd"])
+def test_each_strategy_example_config_builds_its_strategy(name, repo):
+    assert _build(config=str(repo / "configs" / f"{name}.yaml")).name == name
 
 
 def test_deepspeed_config_is_generated_from_ours_and_extra_keys_pass_through():
@@ -271,3 +276,79 @@ def test_verify_reports_a_non_exact_strategy_without_failing_it():
                     "train.micro_batch=4", "strategy.name=local_sgd", "strategy.kwargs.sync_every=4"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "not exact by design" in proc.stdout and "MISMATCH" in proc.stdout
+
+
+# --- local SGD against DDP on the gpt example (about a minute: `pytest -m bench`) ---------------------------
+@pytest.mark.bench
+def test_local_sgd_h8_reaches_ddp_loss_with_7x_fewer_bytes_on_the_gpt_example(tmp_path, capsys):
+    """configs/gpt.yaml as shipped (300 steps, global batch 32) at W=2: DDP, then local SGD with H=8.
+
+    Prints both final losses (train and eval) and bytes per step; local SGD must send >= 7x fewer bytes per step
+    and end within 5% of DDP's loss after the same number of samples.
+    """
+    finals = {}
+    for name, overrides in {"ddp": ["strategy.name=ddp"],
+                            "local_sgd": ["strategy.name=local_sgd", "strategy.kwargs.sync_every=8"]}.items():
+        proc = run_cli(["launch", "--nproc-per-node", "2", "configs/gpt.yaml", f"run.dir={tmp_path}", f"run.name={name}",
+                        "metrics.progress=none", "checkpoint.at_end=false", *overrides], timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        logged = [r for r in records if "loss" in r]
+        evaluated = [r for r in records if "eval_loss" in r][-1]
+        # The train loss of one logged step is one batch's: average the last five logs (steps 260-300).
+        finals[name] = {"samples": logged[-1]["samples"], "loss": sum(r["loss"] for r in logged[-5:]) / 5,
+                        "eval_loss": evaluated["eval_loss"], "bytes_per_step": logged[-1]["comm_bytes"] / logged[-1]["step"]}
+    ddp, local = finals["ddp"], finals["local_sgd"]
+    with capsys.disabled():
+        for name, f in finals.items():
+            print(f"\n{name:>10}: {f['samples']} samples, train loss (last 5 logs) {f['loss']:.4f}, eval loss "
+                  f"{f['eval_loss']:.4f}, "
+                  f"{f['bytes_per_step']:,.0f} bytes/step")
+        print(f"  bytes ratio ddp/local_sgd {ddp['bytes_per_step'] / local['bytes_per_step']:.2f}x; eval loss "
+              f"local_sgd/ddp {local['eval_loss'] / ddp['eval_loss']:.4f}")
+    assert local["samples"] == ddp["samples"]
+    assert ddp["bytes_per_step"] >= 7 * local["bytes_per_step"]
+    assert abs(local["eval_loss"] - ddp["eval_loss"]) <= 0.05 * ddp["eval_loss"]
+    assert abs(local["loss"] - ddp["loss"]) <= 0.05 * ddp["loss"]
+
+
+@pytest.mark.slow
+def test_deepspeed_optimizer_offload_matches_one_rank():
+    """ZeRO-2 with the optimizer on the CPU (DeepSpeed's CPU Adam). Slow: the first run compiles that op (~5 min)."""
+    proc = run_cli(["verify", GPT, "--worlds", "1,2", "--steps", "10", *COMMON[:-1], "strategy.name=deepspeed",
+                    "strategy.kwargs.stage=2", "strategy.kwargs.offload_optimizer=true"], timeout=1800)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout
+
+
+class _Payload:
+    """Unpickling this would create a file: the proof that a loader ran code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_deepspeed_checkpoint_with_a_pickle_payload_is_refused_before_deepspeed_reads_it(tmp_path):
+    import torch
+
+    from distrain.errors import CheckpointError
+    from distrain.strategies.deepspeed_engine import import_deepspeed, refuse_pickled_code
+
+    import_deepspeed()
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    good = tmp_path / "good"
+    good.mkdir()
+    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0)}, "w": torch.ones(3)}, good / "a.pt")
+    refuse_pickled_code(good)  # DeepSpeed's own values pass
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    marker = tmp_path / "payload-ran"
+    torch.save({"w": torch.ones(3), "evil": _Payload(str(marker))}, bad / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(CheckpointError, match="never unpickles code"):
+        refuse_pickled_code(bad)
+    assert not marker.exists()

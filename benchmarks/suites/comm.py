@@ -66,7 +66,7 @@ def worker(params: Dict[str, Any], info: ProcessInfo, device: torch.device) -> D
     reference = DistrainContestant(work, "ddp", {})
     steps = {label: c.step for label, c in built.items()}
     steps["no sync"] = step_without_grad_sync(reference.trainer)
-    times = interleaved_rounds(steps, params["rounds"], params["warmup"], device)
+    times = interleaved_rounds(steps, params["rounds"], params["warmup"], device).wall
 
     # Collective time, from the profiler: each rank's record of every all-reduce the step issued; the variants
     # and the raw sync take turns step by step here too.

@@ -78,7 +78,8 @@ def worker(params: Dict[str, Any], info: ProcessInfo, device: torch.device) -> D
         c = build_on_all_ranks(label, lambda: DistrainContestant(work, strategy, kwargs), notes)
         if c is not None:
             built[label] = c
-    times = interleaved_rounds({k: c.step for k, c in built.items()}, params["rounds"], params["warmup"], device)
+    times = interleaved_rounds({k: c.step for k, c in built.items()}, params["rounds"], params["warmup"],
+                               device).wall
     for c in built.values():
         c.close()
     bytes_per_sample: Dict[str, Any] = {}

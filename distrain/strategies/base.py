@@ -44,6 +44,7 @@ class Strategy:
         self.model: nn.Module  # what the trainer calls forward on
         self.optimizer: torch.optim.Optimizer
         precision.check_precision(ctx.train.precision, ctx.device)
+        self._precision = str(ctx.train.precision)  # read once: forward_context runs every micro-step
         # fp16's dynamic loss scale (None for fp32/bf16); engines with their own scaler set it to None.
         self.grad_scaler: Optional[torch.amp.GradScaler] = precision.grad_scaler(ctx.train.precision, ctx.device)
 
@@ -58,7 +59,7 @@ class Strategy:
     # --- the step ----------------------------------------------------------------------------------
     def forward_context(self) -> ContextManager:
         """Autocast for bf16/fp16 where the engine has no mixed-precision mechanism of its own."""
-        return precision.autocast(self.ctx.train.precision, self.ctx.device)
+        return precision.autocast(self._precision, self.ctx.device)
 
     def accumulate(self, last_micro_step: bool) -> ContextManager:
         """Context around one micro-step's forward+backward; gradients sync only on the last one."""

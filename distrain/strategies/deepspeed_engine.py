@@ -188,9 +188,9 @@ class DeepSpeedStrategy(Strategy):
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """Full weights on rank 0: the fp32 master values where DeepSpeed keeps a low-precision model copy."""
+        deepspeed = import_deepspeed()
         from deepspeed.utils import safe_get_full_fp32_param
 
-        deepspeed = import_deepspeed()
         rank0 = torch.distributed.get_rank() == 0
         module = self.module
         params = dict(module.named_parameters())
@@ -240,11 +240,10 @@ class DeepSpeedStrategy(Strategy):
 
     # --- checkpoints: DeepSpeed's own format --------------------------------------------------------
     def checkpoint_state(self) -> Dict[str, Any]:
-        raise CheckpointError("strategy.name=deepspeed saves with DeepSpeed's engine (save_engine_checkpoint), not "
-                              "with torch.distributed.checkpoint: its flat ZeRO partitions are not DCP state dicts.")
+        raise _not_dcp()
 
     def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
-        self.checkpoint_state()
+        raise _not_dcp()
 
     def save_engine_checkpoint(self, directory: Path) -> None:
         """``engine.save_checkpoint`` into ``directory/deepspeed`` (every rank writes its ZeRO partition)."""
@@ -258,6 +257,7 @@ class DeepSpeedStrategy(Strategy):
         it, convert with ``python -m deepspeed.checkpoint.ds_to_universal`` and load with
         ``strategy.kwargs.config.checkpoint.load_universal=true``.
         """
+        refuse_pickled_code(Path(directory) / CHECKPOINT_TAG)
         try:
             path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True,
                                                   load_lr_scheduler_states=False)
@@ -269,6 +269,35 @@ class DeepSpeedStrategy(Strategy):
     def teardown(self) -> None:
         if self.engine is not None:
             self.engine.destroy()
+
+
+def _not_dcp() -> CheckpointError:
+    return CheckpointError("strategy.name=deepspeed saves with DeepSpeed's engine (save_engine_checkpoint), not with "
+                           "torch.distributed.checkpoint: its flat ZeRO partitions are not DCP state dicts.")
+
+
+def refuse_pickled_code(directory: Path) -> None:
+    """Refuse a DeepSpeed checkpoint whose files would run code when unpickled, before DeepSpeed reads them.
+
+    DeepSpeed loads its files with ``torch.load(weights_only=False)``, which executes whatever a pickle names.
+    Every file is read here first with ``weights_only=True``, admitting only the few DeepSpeed value classes its
+    checkpoints hold (loss scaler, ZeRO stage, fragment address); anything else raises CheckpointError.
+    """
+    import_deepspeed()
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    for path in sorted(Path(directory).rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # UnpicklingError for foreign globals; RuntimeError/EOFError for damaged files
+            detail = " ".join(str(err).split())[:300]
+            raise CheckpointError(f"Refused to load DeepSpeed checkpoint file '{path}': it does not read as plain "
+                                  f"tensors and DeepSpeed's own values ({detail}). distrain never unpickles code "
+                                  f"from a checkpoint; resume from another one (train.resume=PATH).") from None
 
 
 def _master_partitions(wrapper: Any) -> List[torch.Tensor]:
