@@ -19,9 +19,9 @@ class Plotter:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
-    def _save(self, fig: Any, name: str) -> Path:
+    def _save(self, fig: Any, name: str, rect: tuple = (0, 0, 1, 1)) -> Path:
         path = self.out_dir / name
-        fig.tight_layout()
+        fig.tight_layout(rect=rect)
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
@@ -40,26 +40,32 @@ class Plotter:
             hi = [r["ratio"]["ci_hi"] - r["ratio"]["ratio"] for r in rows]
             colors = ["tab:green" if x <= 1.02 else "tab:red" for x in ratios]
             y = list(range(len(rows)))
-            ax.barh(y, [x - 1 for x in ratios], left=1, color=colors, alpha=0.75, xerr=[lo, hi], capsize=3)
+            ax.barh(y, [x - 1 for x in ratios], left=1, color=colors, alpha=0.75, xerr=[lo, hi], capsize=3,
+                    label="wall-clock median ratio")
+            if all("cpu_ratio" in r for r in rows):
+                ax.scatter([r["cpu_ratio"]["ratio"] for r in rows], y, marker="D", color="black", s=22, zorder=3,
+                           label="main-thread CPU ratio")
             ax.axvline(1.0, color="black", linewidth=0.8)
             ax.axvline(1.02, color="tab:red", linestyle="--", linewidth=1, label="target 1.02")
             ax.set_yticks(y, labels)
             ax.invert_yaxis()
             ax.set_xlabel("median step time: distrain / raw engine loop")
             ax.set_title(f"{model}: step time ratio (95% bootstrap CI)")
-            ax.legend(loc="lower right")
+            ax.legend(loc="lower right", fontsize=8)
         return self._save(fig, "step_time_ratios.png")
 
     def plot_comm(self, result: Dict[str, Any]) -> Optional[Path]:
-        """Step time split into compute (no-sync step) and exposed communication, per bucket size and hook."""
+        """Per bucket size and hook: the step split into compute and exposed communication, the bytes, and the
+        time the all-reduces take against the raw all-reduce of the same bytes."""
         variants = result["variants"]
         if not variants:
             return None
         labels = [v["label"] for v in variants]
         base = result["no_sync"]["median"] * 1e3
         exposed = [max(0.0, v["step"]["median"] * 1e3 - base) for v in variants]
-        sent = [sum(v["bytes"].values()) / 1024 for v in variants]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+        sent = [v["bytes"].get("all_reduce", 0) / 1024 for v in variants]
+        allreduce_ms = [v["collective_s"]["median"] * 1e3 for v in variants]
+        fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.4), sharey=True)
         y = list(range(len(labels)))
         ax1.barh(y, [base] * len(y), color="tab:blue", alpha=0.7, label="compute (step without gradient sync)")
         ax1.barh(y, exposed, left=[base] * len(y), color="tab:orange", alpha=0.85, label="exposed communication")
@@ -69,11 +75,14 @@ class Plotter:
         ax1.set_title(f"gpt, {result['world_size']} ranks: where the step goes")
         ax1.legend(loc="lower right", fontsize=8)
         ax2.barh(y, sent, color="tab:purple", alpha=0.75)
-        ax2.set_yticks(y, labels)
-        ax2.invert_yaxis()
-        ax2.set_xscale("log")
-        ax2.set_xlabel("KiB all-reduced per step per rank (profiler, log scale)")
-        ax2.set_title("bytes per step: bucket size vs compression hooks")
+        ax2.set_xlabel("KiB all-reduced per step (profiler)")
+        ax2.set_title("bytes per step")
+        ax3.barh(y, allreduce_ms, color="tab:gray", alpha=0.8)
+        ax3.axvline(result["raw_allreduce"]["median"] * 1e3, color="tab:red", linestyle="--",
+                    label="raw all_reduce of the fp32 gradients")
+        ax3.set_xlabel("all-reduce time per step, ms (min over ranks)")
+        ax3.set_title("collective time: buckets are latency-bound")
+        ax3.legend(loc="lower right", fontsize=8)
         return self._save(fig, "comm_buckets_hooks.png")
 
     def plot_memory(self, rows: List[Dict[str, Any]]) -> Optional[Path]:
@@ -97,9 +106,10 @@ class Plotter:
             ax.invert_yaxis()
             ax.set_title(f"N = {w}")
             ax.set_xlabel("KiB per rank")
-        axes[0][0].legend(loc="lower right", fontsize=8)
+        handles, names = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="lower center", ncol=4, fontsize=9)
         fig.suptitle("model states per rank: measured (bars) vs ZeRO formula (black tick)")
-        return self._save(fig, "memory_per_rank.png")
+        return self._save(fig, "memory_per_rank.png", rect=(0, 0.07, 1, 1))
 
     def plot_scaling(self, result: Dict[str, Any]) -> Optional[Path]:
         """samples/s vs world size (ideal linear line from W=1; oversubscribed points hollow) and bytes/sample."""

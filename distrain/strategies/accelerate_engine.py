@@ -72,6 +72,11 @@ class AccelerateStrategy(Strategy):
             return None
         return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)  # unscales fp16 first
 
+    def grad_norm(self) -> float:
+        norm = super().grad_norm()
+        scaler = self.accelerator.scaler  # fp16: Accelerate's own GradScaler, not self.grad_scaler
+        return norm / scaler.get_scale() if scaler is not None else norm
+
     def step(self) -> None:
         self.optimizer.step()  # the prepared optimizer: steps only on the sync micro-step, through the scaler
         self.optimizer.zero_grad(set_to_none=True)
