@@ -352,6 +352,11 @@ class Trainer:
         if self._owns_group:
             if not failed:
                 dist.barrier()  # no rank tears the group down while a peer is still talking to it
+                # gloo's worker thread frees the barrier's work object just after waking us, and needs the GIL for
+                # it; if we dropped the group (its destructor joins that thread, holding the GIL) in that window,
+                # both would wait forever. Seen about once in 12 runs on a loaded machine; a short GIL-free sleep
+                # lets the worker finish first.
+                time.sleep(0.2)
             dist.destroy_process_group()
             self._owns_group = False
 
