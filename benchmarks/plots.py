@@ -80,6 +80,9 @@ class Plotter:
         ax3.barh(y, allreduce_ms, color="tab:gray", alpha=0.8)
         ax3.axvline(result["raw_allreduce"]["median"] * 1e3, color="tab:red", linestyle="--",
                     label="raw all_reduce of the fp32 gradients")
+        if "torch_ddp_allreduce" in result:
+            ax3.axvline(result["torch_ddp_allreduce"]["median"] * 1e3, color="black", linestyle=":",
+                        label="torch DDP's own all-reduce")
         ax3.set_xlabel("all-reduce time per step, ms (min over ranks)")
         ax3.set_title("collective time: buckets are latency-bound")
         ax3.legend(loc="lower right", fontsize=8)

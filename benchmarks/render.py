@@ -72,9 +72,12 @@ def render(results: Dict[str, Any], markdown_path: Path, plot_dir: Path, results
         lines.append(f"| {c.suite} | {c.name} | {c.value:.3f} | {c.target} | {'yes' if c.met else '**no**'} |")
     met = sum(c.met for c in checks)
     lines += ["", f"{met} of {len(checks)} targets met.", ""]
-    for s in secs:
+    for name, s in zip(results["suites"], secs):
         lines += [f"## {s.title}", "", s.markdown, ""]
         lines += [f"![{p.stem}]({_rel(p, base)})\n" for p in s.plots]
+        if name in results.get("suite_seconds", {}):
+            lines += [f"*This suite ran for {results['suite_seconds'][name]:.0f} s; load average (1, 5, 15 min) "
+                      f"when it ended: {results['load_average'][name]} on {meta['cores_usable']} cores.*", ""]
     markdown_path.write_text("\n".join(lines).rstrip() + "\n")
     return checks
 

@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per comparison (default: per suite)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results",
                         help="where the results JSON and the plots go (default benchmarks/results)")
+    parser.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="run nothing: render the report and plots again from a saved results JSON")
     parser.add_argument("--markdown", type=Path, default=None,
                         help="the report to write (default: BENCHMARKS.md at the repository root for a full run of "
                              "every suite; OUT_DIR/TAG/BENCHMARKS.md for a smoke run or a subset)")
@@ -71,6 +73,8 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> int:
     from benchmarks import machine
     from benchmarks.render import render
 
+    if args.render is not None:
+        return rerender(args)
     suites = chosen_suites(args.suites)
     opts = options_from(args)
     # A smoke run or a subset of suites must not overwrite the full run's report and plots: it gets its own tag.
@@ -112,6 +116,23 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> int:
     for name in failed:
         print(f"[bench] suite {name} failed: {results['suites'][name]['error']}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def rerender(args: argparse.Namespace) -> int:
+    """The report and plots of a saved run, drawn again (after a change to how they are drawn)."""
+    from benchmarks.render import render
+    from distrain.errors import UsageError
+
+    if not args.render.is_file():
+        raise UsageError(f"--render {args.render}: no such results file (they are in benchmarks/results/).")
+    results = json.loads(args.render.read_text())
+    full = not results["options"]["smoke"] and list(results["suites"]) == SUITES
+    plot_dir = args.render.parent if full else args.render.parent / args.render.stem
+    markdown = args.markdown or (REPO / "BENCHMARKS.md" if full else plot_dir / "BENCHMARKS.md")
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    render(results, markdown, plot_dir, args.render)
+    print(f"[bench] rendered {markdown} from {args.render}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

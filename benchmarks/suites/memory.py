@@ -122,9 +122,12 @@ def report(result: Dict[str, Any], ctx: Any) -> Section:
     lines = [
         "Model states per rank of the gpt example (AdamW, fp32), measured by each strategy's `memory_report` "
         "just before the second update, vs the planner's formula (distrain.planner). The paper's "
-        "mixed-precision Adam formulas are stage 1: 4Ψ+12Ψ/N, stage 2: 2Ψ+14Ψ/N, stage 3: 16Ψ/N; on CPU in "
-        "fp32 every state is 4 bytes and Adam keeps 8, so the analogue is ddp 16Ψ, zero1 8Ψ+8Ψ/N, "
-        "zero2 4Ψ+12Ψ/N, zero3 16Ψ/N.\n",
+        "mixed-precision Adam formulas are stage 1: 4Ψ+12Ψ/N, stage 2: 2Ψ+14Ψ/N, stage 3: 16Ψ/N (2-byte "
+        "parameters and gradients, 12 bytes of fp32 master copy and Adam moments). On CPU in fp32 every "
+        "parameter and gradient is 4 bytes and Adam keeps 8, so the analogue is ddp 16Ψ, zero1 8Ψ+8Ψ/N, "
+        "zero2 4Ψ+12Ψ/N, zero3 16Ψ/N; FSDP2 reshards after backward, so both of its modes hold 16Ψ/N between "
+        "steps. DeepSpeed steps on an fp32 copy of each partition even in an fp32 run (4Ψ/N more: 8Ψ+12Ψ/N, "
+        "4Ψ+16Ψ/N, 20Ψ/N); that copy is counted with the optimizer state.\n",
         "| N | strategy | formula | params | grads | optimizer | measured mean (max) | predicted | error | "
         "sent/step measured | sent/step predicted |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
