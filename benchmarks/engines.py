@@ -5,7 +5,7 @@
 One torchrun job (gloo on CPUs, NCCL on GPUs): every contestant - distrain's Trainer with strategy deepspeed
 (each ZeRO stage) or accelerate, and the hand-written DeepSpeed / Accelerate loops below - is built in the same
 processes on the same workload (model, data, global and micro batch, optimizer), and they take turns step by
-step in rotated rounds (benchmarks/rounds.py). Printed: median step time of each, the ratio
+step in rounds, in a fresh random order each round. Printed: median step time of each, the ratio
 median(distrain) / median(hand-written) with a bootstrap interval (target <= 1.02), and the same ratio of the
 CPU time rank 0 spends in each step (robust to other processes on a shared machine).
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -105,11 +106,34 @@ def raw_accelerate(work: Workload) -> RawAccelerate:
 
 
 # --- the job ------------------------------------------------------------------------------------------------
+def shuffled_rounds(contestants: Dict[str, Any], rounds: int, warmup: int, device: Any) -> Dict[str, List[float]]:
+    """Like benchmarks.rounds.interleaved_rounds, but each round runs the contestants in a fresh random order.
+
+    With ten contestants a rotated order always puts the same one before each (distrain's stage 0 always after
+    the Accelerate loop), and what the previous contestant leaves behind (caches, a DDP reducer's threads) then
+    biases a pair by several percent. A seeded shuffle, identical on every rank, spreads that evenly.
+    """
+    from benchmarks.rounds import settle, timed_step
+
+    names = list(contestants)
+    for k in range(warmup):
+        for name in names:
+            contestants[name](k)
+    settle(device)
+    order_rng = random.Random(0)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[:]
+        order_rng.shuffle(order)
+        for name in order:
+            times[name].append(timed_step(contestants[name], warmup + r, device))
+    return times
+
+
 def worker(params: Dict[str, Any]) -> Dict[str, Any]:
     """One rank: build every contestant, time them in interleaved rounds; rank 0 returns the summary."""
     from benchmarks import stats
     from benchmarks.contestants import DistrainContestant, build_on_all_ranks
-    from benchmarks.rounds import interleaved_rounds
     from benchmarks.workload import make_workload
     from distrain import dist
     from distrain.env import detect
@@ -139,8 +163,8 @@ def worker(params: Dict[str, Any]) -> Dict[str, Any]:
             cpu[name].append(time.process_time() - start)
         return run
 
-    times = interleaved_rounds({name: cpu_timed(name, c.step) for name, c in contestants.items()}, params["rounds"],
-                               params["warmup"], device)
+    times = shuffled_rounds({name: cpu_timed(name, c.step) for name, c in contestants.items()}, params["rounds"],
+                            params["warmup"], device)
     cpu = {name: values[params["warmup"]:] for name, values in cpu.items()}
     for contestant in contestants.values():
         contestant.close()
@@ -162,7 +186,7 @@ def report(result: Dict[str, Any]) -> str:
     w = result["workload"]
     lines = [f"workload: {w['model']} ({w['params']:,} params), global batch {w['global_batch']} = micro "
              f"{w['micro_batch']} x accum {w['grad_accum']} x world {w['world_size']}, {w['optimizer']}, "
-             f"{w['precision']}; {result['rounds']} interleaved rounds",
+             f"{w['precision']}; {result['rounds']} rounds, each in a fresh random order",
              f"{'engine':<20} {'distrain (ms)':>14} {'hand-written (ms)':>18} {'ratio':>7} {'95% CI':>16} "
              f"{'CPU ratio':>10}  target <= {TARGET}"]
     for label, r in result["rows"].items():
@@ -197,7 +221,10 @@ def main(argv: List[str]) -> int:
                "--module", "benchmarks.engines", "--worker", str(params_path), str(out_path)]
         proc = subprocess.run(cmd, cwd=REPO, env=job_env(args.threads_per_rank), capture_output=True, text=True)
         if proc.returncode != 0 or not out_path.exists():
-            print("\n".join((proc.stderr or proc.stdout).strip().splitlines()[-30:]), file=sys.stderr)
+            from benchmarks.jobs import _worker_traceback
+
+            print(f"the engines job failed (exit {proc.returncode}):\n{_worker_traceback(proc.stderr + proc.stdout)}",
+                  file=sys.stderr)
             return 1
         result = json.loads(out_path.read_text())
     print(report(result))

@@ -17,8 +17,9 @@ optimizer and precision; models are built from one seed and read global step *s*
 global-step sampler. distrain's side is `Trainer.train_step(step)` (the loop body); the other side is the same
 training hand-written against the raw engine (torch DDP, `ZeroRedundancyOptimizer`, FSDP2 `fully_shard`,
 `deepspeed.initialize`, `accelerate.Accelerator`, `PeriodicModelAverager`). All contestants of a comparison
-live in the same worker processes (one torchrun job) and take turns step by step, in rounds whose order rotates
-(A B C, B C A, C A B, ...), so neither machine noise nor position favours anyone. Each step is timed between two
+live in the same worker processes (one torchrun job) and take turns step by step, in rounds, each round in a
+fresh seeded random order (the same on every rank), so neither machine noise nor position nor the previous
+contestant's leftovers favour anyone. Each step is timed between two
 barriers (after a device synchronisation on GPUs); warm-up rounds are not timed. Reported: median and
 interquartile range (IQR); ratios are ratios of medians with a 95% bootstrap interval over paired rounds.
 """

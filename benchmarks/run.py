@@ -83,7 +83,7 @@ def run(args: argparse.Namespace, command: Optional[str] = None) -> int:
     markdown = args.markdown or (plot_dir / "BENCHMARKS.md" if tag else REPO / "BENCHMARKS.md")
     plot_dir.mkdir(parents=True, exist_ok=True)
     results: Dict[str, Any] = {
-        "command": command or "python -m benchmarks " + " ".join(sys.argv[1:]),
+        "command": (command or "python -m benchmarks " + " ".join(sys.argv[1:])).strip(),
         "machine": machine.describe(opts.threads_per_rank, opts.device),
         "options": {"smoke": opts.smoke, "device": opts.device, "nproc": opts.nproc,
                     "threads_per_rank": opts.threads_per_rank, "rounds": opts.rounds},

@@ -26,7 +26,7 @@ from distrain.env import detect
 from distrain.errors import ConfigError, DistributedError
 from distrain.faults import FaultTolerance
 from distrain.flops import FlopsEstimate, flops_per_sample, peak_flops
-from distrain.logs import get_logger, setup_logging
+from distrain.logs import setup_logging
 from distrain.losses import LossFn, correct_and_count, default_loss
 from distrain.metrics import MetricsWriter, Progress
 from distrain.models import build_model

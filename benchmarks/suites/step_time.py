@@ -1,7 +1,7 @@
 """Suite 1, step time vs peers: each distrain strategy against the same training hand-written with its engine.
 
 One job per example model; inside it every contestant (distrain's Trainer with each strategy, and each raw
-loop) is built in the same processes and they take turns, step by step, in rotated rounds. The ratio is
+loop) is built in the same processes and they take turns, step by step, in shuffled rounds. The ratio is
 median(distrain) / median(raw); target <= 1.02.
 """
 

@@ -92,6 +92,13 @@ class LocalSGDStrategy(Strategy):
                 p.copy_(anchor)
 
     # --- state -------------------------------------------------------------------------------------
+    def state_tensors(self) -> Dict[str, Any]:
+        tensors = dict(super().state_tensors())
+        if self.outer_optimizer is not None:  # DiLoCo's anchor copy and outer momentum are optimizer state too
+            outer = [v for s in self.outer_optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+            tensors["optimizer"] = list(tensors["optimizer"]) + list(self.anchor) + outer
+        return tensors
+
     def checkpoint_state(self) -> Dict[str, Any]:
         """Every rank's own parameters and inner optimizer state (they differ between syncs), keyed by rank.
 
