@@ -19,7 +19,7 @@ import shutil
 import signal
 import subprocess
 import time
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as torch_dist
@@ -46,6 +46,8 @@ class PreemptionHandler:
         self.received: Optional[signal.Signals] = None
         self.received_at: Optional[float] = None
         self._previous: Dict[signal.Signals, Any] = {}
+        # Set by FaultTolerance: why this rank is stuck (inside one step for longer than dist.timeout_s), or None.
+        self.stuck: Callable[[], Optional[str]] = lambda: None
 
     def install(self) -> bool:
         """Install the handlers (main thread only; False elsewhere, where Python does not allow it)."""
@@ -64,8 +66,14 @@ class PreemptionHandler:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         sig = signal.Signals(signum)
-        if self.received == sig:
-            # The same signal twice: the sender means it. Act as if we had never handled it.
+        stuck = self.stuck()
+        if stuck:
+            logging.getLogger("distrain").error(f"{stuck}; {sig.name} received: ending now")
+        if self.received == sig or stuck:
+            # The same signal twice: the sender means it. Or this rank is stuck in a step past the collective
+            # timeout, so it will never reach the end of the step to checkpoint: the launcher is tearing a failed
+            # job down, and waiting for its SIGKILL grace (torchrun: 30 s) only delays the error. Act as if we
+            # had never handled it.
             self.uninstall()
             os.kill(os.getpid(), signum)
             return
@@ -171,9 +179,17 @@ class FaultTolerance:
         if self.cfg.watchdog and self.info.distributed:
             self.watchdog = Watchdog(self.info, timeout_s, log)
             self.watchdog.start()
+            if self.preemption is not None:
+                self.preemption.stuck = lambda: self._stuck_reason(timeout_s)
         attempt = attempt_info()
         if attempt:
             log.info("attempt: " + ", ".join(f"{k}={v}" for k, v in attempt.items()))
+
+    def _stuck_reason(self, timeout_s: float) -> Optional[str]:
+        if self.watchdog is None or self.watchdog.step_age() <= timeout_s:
+            return None
+        return (f"rank {self.info.rank} is stopping because it has been stuck in step {self.watchdog.step + 1} for "
+                f"{self.watchdog.step_age():.0f} s, past dist.timeout_s={timeout_s:g}")
 
     def record_attempt(self, record: Any, start_step: int) -> None:
         """Append this run of the job (start step, SLURM / torchelastic restart counts) to run.json's attempts."""

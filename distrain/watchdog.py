@@ -135,6 +135,15 @@ class Watchdog:
             self._thread.join(timeout=self.interval_s + 5)
             self._thread = None
 
+    @property
+    def step(self) -> int:
+        """Steps this rank had completed when its current step began."""
+        return self._step
+
+    def step_age(self) -> float:
+        """Seconds since this rank began its current step (or since the last step began, after training)."""
+        return time.monotonic() - self._step_started
+
     def step_started(self, completed: int) -> None:
         """Called by the loop at the top of every step: two attribute writes, nothing else."""
         self._step_started = time.monotonic()

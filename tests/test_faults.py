@@ -77,7 +77,9 @@ def test_a_stalled_rank_is_named_and_no_process_is_left(tmp_path):
         assert needed in report[0], f"{needed!r} missing from: {report[0]}"
     logs = run_dir / "quickstart" / "logs"
     assert "rank 2 did not arrive" in (logs / "rank0.log").read_text()
-    assert "rank 2 is stopping because rank" in (logs / "rank2.log").read_text()  # its own log says why it ended
+    # its own log says why it ended: told by a peer through the store, or stuck past the timeout when torchrun's
+    # SIGTERM arrived (the store's host, rank 0, may already be gone)
+    assert re.search(r"rank 2 is stopping because (rank|it has been stuck in step 3)", (logs / "rank2.log").read_text())
     assert run_json(run_dir)["status"] == "failed"
     assert processes_mentioning(str(run_dir)) == [], "worker processes outlived the job"
 
