@@ -49,16 +49,8 @@ fi
 
 export SLURM_CONF=$CONF   # all client commands below talk to *this* cluster
 
-# Alive = exists and is not a zombie: PID 1 here reaps daemonized processes
-# late, and kill -0 succeeds on a zombie.
-pid_alive() {
-    local stat
-    [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null || return 1
-    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    stat=${stat##*) }
-    [[ ${stat%% *} != Z ]]
-}
-pid_from() { [[ -r $1 ]] && tr -dc '0-9' <"$1" || true; }
+# shellcheck source=launch/slurm-local/pids.sh
+source "$(dirname "${BASH_SOURCE[0]}")/pids.sh"
 
 # Node names as sinfo reports them, sorted, one per line.
 current_nodes() { timeout 5 sinfo -h -N -o '%N' 2>/dev/null | sort -u; }
