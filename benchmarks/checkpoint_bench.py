@@ -33,7 +33,7 @@ MODES = ("none", "sync", "async")
 def worker(out: Path, rounds: int, window: int, overrides: List[str]) -> None:
     """One rank: train the gpt example, timing windows of steps after no save / a sync save / an async save."""
     from distrain import dist
-    from distrain.trainer import Trainer
+    from distrain.training.trainer import Trainer
 
     with Trainer(str(REPO / "configs" / "gpt.yaml"), overrides=overrides) as trainer:
         ckpt = trainer.checkpointer

@@ -20,7 +20,7 @@ class DistrainContestant:
     """distrain's side: a Trainer built with ``strategy``; one step is ``Trainer.train_step`` (the loop body)."""
 
     def __init__(self, work: Workload, strategy: str, kwargs: Dict[str, Any]):
-        from distrain.trainer import Trainer
+        from distrain.training.trainer import Trainer
 
         self.trainer = Trainer(work.config_for(strategy, kwargs), train_data=work.train_data, eval_data=None,
                                loss_fn=work.loss_fn)

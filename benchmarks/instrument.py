@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List
 
-from distrain.trainer import Trainer
+from distrain.training.trainer import Trainer
 
 
 def step_without_grad_sync(trainer: Trainer) -> Callable[[int], None]:

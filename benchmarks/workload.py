@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from distrain.config import BatchPlan, batch_plan, load_config
 from distrain.data import GlobalStepSampler, build_datasets, fetch_batch, move_to, split_input_target
 from distrain.env import ProcessInfo
-from distrain.losses import default_loss
+from distrain.training.losses import default_loss
 from distrain.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):  # lazy: `import distrain` stays cheap for the CLI's error paths
     if name == "Trainer":
-        from distrain.trainer import Trainer
+        from distrain.training.trainer import Trainer
 
         return Trainer
     if name in ("Config", "load_config"):
@@ -17,7 +17,7 @@ def __getattr__(name):  # lazy: `import distrain` stays cheap for the CLI's erro
 
         return getattr(inference, name)
     if name == "evaluate_checkpoint":
-        from distrain.evaluation import evaluate_checkpoint
+        from distrain.inference.evaluate import evaluate_checkpoint
 
         return evaluate_checkpoint
     if name == "export_checkpoint":

@@ -66,7 +66,7 @@ def _rendezvous_error(err: Exception, info: ProcessInfo, timeout_s: float) -> Di
     detail = " ".join(str(err).split())
     where = f"Rank {info.rank} of {info.world_size} on {socket.gethostname()}"
     if "EADDRINUSE" in detail or "address already in use" in detail.lower():
-        from distrain.ports import describe_owner
+        from distrain.launch.ports import describe_owner
 
         return DistributedError(
             f"{where} could not open the rendezvous at MASTER_ADDR:MASTER_PORT = {addr}:{port}: the port is already in "

@@ -25,8 +25,8 @@ def main(out_dir: Path, runs: list) -> None:
     from distrain import dist
     from distrain.config import load_config
     from distrain.data import build_datasets
-    from distrain.trainer import Trainer
-    from distrain.verify_worker import RecordingDataset
+    from distrain.training.trainer import Trainer
+    from distrain.verify.worker import RecordingDataset
 
     torch_dist.init_process_group("gloo")  # every Trainer below reuses it
     world, rank = torch_dist.get_world_size(), torch_dist.get_rank()

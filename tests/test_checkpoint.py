@@ -19,7 +19,7 @@ from distrain.checkpoint.layout import committed, read_latest, step_name
 from distrain.checkpoint.manifest import problem
 from distrain.checkpoint.retention import steps_to_keep
 from distrain.errors import CheckpointError
-from distrain.trainer import Trainer
+from distrain.training.trainer import Trainer
 
 # DCP warns on every single-process save/load (strategy single), even when asked for one explicitly.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is (disabled, )?unavailable")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from distrain.config import Config
-from distrain.config_reference import OUTPUT, main, render, sections
+from distrain.config.reference import OUTPUT, main, render, sections
 
 
 def _schema_keys(node: DictConfig, prefix: str = "") -> list:
@@ -21,7 +21,7 @@ def _schema_keys(node: DictConfig, prefix: str = "") -> list:
 
 
 def test_docs_config_reference_is_up_to_date():
-    assert OUTPUT.read_text() == render(), "docs/config-reference.md is stale: run `python -m distrain.config_reference`"
+    assert OUTPUT.read_text() == render(), "docs/config-reference.md is stale: run `python -m distrain.config.reference`"
 
 
 def test_every_schema_key_is_documented_with_type_default_and_meaning():
@@ -29,7 +29,7 @@ def test_every_schema_key_is_documented_with_type_default_and_meaning():
     schema = _schema_keys(OmegaConf.structured(Config))
     assert sorted(rows) == sorted(schema)
     undocumented = [key for key, row in rows.items() if not row["description"]]
-    assert not undocumented, f"add a comment next to these fields in distrain/config.py: {undocumented}"
+    assert not undocumented, f"add a comment next to these fields in distrain/config/schema.py: {undocumented}"
     assert rows["train.global_batch"]["default"] == "64" and rows["train.micro_batch"]["default"] == "null"
     assert rows["train.betas"]["type"] == "List[float]"
     assert "sgd, adam, adamw" in rows["train.optimizer"]["description"] or "sgd | adam" in rows["train.optimizer"]["description"]

@@ -3,7 +3,7 @@ import torch
 
 from distrain.data import build_datasets, decode, encode, fetch_batch
 from distrain.errors import ConfigError
-from distrain.losses import correct_and_count, default_loss
+from distrain.training.losses import correct_and_count, default_loss
 from distrain.models import MODELS, build_model
 
 

@@ -12,7 +12,7 @@ import distrain
 from conftest import REPO, run_cli_here, run_torchrun
 from distrain.data import build_datasets, fetch_batch, split_input_target
 from distrain.errors import CheckpointError
-from distrain.trainer import Trainer
+from distrain.training.trainer import Trainer
 
 # DCP warns on every single-process save/load (strategy single), even when asked for one explicitly.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is (disabled, )?unavailable")

@@ -16,7 +16,7 @@ import torch
 
 from conftest import REPO, child_env, read_jsonl, run_cli
 from distrain.data import build_datasets
-from distrain.flops import flops_per_sample, lookup_peak, peak_flops
+from distrain.telemetry.flops import flops_per_sample, lookup_peak, peak_flops
 from distrain.models import build_model
 
 # 32 samples per step, micro-batch 8: grad_accum 4 at W=1 and 2 at W=2, so the step time can be split.

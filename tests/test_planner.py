@@ -5,7 +5,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import run_cli
-from distrain.planner import estimate, layouts
+from distrain.tools.planner import estimate, layouts
 
 PSI = 1_000_000
 BY_LABEL = {layout.label: layout for layout in layouts()}

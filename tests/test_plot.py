@@ -35,8 +35,8 @@ def test_plot_writes_a_png_comparing_both_runs(two_runs, tmp_path):
 
 
 def test_figure_labels_both_runs_and_draws_their_logged_values(two_runs):
-    from distrain.plotting import build_figure
-    from distrain.runs import read_run
+    from distrain.tools.plotting import build_figure
+    from distrain.tools.runs import read_run
 
     runs = [read_run(two_runs / "w1"), read_run(two_runs / "w2")]
     fig = build_figure(runs, ["w1", "w2"])

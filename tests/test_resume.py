@@ -74,8 +74,8 @@ def _train_here(overrides: List[str]) -> Tuple[Dict, List[int]]:
     """Train in this process (world size 1), recording the sample indices; (final weights, indices)."""
     from distrain.config import load_config
     from distrain.data import build_datasets
-    from distrain.trainer import Trainer
-    from distrain.verify_worker import RecordingDataset
+    from distrain.training.trainer import Trainer
+    from distrain.verify.worker import RecordingDataset
 
     cfg = load_config(MLP, overrides)
     recording = RecordingDataset(build_datasets(cfg.data.name, cfg.data.kwargs, cfg.data.eval_fraction)[0])

@@ -2,7 +2,7 @@
 
 Each strategy's ``memory_report`` (what its engine really allocated, shards counted locally) is taken just
 before the optimizer update of the second step, when all three kinds exist, and compared with the planner's
-ZeRO-formula prediction (distrain.planner); target: within 10%. The same jobs measure the bytes each strategy
+ZeRO-formula prediction (distrain.tools.planner); target: within 10%. The same jobs measure the bytes each strategy
 sends per step (torch.profiler's record of the collectives), against the planner's communication estimate.
 """
 
@@ -21,7 +21,7 @@ from benchmarks.workload import make_workload
 from distrain import dist
 from distrain.config import load_config
 from distrain.env import ProcessInfo
-from distrain.planner import estimate, layouts
+from distrain.tools.planner import estimate, layouts
 
 NAME = "memory"
 TITLE = "3. Memory per rank vs the ZeRO formulas"
@@ -121,7 +121,7 @@ def report(result: Dict[str, Any], ctx: Any) -> Section:
     checks: List[Check] = []
     lines = [
         "Model states per rank of the gpt example (AdamW, fp32), measured by each strategy's `memory_report` "
-        "just before the second update, vs the planner's formula (distrain.planner). The paper's "
+        "just before the second update, vs the planner's formula (distrain.tools.planner). The paper's "
         "mixed-precision Adam formulas are stage 1: 4Ψ+12Ψ/N, stage 2: 2Ψ+14Ψ/N, stage 3: 16Ψ/N (2-byte "
         "parameters and gradients, 12 bytes of fp32 master copy and Adam moments). On CPU in fp32 every "
         "parameter and gradient is 4 bytes and Adam keeps 8, so the analogue is ddp 16Ψ, zero1 8Ψ+8Ψ/N, "

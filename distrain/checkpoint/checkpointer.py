@@ -42,8 +42,9 @@ from distrain.config import config_hash, to_container
 from distrain.data import GlobalStepSampler
 from distrain.env import ProcessInfo
 from distrain.errors import CheckpointError, StorageError
-from distrain.logs import get_logger
-from distrain.runinfo import versions
+from distrain.telemetry.logs import get_logger
+from distrain.telemetry.run_record import versions
+from distrain.telemetry.units import format_bytes
 from distrain.strategies.base import Strategy
 
 # Fault injection for tests: "STEP:SECONDS" makes every rank sleep inside the save of checkpoint STEP, after the
@@ -63,13 +64,6 @@ def model_description(cfg: DictConfig, model_object: Optional[nn.Module]) -> Dic
     cls = type(model_object)
     return {"source": "object", "class": f"{cls.__module__}.{cls.__qualname__}"}
 
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 @dataclass
@@ -241,7 +235,7 @@ class Checkpointer:
         self.last_save_s, self.last_save_bytes = seconds, int(manifest["total_bytes"])
         mode = f", async: training blocked {blocked_s:.2f} s" if blocked_s is not None else ""
         extra = f"; removed {', '.join(p.name for p in superseded + deleted)}" if superseded or deleted else ""
-        self.log.info(f"checkpoint: saved step {step} ({reason}) to {final}: {_human_bytes(manifest['total_bytes'])} "
+        self.log.info(f"checkpoint: saved step {step} ({reason}) to {final}: {format_bytes(manifest['total_bytes'])} "
                       f"in {seconds:.2f} s{mode}{extra}")
 
     def _finish_async(self, pending: _PendingSave, future: Any) -> None:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from distrain.errors import UsageError
+from distrain.telemetry.units import format_bytes
 
 
 def register(sub) -> None:
@@ -34,13 +35,6 @@ def _missing_action() -> int:
     raise UsageError("distrain ckpt: choose an action: `ls RUN_DIR`, `inspect PATH` or `export RUN_DIR --out FILE`.")
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
-
 
 def run_ls(args: argparse.Namespace) -> int:
     from distrain.checkpoint.discovery import checkpoints_dir_of, list_checkpoints
@@ -58,7 +52,7 @@ def run_ls(args: argparse.Namespace) -> int:
         saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created)) if r.created else "-"
         verdict = "yes" + (" (latest)" if r.latest else "") if r.problem is None else f"NO: {r.problem}"
         print(f"{r.name:<28} {r.step if r.step is not None else '-':>8} {saved:<19} "
-              f"{r.world_size if r.world_size else '-':>5} {_size(r.size_bytes):>10}  {verdict}")
+              f"{r.world_size if r.world_size else '-':>5} {format_bytes(r.size_bytes):>10}  {verdict}")
     return 0
 
 
@@ -88,5 +82,5 @@ def run_export(args: argparse.Namespace) -> int:
     out, sidecar = export_checkpoint(Path(args.path), Path(args.out))
     meta = json.loads(sidecar.read_text())
     print(f"exported {meta['model'].get('name', meta['model'].get('class'))} at step {meta['step']} from "
-          f"{meta['source']} to {out} ({_size(out.stat().st_size)}) and {sidecar}")
+          f"{meta['source']} to {out} ({format_bytes(out.stat().st_size)}) and {sidecar}")
     return 0

@@ -26,12 +26,12 @@ def _missing_action() -> int:
 
 def run_show(args: argparse.Namespace) -> int:
     from distrain.config import load_config, to_yaml
-    from distrain.preflight import preflight
+    from distrain.config import check_job
 
     if args.world_size < 1:
         raise UsageError(f"--world-size {args.world_size} is not allowed: it must be at least 1.")
     cfg = load_config(args.config, args.overrides)
-    plan = preflight(cfg, args.world_size)
+    plan = check_job(cfg, args.world_size)
     print(to_yaml(cfg).rstrip())
     print(f"# derived for world_size={plan.world_size}: global_batch={plan.global_batch} = micro_batch "
           f"{plan.micro_batch} x grad_accum {plan.grad_accum} x world_size {plan.world_size}")

@@ -13,7 +13,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distrain.doctor import format_report, run_checks
+    from distrain.tools.doctor import format_report, run_checks
 
     checks = run_checks(smoke_test=not args.no_smoke_test)
     if args.json:

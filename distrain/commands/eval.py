@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from distrain import dist
-    from distrain.evaluation import evaluate_checkpoint
+    from distrain.inference.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(Path(args.path), args.overrides)
     if dist.rank() == 0 or not dist.world_size() > 1:

@@ -1,4 +1,4 @@
-"""`distrain launch`: N workers per node through torch's elastic launcher (see distrain.launcher)."""
+"""`distrain launch`: N workers per node through torch's elastic launcher (see distrain.launch.torchrun)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distrain.launcher import launch
+    from distrain.launch.torchrun import launch
 
     return launch(args)

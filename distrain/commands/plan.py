@@ -19,7 +19,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from distrain.config import load_config
-    from distrain.planner import format_plan, make_plan
+    from distrain.tools.planner import format_plan, make_plan
 
     if args.world < 1:
         raise UsageError(f"--world {args.world} is not allowed: it must be at least 1 (the number of ranks).")

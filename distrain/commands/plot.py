@@ -1,4 +1,4 @@
-"""`distrain plot RUN_DIR [RUN_DIR ...] --out runs.png`: compare runs in one headless PNG (see distrain.plotting)."""
+"""`distrain plot RUN_DIR [RUN_DIR ...] --out runs.png`: compare runs in one headless PNG (see distrain.tools.plotting)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distrain.plotting import plot_runs
+    from distrain.tools.plotting import plot_runs
 
     out, names = plot_runs(args.runs, args.out, title=args.title)
     print(f"distrain plot: wrote {out} comparing {len(names)} run(s): {', '.join(names)}")

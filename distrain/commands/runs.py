@@ -25,7 +25,7 @@ def _missing_action() -> int:
 
 
 def run_ls(args: argparse.Namespace) -> int:
-    from distrain.runs import format_runs, list_runs
+    from distrain.tools.runs import format_runs, list_runs
 
     rows = list_runs(args.dir)
     if args.json:

@@ -103,7 +103,7 @@ def render(template: str, options: Dict[str, Optional[str]], exports: Dict[str, 
 
 def run_submit(args: argparse.Namespace) -> int:
     from distrain.config import load_config
-    from distrain.preflight import preflight
+    from distrain.config import check_job
 
     for flag, value in (("--nodes", args.nodes), ("--nproc-per-node", args.nproc_per_node)):
         if value < 1:
@@ -117,7 +117,7 @@ def run_submit(args: argparse.Namespace) -> int:
     overrides, sbatch_options = split_extras(list(args.overrides) + list(args.passthrough))
     config = str(Path(args.config).resolve())
     cfg = load_config(config, overrides)
-    plan = preflight(cfg, args.nodes * args.nproc_per_node)  # fail here, not after waiting in the queue
+    plan = check_job(cfg, args.nodes * args.nproc_per_node)  # fail here, not after waiting in the queue
 
     exports = {"DISTRAIN_SLURM_MODE": args.mode, "DISTRAIN_PYTHON": args.python,
                "DISTRAIN_NPROC_PER_NODE": str(args.nproc_per_node)}

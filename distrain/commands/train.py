@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     # torch is imported (the Trainer checks all of it again, for the Python API).
     cfg = load_config(args.config, args.overrides)
     batch_plan(cfg, detect().world_size)
-    from distrain.trainer import Trainer
+    from distrain.training.trainer import Trainer
 
     with Trainer(cfg) as trainer:
         trainer.fit()

@@ -150,14 +150,20 @@ DATASETS: Dict[str, Callable[..., Tuple[TensorPairDataset, TensorPairDataset]]] 
 }
 
 
-def build_datasets(name: str, kwargs: Dict[str, Any], eval_fraction: float
-                   ) -> Tuple[TensorPairDataset, Optional[TensorPairDataset]]:
-    """The (train, eval) pair of a built-in dataset, with errors that name the config key."""
+def dataset_builder(name: str) -> Callable[..., Tuple[TensorPairDataset, TensorPairDataset]]:
+    """The builder registered as ``data.name``, or a ConfigError listing the built-ins."""
     if name not in DATASETS:
         raise ConfigError(f"Unknown dataset data.name={name!r}. Built-in datasets: {', '.join(DATASETS)}; "
                           f"or pass your own map-style Dataset to distrain.Trainer(train_data=...).", key="data.name")
+    return DATASETS[name]
+
+
+def build_datasets(name: str, kwargs: Dict[str, Any], eval_fraction: float
+                   ) -> Tuple[TensorPairDataset, Optional[TensorPairDataset]]:
+    """The (train, eval) pair of a built-in dataset, with errors that name the config key."""
+    builder = dataset_builder(name)
     kwargs = dict(kwargs)
-    accepted = [p for p in inspect.signature(DATASETS[name]).parameters if p != "eval_fraction"]
+    accepted = [p for p in inspect.signature(builder).parameters if p != "eval_fraction"]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ConfigError(f"Config key(s) {', '.join('data.kwargs.' + k for k in unknown)} not accepted by dataset "
@@ -165,7 +171,7 @@ def build_datasets(name: str, kwargs: Dict[str, Any], eval_fraction: float
                           key=f"data.kwargs.{unknown[0]}")
     kwargs.setdefault("eval_fraction", eval_fraction)
     try:
-        train, evaluation = DATASETS[name](**kwargs)
+        train, evaluation = builder(**kwargs)
     except TypeError as err:
         raise ConfigError(f"data.kwargs {kwargs} do not fit dataset {name!r}: {err}.", key="data.kwargs") from None
     return train, (evaluation if len(evaluation) else None)

@@ -37,12 +37,17 @@ def register_flops(name: str) -> Callable[[FlopsFn], FlopsFn]:
     return deco
 
 
-def build_model(name: str, kwargs: Dict[str, Any], spec: Optional[DataSpec]) -> nn.Module:
-    """Build a registered model for data described by ``spec``; config errors name model.name/model.kwargs."""
+def model_builder(name: str) -> ModelBuilder:
+    """The builder registered as ``model.name``, or a ConfigError listing the built-ins."""
     if name not in MODELS:
         raise ConfigError(f"Unknown model model.name={name!r}. Built-in models: {', '.join(sorted(MODELS))}; "
                           f"or pass your own nn.Module to distrain.Trainer(model=...).", key="model.name")
-    builder = MODELS[name]
+    return MODELS[name]
+
+
+def build_model(name: str, kwargs: Dict[str, Any], spec: Optional[DataSpec]) -> nn.Module:
+    """Build a registered model for data described by ``spec``; config errors name model.name/model.kwargs."""
+    builder = model_builder(name)
     accepted = [p for p in inspect.signature(builder).parameters if p != "spec"]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:

@@ -19,7 +19,7 @@ from torch import nn
 from distrain.config import BatchPlan
 from distrain.env import ProcessInfo
 from distrain.errors import ConfigError
-from distrain.optim import build_optimizer
+from distrain.training.optim import build_optimizer
 from distrain.strategies import precision
 
 

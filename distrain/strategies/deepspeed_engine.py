@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from distrain.errors import CheckpointError, ConfigError
-from distrain.optim import optimizer_kwargs
+from distrain.training.optim import optimizer_kwargs
 from distrain.strategies.base import Strategy, StrategyContext, _local_bytes
 
 # Keys that our config owns: set them through train.* / strategy.kwargs, never twice.

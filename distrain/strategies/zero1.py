@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from distrain.optim import build_optimizer
+from distrain.training.optim import build_optimizer
 from distrain.strategies.ddp import DDPStrategy
 from distrain.strategies.base import StrategyContext
 

@@ -24,7 +24,7 @@ from typing import Any, ContextManager, Dict, Iterator, List, Optional
 
 import torch
 
-from distrain.flops import FlopsEstimate, PeakFlops
+from distrain.telemetry.flops import FlopsEstimate, PeakFlops
 
 
 _NOT_MEASURED = contextlib.nullcontext()

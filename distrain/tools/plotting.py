@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from distrain.errors import UsageError
-from distrain.runs import RunData, display_names, expand_run_dirs, read_run
+from distrain.tools.runs import RunData, display_names, expand_run_dirs, read_run
 
 
 def _values(records: List[Dict[str, Any]], x: Callable[[Dict[str, Any]], Optional[float]], key: str):

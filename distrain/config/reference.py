@@ -1,7 +1,7 @@
-"""The config reference, generated from the schema in distrain/config.py: every key, its type, default and comment.
+"""The config reference, generated from the schema in distrain/config/schema.py: every key, its type, default and comment.
 
-    python -m distrain.config_reference          # (re)write docs/config-reference.md
-    python -m distrain.config_reference --check  # exit 1 when docs/config-reference.md is out of date
+    python -m distrain.config.reference          # (re)write docs/config-reference.md
+    python -m distrain.config.reference --check  # exit 1 when docs/config-reference.md is out of date
 
 Types and defaults come from the dataclasses themselves; the descriptions are the comments next to (or right
 above) each field in the source, so the schema stays the single place where a knob is documented.
@@ -19,9 +19,9 @@ import tokenize
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from distrain import config as config_module
+from distrain.config import schema as config_module
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OUTPUT = REPO / "docs" / "config-reference.md"
 
 
@@ -108,7 +108,7 @@ def render() -> str:
     lines = [
         "# Config reference",
         "",
-        "<!-- Generated from distrain/config.py by `python -m distrain.config_reference`; do not edit by hand. "
+        "<!-- Generated from distrain/config/schema.py by `python -m distrain.config.reference`; do not edit by hand. "
         "tests/test_config_reference.py fails when this file and the schema drift apart. -->",
         "",
         "Every key of a distrain config, with its type, default and meaning. Set them in the YAML file",
@@ -130,7 +130,7 @@ def render() -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distrain.config_reference", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m distrain.config.reference", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the file is out of date instead of writing")
     parser.add_argument("--out", default=str(OUTPUT), help=f"output file (default {OUTPUT.relative_to(REPO)})")
     args = parser.parse_args(argv)
@@ -139,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.check:
         current = out.read_text() if out.exists() else ""
         if current != text:
-            print(f"{out} is out of date: run `python -m distrain.config_reference`", file=sys.stderr)
+            print(f"{out} is out of date: run `python -m distrain.config.reference`", file=sys.stderr)
             return 1
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)

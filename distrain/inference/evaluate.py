@@ -37,7 +37,7 @@ def evaluate_checkpoint(path: Path, overrides: Sequence[str] = ()) -> Dict[str, 
     """
     from distrain.checkpoint.export import read_checkpoint_weights
     from distrain.env import detect
-    from distrain.trainer import Trainer
+    from distrain.training.trainer import Trainer
 
     path = Path(path)
     config, run_dir, step, model_info, name = _source(path)

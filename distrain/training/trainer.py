@@ -25,14 +25,15 @@ from distrain.data import GlobalStepSampler, build_datasets, fetch_batch, move_t
 from distrain.env import detect
 from distrain.errors import ConfigError, DistributedError
 from distrain.faults import FaultTolerance
-from distrain.flops import FlopsEstimate, flops_per_sample, peak_flops
-from distrain.logs import setup_logging
-from distrain.losses import LossFn, correct_and_count, default_loss
-from distrain.metrics import MetricsWriter, Progress
+from distrain.telemetry.flops import FlopsEstimate, flops_per_sample, peak_flops
+from distrain.telemetry.logs import setup_logging
+from distrain.training.losses import LossFn, correct_and_count, default_loss
+from distrain.telemetry.metrics import MetricsWriter
+from distrain.telemetry.progress import Progress
 from distrain.models import build_model
-from distrain.optim import lr_at
-from distrain.perf import StepTimer, Throughput, memory_kind, peak_memory_bytes
-from distrain.runinfo import RunRecord
+from distrain.training.optim import lr_at
+from distrain.telemetry.perf import StepTimer, Throughput, memory_kind, peak_memory_bytes
+from distrain.telemetry.run_record import RunRecord
 from distrain.strategies import StrategyContext, build_strategy, strategy_class
 
 ModelSource = Union[nn.Module, Callable[[], nn.Module], None]
@@ -272,7 +273,7 @@ class Trainer:
         return {"step": self.step, "loss": loss, "samples": samples}
 
     def _peak_memory_mb(self) -> List[float]:
-        """Every rank's peak memory in MiB (see distrain.perf.peak_memory_bytes), gathered with one all-reduce."""
+        """Every rank's peak memory in MiB (see distrain.telemetry.perf.peak_memory_bytes), gathered with one all-reduce."""
         mine = torch.zeros(self.info.world_size, dtype=torch.float64)
         mine[self.info.rank] = peak_memory_bytes(self.device) / 2**20
         return [round(v, 1) for v in dist.all_reduce_sum(mine.to(self.device)).cpu().tolist()]

@@ -1,6 +1,6 @@
 """`distrain verify`: run one config at several world sizes (same global batch) and prove they agree.
 
-Each world size runs in its own torchrun job (`distrain.verify_worker`), which writes the final full weights
+Each world size runs in its own torchrun job (`distrain.verify.worker`), which writes the final full weights
 (safetensors), the final loss and the sample indices every rank consumed. W=1 (with gradient accumulation) is
 the reference; every other world size must match it to float rounding when the strategy claims exactness.
 """
@@ -57,7 +57,7 @@ def run_world(config: str, world_size: int, out_dir: Path, overrides: Sequence[s
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size),
-           "--module", "distrain.verify_worker", config, str(out_dir), *overrides]
+           "--module", "distrain.verify.worker", config, str(out_dir), *overrides]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     if proc.returncode != 0:
@@ -90,12 +90,12 @@ def verify(config: str, worlds: Sequence[int], overrides: Sequence[str] = (), st
            workdir: Optional[Path] = None) -> List[Comparison]:
     """Run ``config`` at each world size; compare every one against the first (normally W=1)."""
     from distrain.config import load_config
-    from distrain.preflight import preflight
+    from distrain.config import check_job
 
     overrides = list(overrides) + ([f"train.steps={steps}"] if steps else [])
     cfg = load_config(config, overrides)
     for w in worlds:
-        preflight(cfg, w)  # every world size must split the global batch; say so before starting anything
+        check_job(cfg, w)  # every world size must split the global batch; say so before starting anything
     tmp = tempfile.TemporaryDirectory(prefix="distrain-verify-") if workdir is None else None
     root = Path(tmp.name) if tmp else Path(workdir)
     try:

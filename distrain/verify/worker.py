@@ -38,7 +38,7 @@ def main(argv: List[str]) -> int:
 
     from distrain.config import load_config
     from distrain.data import build_datasets
-    from distrain.trainer import Trainer
+    from distrain.training.trainer import Trainer
 
     config, out_dir, overrides = argv[0], Path(argv[1]), argv[2:]
     cfg = load_config(config, overrides)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig
+from distrain.telemetry.units import format_bytes
 
 # Which model states a layout keeps whole on every rank ("full") or split over the N ranks ("shard").
 FULL, SHARD = "full", "shard"
@@ -233,27 +234,21 @@ def make_plan(cfg: DictConfig, world_size: int, mem_per_rank_gb: Optional[float]
     return plan
 
 
-def _size(nbytes: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes:.0f} B"
-
 
 def format_plan(plan: Plan) -> str:
     """The plan as the table `distrain plan` prints."""
     lines = [f"model {plan.model}: Ψ = {plan.n_params:,} parameters (largest shardable unit {plan.largest_unit:,}); "
              f"world size N = {plan.world_size}, grad_accum {plan.grad_accum}, {plan.backend}, "
              f"{plan.precision} {plan.optimizer}"
-             + (f"; memory per rank {_size(plan.mem_per_rank)}" if plan.mem_per_rank is not None else ""), ""]
+             + (f"; memory per rank {format_bytes(plan.mem_per_rank, 2)}" if plan.mem_per_rank is not None else ""), ""]
     header = (f"{'strategy':<22} {'formula':<14} {'params':>11} {'grads':>11} {'optimizer':>11} {'states':>11} "
               f"{'peak':>11} {'sent/step':>11}  fits")
     lines += [header, "-" * len(header)]
     for e in plan.estimates:
         fit = "yes" if plan.fits(e) else "NO"
-        lines.append(f"{e.layout.label:<22} {e.formula:<14} {_size(e.params):>11} {_size(e.grads):>11} "
-                     f"{_size(e.optimizer):>11} {_size(e.states):>11} {_size(e.peak):>11} "
-                     f"{_size(e.comm_bytes):>11}  {fit}")
+        lines.append(f"{e.layout.label:<22} {e.formula:<14} {format_bytes(e.params, 2):>11} {format_bytes(e.grads, 2):>11} "
+                     f"{format_bytes(e.optimizer, 2):>11} {format_bytes(e.states, 2):>11} {format_bytes(e.peak, 2):>11} "
+                     f"{format_bytes(e.comm_bytes, 2):>11}  {fit}")
     lines.append("")
     lines.append("states: parameters + gradients + optimizer state per rank (ZeRO accounting); peak adds what a "
                  "sharded strategy gathers during the step. Activations are extra and depend on micro_batch.")

@@ -104,7 +104,7 @@ class _SmokeTest:
     world = 2
 
     def __init__(self) -> None:
-        from distrain.ports import free_port
+        from distrain.launch.ports import free_port
 
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter, as torchrun's workers are
         self.results = ctx.Queue()
@@ -277,7 +277,7 @@ def _launch_environment() -> List[Check]:
 
 
 def _ports() -> List[Check]:
-    from distrain.ports import describe_owner, free_port, port_in_use
+    from distrain.launch.ports import describe_owner, free_port, port_in_use
 
     checks = []
     wanted = {29500: "torchrun's default MASTER_PORT / rendezvous port"}

@@ -78,7 +78,7 @@ def check_rdzv_endpoint(endpoint: str) -> None:
     A port on this machine held by a program other than a distrain/torchrun agent (which is node 0's rendezvous
     when two "nodes" share a host) would make the agent retry a store that never answers.
     """
-    from distrain.ports import describe_owner, free_port, is_local_host, port_in_use, port_owner
+    from distrain.launch.ports import describe_owner, free_port, is_local_host, port_in_use, port_owner
 
     host, _, port_text = endpoint.rpartition(":")
     if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
@@ -104,7 +104,7 @@ def _is_launcher(cmdline: str) -> bool:
 def launch(args: argparse.Namespace) -> int:
     """Check the config against the job's world size, then run torchrun's agent in this process."""
     from distrain.config import load_config
-    from distrain.preflight import preflight
+    from distrain.config import check_job
 
     if args.nproc_per_node < 1:
         raise UsageError(f"--nproc-per-node {args.nproc_per_node} is not allowed: it must be at least 1 "
@@ -114,7 +114,7 @@ def launch(args: argparse.Namespace) -> int:
     world = _world_size(args)
     if args.rdzv_endpoint is not None:
         check_rdzv_endpoint(args.rdzv_endpoint)
-    preflight(load_config(args.config, args.overrides), world)  # fail here, once, not in every worker
+    check_job(load_config(args.config, args.overrides), world)  # fail here, once, not in every worker
 
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from distrain.errors import UsageError
+from distrain.telemetry.units import format_duration
 
 
 @dataclass
@@ -222,12 +223,6 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _fmt_wall(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
 
 def format_runs(rows: List[RunSummary]) -> str:
     """The table `distrain runs ls` prints."""
@@ -238,6 +233,6 @@ def format_runs(rows: List[RunSummary]) -> str:
         table.append([r.name, r.status, steps, _fmt(r.world_size, "d"), r.strategy or "-", _fmt(r.final_loss, ".4f"),
                       _fmt(r.best_eval_loss, ".4f"),
                       "-" if r.best_eval_accuracy is None else f"{100 * r.best_eval_accuracy:.2f}%",
-                      _fmt_wall(r.wall_s)])
+                      format_duration(r.wall_s)])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)

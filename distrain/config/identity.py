@@ -1,0 +1,45 @@
+"""Which config keys shape the training trajectory: the one list behind the resume check and the config hash.
+
+A resumed run may change any key below (the next step is the same optimisation); every other key may not.
+``config_hash`` fingerprints exactly the keys that may not change, so two runs with the same hash follow the
+same trajectory, and ``distrain.checkpoint.compat`` refuses a resume whose config differs outside this list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Dict
+
+from omegaconf import DictConfig, OmegaConf
+
+# Dotted prefixes of keys a resumed run may set differently from the run that saved: how long to train, how often
+# to log, evaluate and save, the micro-batch (global_batch = micro x accum x world stays fixed, so only float
+# rounding moves), the world size, the process group settings and the run's location.
+RESUME_MAY_CHANGE = (
+    "run.name", "run.dir", "train.steps", "train.resume", "train.log_every", "train.eval_every", "train.micro_batch",
+    "data.eval_batch", "dist", "checkpoint", "metrics", "faults",
+)
+
+
+def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; an empty dict stays a leaf, so adding kwargs is seen as a change."""
+    out: Dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def may_change_on_resume(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """A short fingerprint of everything that shapes the trajectory (the keys a resume may not change)."""
+    data = flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    kept = {k: v for k, v in data.items() if not may_change_on_resume(k)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]

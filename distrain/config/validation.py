@@ -1,0 +1,123 @@
+"""Checks beyond the types: value ranges and choices, and the batch arithmetic for a world size.
+
+``validate`` runs on every load (world-independent); ``batch_plan`` derives grad_accum from
+``global_batch = micro_batch x grad_accum x world_size`` or explains in one paragraph why it cannot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from distrain.config.schema import CHOICES, FAULT_SIGNALS
+from distrain.errors import ConfigError
+
+
+def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"Config key '{key}' has value {value!r}; {allowed}.", key=key)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and choice checks that do not depend on the world size."""
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        _require(value in choices, key, value, f"allowed values are {', '.join(choices)}")
+    t = cfg.train
+    _require(t.global_batch >= 1, "train.global_batch", t.global_batch, "it must be a positive integer")
+    _require(t.micro_batch is None or t.micro_batch >= 1, "train.micro_batch", t.micro_batch,
+             "it must be a positive integer (or null to use global_batch / world_size)")
+    _require(t.steps >= 1, "train.steps", t.steps, "it must be a positive integer")
+    _require(t.lr > 0, "train.lr", t.lr, "it must be a positive number")
+    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", list(t.betas),
+             "it must be two numbers in [0, 1), for example [0.9, 0.999]")
+    _require(t.eps > 0, "train.eps", t.eps, "it must be a positive number")
+    _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "it must be zero or positive")
+    _require(0 <= t.momentum < 1, "train.momentum", t.momentum, "it must be in [0, 1)")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "it must be zero or positive")
+    _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "it must be in [0, 1]")
+    _require(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "it must be zero (off) or positive")
+    _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "it must be zero (only at the end) or positive")
+    _require(t.log_every >= 1, "train.log_every", t.log_every, "it must be a positive integer")
+    _require(bool(t.resume), "train.resume", t.resume, "use auto, never, or a checkpoint path")
+    d = cfg.data
+    _require(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "it must be in [0, 1)")
+    _require(d.eval_batch >= 1, "data.eval_batch", d.eval_batch, "it must be a positive integer")
+    _require(cfg.dist.timeout_s > 0, "dist.timeout_s", cfg.dist.timeout_s, "it must be a positive number of seconds")
+    c = cfg.checkpoint
+    _require(c.every >= 0, "checkpoint.every", c.every, "it must be zero (off) or positive")
+    _require(c.every_minutes >= 0, "checkpoint.every_minutes", c.every_minutes, "it must be zero (off) or positive")
+    _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "it must be at least 1")
+    _require(c.keep_every >= 0, "checkpoint.keep_every", c.keep_every, "it must be zero (off) or positive")
+    _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", cfg.run.name,
+             "it must be a non-empty name without '/'")
+    _require(cfg.metrics.peak_flops >= 0, "metrics.peak_flops", cfg.metrics.peak_flops, "it must be zero or positive")
+    f = cfg.faults
+    for key in ("signals", "requeue_signals"):
+        names = [str(n).upper().removeprefix("SIG") for n in f[key]]
+        _require(all(n in FAULT_SIGNALS for n in names), f"faults.{key}", list(f[key]),
+                 f"allowed signal names are {', '.join(FAULT_SIGNALS)} (an empty list turns signal handling off)")
+    stray = sorted({str(n).upper().removeprefix("SIG") for n in f.requeue_signals} -
+                   {str(n).upper().removeprefix("SIG") for n in f.signals})
+    _require(not stray, "faults.requeue_signals", list(f.requeue_signals),
+             f"every requeue signal must also be in faults.signals ({', '.join(stray)} is not)")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the global batch splits over ranks and micro-steps."""
+
+    global_batch: int
+    world_size: int
+    micro_batch: int
+    grad_accum: int
+
+    @property
+    def per_rank(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+
+def batch_plan(cfg: DictConfig, world_size: int) -> BatchPlan:
+    """Derive grad_accum from global_batch = micro_batch x grad_accum x world_size, or explain why it can't."""
+    g, w = int(cfg.train.global_batch), int(world_size)
+    if g < w:
+        raise ConfigError(
+            f"train.global_batch={g} is smaller than world_size={w}: each of the {w} ranks needs at least one sample "
+            f"per step. Raise train.global_batch to a multiple of {w} (e.g. {w * max(1, -(-g // w))}), or use at most "
+            f"{g} workers.", key="train.global_batch")
+    if g % w:
+        raise ConfigError(
+            f"train.global_batch={g} cannot be split over world_size={w} ranks: it must be a multiple of the "
+            f"world size (each rank takes an equal slice). Choose a global batch divisible by {w}, "
+            f"or run with a world size that divides {g}.", key="train.global_batch")
+    per_rank = g // w
+    m = int(cfg.train.micro_batch) if cfg.train.micro_batch is not None else per_rank
+    if per_rank % m:
+        raise ConfigError(
+            f"train.global_batch={g} with train.micro_batch={m} and world_size={w} does not divide: "
+            f"global_batch must equal micro_batch x grad_accum x world_size, and {g} / ({m} x {w}) is not an "
+            f"integer. Pick a micro_batch that divides {per_rank} (the per-rank share), e.g. "
+            f"{_divisor_hint(per_rank, m)}.", key="train.micro_batch")
+    return BatchPlan(global_batch=g, world_size=w, micro_batch=m, grad_accum=per_rank // m)
+
+
+def _divisor_hint(n: int, near: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: (abs(d - near), -d))
+
+
+def check_job(cfg: DictConfig, world_size: int) -> BatchPlan:
+    """Everything checkable before any worker starts (launch, verify, config show, slurm submit): the batch plan
+    for ``world_size``, and that the named strategy, dataset and model exist (each registry's own lookup, so the
+    message is the one a worker would give)."""
+    plan = batch_plan(cfg, world_size)  # before the imports below pull in torch: batch mistakes fail in 0.3 s
+    from distrain.data.datasets import dataset_builder
+    from distrain.models.registry import model_builder
+    from distrain.strategies import strategy_class
+
+    strategy_class(cfg.strategy.name)
+    dataset_builder(cfg.data.name)
+    model_builder(cfg.model.name)
+    return plan

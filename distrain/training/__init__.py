@@ -1,0 +1,1 @@
+"""The training loop (``Trainer``: split -> train -> update -> sync), its losses and its optimizers."""
