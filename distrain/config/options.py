@@ -43,6 +43,20 @@ def _omegaconf_type(annotation: Any) -> Any:
     return Any
 
 
+def type_label(kind: Any) -> str:
+    """A type as a config user reads it: int, str or null, list of str, mapping, any."""
+    if kind is Any or kind is None:
+        return "any"
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) is typing.Union:
+        return f"{type_label(args[0])} or null"
+    if typing.get_origin(kind) in (list, List):
+        return f"list of {type_label(args[0]) if args else 'any'}"
+    if typing.get_origin(kind) in (dict, Dict):
+        return "mapping"
+    return getattr(kind, "__name__", str(kind))
+
+
 @lru_cache(maxsize=None)
 def options_schema(builder: Callable[..., Any], skip: Tuple[str, ...] = ()) -> type:
     """A dataclass of ``builder``'s keyword parameters (all but ``skip``), named ``<Builder>Options``."""
@@ -66,8 +80,7 @@ def describe_options(builder: Callable[..., Any], skip: Tuple[str, ...] = ()) ->
     out = []
     for f in dataclasses.fields(options_schema(builder, skip)):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        kind = getattr(f.type, "__name__", None) or str(f.type).replace("typing.", "")
-        out.append(f"{f.name} ({kind}, " + ("required" if default is MISSING else f"default {default!r}") + ")")
+        out.append(f"{f.name} ({type_label(f.type)}, " + ("required" if default is MISSING else f"default {default!r}") + ")")
     return out
 
 
@@ -88,8 +101,7 @@ def parse_options(builder: Callable[..., Any], values: Mapping[str, Any], key: s
         return OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
     except (ValidationError, ConfigKeyError) as err:
         field = str(getattr(err, "full_key", "") or "").split(".")[0] or "?"
-        wanted = {f.name: f.type for f in dataclasses.fields(schema)}.get(field)
-        kind = getattr(wanted, "__name__", None) or str(wanted).replace("typing.", "")
+        kind = type_label({f.name: f.type for f in dataclasses.fields(schema)}.get(field))
         raise ConfigError(f"Config key '{key}.{field}' has value {values.get(field)!r}, which is not a valid {kind} "
                           f"for {what}. Allowed: {allowed}.", key=f"{key}.{field}") from None
     except OmegaConfBaseException as err:  # a required option left out
