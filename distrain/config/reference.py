@@ -103,6 +103,22 @@ def sections() -> List[Dict[str, Any]]:
     return out
 
 
+def builder_options() -> List[Dict[str, Any]]:
+    """[{section, rows: [(name, [option descriptions])]}] for strategy.kwargs, model.kwargs and data.kwargs: what
+    each registered builder accepts (its typed options, see distrain/config/options.py)."""
+    from distrain.config.options import describe_options
+    from distrain.data.datasets import DATASETS
+    from distrain.models import MODELS
+    from distrain.strategies import STRATEGIES, strategy_class
+
+    strategies = [(name, describe_options(strategy_class(name).__init__, ("self", "ctx"))) for name in STRATEGIES]
+    models = [(name, describe_options(MODELS[name], ("spec",))) for name in sorted(MODELS)]
+    datasets = [(name, describe_options(DATASETS[name], ("eval_fraction",))) for name in DATASETS]
+    return [{"section": "strategy.kwargs", "what": "strategy.name", "rows": strategies},
+            {"section": "model.kwargs", "what": "model.name", "rows": models},
+            {"section": "data.kwargs", "what": "data.name", "rows": datasets}]
+
+
 def render() -> str:
     """The markdown text of docs/config-reference.md."""
     lines = [
@@ -125,6 +141,14 @@ def render() -> str:
         for row in section["keys"]:
             lines.append(f"| `{row['key']}` | `{_cell(row['type'])}` | `{_cell(row['default'])}` | "
                          f"{_cell(row['description'])} |")
+        lines.append("")
+    lines += ["## Builder options", "",
+              "What each built-in strategy, model and dataset accepts in its `kwargs` (types are checked; a key not "
+              "listed is refused).", ""]
+    for part in builder_options():
+        lines += [f"### `{part['section']}`", "", f"| `{part['what']}` | options |", "| --- | --- |"]
+        for name, options in part["rows"]:
+            lines.append(f"| `{name}` | {_cell('; '.join(options)) or 'none'} |")
         lines.append("")
     return "\n".join(lines)
 

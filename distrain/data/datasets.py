@@ -7,7 +7,6 @@ registry the shapes (input size, classes, vocabulary) and the trainer the task (
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import string
 import sysconfig
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from distrain.config.options import parse_options
 from distrain.errors import ConfigError
 
 
@@ -162,14 +162,9 @@ def build_datasets(name: str, kwargs: Dict[str, Any], eval_fraction: float
                    ) -> Tuple[TensorPairDataset, Optional[TensorPairDataset]]:
     """The (train, eval) pair of a built-in dataset, with errors that name the config key."""
     builder = dataset_builder(name)
-    kwargs = dict(kwargs)
-    accepted = [p for p in inspect.signature(builder).parameters if p != "eval_fraction"]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ConfigError(f"Config key(s) {', '.join('data.kwargs.' + k for k in unknown)} not accepted by dataset "
-                          f"{name!r}. Allowed: {', '.join(accepted) or 'none'} (the eval share is data.eval_fraction).",
-                          key=f"data.kwargs.{unknown[0]}")
-    kwargs.setdefault("eval_fraction", eval_fraction)
+    # The eval share is data.eval_fraction, not a kwarg of its own.
+    kwargs = parse_options(builder, kwargs, "data.kwargs", f"dataset {name!r}", skip=("eval_fraction",))
+    kwargs["eval_fraction"] = eval_fraction
     try:
         train, evaluation = builder(**kwargs)
     except TypeError as err:

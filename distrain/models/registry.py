@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Dict, Optional
 
 from torch import nn
 
 from distrain.data.datasets import DataSpec
+from distrain.config.options import parse_options
 from distrain.errors import ConfigError
 
 ModelBuilder = Callable[..., nn.Module]
@@ -48,12 +48,7 @@ def model_builder(name: str) -> ModelBuilder:
 def build_model(name: str, kwargs: Dict[str, Any], spec: Optional[DataSpec]) -> nn.Module:
     """Build a registered model for data described by ``spec``; config errors name model.name/model.kwargs."""
     builder = model_builder(name)
-    accepted = [p for p in inspect.signature(builder).parameters if p != "spec"]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ConfigError(f"Config key(s) {', '.join('model.kwargs.' + k for k in unknown)} not accepted by model "
-                          f"{name!r}. "
-                          f"Allowed: {', '.join(accepted)}.", key=f"model.kwargs.{unknown[0]}")
+    kwargs = parse_options(builder, kwargs, "model.kwargs", f"model {name!r}", skip=("spec",))
     if spec is None:
         raise ConfigError(f"model.name={name!r} needs to know the data's shapes, but the dataset has no `spec`. "
                           f"Pass your own nn.Module with model=..., or use a built-in dataset.", key="model.name")

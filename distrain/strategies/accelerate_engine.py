@@ -15,12 +15,13 @@ either is a power of two) and the ranks' contributions are added, as with the dd
 
 from __future__ import annotations
 
-from typing import Any, ContextManager, Dict, Optional
+from typing import Any, ContextManager, Dict, List, Optional
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from distrain.strategies.layout import Layout
 from distrain.strategies.base import Strategy, StrategyContext
 from distrain.strategies.comm_hooks import ByteCounter, register_comm_hook
 
@@ -29,6 +30,11 @@ MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 class AccelerateStrategy(Strategy):
     name = "accelerate"
+
+
+    @classmethod
+    def layouts(cls) -> List[Layout]:
+        return [Layout("accelerate", cls.name, speed_rank=1)]
 
     def __init__(self, ctx: StrategyContext, bucket_cap_mb: float = 25.0, find_unused_parameters: bool = False):
         super().__init__(ctx)

@@ -8,19 +8,21 @@ optimizer step, parameter synchronisation, and how the state is gathered or save
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass
-from typing import Any, ContextManager, Dict, Iterable, Optional
+from typing import TYPE_CHECKING, Any, ContextManager, Dict, Iterable, List, Optional
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
 from distrain.config import BatchPlan
+from distrain.config.options import parse_options
 from distrain.env import ProcessInfo
-from distrain.errors import ConfigError
 from distrain.training.optim import build_optimizer
 from distrain.strategies import precision
+
+if TYPE_CHECKING:
+    from distrain.strategies.layout import Layout
 
 
 @dataclass
@@ -187,6 +189,12 @@ class Strategy:
     comm_bytes: Optional[int] = None
 
     @classmethod
+    def layouts(cls) -> List["Layout"]:
+        """How this strategy places model states and what it sends per step, for `distrain plan` (one Layout per
+        option set worth comparing). A strategy that declares none is not planned."""
+        return []
+
+    @classmethod
     def exact_for(cls, kwargs: Dict[str, Any]) -> bool:
         """Whether this strategy with these strategy.kwargs should reproduce 1 rank (lossy options say no)."""
         return cls.exact
@@ -203,11 +211,6 @@ def _local_bytes(tensor: torch.Tensor) -> int:
 
 
 def make_strategy(cls: type, ctx: StrategyContext, kwargs: Dict[str, Any]) -> Strategy:
-    """Build ``cls(ctx, **kwargs)``, turning an unknown or ill-typed kwarg into a ConfigError that names it."""
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "ctx")]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ConfigError(f"Config key(s) {', '.join('strategy.kwargs.' + k for k in unknown)} not accepted by "
-                          f"strategy {cls.name!r}. "
-                          f"Allowed: {', '.join(accepted) or 'none'}.", key=f"strategy.kwargs.{unknown[0]}")
-    return cls(ctx, **kwargs)
+    """Build ``cls(ctx, **kwargs)`` with kwargs checked against the typed options of its constructor."""
+    options = parse_options(cls.__init__, kwargs, "strategy.kwargs", f"strategy {cls.name!r}", skip=("self", "ctx"))
+    return cls(ctx, **options)

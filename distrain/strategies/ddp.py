@@ -4,18 +4,24 @@ last micro-step's backward (``no_sync`` on the others, so accumulation costs one
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Dict, Optional
+from typing import Any, ContextManager, Dict, List, Optional
 
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distrain.errors import ConfigError
+from distrain.strategies.layout import Layout
 from distrain.strategies.base import Strategy, StrategyContext
 from distrain.strategies.comm_hooks import ByteCounter, register_comm_hook
 
 
 class DDPStrategy(Strategy):
     name = "ddp"
+
+
+    @classmethod
+    def layouts(cls) -> List[Layout]:
+        return [Layout("ddp", cls.name, speed_rank=0)]
 
     def __init__(self, ctx: StrategyContext, bucket_cap_mb: float = 25.0, static_graph: bool = False,
                  comm_hook: Optional[str] = None, powersgd_rank: int = 1, find_unused_parameters: bool = False,

@@ -32,6 +32,7 @@ from torch import nn
 
 from distrain.errors import CheckpointError, ConfigError
 from distrain.training.optim import optimizer_kwargs
+from distrain.strategies.layout import FULL, SHARD, Layout
 from distrain.strategies.base import Strategy, StrategyContext, _local_bytes
 
 # Keys that our config owns: set them through train.* / strategy.kwargs, never twice.
@@ -56,6 +57,23 @@ def import_deepspeed() -> Any:
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
     engine_checkpoint = True
+
+
+    @classmethod
+    def layouts(cls) -> List[Layout]:
+        ds = dict(strategy=cls.name, half_precision_states=True)
+        return [
+            Layout("deepspeed stage 0", kwargs={"stage": 0}, master_half=FULL, speed_rank=1, **ds),
+            Layout("deepspeed stage 1", kwargs={"stage": 1}, optimizer=SHARD, master_fp32=SHARD, master_half=SHARD,
+                   gathers_per_step=1.0, speed_rank=3, **ds),
+            Layout("deepspeed stage 2", kwargs={"stage": 2}, grads=SHARD, optimizer=SHARD, master_fp32=SHARD,
+                   master_half=SHARD, reduce_every_micro_step=True, sharded_reduce=True, gathers_per_step=1.0,
+                   speed_rank=4, **ds),
+            Layout("deepspeed stage 3", kwargs={"stage": 3}, params=SHARD, grads=SHARD, optimizer=SHARD,
+                   master_fp32=SHARD, master_half=SHARD, reduce_every_micro_step=True, sharded_reduce=True,
+                   gathers_per_micro_step=1.0, regather_in_backward_above=1e9, peak_unsharded="model", speed_rank=6,
+                   **ds),
+        ]
 
     def __init__(self, ctx: StrategyContext, stage: int = 0, offload_optimizer: bool = False,
                  offload_param: bool = False, config: Optional[Mapping[str, Any]] = None):

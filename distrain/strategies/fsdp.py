@@ -24,11 +24,22 @@ from torch.distributed.tensor import DTensor
 
 from distrain.errors import ConfigError
 from distrain.strategies import precision
+from distrain.strategies.layout import SHARD, Layout
 from distrain.strategies.base import Strategy, StrategyContext
 
 
 class FSDPStrategy(Strategy):
     name = "fsdp"
+
+
+    @classmethod
+    def layouts(cls) -> List[Layout]:
+        # Both reshard modes keep parameters, gradients and optimizer state sharded between steps (FSDP2 reshards
+        # after backward); they differ in what a step gathers transiently and how often.
+        return [Layout("fsdp (shard grad op)", cls.name, {"reshard_after_forward": False}, SHARD, SHARD, SHARD,
+                       sharded_reduce=True, gathers_per_micro_step=1.0, peak_unsharded="model", speed_rank=3),
+                Layout("fsdp (full shard)", cls.name, {"reshard_after_forward": True}, SHARD, SHARD, SHARD,
+                       sharded_reduce=True, gathers_per_micro_step=2.0, peak_unsharded="unit", speed_rank=5)]
 
     def __init__(self, ctx: StrategyContext, reshard_after_forward: bool = True,
                  wrap: Union[str, Sequence[str]] = "auto", offload: bool = False):

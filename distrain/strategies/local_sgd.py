@@ -22,6 +22,7 @@ from torch import nn
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
 from distrain.errors import CheckpointError, ConfigError
+from distrain.strategies.layout import Layout
 from distrain.strategies.base import Strategy, StrategyContext
 
 OUTER = ("average", "nesterov")
@@ -31,6 +32,12 @@ class LocalSGDStrategy(Strategy):
     name = "local_sgd"
     exact = False
     grad_reduction = "mean"  # no gradient reduction at all: each rank's loss is scaled by 1/grad_accum only
+
+
+    @classmethod
+    def layouts(cls, sync_every: int = 4) -> List[Layout]:
+        return [Layout(f"local_sgd (H={sync_every})", cls.name, {"sync_every": sync_every}, every=sync_every,
+                       exact=False, speed_rank=0)]
 
     def __init__(self, ctx: StrategyContext, sync_every: int = 8, outer: str = "average", outer_lr: float = 0.7,
                  outer_momentum: float = 0.9):

@@ -15,11 +15,17 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from distrain.training.optim import build_optimizer
 from distrain.strategies.ddp import DDPStrategy
+from distrain.strategies.layout import SHARD, Layout
 from distrain.strategies.base import StrategyContext
 
 
 class ZeRO1Strategy(DDPStrategy):
     name = "zero1"
+
+
+    @classmethod
+    def layouts(cls) -> List[Layout]:
+        return [Layout("zero1", cls.name, optimizer=SHARD, gathers_per_step=1.0, speed_rank=2)]
 
     def __init__(self, ctx: StrategyContext, bucket_cap_mb: float = 25.0, static_graph: bool = False,
                  comm_hook: Optional[str] = None, powersgd_rank: int = 1, find_unused_parameters: bool = False,

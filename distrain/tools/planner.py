@@ -18,68 +18,27 @@ counted (they depend on the batch, not on the strategy); the plan says so.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig
+
+from distrain.strategies.layout import FULL, SHARD, Layout
 from distrain.telemetry.units import format_bytes
 
-# Which model states a layout keeps whole on every rank ("full") or split over the N ranks ("shard").
-FULL, SHARD = "full", "shard"
 
+def layouts() -> List[Layout]:
+    """Every registered strategy's layouts, as each strategy class declares them (``Strategy.layouts``)."""
+    from distrain.errors import DistrainError
+    from distrain.strategies import STRATEGIES, strategy_class
 
-@dataclass(frozen=True)
-class Layout:
-    """How one strategy (with its kwargs) places model states and what it communicates per step."""
-
-    label: str
-    strategy: str
-    kwargs: Dict[str, Any] = field(default_factory=dict)
-    params: str = FULL
-    grads: str = FULL
-    optimizer: str = FULL
-    # DeepSpeed's fp32 master copy of the weights, kept with the optimizer: in fp32 runs too (stages 1-3 step on
-    # a separate fp32 copy of the partition), and in bf16/fp16 runs (stages 1-3 sharded, stage 0 whole).
-    master_fp32: str = ""
-    master_half: str = ""
-    half_precision_states: bool = False  # DeepSpeed keeps bf16/fp16 params and grads in bf16/fp16 runs
-    # Communication, in units of the model's gradient (= parameter) bytes:
-    reduce_every_micro_step: bool = False  # gradients reduced on every micro-step (DeepSpeed ZeRO-2/3)
-    sharded_reduce: bool = False  # a reduce-scatter where the backend has one (NCCL); gloo all-reduces instead
-    gathers_per_step: float = 0.0  # parameter all-gathers / broadcasts after the update (ZeRO-1/2)
-    gathers_per_micro_step: float = 0.0  # parameter all-gathers in forward (and backward) of each micro-step
-    # DeepSpeed ZeRO-3 keeps gathered parameters for backward while the model is under its live-parameter limit
-    # (stage3_max_live_parameters, 1e9 by default), and gathers them again in backward above it.
-    regather_in_backward_above: Optional[float] = None
-    every: int = 1  # communicates every `every` steps (local SGD's period)
-    exact: bool = True  # reproduces 1 rank (sync every step); only exact layouts are recommended
-    peak_unsharded: str = ""  # what a sharded layout gathers transiently during the step ("unit" | "model")
-    speed_rank: int = 0  # tie-break among equal traffic: fewer collectives and less engine machinery first
-
-
-def layouts(sync_every: int = 4) -> List[Layout]:
-    """The strategies distrain offers, as the planner models them (whether registered here or not)."""
-    ds = dict(strategy="deepspeed", half_precision_states=True)
-    return [
-        Layout("ddp", "ddp", speed_rank=0),
-        Layout("accelerate", "accelerate", speed_rank=1),
-        Layout("zero1", "zero1", optimizer=SHARD, gathers_per_step=1.0, speed_rank=2),
-        Layout("fsdp (shard grad op)", "fsdp", {"reshard_after_forward": False}, SHARD, SHARD, SHARD,
-               sharded_reduce=True, gathers_per_micro_step=1.0, peak_unsharded="model", speed_rank=3),
-        Layout("fsdp (full shard)", "fsdp", {"reshard_after_forward": True}, SHARD, SHARD, SHARD,
-               sharded_reduce=True, gathers_per_micro_step=2.0, peak_unsharded="unit", speed_rank=5),
-        Layout("deepspeed stage 0", kwargs={"stage": 0}, master_half=FULL, speed_rank=1, **ds),
-        Layout("deepspeed stage 1", kwargs={"stage": 1}, optimizer=SHARD, master_fp32=SHARD, master_half=SHARD,
-               gathers_per_step=1.0, speed_rank=3, **ds),
-        Layout("deepspeed stage 2", kwargs={"stage": 2}, grads=SHARD, optimizer=SHARD, master_fp32=SHARD,
-               master_half=SHARD, reduce_every_micro_step=True, sharded_reduce=True, gathers_per_step=1.0,
-               speed_rank=4, **ds),
-        Layout("deepspeed stage 3", kwargs={"stage": 3}, params=SHARD, grads=SHARD, optimizer=SHARD,
-               master_fp32=SHARD, master_half=SHARD, reduce_every_micro_step=True, sharded_reduce=True, gathers_per_micro_step=1.0,
-               regather_in_backward_above=1e9, peak_unsharded="model", speed_rank=6, **ds),
-        Layout(f"local_sgd (H={sync_every})", "local_sgd", {"sync_every": sync_every}, every=sync_every,
-               exact=False, speed_rank=0),
-    ]
+    found: List[Layout] = []
+    for name in STRATEGIES:
+        try:
+            found.extend(strategy_class(name).layouts())
+        except DistrainError:  # a strategy whose module does not import here: make_plan reports it
+            continue
+    return found
 
 
 def optimizer_bytes_per_param(train: DictConfig) -> int:
@@ -214,18 +173,15 @@ def make_plan(cfg: DictConfig, world_size: int, mem_per_rank_gb: Optional[float]
         n_params, largest_unit = count_parameters(cfg)
     limit = mem_per_rank_gb * 2**30 if mem_per_rank_gb is not None else None
     estimates, unavailable = [], {}
-    for layout in layouts():
-        if only and layout.label not in only:
-            continue
-        if layout.strategy not in STRATEGIES:
-            unavailable[layout.label] = "not registered"
-            continue
+    for name in STRATEGIES:
         try:
-            strategy_class(layout.strategy)
+            declared = strategy_class(name).layouts()
         except DistrainError:
-            unavailable[layout.label] = "registered, not installed"
+            unavailable[name] = "registered, not installed"
             continue
-        estimates.append(estimate(layout, n_params, world_size, cfg.train, largest_unit, accum, backend))
+        for layout in declared:
+            if not only or layout.label in only:
+                estimates.append(estimate(layout, n_params, world_size, cfg.train, largest_unit, accum, backend))
     plan = Plan(str(cfg.run.name), str(cfg.model.name), n_params, largest_unit, world_size, accum, backend, limit,
                 estimates, unavailable, None, str(cfg.train.precision), str(cfg.train.optimizer))
     fitting = [e for e in estimates if e.layout.exact and plan.fits(e)]
