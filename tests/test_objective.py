@@ -17,13 +17,15 @@ from typing import Dict, List
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
 
 from conftest import run_torchrun
-from objective_cases import (GPT_PADDED, HF_COMMON, PaddedTokens, full_batch_reference, gpt2, hf_own_loss,
+from objective_cases import (GPT_PADDED, HF_COMMON, VOCAB, PaddedTokens, full_batch_reference, gpt2, hf_own_loss,
                              padded_lm_loss)
+from distrain.errors import ConfigError
 from distrain.verify import WorldResult, compare
-
-pytest.importorskip("transformers", reason="pip install 'distrain[hf]'")
 
 DDP = ["strategy.name=ddp"]
 STRATEGIES = {  # at W=2 against the full-batch reference, like ddp
@@ -53,6 +55,7 @@ RUNS: List[dict] = [
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Dict[str, Dict[int, dict]]:
+    pytest.importorskip("transformers", reason="the Hugging Face cases need pip install 'distrain[hf]'")
     out = tmp_path_factory.mktemp("objective")
     (out / "runs.json").write_text(json.dumps(RUNS))
     for world in (1, 2, 3):
@@ -84,6 +87,7 @@ def _as_result(weights: Dict[str, torch.Tensor]) -> WorldResult:
 
 @pytest.fixture(scope="module")
 def hf_reference() -> WorldResult:
+    pytest.importorskip("transformers", reason="the Hugging Face cases need pip install 'distrain[hf]'")
     return _as_result(full_batch_reference(gpt2(), PaddedTokens(), steps=10, global_batch=12, lr=0.5,
                                            loss_of=hf_own_loss))
 
@@ -194,3 +198,189 @@ def test_eval_of_model_outputs_is_the_training_objective_over_the_eval_set(resul
         scores = results["hf"][world]["eval"]
         assert scores["eval_loss"] == pytest.approx(float(outputs.loss), rel=1e-5)
         assert scores["eval_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+
+
+# --- in one process: counting, the loss contract and bad inputs ----------------------------------------------
+class KeywordLM(nn.Module):
+    """A Hugging Face-style model that is not from transformers: forward(input_ids, labels) -> {loss, logits}."""
+
+    def __init__(self, returns_loss: bool = True, sums: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8)
+        self.head = nn.Linear(8, VOCAB)
+        self.returns_loss = returns_loss
+        if sums:  # declare the transformers convention: the loss divides its sum by num_items_in_batch
+            self.forward = self.forward_summing
+
+    def forward(self, input_ids, labels=None):
+        logits = self.head(self.embed(input_ids))
+        if labels is None or not self.returns_loss:
+            return {"logits": logits}
+        return {"loss": F.cross_entropy(logits.flatten(0, 1), labels.flatten()), "logits": logits}
+
+    def forward_summing(self, input_ids, labels=None, num_items_in_batch=None):
+        logits = self.head(self.embed(input_ids))
+        summed = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+        return {"loss": summed / num_items_in_batch, "logits": logits}
+
+
+class Unlabelled(Dataset):
+    def __init__(self, n: int = 24, labels: bool = False, all_padding_from: int = 99):
+        self.ids = torch.randint(0, VOCAB, (n, 8), generator=torch.Generator().manual_seed(0))
+        self.labels, self.all_padding_from = labels, all_padding_from
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        if not self.labels:
+            return {"input_ids": self.ids[i]}
+        labels = self.ids[i] if i < self.all_padding_from else torch.full((8,), -100)
+        return {"input_ids": self.ids[i], "labels": labels, "sample_id": i}
+
+
+def _trainer(tmp_path, **kwargs):
+    from distrain.training.trainer import Trainer
+
+    overrides = [f"run.dir={tmp_path}", "run.name=t", "strategy.name=single", "train.global_batch=8",
+                 "train.micro_batch=4", "train.steps=2", "checkpoint.at_end=false", "metrics.progress=none",
+                 "train.optimizer=sgd", "train.lr=0.1"]
+    return Trainer(overrides=overrides, **kwargs)
+
+
+def _fit_error(tmp_path, **kwargs) -> str:
+    with pytest.raises(ConfigError) as err:
+        with _trainer(tmp_path, **kwargs) as trainer:
+            trainer.fit()
+    return str(err.value)
+
+
+def test_a_model_that_returns_no_loss_without_a_loss_fn_is_refused(tmp_path):
+    message = _fit_error(tmp_path, model=KeywordLM(returns_loss=False), train_data=Unlabelled(labels=True))
+    assert "no loss" in message and "keys ['logits']" in message and "loss_fn" in message
+
+
+def test_pair_data_without_a_loss_is_refused_before_training(tmp_path):
+    pairs = TensorDataset(torch.randn(16, 3), torch.randn(16, 1))
+    with pytest.raises(ConfigError, match="No loss function"):
+        _trainer(tmp_path, model=nn.Linear(3, 1), train_data=pairs)
+
+
+def test_a_batch_without_labels_cannot_be_counted(tmp_path):
+    message = _fit_error(tmp_path, model=KeywordLM(), train_data=Unlabelled(labels=False))
+    assert "no 'labels'" in message and "['input_ids']" in message and "items='samples'" in message
+
+
+def test_a_loss_that_is_not_a_scalar_is_refused(tmp_path):
+    data = TensorDataset(torch.randn(16, 3), torch.randint(0, 2, (16,)))
+    message = _fit_error(tmp_path, model=nn.Linear(3, 2), train_data=data,
+                         loss_fn=lambda out, target: F.cross_entropy(out, target, reduction="none"))
+    assert "not a scalar" in message and "shape (4,)" in message and "num_items_in_batch" in message
+
+
+def test_a_mean_loss_over_an_all_padding_micro_batch_is_refused(tmp_path):
+    data = Unlabelled(labels=True, all_padding_from=0)
+    message = _fit_error(tmp_path, model=KeywordLM(), train_data=data)
+    assert "no valid items" in message and "rank 0" in message and "num_items_in_batch" in message
+
+
+def test_a_summing_model_trains_through_all_padding_micro_batches(tmp_path):
+    """With num_items_in_batch a micro-batch of padding only adds nothing: no 0/0 anywhere."""
+    data = Unlabelled(labels=True, all_padding_from=12)
+    with _trainer(tmp_path, model=KeywordLM(sums=True), train_data=data) as trainer:
+        assert math.isfinite(trainer.fit()["loss"])
+
+
+@pytest.mark.parametrize("frozen, step, fragment", [
+    ({"teacher": nn.Linear(3, 1, device="meta")}, "teacher", "meta device"),
+    ({"teacher": nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1, device="meta"))}, "teacher", "meta device"),
+    ({"teacher": "not a module"}, "teacher", "must be nn.Modules"),
+    ({"critic": nn.Linear(3, 1)}, "teacher", "does not take a 'critic' argument"),
+])
+def test_bad_frozen_modules_are_refused(tmp_path, frozen, step, fragment):
+    def step_fn(model, batch, teacher):
+        return F.mse_loss(model(batch[0]), batch[1])
+
+    data = TensorDataset(torch.randn(16, 3), torch.randn(16, 1))
+    with pytest.raises(ConfigError, match=fragment):
+        _trainer(tmp_path, model=nn.Linear(3, 1), train_data=data, step_fn=step_fn, frozen=frozen)
+
+
+def test_a_teacher_spread_over_devices_or_sharing_the_students_weights_is_refused(tmp_path):
+    from distrain.training.objective import freeze
+
+    student = nn.Linear(3, 1)
+
+    def step_fn(model, batch, teacher):
+        return model(batch[0]).sum()
+
+    with pytest.raises(ConfigError, match="shares parameters"):
+        freeze({"teacher": nn.Sequential(student)}, torch.device("cpu"), student, step_fn)
+    spread = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    spread[1].register_buffer("scale", torch.ones(1, device="meta"))
+    with pytest.raises(ConfigError, match="meta"):
+        freeze({"teacher": spread}, torch.device("cpu"), student, step_fn)
+    with pytest.raises(ConfigError, match="no step_fn"):
+        freeze({"teacher": nn.Linear(3, 1)}, torch.device("cpu"), student, None)
+
+
+def test_a_frozen_teacher_stays_in_eval_mode_without_gradients_and_out_of_the_optimizer(tmp_path):
+    teacher = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.Linear(3, 1))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    seen = []
+
+    def step_fn(model, batch, teacher):
+        inputs, targets = batch
+        soft = teacher(inputs)
+        seen.append((teacher.module.training, soft.requires_grad))
+        teacher.module.train()  # even if the step flips it, the next call runs in eval mode again
+        return F.mse_loss(model(inputs), 0.5 * targets + 0.5 * soft)
+
+    data = TensorDataset(torch.randn(16, 3), torch.randn(16, 1))
+    with _trainer(tmp_path, model=nn.Linear(3, 1), train_data=data, step_fn=step_fn,
+                  frozen={"teacher": teacher}) as trainer:
+        trainer.fit()
+        optimized = {id(p) for group in trainer.strategy.optimizer.param_groups for p in group["params"]}
+        state = trainer.strategy.checkpoint_state()["model"]
+    assert seen and all(not training and not grad for training, grad in seen)
+    assert not optimized & {id(p) for p in teacher.parameters()}
+    assert set(state) == {"weight", "bias"}
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+
+def test_forward_keys_the_model_does_not_take_are_not_passed(tmp_path):
+    data = Unlabelled(labels=True)  # samples also carry "sample_id", which KeywordLM.forward does not take
+    with _trainer(tmp_path, model=KeywordLM(), train_data=data) as trainer:
+        assert math.isfinite(trainer.fit()["loss"])
+
+
+def test_transformers_causal_lm_items_are_the_shifted_labels():
+    pytest.importorskip("transformers")
+    from distrain.training.objective import Objective
+
+    labels = torch.tensor([[5, 6, 7, -100], [8, -100, -100, -100]])
+    batch = {"input_ids": labels.clamp(min=0), "labels": labels}
+    objective = Objective(gpt2(), torch.device("cpu"), global_batch=2, sample=lambda: batch)
+    assert objective.items == "labels" and objective.shift and objective.sums
+    assert int(objective.count(batch)) == 2  # position 0 of every row is never predicted
+    plain = Objective(KeywordLM(), torch.device("cpu"), global_batch=2, sample=lambda: batch)
+    assert int(plain.count(batch)) == 4 and not plain.shift and not plain.sums
+
+
+def test_accuracy_skips_ignored_labels_and_needs_logits():
+    from distrain.training.objective import correct_and_count
+
+    logits = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]])
+    assert correct_and_count(logits, torch.tensor([[1, 1, -100]])) == (1, 2)
+    assert correct_and_count(logits, torch.tensor([[0, -100]]), shift=True) == (0, 1)  # position 0 predicts 1
+    assert correct_and_count(None, torch.tensor([1])) is None
+    assert correct_and_count(torch.tensor(0.5), torch.tensor([[1]])) is None  # a loss is no logits
+
+
+def test_the_builtin_lm_loss_sums_over_valid_tokens():
+    from distrain.training.losses import sequence_cross_entropy
+
+    logits, targets = torch.randn(2, 5, 7), torch.tensor([[1, 2, 3, -100, -100], [4, -100, -100, -100, -100]])
+    mean = sequence_cross_entropy(logits, targets)
+    assert torch.allclose(sequence_cross_entropy(logits, targets, num_items_in_batch=4) * 4, mean * 4)
+    assert torch.allclose(sequence_cross_entropy(logits, targets, num_items_in_batch=8), mean / 2)
