@@ -104,3 +104,44 @@ def padded_lm_loss(model: nn.Module, batch: tuple) -> torch.Tensor:
 
 def parameter_ids(module: nn.Module) -> List[int]:
     return [id(p) for p in module.parameters()]
+
+
+# --- a user's own model and loss for `distrain verify --trainer-args` ------------------------------------------
+class Bigram(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(tokens)))
+
+
+class PaddedPairs(Dataset):
+    """(tokens, next tokens) pairs of seeded lengths 2..LENGTH, padded with target -100."""
+
+    def __init__(self, n: int = 48):
+        self.inner = PaddedTokens(n)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        sample = self.inner[i]
+        return sample["input_ids"], torch.cat([sample["labels"][1:], torch.tensor([-100])])
+
+
+def summed_token_loss(logits, targets, num_items_in_batch):
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / num_items_in_batch
+
+
+def user_lm_args() -> dict:
+    """A user's model and summing token loss on padded data: exact at any micro_batch and world size."""
+    return {"model": Bigram(), "train_data": PaddedPairs(), "loss_fn": summed_token_loss}
+
+
+def user_lm_per_sample_args() -> dict:
+    """The same data with a per-micro-batch token mean declared as a per-sample loss: what verify must catch."""
+    return {"model": Bigram(), "train_data": PaddedPairs(), "items": "samples",
+            "loss_fn": lambda logits, targets: F.cross_entropy(logits.flatten(0, 1), targets.flatten())}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from conftest import run_torchrun
+from conftest import run_cli, run_torchrun
 from objective_cases import (GPT_PADDED, HF_COMMON, VOCAB, PaddedTokens, full_batch_reference, gpt2, hf_own_loss,
                              padded_lm_loss)
 from distrain.errors import ConfigError
@@ -384,3 +384,31 @@ def test_the_builtin_lm_loss_sums_over_valid_tokens():
     mean = sequence_cross_entropy(logits, targets)
     assert torch.allclose(sequence_cross_entropy(logits, targets, num_items_in_batch=4) * 4, mean * 4)
     assert torch.allclose(sequence_cross_entropy(logits, targets, num_items_in_batch=8), mean / 2)
+
+
+# --- distrain verify for a user's model and loss ------------------------------------------------------------
+VERIFY = ["verify", "configs/mlp.yaml", "--steps", "10", "--full-batch", "train.global_batch=12",
+          "train.micro_batch=2", "train.optimizer=sgd", "train.lr=0.5", "train.warmup_steps=0", "train.grad_clip=0"]
+
+
+def test_verify_proves_a_users_model_and_loss_against_full_batch_training(repo):
+    proc = run_cli([*VERIFY, "--worlds", "2", "--trainer-args", "objective_cases:user_lm_args"],
+                   env={"PYTHONPATH": f"{repo}:{repo / 'tests'}"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "against one rank on the whole global batch" in proc.stdout and "OK" in proc.stdout
+    assert proc.stdout.count(" ok") == 2  # the full-batch reference and W=2 (accumulating 3 micro-batches)
+
+
+@pytest.mark.slow  # two more launches; the acceptance tests above already fail on such an objective
+def test_verify_catches_a_loss_whose_objective_changes_with_micro_batch(repo):
+    """A per-micro-batch token mean declared per-sample: every world size agrees, full-batch training does not."""
+    proc = run_cli([*VERIFY, "--worlds", "1", "--trainer-args", "objective_cases:user_lm_per_sample_args"],
+                   env={"PYTHONPATH": f"{repo}:{repo / 'tests'}"})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "MISMATCH" in proc.stdout and "FAILED" in proc.stdout
+
+
+def test_verify_names_a_trainer_args_function_that_does_not_exist(repo):
+    proc = run_cli([*VERIFY, "--worlds", "1", "--trainer-args", "objective_cases:nope"],
+                   env={"PYTHONPATH": f"{repo}:{repo / 'tests'}"})
+    assert proc.returncode == 2 and "has no function 'nope'" in proc.stderr and "Traceback" not in proc.stderr
