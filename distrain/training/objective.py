@@ -199,11 +199,11 @@ class Objective:
         self._dropped_logged: set = set()
         self.shift = shifts_labels(module)
         if step_fn is not None:
-            self.sums = accepts(step_fn, NUM_ITEMS)
+            self.source, self.sums = "step_fn", accepts(step_fn, NUM_ITEMS)
         elif loss_fn is not None:
-            self.sums = accepts(loss_fn, NUM_ITEMS)
+            self.source, self.sums = "loss_fn", accepts(loss_fn, NUM_ITEMS)
         else:
-            self.sums = model_accepts_num_items(module)
+            self.source, self.sums = "the model's forward", model_accepts_num_items(module)
         self.items = self._items_rule(items, default_items, sample)
 
     # --- setup checks --------------------------------------------------------------------------------
@@ -297,8 +297,10 @@ class Objective:
         if empty:
             raise ConfigError(f"Micro-batch {empty[0]} of step {step} on rank {rank} has no valid items (every label "
                               f"is {IGNORE_INDEX}), and the loss is a per-micro-batch mean, which is 0/0 there. Let "
-                              f"the loss sum instead: accept a num_items_in_batch argument and return the summed item "
-                              f"losses / num_items_in_batch (distrain passes the step's global count).", key="loss_fn")
+                              f"the loss sum instead: {self.source} accepting a num_items_in_batch argument and "
+                              f"returning the summed item losses / num_items_in_batch (distrain passes the step's "
+                              f"global count).", key="loss_fn" if self.loss_fn is not None else "step_fn"
+                              if self.step_fn is not None else "model")
 
     def _forward(self, model: nn.Module, batch: Any, total: Count) -> Tuple[Any, torch.Tensor]:
         extra = {NUM_ITEMS: total} if self.sums else {}
