@@ -78,7 +78,10 @@ class FrozenModule:
             return self.module(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["module"], name)
+        module = self.__dict__.get("module")
+        if module is None:  # not yet set (copy, unpickling): no delegation
+            raise AttributeError(name)
+        return getattr(module, name)
 
 
 def accepts(fn: Callable, name: str) -> bool:
@@ -99,12 +102,23 @@ def _takes_var_kwargs(fn: Callable) -> bool:
 
 
 def forward_parameters(module: nn.Module) -> Optional[frozenset]:
-    """The named parameters of ``module.forward`` (what a Mapping batch is filtered to), None if unknown."""
+    """The named parameters of ``module.forward``, which a Mapping batch is filtered to (as Composer does); None
+    (no filter) when unknown or when the forward takes only ``**kwargs``."""
     try:
         params = inspect.signature(module.forward).parameters.values()
     except (TypeError, ValueError):
         return None
-    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    named = frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return named if named or not any(p.kind == p.VAR_KEYWORD for p in params) else None
+
+
+def forward_sample(module: nn.Module, batch: Any) -> Any:
+    """What a batch hands to the model: the input of a pair, or a Mapping filtered to the forward's arguments."""
+    pair = _pair(batch)
+    if pair is not None:
+        return pair[0]
+    params = forward_parameters(module)
+    return {k: v for k, v in batch.items() if params is None or k in params}
 
 
 def model_accepts_num_items(module: nn.Module) -> bool:

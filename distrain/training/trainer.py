@@ -21,14 +21,14 @@ from torch.utils.data import Dataset
 from distrain import dist
 from distrain.checkpoint import Checkpointer
 from distrain.config import ConfigSource, batch_plan, load_config, to_yaml
-from distrain.data import GlobalStepSampler, build_datasets, fetch_batch, move_to, split_input_target
+from distrain.data import GlobalStepSampler, build_datasets, fetch_batch, move_to
 from distrain.env import detect
 from distrain.errors import ConfigError, DistributedError
 from distrain.faults import FaultTolerance
 from distrain.telemetry.flops import FlopsEstimate, flops_per_sample, peak_flops
 from distrain.telemetry.logs import setup_logging
 from distrain.training.losses import LossFn, default_items, default_loss
-from distrain.training.objective import ItemsRule, MetricFn, Objective, forward_parameters
+from distrain.training.objective import ItemsRule, MetricFn, Objective, forward_sample
 from distrain.telemetry.metrics import MetricsWriter
 from distrain.telemetry.progress import Progress
 from distrain.models import build_model
@@ -166,13 +166,7 @@ class Trainer:
         """Training FLOPs per sample, for achieved FLOP/s and MFU: a built-in's formula, else torch's counter."""
         if builtin:
             return flops_per_sample(model, spec, builtin=self.cfg.model.name)
-        sample = self._sample()
-        if isinstance(sample, Mapping) and not {"input", "x", "inputs"} & set(sample):
-            params = forward_parameters(model)  # a model's keyword arguments: the ones its forward takes
-            sample = {k: v for k, v in sample.items() if params is None or k in params}
-        else:
-            sample, _ = split_input_target(sample)
-        return flops_per_sample(model, spec, sample=sample)
+        return flops_per_sample(model, spec, sample=forward_sample(model, self._sample()))
 
     # --- the loop --------------------------------------------------------------------------------------
     def _is_log_step(self, completed: int) -> bool:
