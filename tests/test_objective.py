@@ -25,7 +25,7 @@ from conftest import run_cli, run_torchrun
 from objective_cases import (GPT_PADDED, HF_COMMON, VOCAB, PaddedTokens, full_batch_reference, gpt2, hf_own_loss,
                              padded_lm_loss)
 from distrain.errors import ConfigError
-from distrain.verify import WorldResult, compare
+from distrain.verify import WorldResult, compare, read_world
 
 DDP = ["strategy.name=ddp"]
 STRATEGIES = {  # at W=2 against the full-batch reference, like ddp
@@ -70,15 +70,7 @@ def results(tmp_path_factory) -> Dict[str, Dict[int, dict]]:
 
 
 def _load(run_dir: Path, world: int) -> dict:
-    from safetensors.torch import load_file
-
-    info = json.loads((run_dir / "result.json").read_text())
-    indices: List[int] = []
-    for rank in range(world):
-        indices += json.loads((run_dir / f"indices.rank{rank}.json").read_text())
-    info["result"] = WorldResult(world_size=world, grad_accum=info["grad_accum"], final_loss=info["loss"],
-                                 weights=load_file(str(run_dir / "weights.safetensors")), indices=sorted(indices))
-    return info
+    return {**json.loads((run_dir / "result.json").read_text()), "result": read_world(run_dir, world)}
 
 
 def _as_result(weights: Dict[str, torch.Tensor]) -> WorldResult:
@@ -412,3 +404,17 @@ def test_verify_names_a_trainer_args_function_that_does_not_exist(repo):
     proc = run_cli([*VERIFY, "--worlds", "1", "--trainer-args", "objective_cases:nope"],
                    env={"PYTHONPATH": f"{repo}:{repo / 'tests'}"})
     assert proc.returncode == 2 and "has no function 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_builtin_text_counts_its_tokens_without_a_collective_unless_padded():
+    from distrain.data import build_datasets
+    from distrain.training.losses import default_items
+    from distrain.training.objective import Objective
+
+    plain, _ = build_datasets("text", {"block_size": 8, "max_chars": 2000}, 0.1)
+    padded, _ = build_datasets("text", {"block_size": 8, "max_chars": 2000, "min_length": 2}, 0.1)
+    assert default_items(plain.spec) == "elements" and default_items(padded.spec) == "labels"
+    batches = [plain[:3], plain[3:6]]
+    objective = Objective(nn.Linear(1, 1), torch.device("cpu"), global_batch=12, default_items="elements")
+    assert objective.static_count and objective.step_counts(batches) == ([24, 24], 96)
+    assert bool((padded.targets == -100).any()) and not bool((plain.targets == -100).any())

@@ -7,7 +7,7 @@ stay means over their micro-batch, which distrain weights by micro/global (see d
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +43,18 @@ def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 DEFAULT_LOSSES = {"classification": classification_cross_entropy, "lm": sequence_cross_entropy, "regression": mse}
-# What each default loss averages over: every sample once, or every label that is not -100 (tokens).
-DEFAULT_ITEMS = {"classification": "samples", "lm": "labels", "regression": "samples"}
+# What each default loss averages over: every sample once, or every token (every target element of unpadded
+# windows, counted without a collective; padded text counts the labels that are not -100, all-reduced).
+DEFAULT_ITEMS = {"classification": "samples", "lm": "elements", "regression": "samples"}
 
 
 def default_loss(task: Optional[str]) -> Optional[LossFn]:
     return DEFAULT_LOSSES.get(task or "")
 
 
-def default_items(task: Optional[str]) -> Optional[str]:
-    return DEFAULT_ITEMS.get(task or "")
+def default_items(spec: Any) -> Optional[str]:
+    """The items of a built-in dataset's default loss (``spec``: its DataSpec, or None)."""
+    task = getattr(spec, "task", None) or ""
+    if task == "lm" and spec.extra.get("min_length"):
+        return "labels"
+    return DEFAULT_ITEMS.get(task)

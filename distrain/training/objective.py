@@ -36,7 +36,7 @@ from distrain.data.datasets import IGNORE_INDEX
 from distrain.errors import ConfigError
 from distrain.telemetry.logs import get_logger
 
-ITEM_RULES = ("samples", "labels")
+ITEM_RULES = ("samples", "labels", "elements")
 NUM_ITEMS = "num_items_in_batch"  # transformers' name for the global item count a summing loss divides by
 
 Count = Union[int, torch.Tensor]
@@ -237,8 +237,8 @@ class Objective:
             if callable(items) or items in ITEM_RULES:
                 return items
             raise ConfigError(f"items={items!r} is not a way to count a loss's items. Allowed: 'samples' (every "
-                              f"sample counts once), 'labels' (every label that is not {IGNORE_INDEX}), or a "
-                              f"function batch -> count.", key="items")
+                              f"sample counts once), 'labels' (every label that is not {IGNORE_INDEX}), 'elements' "
+                              f"(every element of fixed-size targets), or a function batch -> count.", key="items")
         if default is not None:
             return default
         if sample is None:
@@ -251,8 +251,9 @@ class Objective:
 
     @property
     def static_count(self) -> bool:
-        """Whether a step's item count is known without looking (every sample counts once: N = global batch)."""
-        return self.items == "samples"
+        """Whether a step's item count is known without a collective: every sample counts once (N = global
+        batch), or every element of fixed-size targets (N = global batch x elements per sample)."""
+        return self.items in ("samples", "elements")
 
     # --- counting --------------------------------------------------------------------------------------
     def count(self, batch: Any) -> Count:
@@ -263,6 +264,8 @@ class Objective:
             counted = self.items(batch)
             return torch.as_tensor(counted, dtype=torch.int64, device=self.device).reshape(())
         labels, _ = self._labels(batch, for_counting=True)
+        if self.items == "elements":
+            return labels.numel()
         return (labels != IGNORE_INDEX).sum().to(torch.int64)
 
     def _labels(self, batch: Any, for_counting: bool = False) -> Tuple[Optional[torch.Tensor], bool]:
@@ -287,8 +290,10 @@ class Objective:
     def step_counts(self, batches: Sequence[Any]) -> Tuple[List[Count], Count]:
         """Every micro-batch's item count and the step's global count N (summed over ranks: one all-reduce)."""
         counts = [self.count(b) for b in batches]
-        if self.static_count:
+        if self.items == "samples":
             return counts, self.global_batch
+        if self.items == "elements":  # fixed-size targets: every sample holds as many as the first
+            return counts, self.global_batch * (counts[0] // batch_size(batches[0]))
         total = torch.stack(counts).sum()
         return counts, dist.all_reduce_sum(total)
 

@@ -99,7 +99,7 @@ class Trainer:
         self.strategy = build_strategy(self.cfg.strategy.name, ctx, self.cfg.strategy.kwargs)
         self.objective = Objective(user_model, self.device, self.plan.global_batch, loss_fn=self.loss_fn,
                                    step_fn=step_fn, frozen=frozen, items=items, metrics=metrics,
-                                   default_items=default_items(task) if loss_fn is None and step_fn is None else None,
+                                   default_items=default_items(spec) if loss_fn is None and step_fn is None else None,
                                    sample=self._sample)
         self.strategy.setup(user_model)
         self.step = 0  # optimizer steps completed

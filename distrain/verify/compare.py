@@ -54,8 +54,6 @@ def run_world(config: str, world_size: int, out_dir: Path, overrides: Sequence[s
               trainer_args: Optional[str] = None) -> WorldResult:
     """Train ``config`` with ``world_size`` gloo workers under torchrun and collect what the workers wrote;
     ``trainer_args`` names the user's function returning Trainer arguments (see distrain.verify.user_objects)."""
-    from safetensors.torch import load_file
-
     from distrain.verify.user_objects import FLAG
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -69,6 +67,14 @@ def run_world(config: str, world_size: int, out_dir: Path, overrides: Sequence[s
         reasons = [line for line in lines if "error:" in line]  # the worker's own one-paragraph message
         tail = "\n".join(reasons[:1] or lines[-15:])
         raise DistrainError(f"verify: the run at world size {world_size} failed (exit {proc.returncode}):\n{tail}")
+    return read_world(out_dir, world_size)
+
+
+def read_world(out_dir: Path, world_size: int) -> WorldResult:
+    """What the workers of one world size wrote to ``out_dir``: result.json, weights.safetensors (rank 0) and
+    every rank's indices.rank<R>.json."""
+    from safetensors.torch import load_file
+
     result = json.loads((out_dir / "result.json").read_text())
     indices: List[int] = []
     for rank in range(world_size):
