@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import torch
 import torch.nn.functional as F
 
 import distrain
@@ -70,6 +71,10 @@ def main(argv: Optional[list] = None) -> Dict[str, float]:
     parser.add_argument("--runs", default="runs")
     args = parser.parse_args(argv)
 
+    if "RANK" in os.environ and not torch.distributed.is_initialized():
+        # Under torchrun: one process group for the three trainings (each Trainer reuses it; re-creating a group
+        # in the same processes can race on torchrun's store).
+        torch.distributed.init_process_group()
     teacher_path = args.teacher
     results: Dict[str, float] = {}
     if teacher_path is None:
@@ -84,6 +89,8 @@ def main(argv: Optional[list] = None) -> Dict[str, float]:
     results["student_alone_eval_ce"] = train(alone_cfg)["eval_ce"]
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(results, indent=1))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return results
 
 

@@ -418,3 +418,14 @@ def test_builtin_text_counts_its_tokens_without_a_collective_unless_padded():
     objective = Objective(nn.Linear(1, 1), torch.device("cpu"), global_batch=12, default_items="elements")
     assert objective.static_count and objective.step_counts(batches) == ([24, 24], 96)
     assert bool((padded.targets == -100).any()) and not bool((plain.targets == -100).any())
+
+
+@pytest.mark.slow  # three short trainings on 2 ranks (~1 min); README has the full run's numbers
+def test_distillation_example_runs_on_two_ranks(repo, tmp_path):
+    proc = run_torchrun(2, [str(repo / "examples" / "distill.py"), "--teacher-steps", "4", "--steps", "4",
+                            "--runs", str(tmp_path)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert set(scores) == {"teacher_eval_ce", "student_with_teacher_eval_ce", "student_alone_eval_ce"}
+    assert all(math.isfinite(v) for v in scores.values())
+    assert not (tmp_path / "distill-student" / "checkpoints").exists()  # students are not checkpointed
