@@ -257,7 +257,8 @@ class Objective:
 
     # --- counting --------------------------------------------------------------------------------------
     def count(self, batch: Any) -> Count:
-        """Items in one micro-batch (a Python int for samples, else a 0-dim int64 tensor on the device)."""
+        """Items in one micro-batch: a Python int where the count is static (samples, elements), else a 0-dim
+        int64 tensor on the device (no host sync)."""
         if self.items == "samples":
             return batch_size(batch)
         if callable(self.items):
@@ -312,7 +313,7 @@ class Objective:
         """A mean over no items is 0/0: refuse it where the loss is a per-micro-batch mean (one sync per step)."""
         if self.sums or self.static_count:
             return
-        empty = [i for i, c in enumerate(counts) if int(c) == 0]
+        empty = (torch.stack(list(counts)) == 0).nonzero().flatten().tolist()
         if empty:
             raise ConfigError(f"Micro-batch {empty[0]} of step {step} on rank {rank} has no valid items (every label "
                               f"is {IGNORE_INDEX}), and the loss is a per-micro-batch mean, which is 0/0 there. Let "
