@@ -14,6 +14,12 @@ def register(sub) -> None:
     p.add_argument("--worlds", default="1,2", help="comma-separated world sizes; the first is the reference (default 1,2)")
     p.add_argument("--steps", type=int, default=None, help="override train.steps (default: the config's)")
     p.add_argument("--tolerance", type=float, default=1e-5, help="max relative parameter difference (default 1e-5)")
+    p.add_argument("--full-batch", action="store_true",
+                   help="compare every world size with one rank training on the whole global batch per step in one "
+                        "forward (catches an objective that changes with micro_batch)")
+    p.add_argument("--trainer-args", metavar="MODULE:FUNCTION", default=None,
+                   help="your model, data and loss: a function returning distrain.Trainer's keyword arguments "
+                        "(model, train_data, loss_fn, step_fn, frozen, items), called on every rank")
     p.set_defaults(handler=run)
 
 
@@ -28,17 +34,20 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     strategy = strategy_class(cfg.strategy.name)
     exact = strategy.exact_for(cfg.strategy.kwargs)  # e.g. ddp with a compressing comm hook is not
-    print(f"distrain verify: {args.config} with strategy {strategy.name!r} at world sizes {worlds} ...", flush=True)
-    rows = verify(args.config, worlds, args.overrides, steps=args.steps)
+    reference = "one rank on the whole global batch" if args.full_batch else f"world size {worlds[0]}"
+    print(f"distrain verify: {args.config} with strategy {strategy.name!r} at world sizes {worlds} against "
+          f"{reference} ...", flush=True)
+    rows = verify(args.config, worlds, args.overrides, steps=args.steps, trainer_args=args.trainer_args,
+                  full_batch=args.full_batch)
     print(format_table(rows, args.tolerance))
     bad = [r for r in rows if r.max_rel_diff > args.tolerance or not r.same_indices]
     wrong_samples = [r for r in rows if not r.same_indices]
     if wrong_samples:  # whatever the strategy, every world size must consume exactly the same samples
         print(f"distrain verify: FAILED: world size(s) {', '.join(str(r.world_size) for r in wrong_samples)} "
-              f"consumed different samples than world size {worlds[0]}.")
+              f"consumed different samples than {reference}.")
         return 1
     if bad and exact:
-        print(f"distrain verify: FAILED: {len(bad)} world size(s) differ from world size {worlds[0]} beyond "
+        print(f"distrain verify: FAILED: {len(bad)} world size(s) differ from {reference} beyond "
               f"{args.tolerance:g} (or consumed different samples); strategy {strategy.name!r} should be exact.")
         return 1
     if bad:

@@ -106,15 +106,22 @@ def stdlib_corpus(max_chars: int) -> str:
     return "".join(parts)[:max_chars]
 
 
-def text(block_size: int = 64, max_chars: int = 1_000_000, eval_fraction: float = 0.1
+def text(block_size: int = 64, max_chars: int = 1_000_000, eval_fraction: float = 0.1, min_length: int = 0
          ) -> Tuple[TensorPairDataset, TensorPairDataset]:
     """Character-level language modelling on the stdlib's source: windows of block_size, targets shifted by one.
 
     The eval split is the tail of the corpus (contiguous, so no eval window overlaps a training window).
+    ``min_length`` > 0 makes variable-length sequences: window i keeps a seeded length in [min_length, block_size]
+    and is padded to block_size after it, with PAD_ID inputs and targets of -100 (IGNORE_INDEX: no item of the
+    loss). Right padding leaves a causal model's valid positions untouched.
     """
     if not (isinstance(block_size, int) and block_size >= 1):
         raise ConfigError(f"data.kwargs.block_size={block_size!r} is not allowed: it must be a positive integer (the "
                           f"window length in characters, e.g. 64).", key="data.kwargs.block_size")
+    if not (isinstance(min_length, int) and 0 <= min_length <= block_size):
+        raise ConfigError(f"data.kwargs.min_length={min_length!r} is not allowed: it must be an integer from 1 to "
+                          f"block_size={block_size} (the shortest sequence; the rest are padded), or 0 for windows "
+                          f"of block_size without padding.", key="data.kwargs.min_length")
     ids = encode(stdlib_corpus(max_chars))
     n_windows = (len(ids) - 1) // block_size
     if n_windows < 2:
@@ -123,8 +130,23 @@ def text(block_size: int = 64, max_chars: int = 1_000_000, eval_fraction: float 
     cut = n_windows - max(1, int(round(n_windows * eval_fraction))) if eval_fraction > 0 else n_windows
     x = ids[:n_windows * block_size].view(n_windows, block_size)
     y = ids[1:n_windows * block_size + 1].view(n_windows, block_size)
-    spec = DataSpec(task="lm", input_shape=(block_size,), num_classes=len(CHARS), extra={"block_size": block_size})
+    if min_length:
+        x, y = _pad_after_lengths(x, y, min_length)
+    spec = DataSpec(task="lm", input_shape=(block_size,), num_classes=len(CHARS),
+                    extra={"block_size": block_size, "min_length": min_length})
     return TensorPairDataset(x[:cut], y[:cut], spec), TensorPairDataset(x[cut:], y[cut:], spec)
+
+
+PAD_ID = CHAR_TO_ID[UNKNOWN]  # input id of padding positions (their targets are IGNORE_INDEX)
+IGNORE_INDEX = -100  # a target that is no item of the loss (torch's and transformers' default ignore_index)
+
+
+def _pad_after_lengths(x: torch.Tensor, y: torch.Tensor, min_length: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Keep a seeded length per window (the same at every world size and run seed) and pad the rest."""
+    n, block = x.shape
+    lengths = torch.randint(min_length, block + 1, (n,), generator=torch.Generator().manual_seed(4321))
+    padding = torch.arange(block).unsqueeze(0) >= lengths.unsqueeze(1)
+    return x.masked_fill(padding, PAD_ID), y.masked_fill(padding, IGNORE_INDEX)
 
 
 def regression(num_samples: int = 4096, dim: int = 16, outputs: int = 1, noise: float = 0.1, seed: int = 0,

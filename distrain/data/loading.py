@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import torch
@@ -27,7 +28,7 @@ def move_to(batch: Any, device: torch.device) -> Any:
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to(b, device) for b in batch)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # dict, transformers' BatchEncoding, any Mapping of a model's arguments
         return {k: move_to(v, device) for k, v in batch.items()}
     return batch
 

@@ -8,14 +8,14 @@ steps (and scales it for fp16), the prepared optimizer only steps on the sync mi
 
 Exactness: DDP would divide the summed gradients by W after Accelerate divided each loss by grad_accum: two
 roundings of the 1/(grad_accum x W) factor, which do not match one rank's single one. The DDP model Accelerate
-builds gets distrain's SUM all-reduce hook instead, and the loss reaching ``accelerator.backward`` is divided by
-W first, so the factor is applied as a division by W then by grad_accum (exactly one rank's division whenever
-either is a power of two) and the ranks' contributions are added, as with the ddp strategy.
+builds gets distrain's SUM all-reduce hook instead, and the loss reaching ``accelerator.backward`` is each
+micro-batch's share of the step's objective times grad_accum (``loss_factor``), which Accelerate divides back
+out; the ranks' contributions are added, as with the ddp strategy.
 """
 
 from __future__ import annotations
 
-from typing import Any, ContextManager, Dict, List, Optional
+from typing import Any, ContextManager, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -70,8 +70,11 @@ class AccelerateStrategy(Strategy):
         context = self.accelerator.accumulate(self.model)
         return _CheckedAccumulate(context, self.accelerator, last_micro_step)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss / self.ctx.plan.world_size)  # Accelerate then divides by grad_accum
+    def loss_factor(self) -> int:
+        return self.ctx.plan.grad_accum  # ``accelerator.backward`` divides by it; the ranks' gradients are summed
+
+    def backward(self, loss: torch.Tensor, scale: Union[float, torch.Tensor] = 1.0) -> None:
+        self.accelerator.backward(self._scaled(loss, scale))  # Accelerate then divides by grad_accum
 
     def clip_grad_norm(self, max_norm: float) -> Optional[torch.Tensor]:
         if max_norm <= 0:

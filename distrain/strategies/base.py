@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ContextManager, Dict, Iterable, List, Optional
+from typing import TYPE_CHECKING, Any, ContextManager, Dict, Iterable, List, Optional, Union
 
 import torch
 from omegaconf import DictConfig
@@ -67,24 +67,33 @@ class Strategy:
         """Context around one micro-step's forward+backward; gradients sync only on the last one."""
         return contextlib.nullcontext()
 
-    # How the engine combines gradients across ranks: "sum" (then backward scales every micro-batch by
-    # micro/global) or "mean" (the engine divides by the world size; backward scales by 1/grad_accum).
+    # How the engine combines gradients across ranks: "sum" (the default: what keeps W ranks equal to one rank) or
+    # "mean" (the engine divides by the world size, and backward multiplies it back).
     grad_reduction = "sum"
 
-    def loss_scale(self) -> float:
-        """Factor on a micro-batch's mean loss so the synchronised gradient is the global-batch mean.
+    def loss_factor(self) -> int:
+        """What the engine's own reductions divide a micro-batch's gradient by, so ``backward`` multiplies it back.
 
-        With "sum", every micro-batch gets the same factor 1/(grad_accum x world) = micro/global at every world
-        size, so W ranks add up exactly the terms one rank adds, only in another order. That is what keeps
-        W=1, 2, 3 equal to float rounding (dividing by k, then by W, rounds differently than dividing by k*W).
+        1 where gradients are summed over micro-batches and ranks: every micro-batch's share of the objective (its
+        summed item losses / the step's global item count) then adds up to the global-batch mean, and W ranks add
+        exactly the terms one rank adds, only in another order. The world size where the engine averages.
         """
-        if self.grad_reduction == "sum":
-            return 1.0 / (self.ctx.plan.grad_accum * self.ctx.plan.world_size)
-        return 1.0 / self.ctx.plan.grad_accum
+        return 1 if self.grad_reduction == "sum" else self.ctx.plan.world_size
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward of a micro-batch's mean loss, scaled so the synchronised gradient is the global-batch mean."""
-        loss = loss * self.loss_scale()
+    def _scaled(self, loss: torch.Tensor, scale: Union[float, torch.Tensor]) -> torch.Tensor:
+        """``loss x scale x loss_factor()`` with one multiplication (none when the product is 1).
+
+        For a mean loss the scale is micro/global, a double: one rounding, as one rank's own scaling rounds.
+        """
+        factor = self.loss_factor()
+        if isinstance(scale, float) and scale == 1.0 and factor == 1:
+            return loss
+        return loss * (scale * factor if factor != 1 else scale)
+
+    def backward(self, loss: torch.Tensor, scale: Union[float, torch.Tensor] = 1.0) -> None:
+        """Backward of ``loss x scale``, this micro-batch's share of the step's objective (see
+        distrain.training.objective), so the synchronised gradient is the gradient of the global-batch mean."""
+        loss = self._scaled(loss, scale)
         (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
 
     def clip_grad_norm(self, max_norm: float) -> Optional[torch.Tensor]:

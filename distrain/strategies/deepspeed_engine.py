@@ -11,9 +11,9 @@ DeepSpeed's accumulation model: ``engine.backward`` and ``engine.step`` on every
 counts micro-steps and only the step on the accumulation boundary reduces and updates. ``backward`` here makes
 the non-boundary ``engine.step`` calls, ``step`` makes the boundary one.
 
-Exactness: stages 0-2 reduce gradients as a SUM (``gradient_allreduce_op: sum``) of losses pre-scaled by
-micro/global, like DDP, so W ranks match one rank to float rounding. Stage 3 only averages (DeepSpeed refuses
-SUM there): the loss is scaled by 1/grad_accum and the engine divides by W, one extra rounding per step.
+Exactness: stages 0-2 reduce gradients as a SUM (``gradient_allreduce_op: sum``) of every micro-batch's share
+of the step's objective, like DDP, so W ranks match one rank to float rounding. Stage 3 only averages (DeepSpeed
+refuses SUM there): the share is multiplied by W and the engine divides by W, one extra rounding per step.
 
 On a machine without CUDA, ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is imported (it picks its
 accelerator at import). The first start JIT-compiles a small communication op (~30 s); later starts reuse it.
@@ -25,7 +25,7 @@ import contextlib
 import copy
 import os
 from pathlib import Path
-from typing import Any, ContextManager, Dict, List, Mapping, Optional
+from typing import Any, ContextManager, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -161,9 +161,9 @@ class DeepSpeedStrategy(Strategy):
         self._last_micro_step = last_micro_step
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        # Our scale (micro/global for SUM, 1/grad_accum for the mean), so DeepSpeed must not divide by gas again.
-        self.engine.backward(loss * self.loss_scale(), scale_wrt_gas=False)
+    def backward(self, loss: torch.Tensor, scale: Union[float, torch.Tensor] = 1.0) -> None:
+        # The loss is already this micro-batch's share of the step's objective: DeepSpeed must not divide by gas.
+        self.engine.backward(self._scaled(loss, scale), scale_wrt_gas=False)
         if not self._last_micro_step:
             self.engine.step()  # DeepSpeed's micro-step: advances its counter, no update
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Optional, Tuple
 
 import torch
@@ -74,10 +75,11 @@ def lookup_peak(name: str, precision: str) -> Optional[float]:
 
 
 def flops_per_sample(model: nn.Module, spec: Any, builtin: Optional[str] = None,
-                     sample: Optional[torch.Tensor] = None) -> FlopsEstimate:
+                     sample: Any = None) -> FlopsEstimate:
     """Training FLOPs per sample: a built-in's formula, a model's own ``flops_per_sample()``, or torch's counter.
 
-    ``builtin`` is the model.name of a built-in model; ``sample`` is one input batch of size 1 for counting a
+    ``builtin`` is the model.name of a built-in model; ``sample`` is one input batch of size 1 (or a Mapping of
+    the forward's keyword arguments) for counting a
     user's model with torch.utils.flop_counter (forward only, x3 for backward; ops the counter does not know,
     such as fused RNN kernels on CPU, are not counted).
     """
@@ -93,14 +95,14 @@ def flops_per_sample(model: nn.Module, spec: Any, builtin: Optional[str] = None,
     return _count(model, sample)
 
 
-def _count(model: nn.Module, sample: torch.Tensor) -> FlopsEstimate:
+def _count(model: nn.Module, sample: Any) -> FlopsEstimate:
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = model.training
     model.eval()  # no dropout, no BatchNorm statistics update
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(sample)
+            model(**sample) if isinstance(sample, Mapping) else model(sample)  # keyword arguments: HF style
     except Exception as err:  # an estimate is optional: a model the counter cannot trace still trains
         return FlopsEstimate(None, f"torch's FLOP counter failed on the model ({type(err).__name__}: {err})")
     finally:

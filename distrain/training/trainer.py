@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -21,13 +21,14 @@ from torch.utils.data import Dataset
 from distrain import dist
 from distrain.checkpoint import Checkpointer
 from distrain.config import ConfigSource, batch_plan, load_config, to_yaml
-from distrain.data import GlobalStepSampler, build_datasets, fetch_batch, move_to, split_input_target
+from distrain.data import GlobalStepSampler, build_datasets, fetch_batch, move_to
 from distrain.env import detect
 from distrain.errors import ConfigError, DistributedError
 from distrain.faults import FaultTolerance
 from distrain.telemetry.flops import FlopsEstimate, flops_per_sample, peak_flops
 from distrain.telemetry.logs import setup_logging
-from distrain.training.losses import LossFn, correct_and_count, default_loss
+from distrain.training.losses import LossFn, default_items, default_loss
+from distrain.training.objective import ItemsRule, MetricFn, Objective, forward_sample
 from distrain.telemetry.metrics import MetricsWriter
 from distrain.telemetry.progress import Progress
 from distrain.models import build_model
@@ -42,7 +43,15 @@ ModelSource = Union[nn.Module, Callable[[], nn.Module], None]
 class Trainer:
     def __init__(self, config: ConfigSource = None, *, model: ModelSource = None, train_data: Optional[Dataset] = None,
                  loss_fn: Optional[LossFn] = None, eval_data: Optional[Dataset] = None,
-                 overrides: Sequence[str] = ()):
+                 overrides: Sequence[str] = (), step_fn: Optional[Callable[..., Any]] = None,
+                 frozen: Optional[Mapping[str, nn.Module]] = None, items: Optional[ItemsRule] = None,
+                 metrics: Optional[Mapping[str, MetricFn]] = None):
+        """``loss_fn(outputs, target[, num_items_in_batch])``, or none for a model that returns its own ``loss``
+        (Mapping batches, ``model(**batch)``), or ``step_fn(model, batch, **frozen[, num_items_in_batch])`` for any
+        other computation, with ``frozen`` modules (a teacher) that are never trained. ``items``: what the loss
+        averages over ('samples', 'labels' that are not -100, or batch -> count); ``metrics``: name ->
+        (outputs, batch) -> (sum, count), reported by ``evaluate`` as eval_<name> = sum / count over the eval set.
+        See distrain.training.objective."""
         self.cfg: DictConfig = load_config(config, overrides)
         self.info = detect()
         self.faults = FaultTolerance(self.cfg.faults, self.info)  # before the process group: flight recorder on
@@ -65,11 +74,14 @@ class Trainer:
 
         self.train_data, self.eval_data = self._datasets(train_data, eval_data)
         spec = getattr(self.train_data, "spec", None)
-        self.loss_fn = loss_fn or default_loss(getattr(spec, "task", None))
-        if self.loss_fn is None:
-            raise ConfigError("No loss function: the training data has no built-in task, so pass "
-                              "loss_fn=... to distrain.Trainer (any callable (output, target) -> scalar).",
-                              key="loss_fn")
+        task = getattr(spec, "task", None)
+        self.loss_fn = loss_fn if loss_fn is not None or step_fn is not None else default_loss(task)
+        self._sample_cache: List[Any] = []
+        if self.loss_fn is None and step_fn is None and not isinstance(self._sample(), Mapping):
+            raise ConfigError("No loss function: the training data has no built-in task and its samples are not "
+                              "Mappings a model could compute its own loss from (Hugging Face style, with "
+                              "'labels'), so pass loss_fn=... to distrain.Trainer (any callable (output, target) -> "
+                              "scalar), or step_fn=... .", key="loss_fn")
         if self.plan.global_batch > len(self.train_data):
             raise ConfigError(f"train.global_batch={self.plan.global_batch} is larger than the training set "
                               f"({len(self.train_data)} samples): every step would see some samples twice. Use "
@@ -85,6 +97,10 @@ class Trainer:
         ctx = StrategyContext(info=self.info, device=self.device, plan=self.plan, train=self.cfg.train,
                               seed=self.cfg.run.seed)
         self.strategy = build_strategy(self.cfg.strategy.name, ctx, self.cfg.strategy.kwargs)
+        self.objective = Objective(user_model, self.device, self.plan.global_batch, loss_fn=self.loss_fn,
+                                   step_fn=step_fn, frozen=frozen, items=items, metrics=metrics,
+                                   default_items=default_items(spec) if loss_fn is None and step_fn is None else None,
+                                   sample=self._sample)
         self.strategy.setup(user_model)
         self.step = 0  # optimizer steps completed
         self._grad_norm: Optional[torch.Tensor] = None
@@ -127,6 +143,13 @@ class Trainer:
             raise ConfigError("train_data is empty.", key="train_data")
         return train_data, eval_data
 
+    def _sample(self) -> Any:
+        """The first training sample, collated as a batch of one (read once, and only when needed: the kind of
+        batches a user's data makes, and a user model's FLOPs)."""
+        if not self._sample_cache:
+            self._sample_cache.append(fetch_batch(self.train_data, [0]))
+        return self._sample_cache[0]
+
     def _model(self, model: ModelSource, spec: Any) -> nn.Module:
         if model is None:
             return build_model(self.cfg.model.name, self.cfg.model.kwargs, spec)
@@ -143,28 +166,20 @@ class Trainer:
         """Training FLOPs per sample, for achieved FLOP/s and MFU: a built-in's formula, else torch's counter."""
         if builtin:
             return flops_per_sample(model, spec, builtin=self.cfg.model.name)
-        sample, _ = split_input_target(fetch_batch(self.train_data, [0]))
-        return flops_per_sample(model, spec, sample=sample)
+        return flops_per_sample(model, spec, sample=forward_sample(model, self._sample()))
 
     # --- the loop --------------------------------------------------------------------------------------
     def _is_log_step(self, completed: int) -> bool:
         return completed % self._train.log_every == 0 or completed == self._train.steps
 
     def train_step(self, step: int) -> torch.Tensor:
-        """One optimizer step; returns this rank's summed micro-batch losses (not yet reduced)."""
-        micro_batches = self.sampler.micro_batches(step, self.info.rank, self.info.world_size,
-                                                   self.plan.micro_batch)  # split: my slice of step's batch
+        """One optimizer step; returns this rank's share of the step's objective (summed over ranks: the loss)."""
         self.strategy.set_lr(lr_at(step, self._train))
         measure = self._is_log_step(step + 1)
         self.timer.begin(measure)  # log steps time their phases: compute vs exposed communication
-        loss_sum: Optional[torch.Tensor] = None
-        for i, indices in enumerate(micro_batches):  # train: forward/backward per micro-batch
-            with self.timer.phase("micro"), self.strategy.accumulate(last_micro_step=i == len(micro_batches) - 1):
-                inputs, targets = move_to(split_input_target(fetch_batch(self.train_data, indices)), self.device)
-                with self.strategy.forward_context():
-                    loss = self.loss_fn(self.strategy.model(inputs), targets)
-                self.strategy.backward(loss)  # gradient sync (all-reduce/reduce-scatter) rides the last backward
-            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        with self.timer.phase("data"):
+            batches = self._step_batches(step)  # split: my slice of the step's batch, on the device
+        loss = self._forward_backward(step, batches)  # train
         with self.timer.phase("update"):
             self._grad_norm = self.strategy.clip_grad_norm(self._train.grad_clip)
             if self._grad_norm is None and measure:  # logged without clipping too, on log steps only
@@ -172,7 +187,29 @@ class Trainer:
             self.strategy.step()  # update: optimizer step on this rank's (shard of the) parameters
         with self.timer.phase("sync"):
             self.strategy.sync(step)  # sync: parameter averaging, for strategies that skip gradient sync
-        return loss_sum
+        return loss
+
+    def _step_batches(self, step: int) -> List[Any]:
+        """This rank's micro-batches of step ``step``, collated and on the device."""
+        micro_batches = self.sampler.micro_batches(step, self.info.rank, self.info.world_size, self.plan.micro_batch)
+        return [move_to(fetch_batch(self.train_data, indices), self.device) for indices in micro_batches]
+
+    def _forward_backward(self, step: int, batches: List[Any]) -> torch.Tensor:
+        """Forward and backward every micro-batch, each as its share of the global-batch mean over valid items.
+
+        The step's items are counted first (all micro-batches, summed over ranks), so every backward divides by
+        the same global count: W ranks, any micro_batch and one full batch optimise the same objective.
+        """
+        counts, total = self.objective.step_counts(batches)
+        self.objective.check_items(counts, step, self.info.rank)
+        loss: Optional[torch.Tensor] = None
+        for i, (batch, items) in enumerate(zip(batches, counts)):
+            with self.timer.phase("micro"), self.strategy.accumulate(last_micro_step=i == len(batches) - 1):
+                with self.strategy.forward_context():
+                    micro = self.objective.micro_loss(self.strategy.model, batch, items, total)
+                self.strategy.backward(micro.loss, micro.scale)  # gradient sync rides the last backward
+            loss = micro.share if loss is None else loss + micro.share
+        return loss
 
     def fit(self) -> Dict[str, Any]:
         """Train to ``train.steps``; returns the final metrics (identical on every rank)."""
@@ -246,7 +283,7 @@ class Trainer:
     def _log_step(self, loss_sum: torch.Tensor, step_time: float, writer: Optional[MetricsWriter],
                   progress: Progress) -> Dict[str, Any]:
         """Reduce the loss over the global batch (all ranks) and write it out (rank 0)."""
-        loss = dist.all_reduce_sum(loss_sum.detach().clone()).item() / (self.plan.grad_accum * self.info.world_size)
+        loss = dist.all_reduce_sum(loss_sum.detach().clone().double()).item()  # the shares add up to the mean
         samples = self.step * self.plan.global_batch
         record: Dict[str, Any] = {
             "step": self.step, "loss": loss, "lr": lr_at(self.step - 1, self.cfg.train), "samples": samples,
@@ -281,31 +318,34 @@ class Trainer:
     # --- evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, dataset: Optional[Dataset] = None) -> Dict[str, float]:
-        """Mean loss (and accuracy for classifiers) over the eval split, sharded over ranks and reduced."""
+        """Eval loss (the training objective over the whole eval split: summed item losses / items), accuracy when
+        the outputs are class logits, and every ``metrics`` hook; sharded over ranks and reduced."""
         dataset = dataset if dataset is not None else self.eval_data
         if dataset is None:
             return {}
         model = self.strategy.model
         was_training = model.training
         model.eval()
-        totals = torch.zeros(4, dtype=torch.float64)  # loss*n, n, correct, counted
+        totals: Dict[str, float] = {}
         for indices, weight in self._eval_batches(len(dataset)):
-            inputs, targets = move_to(split_input_target(fetch_batch(dataset, indices)), self.device)
+            batch = move_to(fetch_batch(dataset, indices), self.device)
             with self.strategy.forward_context():
-                outputs = model(inputs)
+                sums = self.objective.eval_sums(model, batch)
             if not weight:  # padding so every rank runs the same number of forwards (FSDP gathers in them)
                 continue
-            totals[0] += float(self.loss_fn(outputs, targets)) * len(indices)
-            totals[1] += len(indices)
-            hits = correct_and_count(outputs, targets)
-            if hits is not None:
-                totals[2] += hits[0]
-                totals[3] += hits[1]
+            for key, value in sums.items():
+                totals[key] = totals.get(key, 0.0) + value
         model.train(was_training)
-        totals = dist.all_reduce_sum(totals.to(self.device)).cpu()
-        scores = {"eval_loss": float(totals[0] / max(totals[1], 1))}
-        if totals[3] > 0:
-            scores["eval_accuracy"] = float(totals[2] / totals[3])
+        keys = ["loss", "items", "correct", "predicted"] + [f"{kind}:{name}" for name in self.objective.metrics
+                                                            for kind in ("metric", "count")]
+        reduced = dist.all_reduce_sum(torch.tensor([totals.get(k, 0.0) for k in keys], dtype=torch.float64,
+                                                   device=self.device)).cpu().tolist()
+        totals = dict(zip(keys, reduced))
+        scores = {"eval_loss": totals["loss"] / max(totals["items"], 1)}
+        if totals["predicted"] > 0:
+            scores["eval_accuracy"] = totals["correct"] / totals["predicted"]
+        for name in self.objective.metrics:
+            scores[f"eval_{name}"] = totals[f"metric:{name}"] / max(totals[f"count:{name}"], 1)
         return scores
 
     def _eval_batches(self, n: int) -> List[tuple]:

@@ -50,14 +50,16 @@ def parse_worlds(text: str) -> List[int]:
     return worlds
 
 
-def run_world(config: str, world_size: int, out_dir: Path, overrides: Sequence[str], timeout_s: float = 600
-              ) -> WorldResult:
-    """Train ``config`` with ``world_size`` gloo workers under torchrun and collect what the workers wrote."""
-    from safetensors.torch import load_file
+def run_world(config: str, world_size: int, out_dir: Path, overrides: Sequence[str], timeout_s: float = 600,
+              trainer_args: Optional[str] = None) -> WorldResult:
+    """Train ``config`` with ``world_size`` gloo workers under torchrun and collect what the workers wrote;
+    ``trainer_args`` names the user's function returning Trainer arguments (see distrain.verify.user_objects)."""
+    from distrain.verify.user_objects import FLAG
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    user = [f"{FLAG}={trainer_args}"] if trainer_args else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size),
-           "--module", "distrain.verify.worker", config, str(out_dir), *overrides]
+           "--module", "distrain.verify.worker", config, str(out_dir), *user, *overrides]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     if proc.returncode != 0:
@@ -65,6 +67,14 @@ def run_world(config: str, world_size: int, out_dir: Path, overrides: Sequence[s
         reasons = [line for line in lines if "error:" in line]  # the worker's own one-paragraph message
         tail = "\n".join(reasons[:1] or lines[-15:])
         raise DistrainError(f"verify: the run at world size {world_size} failed (exit {proc.returncode}):\n{tail}")
+    return read_world(out_dir, world_size)
+
+
+def read_world(out_dir: Path, world_size: int) -> WorldResult:
+    """What the workers of one world size wrote to ``out_dir``: result.json, weights.safetensors (rank 0) and
+    every rank's indices.rank<R>.json."""
+    from safetensors.torch import load_file
+
     result = json.loads((out_dir / "result.json").read_text())
     indices: List[int] = []
     for rank in range(world_size):
@@ -87,24 +97,37 @@ def compare(reference: WorldResult, other: WorldResult) -> Comparison:
 
 
 def verify(config: str, worlds: Sequence[int], overrides: Sequence[str] = (), steps: Optional[int] = None,
-           workdir: Optional[Path] = None) -> List[Comparison]:
-    """Run ``config`` at each world size; compare every one against the first (normally W=1)."""
+           workdir: Optional[Path] = None, trainer_args: Optional[str] = None, full_batch: bool = False
+           ) -> List[Comparison]:
+    """Run ``config`` at each world size; compare every one against the first (normally W=1).
+
+    ``full_batch``: the reference is instead one rank training on each step's whole global batch in one forward
+    (no accumulation), and every world size is compared with it: that also catches an objective that changes
+    with micro_batch (a mean of per-micro-batch means), which W=1 with accumulation shares with every W.
+    ``trainer_args``: ``MODULE:FUNCTION`` returning the Trainer's keyword arguments (your model, data, loss).
+    """
     from distrain.config import load_config
     from distrain.config import check_job
+    from distrain.verify.user_objects import load_function
 
+    if trainer_args:
+        load_function(trainer_args)  # a wrong name fails here, before any worker starts
     overrides = list(overrides) + ([f"train.steps={steps}"] if steps else [])
     cfg = load_config(config, overrides)
     for w in worlds:
         check_job(cfg, w)  # every world size must split the global batch; say so before starting anything
+    runs = [(f"w{w}", w, []) for w in worlds]
+    if full_batch:
+        runs.insert(0, ("full-batch", 1, ["train.micro_batch=null"]))
     tmp = tempfile.TemporaryDirectory(prefix="distrain-verify-") if workdir is None else None
     root = Path(tmp.name) if tmp else Path(workdir)
     try:
         results = []
-        for w in worlds:
-            run_overrides = overrides + [f"run.dir={root}", f"run.name=w{w}", "train.resume=never",
-                                         "checkpoint.every=0", "checkpoint.every_minutes=0", "checkpoint.at_end=false",
-                                         "metrics.progress=none"]
-            results.append(run_world(config, w, root / f"w{w}" / "verify", run_overrides))
+        for name, w, extra in runs:
+            run_overrides = overrides + extra + [f"run.dir={root}", f"run.name={name}", "train.resume=never",
+                                                 "checkpoint.every=0", "checkpoint.every_minutes=0",
+                                                 "checkpoint.at_end=false", "metrics.progress=none"]
+            results.append(run_world(config, w, root / name / "verify", run_overrides, trainer_args=trainer_args))
         return [compare(results[0], r) for r in results]
     finally:
         if tmp:

@@ -39,12 +39,16 @@ def main(argv: List[str]) -> int:
     from distrain.config import load_config
     from distrain.data import build_datasets
     from distrain.training.trainer import Trainer
+    from distrain.verify.user_objects import FLAG, trainer_args
 
-    config, out_dir, overrides = argv[0], Path(argv[1]), argv[2:]
-    cfg = load_config(config, overrides)
-    train, evaluation = build_datasets(cfg.data.name, cfg.data.kwargs, cfg.data.eval_fraction)
-    recording = RecordingDataset(train)
-    with Trainer(cfg, train_data=recording, eval_data=None) as trainer:
+    config, out_dir, rest = argv[0], Path(argv[1]), argv[2:]
+    args = trainer_args(rest.pop(0).split("=", 1)[1]) if rest and rest[0].startswith(FLAG + "=") else {}
+    cfg = load_config(config, rest)
+    if "train_data" not in args:
+        args["train_data"] = build_datasets(cfg.data.name, cfg.data.kwargs, cfg.data.eval_fraction)[0]
+    recording = RecordingDataset(args.pop("train_data"))
+    with Trainer(cfg, train_data=recording, eval_data=None, **args) as trainer:
+        recording.seen.clear()  # a user model's FLOPs are counted on sample 0: only training's reads count
         final = trainer.fit()
         weights = trainer.full_state_dict()
         (out_dir / f"indices.rank{dist.rank()}.json").write_text(json.dumps(recording.seen))
