@@ -7,6 +7,7 @@ factory), map-style Datasets and loss callable. It runs in a single process and 
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -178,7 +179,7 @@ class Trainer:
         """Train to ``train.steps``; returns the final metrics (identical on every rank)."""
         cfg = self.cfg
         total = cfg.train.steps
-        writer = MetricsWriter(self.run_dir, cfg.metrics.tensorboard, fresh=self.step == 0) if self.info.is_main else None
+        writer = MetricsWriter(self.run_dir, cfg, fresh=self.step == 0) if self.info.is_main else None
         record = RunRecord(self.run_dir) if self.info.is_main else None
         if record:
             record.start(self.info.world_size, vars(self.plan) | {"per_rank": self.plan.per_rank}, self.step)
@@ -233,8 +234,8 @@ class Trainer:
             raise
         finally:
             progress.close()
-            if writer:
-                writer.close()
+            if writer:  # the trackers learn how the run ended: an exception in flight means it failed
+                writer.close("failed" if sys.exc_info()[0] else "preempted" if self.faults.preempted else "finished")
         final["wall_s"] = time.perf_counter() - started
         if record:
             record.update(status="preempted" if self.faults.preempted else "finished", step=self.step, final=final)
