@@ -43,7 +43,8 @@ ModelSource = Union[nn.Module, Callable[[], nn.Module], None]
 class Trainer:
     def __init__(self, config: ConfigSource = None, *, model: ModelSource = None, train_data: Optional[Dataset] = None,
                  loss_fn: Optional[LossFn] = None, eval_data: Optional[Dataset] = None,
-                 overrides: Sequence[str] = ()):
+                 overrides: Sequence[str] = (),
+                 device: Optional[torch.device] = None):  # an integration's own device (Ray Train); else dist.device
         self.cfg: DictConfig = load_config(config, overrides)
         self.info = detect()
         self.faults = FaultTolerance(self.cfg.faults, self.info)  # before the process group: flight recorder on
@@ -52,7 +53,8 @@ class Trainer:
         # (OmegaConf validates on every access), which on a small model is several percent of the step.
         self._train = SimpleNamespace(**OmegaConf.to_container(self.cfg.train, resolve=True))
         strategy_cls = strategy_class(self.cfg.strategy.name)
-        self.device = dist.resolve_device(self.cfg.dist.device, self.info)
+        self.device = torch.device(device) if device is not None else dist.resolve_device(self.cfg.dist.device,
+                                                                                            self.info)
         backend = dist.resolve_backend(self.cfg.dist.backend, self.device)
         if self.info.distributed and not strategy_cls.needs_process_group:
             raise ConfigError(f"strategy.name={self.cfg.strategy.name!r} runs a single process, but this job has "
