@@ -83,6 +83,8 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     from distrain.training.trainer import Trainer
 
     overrides = list(loop_config.get("overrides", ()))
+    # Ray registers a reported checkpoint asynchronously: a worker group that fails within moments of a report may
+    # come back without it, and then train.resume=auto finds the same checkpoint in the (shared) run directory.
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restarted worker group: continue from what Ray kept
         overrides.append(f"train.resume={checkpoint.to_directory()}" if _remote(checkpoint)
@@ -92,6 +94,9 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     with Trainer(loop_config["config"], overrides=overrides, device=ray.train.torch.get_device(),
                  **kwargs) as trainer:
         trainer.checkpointer = _ReportingCheckpointer(trainer.checkpointer, trainer.info.rank)
+        trainer.log.info(f"Ray Train: world rank {trainer.info.rank} of {trainer.info.world_size} on {trainer.device}; "
+                         + (f"resumed from Ray's checkpoint {checkpoint.path}" if checkpoint else
+                            f"no checkpoint from Ray, so train.resume={trainer.cfg.train.resume} decides"))
         final = trainer.fit()
     ray.train.report({k: v for k, v in final.items() if isinstance(v, (int, float))})
 
