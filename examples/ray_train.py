@@ -13,30 +13,22 @@ import argparse
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import TensorDataset
 
 from distrain.integrations.ray import fit
 
 
-class Sine(Dataset):
-    """y = sin(3x) on [-2, 2]: any map-style Dataset returning (input, target) works."""
-
-    def __init__(self, n: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.rand(n, 1, generator=g) * 4 - 2
-        self.y = torch.sin(3 * self.x)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
+def products(n: int, seed: int) -> TensorDataset:
+    """y = x1 * x2 on [-1, 1]^2: any map-style Dataset of (input, target) pairs works."""
+    x = torch.rand(n, 2, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return TensorDataset(x, x.prod(dim=1, keepdim=True))
 
 
 def trainer_kwargs() -> dict:
     """Runs on each Ray worker: the objects distrain.Trainer takes besides the config."""
-    return {"model": lambda: nn.Sequential(nn.Linear(1, 64), nn.Tanh(), nn.Linear(64, 1)),
-            "train_data": Sine(2048, seed=0), "eval_data": Sine(512, seed=1), "loss_fn": nn.functional.mse_loss}
+    return {"model": lambda: nn.Sequential(nn.Linear(2, 64), nn.Tanh(), nn.Linear(64, 1)),
+            "train_data": products(2048, seed=0), "eval_data": products(512, seed=1),
+            "loss_fn": nn.functional.mse_loss}
 
 
 if __name__ == "__main__":
@@ -47,7 +39,7 @@ if __name__ == "__main__":
     parser.add_argument("--storage", default=None, help="where Ray keeps checkpoints (shared on a multi-node cluster)")
     args = parser.parse_args()
     config = {
-        "run": {"name": "ray-sine", "dir": "runs"},
+        "run": {"name": "ray-products", "dir": "runs"},
         "train": {"global_batch": 64, "micro_batch": 16, "steps": args.steps, "optimizer": "adam", "lr": 0.01,
                   "log_every": 50},
         "checkpoint": {"every": 100},

@@ -21,7 +21,8 @@ from typing import Dict, List
 import pytest
 import yaml
 
-from fault_helpers import (FAST, PYTHON, QUICKSTART, REPO, launch_command, load_weights, max_rel_diff,
+from netns import veth_pair
+from fault_helpers import (FAST, PYTHON, QUICKSTART, launch_command, load_weights, max_rel_diff,
                            processes_mentioning, steps_logged, wait_until, worker_env)
 
 pytestmark = pytest.mark.multinode
@@ -45,36 +46,13 @@ exec "$@"
 """
 
 
-def ip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-
-
 @pytest.fixture
 def two_pods():
     """[(namespace, address)] for two namespaces joined by a veth pair; removed afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("network and mount namespaces need root")
-    for tool, package in (("ip", "iproute2"), ("unshare", "util-linux")):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (apt-get install {package})")
-    tag = f"dk8s{os.getpid() % 100000}"
-    hosts = [(f"{tag}n{i}", f"{tag}v{i}", f"{SUBNET}.{i}") for i in (1, 2)]
-    try:
-        for ns, _, _ in hosts:
-            made = ip("netns", "add", ns)
-            if made.returncode != 0:
-                pytest.skip(f"cannot create a network namespace here: {made.stderr.strip()}")
-        steps = [("link", "add", hosts[0][1], "type", "veth", "peer", "name", hosts[1][1])]
-        for ns, veth, addr in hosts:
-            steps += [("link", "set", veth, "netns", ns), ("-n", ns, "addr", "add", f"{addr}/24", "dev", veth),
-                      ("-n", ns, "link", "set", veth, "up"), ("-n", ns, "link", "set", "lo", "up")]
-        for step in steps:
-            done = ip(*step)
-            assert done.returncode == 0, f"ip {' '.join(step)}: {done.stderr}"
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed (apt-get install util-linux)")
+    with veth_pair(f"dk8s{os.getpid() % 100000}", SUBNET) as hosts:
         yield [(ns, addr) for ns, _, addr in hosts]
-    finally:
-        for ns, _, _ in hosts:
-            ip("netns", "del", ns)
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,8 @@ def test_the_ray_example_trains_a_users_own_model(tmp_path):
     proc = subprocess.run([PYTHON, str(REPO / "examples" / "ray_train.py"), "--steps", "100"], cwd=tmp_path,
                           env=worker_env(tmp_path / "out", RAY_ADDRESS=""), capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    records = [json.loads(line) for line in (tmp_path / "runs" / "ray-sine" / "metrics.jsonl").read_text().splitlines()]
+    metrics = tmp_path / "runs" / "ray-products" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 2 and losses[-1] < losses[0]
-    assert "ray-sine/step_00000100" in proc.stdout
+    assert "ray-products/step_00000100" in proc.stdout

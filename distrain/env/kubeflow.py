@@ -49,29 +49,28 @@ class KubeflowEnvironment(ClusterEnvironment):
 
     @staticmethod
     def info(environ: Mapping[str, str]) -> ProcessInfo:
-        src = "Kubeflow"
         procs = environ.get("PET_NPROC_PER_NODE", "1")
         if "RANK" in environ or "WORLD_SIZE" in environ:  # a PyTorchJob pod with a Master replica
             if procs != "1":
                 raise _needs_torchrun(f"PET_NPROC_PER_NODE={procs}: the PyTorchJob runs {procs} processes per pod")
-            if "MASTER_ADDR" not in environ:
-                raise _half_set("MASTER_ADDR")
-            return ProcessInfo(rank=int_var(environ, "RANK", src), local_rank=0,
-                               world_size=int_var(environ, "WORLD_SIZE", src), local_world_size=1,
-                               master_addr=environ["MASTER_ADDR"], master_port=int_var(environ, "MASTER_PORT", src),
-                               source=KubeflowEnvironment.name)
+            return _one_process_per_pod(environ, "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
         nodes = environ.get("PET_NNODES", "")
         if ":" in nodes or ("PET_RDZV_ENDPOINT" in environ and "PET_NODE_RANK" not in environ):
             raise _needs_torchrun(f"PET_NNODES={nodes or '?'}, PET_RDZV_ENDPOINT={environ.get('PET_RDZV_ENDPOINT')}: "
                                   f"an elastic job, whose rendezvous only torchrun's agent can join")
         if procs != "1":
             raise _needs_torchrun(f"PET_NPROC_PER_NODE={procs}: the job runs {procs} processes per pod")
-        if "PET_MASTER_ADDR" not in environ:
-            raise _half_set("PET_MASTER_ADDR")
-        return ProcessInfo(rank=int_var(environ, "PET_NODE_RANK", src), local_rank=0,
-                           world_size=int_var(environ, "PET_NNODES", src), local_world_size=1,
-                           master_addr=environ["PET_MASTER_ADDR"],
-                           master_port=int_var(environ, "PET_MASTER_PORT", src), source=KubeflowEnvironment.name)
+        return _one_process_per_pod(environ, "PET_NODE_RANK", "PET_NNODES", "PET_MASTER_ADDR", "PET_MASTER_PORT")
+
+
+def _one_process_per_pod(environ: Mapping[str, str], rank: str, world: str, addr: str, port: str) -> ProcessInfo:
+    """The pod's place from the operator's variables of these names: local rank 0 of 1."""
+    if addr not in environ:
+        raise _half_set(addr)
+    src = "Kubeflow"
+    return ProcessInfo(rank=int_var(environ, rank, src), local_rank=0, world_size=int_var(environ, world, src),
+                       local_world_size=1, master_addr=environ[addr], master_port=int_var(environ, port, src),
+                       source=KubeflowEnvironment.name)
 
 
 def _needs_torchrun(why: str):

@@ -115,16 +115,11 @@ def failure_message(tracker: Tracker, method: str, err: BaseException) -> str:
             f"the rest of this run and training goes on. metrics.jsonl has every record.")
 
 
-def flatten_params(tree: Dict[str, Any], prefix: str = "") -> Dict[str, str]:
+def flatten_params(tree: Dict[str, Any]) -> Dict[str, str]:
     """{"train": {"lr": 0.1}} -> {"train.lr": "0.1"}: the resolved config as tracker parameters."""
-    out: Dict[str, str] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten_params(value, dotted + "."))
-        else:
-            out[dotted] = str(value)
-    return out
+    from distrain.config.identity import flatten
+
+    return {key: str(value) for key, value in flatten(tree).items()}
 
 
 def numeric_metrics(record: Dict[str, Any]) -> Dict[str, float]:
