@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,23 @@ def _pods(job: dict) -> list:
         patch = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
         return [patch["template"]["spec"]["template"]["spec"]]
     return [r["template"]["spec"] for r in job["spec"]["pytorchReplicaSpecs"].values()]
+
+
+def test_render_check_reads_the_job_with_the_sdk(tmp_path, monkeypatch):
+    pytest.importorskip("kubeflow.training")
+    pytest.importorskip("kubeflow_trainer_api")
+    for flags, _ in (CASES["pytorchjob-2x1"], CASES["trainjob-2x1"]):
+        render(flags, "--check")
+    # A template with a misspelled field: the SDK model drops it, and --check names it.
+    template = (REPO / "launch" / "k8s" / "pytorchjob.yaml").read_text().replace("backoffLimit:", "backofLimit:")
+    (tmp_path / "typo.yaml").write_text(template)
+    code, _, err = cli("k8s", "render", QUICKSTART, "--image", "i", *CASES["pytorchjob-2x1"][0], "--check",
+                       "--template", str(tmp_path / "typo.yaml"))
+    assert code == 2 and ".spec.runPolicy.backofLimit" in " ".join(err.split())
+    # Without the SDK, --check says which extra brings it.
+    monkeypatch.setitem(sys.modules, "kubeflow.training", None)
+    code, _, err = cli("k8s", "render", QUICKSTART, "--image", "i", *CASES["pytorchjob-2x1"][0], "--check")
+    assert code == 2 and "pip install 'distrain[k8s]'" in " ".join(err.split())
 
 
 def test_what_the_manifests_say():

@@ -40,6 +40,8 @@ def register(sub) -> None:
                    help="elastic: worker-group restarts inside each pod (default 3)")
     r.add_argument("--template", default=None, metavar="PATH", help="your own copy of a launch/k8s/ template")
     r.add_argument("--out", default=None, metavar="FILE", help="write the manifests here instead of stdout")
+    r.add_argument("--check", action="store_true",
+                   help="also read the job back with the Kubeflow SDK's model (pip install 'distrain[k8s]')")
     r.set_defaults(handler=run_render)
     p.set_defaults(handler=lambda args: _missing_action())
 
@@ -63,6 +65,10 @@ def run_render(args: argparse.Namespace) -> int:
                   grace_period_s=args.grace_period, max_restarts=args.max_restarts,
                   template=Path(args.template) if args.template else None)
     text, warnings = render(cfg, job)
+    if args.check:
+        from distrain.launch.k8s import check_with_sdk
+
+        check_with_sdk(text)
     for warning in warnings:
         print(f"distrain k8s render: warning: {warning}", file=sys.stderr)
     if args.out:

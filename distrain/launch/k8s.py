@@ -202,6 +202,46 @@ class _Filler:
                                      {"name": "runs", "mountPath": RUNS_MOUNT}] + mounts
 
 
+def check_with_sdk(text: str) -> None:
+    """Read each rendered job with the operator's own Python SDK model and require it to write back exactly the
+    same document: a field the operator does not know, or a value of the wrong type, would be dropped or changed.
+    Needs the Kubeflow SDKs (``pip install 'distrain[k8s]'``)."""
+    import json
+    from types import SimpleNamespace
+
+    for doc in yaml.safe_load_all(text):
+        if not doc or doc.get("kind") not in ("PyTorchJob", "TrainJob"):
+            continue
+        try:
+            if doc["kind"] == "PyTorchJob":
+                from kubeflow.training import ApiClient
+
+                client = ApiClient()
+                back = client.sanitize_for_serialization(
+                    client.deserialize(SimpleNamespace(data=json.dumps(doc)), "KubeflowOrgV1PyTorchJob"))
+            else:
+                from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+
+                back = TrainerV1alpha1TrainJob.from_dict(doc).to_dict()
+        except ImportError:
+            raise UsageError("--check reads the manifests with the Kubeflow SDKs, which are not installed: "
+                             "pip install 'distrain[k8s]' (kubeflow-training for PyTorchJob, kubeflow-trainer-api "
+                             "for TrainJob).") from None
+        if back != doc:
+            raise UsageError(f"The {doc['kind']} does not survive the Kubeflow SDK's model: it reads back "
+                             f"differently at {', '.join(_differences(doc, back)[:5])}. Check the template "
+                             f"(--template) for misspelled fields or values of the wrong type.")
+
+
+def _differences(a: Any, b: Any, path: str = "") -> List[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in (_differences(a.get(k), b.get(k), f"{path}.{k}") if k in a and k in b else [f"{path}.{k}"])]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [path or "."]
+
+
 def _container(pod: Dict[str, Any], name: str) -> Dict[str, Any]:
     """The pod's container called ``name`` (the one the operator expects), added when the template lacks it."""
     containers = pod.setdefault("containers", [])
