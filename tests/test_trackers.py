@@ -134,7 +134,8 @@ def test_a_dead_mlflow_server_warns_once_and_training_finishes(tmp_path):
     from distrain.launch.ports import free_port
 
     # A port nobody listens on; no HTTP retries, so the failure comes at once instead of after MLflow's backoff.
-    out = _train_small(tmp_path, ["mlflow"], {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"},
+    out = _train_small(tmp_path, ["mlflow"],
+                       {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"},
                        overrides=[f"metrics.mlflow.tracking_uri=http://127.0.0.1:{free_port()}"])
     assert out.count("tracker mlflow failed") == 1, out[-3000:]
     assert "training goes on" in out

@@ -15,7 +15,8 @@ def register(sub) -> None:
     p.add_argument("--nnodes", default=None, metavar="N|MIN:MAX", help="number of nodes (default $PET_NNODES, else 1)")
     p.add_argument("--node-rank", type=int, default=None, metavar="R", help="this node's rank; node 0 hosts the rendezvous store at --rdzv-endpoint")
     p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
-                   help="c10d rendezvous address (multi-node; default $PET_RDZV_ENDPOINT or $PET_MASTER_ADDR:$PET_MASTER_PORT)")
+                   help="c10d rendezvous address (multi-node; default $PET_RDZV_ENDPOINT or "
+                        "$PET_MASTER_ADDR:$PET_MASTER_PORT)")
     p.add_argument("--rdzv-id", default=None, help="job id shared by all nodes (default $PET_RDZV_ID, else distrain)")
     p.add_argument("--local-addr", default=None, metavar="ADDR",
                    help="this node's address as the other nodes reach it (multi-node; default: its host name)")

@@ -28,5 +28,5 @@ def run(args: argparse.Namespace) -> int:
     if final.get("preempted") and trainer.info.source == "kubeflow":
         from distrain.env.kubeflow import PREEMPTED_EXIT_CODE
 
-        return PREEMPTED_EXIT_CODE  # checkpoint committed; a non-zero exit makes Kubernetes restart, not finish, the pod
+        return PREEMPTED_EXIT_CODE  # checkpoint committed; non-zero: Kubernetes restarts the pod, not "Succeeded"
     return 0

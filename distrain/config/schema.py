@@ -97,7 +97,8 @@ class CheckpointConfig:
 
 @dataclass
 class MLflowConfig:
-    tracking_uri: str = ""  # e.g. http://mlflow:5000, sqlite:///mlflow.db or file:///path; "" = MLFLOW_TRACKING_URI or ./mlruns
+    # e.g. http://mlflow:5000, sqlite:///mlflow.db or file:///path; "" = MLFLOW_TRACKING_URI, else ./mlruns
+    tracking_uri: str = ""
     experiment: str = "distrain"  # experiment name, created when it does not exist
 
 
