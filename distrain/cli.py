@@ -26,6 +26,8 @@ COMMAND_MODULES = [
     "distrain.commands.eval",
     "distrain.commands.predict",
     "distrain.commands.slurm",
+    "distrain.commands.k8s",
+    "distrain.commands.ray",
     "distrain.commands.runs",
     "distrain.commands.plot",
     "distrain.commands.doctor",

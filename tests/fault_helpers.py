@@ -9,6 +9,8 @@ production loop, launcher and SLURM scripts run unchanged. Cues come from enviro
     DISTRAIN_TEST_KILL=RANK:STEP     rank RANK kills itself with SIGKILL inside step STEP (kill -9)
     DISTRAIN_TEST_OUT=DIR            rank 0 writes DIR/weights-stepN.safetensors at teardown (N = steps done);
                                      every rank writes DIR/pid.rankR at setup
+    DISTRAIN_TEST_ONCE=FILE          stall and kill fire only while FILE does not exist, and create it (for
+                                     launchers with no restart counter in the environment, such as Ray Train)
 
 Stall and kill fire on the first attempt only (no TORCHELASTIC/SLURM restart yet), so a restarted group runs
 through. The step in progress is read from the optimizer's own step counter (Adam/AdamW keep one, and it is
@@ -44,7 +46,12 @@ def _cue(name: str) -> Optional[Tuple[int, int]]:
     return int(rank), int(step)
 
 
+ONCE_ENV = "DISTRAIN_TEST_ONCE"
+
+
 def first_attempt() -> bool:
+    if os.environ.get(ONCE_ENV):
+        return not Path(os.environ[ONCE_ENV]).exists()
     return (int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) == 0
             and int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0)
 
@@ -75,9 +82,11 @@ class FaultDDP(DDPStrategy):
             time.sleep(delay)
         rank = self.ctx.info.rank
         if _cue(STALL_ENV) == (rank, step) and first_attempt():
+            _fired()
             while True:  # "sleeps forever inside a step": only the watchdog and the launcher can end this
                 time.sleep(3600)
         if _cue(KILL_ENV) == (rank, step) and first_attempt():
+            _fired()
             os.kill(os.getpid(), signal.SIGKILL)
 
     def teardown(self) -> None:
@@ -88,6 +97,11 @@ class FaultDDP(DDPStrategy):
             weights = {k: v.contiguous() for k, v in self.full_state_dict().items()}
             save_file(weights, str(Path(out) / f"weights-step{self.steps_done()}.safetensors"))
         super().teardown()
+
+
+def _fired() -> None:
+    if os.environ.get(ONCE_ENV):
+        Path(os.environ[ONCE_ENV]).touch()
 
 
 def max_rel_diff(a: Any, b: Any) -> float:

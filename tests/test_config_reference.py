@@ -13,7 +13,8 @@ def _schema_keys(node: DictConfig, prefix: str = "") -> list:
     for key in node.keys():
         child = node._get_node(key)
         dotted = f"{prefix}{key}"
-        if isinstance(child, DictConfig) and dotted.count(".") == 0:  # a section; kwargs dicts are leaves
+        # A section or a nested settings dataclass (metrics.mlflow); kwargs dicts are leaves.
+        if isinstance(child, DictConfig) and OmegaConf.get_type(child) not in (dict, None):
             keys += _schema_keys(child, dotted + ".")
         else:
             keys.append(dotted)

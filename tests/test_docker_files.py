@@ -219,8 +219,8 @@ def test_dockerfile_installs_repo_package_with_distrain_entrypoint(kind: str) ->
     sources = copy_sources(path)
     assert "pyproject.toml" in sources, f"{path.name}: does not COPY pyproject.toml"
     pips = [r for r in args_of(path, "RUN") if "pip install" in r]
-    pkg_installs = [r for r in pips if re.search(r"""["']?/src\[viz\]["']?""", r)]
-    assert pkg_installs, f"{path.name}: no `pip install /src[viz]`"
+    pkg_installs = [r for r in pips if re.search(r"""["']?/src\[viz,trackers\]["']?""", r)]
+    assert pkg_installs, f"{path.name}: no `pip install /src[viz,trackers]`"
     assert all("--no-cache-dir" in r for r in pips), f"{path.name}: a pip install lacks --no-cache-dir"
 
     entry = args_of(path, "ENTRYPOINT")
@@ -231,7 +231,7 @@ def test_dockerfile_installs_repo_package_with_distrain_entrypoint(kind: str) ->
 def test_cpu_dockerfile_uses_constraints() -> None:
     path = DOCKERFILES["cpu"]
     assert "constraints.txt" in copy_sources(path), "Dockerfile.cpu does not COPY constraints.txt"
-    pkg_installs = [r for r in args_of(path, "RUN") if "pip install" in r and "/src[viz]" in r]
+    pkg_installs = [r for r in args_of(path, "RUN") if "pip install" in r and "/src[viz,trackers]" in r]
     assert any(re.search(r"(-c|--constraint)[ =]constraints\.txt", r) for r in pkg_installs), (
         "Dockerfile.cpu must install the package with -c constraints.txt"
     )

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from netns import ip, veth_pair
 from fault_helpers import (FAST, PYTHON, QUICKSTART, REPO, launch_command, load_weights, max_rel_diff,
                            processes_mentioning, worker_env)
 
@@ -25,35 +25,11 @@ SUBNET = "10.231.0"  # addresses exist only inside the test's own namespaces
 PORT = 29400
 
 
-def ip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-
-
 @pytest.fixture
 def two_hosts():
     """[(namespace, veth, address)] for two namespaces joined by a veth pair; removed afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 is not installed (`apt-get install iproute2` provides `ip netns`)")
-    tag = f"dt{os.getpid() % 100000}"
-    hosts = [(f"{tag}n{i}", f"{tag}v{i}", f"{SUBNET}.{i}") for i in (1, 2)]
-    try:
-        for ns, _, _ in hosts:
-            made = ip("netns", "add", ns)
-            if made.returncode != 0:
-                pytest.skip(f"cannot create a network namespace here: {made.stderr.strip()}")
-        steps = [("link", "add", hosts[0][1], "type", "veth", "peer", "name", hosts[1][1])]
-        for ns, veth, addr in hosts:
-            steps += [("link", "set", veth, "netns", ns), ("-n", ns, "addr", "add", f"{addr}/24", "dev", veth),
-                      ("-n", ns, "link", "set", veth, "up"), ("-n", ns, "link", "set", "lo", "up")]
-        for step in steps:
-            done = ip(*step)
-            assert done.returncode == 0, f"ip {' '.join(step)}: {done.stderr}"
+    with veth_pair(f"dt{os.getpid() % 100000}", SUBNET) as hosts:
         yield hosts
-    finally:
-        for ns, _, _ in hosts:
-            ip("netns", "del", ns)  # takes its end of the veth pair, and so the pair, with it
 
 
 def tx_bytes(ns: str, veth: str) -> int:

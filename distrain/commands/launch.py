@@ -9,15 +9,20 @@ from distrain.commands import add_config_arguments
 
 def register(sub) -> None:
     p = sub.add_parser("launch", help="start N workers per node with torch's elastic launcher, then train")
-    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N", help="workers on this node (default 1)")
-    p.add_argument("--nnodes", default="1", metavar="N|MIN:MAX", help="number of nodes (default 1)")
+    # Flags left out take torchrun's PET_* variables (set by Kubeflow in a pod), then the defaults shown.
+    p.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                   help="workers on this node (default $PET_NPROC_PER_NODE, else 1)")
+    p.add_argument("--nnodes", default=None, metavar="N|MIN:MAX", help="number of nodes (default $PET_NNODES, else 1)")
     p.add_argument("--node-rank", type=int, default=None, metavar="R", help="this node's rank; node 0 hosts the rendezvous store at --rdzv-endpoint")
-    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="c10d rendezvous address (multi-node)")
-    p.add_argument("--rdzv-id", default="distrain", help="job id shared by all nodes (default distrain)")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="c10d rendezvous address (multi-node; default $PET_RDZV_ENDPOINT or "
+                        "$PET_MASTER_ADDR:$PET_MASTER_PORT)")
+    p.add_argument("--rdzv-id", default=None, help="job id shared by all nodes (default $PET_RDZV_ID, else distrain)")
     p.add_argument("--local-addr", default=None, metavar="ADDR",
                    help="this node's address as the other nodes reach it (multi-node; default: its host name)")
-    p.add_argument("--max-restarts", type=int, default=0, metavar="K",
-                   help="restart the worker group up to K times after a failure (resumes from the latest checkpoint)")
+    p.add_argument("--max-restarts", type=int, default=None, metavar="K",
+                   help="restart the worker group up to K times after a failure (resumes from the latest checkpoint; "
+                        "default $PET_MAX_RESTARTS, else 0)")
     p.add_argument("--monitor-interval", type=float, default=1.0, help=argparse.SUPPRESS)
     add_config_arguments(p)
     p.set_defaults(handler=run)

@@ -24,5 +24,9 @@ def run(args: argparse.Namespace) -> int:
     from distrain.training.trainer import Trainer
 
     with Trainer(cfg) as trainer:
-        trainer.fit()
+        final = trainer.fit()
+    if final.get("preempted") and trainer.info.source == "kubeflow":
+        from distrain.env.kubeflow import PREEMPTED_EXIT_CODE
+
+        return PREEMPTED_EXIT_CODE  # checkpoint committed; non-zero: Kubernetes restarts the pod, not "Succeeded"
     return 0

@@ -80,6 +80,24 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _rows(cls: type, prefix: str, comments: Dict[str, Dict[str, str]]) -> List[Dict[str, str]]:
+    """One row per key of a section's dataclass; a nested settings dataclass (metrics.mlflow) gives its own keys."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}"
+        nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        if isinstance(nested, type) and dataclasses.is_dataclass(nested):
+            rows += _rows(nested, key, comments)
+            continue
+        description = comments.get(cls.__name__, {}).get(f.name, "")
+        choices = config_module.CHOICES.get(key)
+        if choices and not all(c in description for c in choices):
+            description = (description + "; " if description else "") + f"one of: {', '.join(choices)}"
+        rows.append({"key": key, "type": _type_name(f.type), "default": _yaml_value(_default(f)),
+                     "description": description})
+    return rows
+
+
 def sections() -> List[Dict[str, Any]]:
     """[{section, doc, keys: [{key, type, default, description}]}] in the order of the Config dataclass."""
     source = Path(config_module.__file__).read_text()
@@ -89,15 +107,7 @@ def sections() -> List[Dict[str, Any]]:
         cls = section.default_factory  # type: ignore[misc]
         if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
             continue
-        rows = []
-        for f in dataclasses.fields(cls):
-            key = f"{section.name}.{f.name}"
-            description = comments.get(cls.__name__, {}).get(f.name, "")
-            choices = config_module.CHOICES.get(key)
-            if choices and not all(c in description for c in choices):
-                description = (description + "; " if description else "") + f"one of: {', '.join(choices)}"
-            rows.append({"key": key, "type": _type_name(f.type), "default": _yaml_value(_default(f)),
-                         "description": description})
+        rows = _rows(cls, section.name, comments)
         out.append({"section": section.name, "doc": (cls.__doc__ or "").strip()
                     if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(") else "", "keys": rows})
     return out

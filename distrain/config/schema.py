@@ -96,8 +96,28 @@ class CheckpointConfig:
 
 
 @dataclass
+class MLflowConfig:
+    # e.g. http://mlflow:5000, sqlite:///mlflow.db or file:///path; "" = MLFLOW_TRACKING_URI, else ./mlruns
+    tracking_uri: str = ""
+    experiment: str = "distrain"  # experiment name, created when it does not exist
+
+
+@dataclass
+class WandbConfig:
+    project: str = "distrain"  # W&B project
+    entity: str = ""  # team or user; "" = your default entity
+    mode: str = "online"  # online | offline (write locally; `wandb sync` later) | disabled
+
+
+@dataclass
 class MetricsConfig:
-    tensorboard: bool = False  # also write TensorBoard event files to <run dir>/tensorboard
+    # Experiment trackers fed by rank 0, besides metrics.jsonl: any of tensorboard, mlflow, wandb. Each gets the
+    # resolved config, every metrics and eval record, and at the end config.yaml and the final checkpoint's path;
+    # a resumed run continues the same tracker run. A tracker that fails warns once; training goes on.
+    trackers: List[str] = field(default_factory=list)
+    tensorboard: bool = False  # the older spelling of trackers: [tensorboard] (event files in <run dir>/tensorboard)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)  # settings of the mlflow tracker
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # settings of the wandb tracker
     progress: str = "auto"  # auto (bar on a TTY, plain lines otherwise) | bar | plain | none
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look up a table, or skip
 
@@ -124,4 +144,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "dist.backend": ("auto", "gloo", "nccl"),
     "dist.device": ("auto", "cpu", "cuda"),
     "metrics.progress": ("auto", "bar", "plain", "none"),
+    "metrics.wandb.mode": ("online", "offline", "disabled"),
 }
+
+TRACKER_NAMES = ("tensorboard", "mlflow", "wandb")  # what metrics.trackers may list

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from distrain.config.schema import CHOICES, FAULT_SIGNALS
+from distrain.config.schema import CHOICES, FAULT_SIGNALS, TRACKER_NAMES
 from distrain.errors import ConfigError
 
 
@@ -54,6 +54,9 @@ def validate(cfg: DictConfig) -> None:
     _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", cfg.run.name,
              "it must be a non-empty name without '/'")
     _require(cfg.metrics.peak_flops >= 0, "metrics.peak_flops", cfg.metrics.peak_flops, "it must be zero or positive")
+    trackers = list(cfg.metrics.trackers)
+    _require(all(t in TRACKER_NAMES for t in trackers) and len(set(trackers)) == len(trackers), "metrics.trackers",
+             trackers, f"list each of {', '.join(TRACKER_NAMES)} at most once, e.g. [tensorboard, mlflow]")
     f = cfg.faults
     for key in ("signals", "requeue_signals"):
         names = [str(n).upper().removeprefix("SIG") for n in f[key]]

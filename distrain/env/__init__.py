@@ -1,4 +1,4 @@
-"""Who am I? Rank, local rank, world size and master, from torchrun, SLURM or a plain process."""
+"""Who am I? Rank, local rank, world size and master, from torchrun, SLURM, a Kubeflow pod or a plain process."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import os
 from typing import Mapping, Optional
 
 from distrain.env.base import ClusterEnvironment, ProcessInfo
+from distrain.env.kubeflow import KubeflowEnvironment
 from distrain.env.single import SingleProcessEnvironment
 from distrain.env.slurm import SlurmEnvironment
 from distrain.env.torchelastic import TorchElasticEnvironment
 
-# Order matters: torchrun started by srun (one per node) sets both, and torchrun's variables are the truth.
-ENVIRONMENTS = (TorchElasticEnvironment, SlurmEnvironment, SingleProcessEnvironment)
+# Order matters: torchrun started by srun (one per node) sets both, and torchrun's variables are the truth. A
+# PyTorchJob pod sets RANK and WORLD_SIZE without LOCAL_RANK, so Kubeflow answers before torchrun (and steps aside
+# when torchrun runs inside the pod).
+ENVIRONMENTS = (KubeflowEnvironment, TorchElasticEnvironment, SlurmEnvironment, SingleProcessEnvironment)
 
 
 def detect(environ: Optional[Mapping[str, str]] = None) -> ProcessInfo:
@@ -29,7 +32,8 @@ def _check(info: ProcessInfo) -> None:
     from distrain.errors import ConfigError
 
     if info.world_size < 1 or not 0 <= info.rank < info.world_size:
-        names = {"slurm": "SLURM_PROCID/SLURM_NTASKS"}.get(info.source, "RANK/WORLD_SIZE")
+        names = {"slurm": "SLURM_PROCID/SLURM_NTASKS",
+                 "kubeflow": "RANK/WORLD_SIZE or PET_NODE_RANK/PET_NNODES"}.get(info.source, "RANK/WORLD_SIZE")
         raise ConfigError(f"The {info.source} environment says rank {info.rank} of world size {info.world_size} "
                           f"({names}), which is impossible: the rank must be in [0, world_size). Check the "
                           f"launcher's variables.",

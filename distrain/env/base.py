@@ -14,7 +14,7 @@ class ProcessInfo:
     local_world_size: int
     master_addr: str
     master_port: int
-    source: str  # which environment answered: torchelastic | slurm | single
+    source: str  # which environment answered: kubeflow | torchelastic | slurm | single
 
     @property
     def is_main(self) -> bool:

@@ -101,11 +101,25 @@ def _is_launcher(cmdline: str) -> bool:
             or ("launch" in tokens and "distrain" in names))
 
 
+def fill_from_environment(args: argparse.Namespace) -> None:
+    """Flags the user left out take torchrun's PET_* variables (what a Kubeflow operator sets in a pod, and what
+    torchrun itself would read), then the built-in defaults."""
+    from distrain.env.kubeflow import torchrun_settings
+
+    pet = torchrun_settings()
+    for name, default in (("nnodes", "1"), ("nproc_per_node", 1), ("node_rank", None), ("rdzv_endpoint", None),
+                          ("rdzv_id", "distrain"), ("max_restarts", 0)):
+        if getattr(args, name, None) is None:
+            value = getattr(pet, name)
+            setattr(args, name, default if value is None else value)
+
+
 def launch(args: argparse.Namespace) -> int:
     """Check the config against the job's world size, then run torchrun's agent in this process."""
     from distrain.config import load_config
     from distrain.config import check_job
 
+    fill_from_environment(args)
     if args.nproc_per_node < 1:
         raise UsageError(f"--nproc-per-node {args.nproc_per_node} is not allowed: it must be at least 1 "
                          f"(the number of worker processes on this node).")

@@ -166,10 +166,13 @@ def _versions() -> List[Check]:
         version = _version(package)
         checks.append(Check(package, "ok", version) if version else
                       Check(package, "warn", "not installed", f"pip install {package} (needed for {why} only)"))
-    for package, why in (("tensorboard", "metrics.tensorboard=true"), ("matplotlib", "distrain plot")):
+    for package, why, extra in (("tensorboard", "metrics.trackers: [tensorboard]", "tensorboard"),
+                                ("mlflow", "metrics.trackers: [mlflow]", "mlflow"),
+                                ("wandb", "metrics.trackers: [wandb]", "wandb"),
+                                ("ray", "distrain ray", "ray"), ("matplotlib", "distrain plot", "viz")):
         version = _version(package)
         checks.append(Check(package, "ok", version) if version else
-                      Check(package, "info", "not installed", f"pip install {package} (for {why})"))
+                      Check(package, "info", "not installed", f"pip install 'distrain[{extra}]' (for {why})"))
     return checks
 
 

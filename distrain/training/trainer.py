@@ -7,6 +7,7 @@ factory), map-style Datasets and loss callable. It runs in a single process and 
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,12 +46,14 @@ class Trainer:
                  loss_fn: Optional[LossFn] = None, eval_data: Optional[Dataset] = None,
                  overrides: Sequence[str] = (), step_fn: Optional[Callable[..., Any]] = None,
                  frozen: Optional[Mapping[str, nn.Module]] = None, items: Optional[ItemsRule] = None,
-                 metrics: Optional[Mapping[str, MetricFn]] = None):
+                 metrics: Optional[Mapping[str, MetricFn]] = None,
+                 device: Optional[torch.device] = None):
         """``loss_fn(outputs, target[, num_items_in_batch])``, or none for a model that returns its own ``loss``
         (Mapping batches, ``model(**batch)``), or ``step_fn(model, batch, **frozen[, num_items_in_batch])`` for any
         other computation, with ``frozen`` modules (a teacher) that are never trained. ``items``: what the loss
         averages over ('samples', 'labels' that are not -100, or batch -> count); ``metrics``: name ->
         (outputs, batch) -> (sum, count), reported by ``evaluate`` as eval_<name> = sum / count over the eval set.
+        ``device``: an integration's own device (Ray Train); else dist.device decides.
         See distrain.training.objective."""
         self.cfg: DictConfig = load_config(config, overrides)
         self.info = detect()
@@ -60,7 +63,8 @@ class Trainer:
         # (OmegaConf validates on every access), which on a small model is several percent of the step.
         self._train = SimpleNamespace(**OmegaConf.to_container(self.cfg.train, resolve=True))
         strategy_cls = strategy_class(self.cfg.strategy.name)
-        self.device = dist.resolve_device(self.cfg.dist.device, self.info)
+        self.device = torch.device(device) if device is not None else dist.resolve_device(self.cfg.dist.device,
+                                                                                            self.info)
         backend = dist.resolve_backend(self.cfg.dist.backend, self.device)
         if self.info.distributed and not strategy_cls.needs_process_group:
             raise ConfigError(f"strategy.name={self.cfg.strategy.name!r} runs a single process, but this job has "
@@ -215,7 +219,7 @@ class Trainer:
         """Train to ``train.steps``; returns the final metrics (identical on every rank)."""
         cfg = self.cfg
         total = cfg.train.steps
-        writer = MetricsWriter(self.run_dir, cfg.metrics.tensorboard, fresh=self.step == 0) if self.info.is_main else None
+        writer = MetricsWriter(self.run_dir, cfg, fresh=self.step == 0) if self.info.is_main else None
         record = RunRecord(self.run_dir) if self.info.is_main else None
         if record:
             record.start(self.info.world_size, vars(self.plan) | {"per_rank": self.plan.per_rank}, self.step)
@@ -270,8 +274,8 @@ class Trainer:
             raise
         finally:
             progress.close()
-            if writer:
-                writer.close()
+            if writer:  # the trackers learn how the run ended: an exception in flight means it failed
+                writer.close("failed" if sys.exc_info()[0] else "preempted" if self.faults.preempted else "finished")
         final["wall_s"] = time.perf_counter() - started
         if record:
             record.update(status="preempted" if self.faults.preempted else "finished", step=self.step, final=final)

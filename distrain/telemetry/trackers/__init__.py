@@ -1,0 +1,123 @@
+"""Experiment trackers (TensorBoard, MLflow, W&B) as sinks of the metrics writer on rank 0.
+
+``Trackers.open`` starts the ones ``metrics.trackers`` names (plus ``metrics.tensorboard: true``, the older key),
+each behind a ``TrackerSink``; ``log`` hands every record to all of them and ``close`` finishes them. Each
+tracker's run id is kept in <run dir>/trackers.json, so a requeued or resumed run continues the same tracker run.
+A new tracker is one file here and one entry in ``TRACKERS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import threading
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from distrain.telemetry.trackers.base import (RunEnd, Tracker, TrackerRun, TrackerSink, flatten_params,
+                                              numeric_metrics)
+
+TRACKERS = {
+    "tensorboard": "distrain.telemetry.trackers.tensorboard:TensorBoardTracker",
+    "mlflow": "distrain.telemetry.trackers.mlflow:MLflowTracker",
+    "wandb": "distrain.telemetry.trackers.wandb:WandbTracker",
+}
+IDS_FILE = "trackers.json"
+CLOSE_TIMEOUT_S = 120.0  # how long the end of a run waits for a tracker to flush (a slow server, a big upload)
+
+
+def tracker_names(cfg: DictConfig) -> List[str]:
+    """metrics.trackers, with tensorboard added when the older metrics.tensorboard=true asks for it."""
+    names = list(cfg.metrics.trackers)
+    if cfg.metrics.tensorboard and "tensorboard" not in names:
+        names.append("tensorboard")
+    return names
+
+
+def build_tracker(name: str) -> Tracker:
+    module, _, cls = TRACKERS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+class Trackers:
+    """The trackers of one run on rank 0; every call returns at once (the work happens on each sink's thread)."""
+
+    def __init__(self, run_dir: Path, sinks: List[TrackerSink], ids: Dict[str, str]):
+        self.run_dir = run_dir
+        self.sinks = sinks
+        self._ids = ids
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, cfg: DictConfig, run_dir: Path, fresh: bool) -> "Trackers":
+        """Start (or, unless ``fresh``, continue) each configured tracker and log the resolved config."""
+        ids_path = run_dir / IDS_FILE
+        ids: Dict[str, str] = {}
+        if ids_path.exists():
+            if fresh:  # a new run from step 0 in an old run dir: keep the old ids aside, start new tracker runs
+                ids_path.rename(run_dir / f"trackers.{int(ids_path.stat().st_mtime)}.json")
+            else:
+                ids = json.loads(ids_path.read_text())
+        config = OmegaConf.to_container(cfg, resolve=True)
+        group = cls(run_dir, [], ids)
+        params = flatten_params(config)
+        for name in tracker_names(cfg):
+            settings = OmegaConf.to_container(cfg.metrics[name]) if name in cfg.metrics and \
+                OmegaConf.is_dict(cfg.metrics[name]) else {}
+            sink = TrackerSink(_LazyTracker(name), group._remember)
+            sink.submit("start", TrackerRun(run_dir=run_dir, name=cfg.run.name, config=config, settings=settings,
+                                            resume_id=ids.get(name)))
+            sink.submit("log_params", params)
+            group.sinks.append(sink)
+        return group
+
+    def log(self, record: Dict[str, Any]) -> None:
+        """One metrics.jsonl record (non-finite values already None) to every tracker."""
+        if self.sinks:
+            metrics = numeric_metrics(record)
+            step = int(record.get("step", 0))
+            for sink in self.sinks:
+                sink.submit("log_metrics", metrics, step)
+
+    def close(self, end: RunEnd) -> None:
+        for sink in self.sinks:
+            sink.submit("finish", end)
+        for sink in self.sinks:
+            sink.close(CLOSE_TIMEOUT_S)
+
+    def _remember(self, name: str, run_id: str) -> None:
+        """Keep a tracker's run id in the run directory (from the sink's thread), for the next attempt."""
+        with self._lock:
+            if self._ids.get(name) == run_id:
+                return
+            self._ids[name] = run_id
+            tmp = self.run_dir / f".{IDS_FILE}.tmp"
+            tmp.write_text(json.dumps(self._ids, indent=1, sort_keys=True) + "\n")
+            tmp.replace(self.run_dir / IDS_FILE)
+
+
+class _LazyTracker(Tracker):
+    """Imports the tracker's module in ``start``, on the sink's thread: a missing package warns there, once."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.package = name
+        self._inner: Optional[Tracker] = None
+
+    def start(self, run: TrackerRun) -> Optional[str]:
+        self._inner = build_tracker(self.name)
+        return self._inner.start(run)
+
+    def log_params(self, params: Dict[str, str]) -> None:
+        self._inner.log_params(params)
+
+    def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
+        self._inner.log_metrics(metrics, step)
+
+    def finish(self, end: RunEnd) -> None:
+        self._inner.finish(end)
+
+
+__all__ = ["RunEnd", "Tracker", "TrackerRun", "Trackers", "TRACKERS", "tracker_names"]

@@ -1,0 +1,144 @@
+"""What every experiment tracker implements, and the sink that keeps a failing tracker away from training.
+
+A tracker is one small class (``tensorboard.py``, ``mlflow.py``, ``wandb.py``) with four calls: ``start`` (open or
+continue a tracker run; returns its id, which rank 0 keeps in the run directory), ``log_params``, ``log_metrics``
+and ``finish``. ``TrackerSink`` runs them on a thread of their own: a slow or unreachable server never holds up a
+step, and the first failure is reported once, after which that tracker is dropped and training goes on.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from distrain.telemetry.logs import get_logger
+
+
+@dataclass
+class TrackerRun:
+    """What a tracker needs to open (or continue) its run."""
+
+    run_dir: Path
+    name: str  # run.name
+    config: Dict[str, Any]  # the resolved config, nested
+    settings: Dict[str, Any]  # this tracker's section of metrics.* (e.g. metrics.mlflow)
+    resume_id: Optional[str] = None  # the tracker's own run id from an earlier attempt of this run
+
+
+@dataclass
+class RunEnd:
+    """How the run ended, for ``Tracker.finish``."""
+
+    status: str  # finished | failed | preempted
+    config_file: Path  # the resolved config.yaml in the run directory
+    checkpoint: Optional[Path] = None  # the newest committed checkpoint (what `distrain ckpt export` exports)
+
+
+class Tracker:
+    """One experiment tracker. Calls come from one thread, in order; any exception disables the tracker."""
+
+    name = "base"
+    package = ""  # the module to import; its absence is reported with the pip extra named after the tracker
+
+    def start(self, run: TrackerRun) -> Optional[str]:
+        """Open a new run, or continue ``run.resume_id``; returns the id to keep for a resumed run."""
+        raise NotImplementedError
+
+    def log_params(self, params: Dict[str, str]) -> None:
+        """The resolved config, flattened to dotted keys with string values."""
+        raise NotImplementedError
+
+    def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
+        """One metrics or eval record: numeric values only, lists already expanded to ``key/rankN``."""
+        raise NotImplementedError
+
+    def finish(self, end: RunEnd) -> None:
+        """Attach the config and the checkpoint's location, mark the run's status, flush and close."""
+        raise NotImplementedError
+
+
+_STOP = object()
+
+
+class TrackerSink:
+    """Feeds one tracker from a queue on a daemon thread; the first failure warns once and disables it."""
+
+    def __init__(self, tracker: Tracker, on_started: Callable[[str, str], None]):
+        self.tracker = tracker
+        self._on_started = on_started
+        self._queue: "queue.Queue[Any]" = queue.Queue()
+        self._failed = False
+        self._thread = threading.Thread(target=self._work, name=f"distrain-tracker-{tracker.name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, method: str, *args: Any) -> None:
+        if not self._failed:
+            self._queue.put((method, args))
+
+    def close(self, timeout_s: float) -> None:
+        """Let the queued calls finish (up to ``timeout_s``), then stop the thread."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            get_logger().warning(f"tracker {self.tracker.name} did not finish within {timeout_s:.0f} s (a slow or "
+                                 f"unreachable server?); its last records may be missing there. metrics.jsonl has "
+                                 f"every record.")
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            if self._failed:
+                continue
+            method, args = item
+            try:
+                result = getattr(self.tracker, method)(*args)
+                if method == "start" and result:
+                    self._on_started(self.tracker.name, str(result))
+            except BaseException as err:  # a tracker never takes training down: report once, then drop it
+                self._failed = True
+                get_logger().warning(failure_message(self.tracker, method, err))
+
+
+def failure_message(tracker: Tracker, method: str, err: BaseException) -> str:
+    """One paragraph: which tracker, what it was doing, why, and that training goes on."""
+    if isinstance(err, ImportError) and tracker.package and tracker.package in str(err):
+        return (f"metrics.trackers lists {tracker.name}, but the {tracker.package} package is not installed: "
+                f"pip install 'distrain[{tracker.name}]'. Training goes on without it; metrics.jsonl has every "
+                f"record.")
+    detail = " ".join(str(err).split())[:300] or type(err).__name__
+    return (f"tracker {tracker.name} failed in {method} ({type(err).__name__}: {detail}); it is switched off for "
+            f"the rest of this run and training goes on. metrics.jsonl has every record.")
+
+
+def flatten_params(tree: Dict[str, Any]) -> Dict[str, str]:
+    """{"train": {"lr": 0.1}} -> {"train.lr": "0.1"}: the resolved config as tracker parameters."""
+    from distrain.config.identity import flatten
+
+    return {key: str(value) for key, value in flatten(tree).items()}
+
+
+def numeric_metrics(record: Dict[str, Any]) -> Dict[str, float]:
+    """The scalars of a metrics record, without ``step``; ``x_ranks: [a, b]`` becomes ``x_ranks/rank0``, ..."""
+    out: Dict[str, float] = {}
+    for key, value in record.items():
+        if key == "step":
+            continue
+        if isinstance(value, list) and key.endswith("_ranks"):
+            for rank, item in enumerate(value):
+                if _is_number(item):
+                    out[f"{key}/rank{rank}"] = float(item)
+        elif _is_number(value):
+            out[key] = float(value)
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+__all__: List[str] = ["RunEnd", "Tracker", "TrackerRun", "TrackerSink", "flatten_params", "numeric_metrics"]
