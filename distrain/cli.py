@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "distrain.commands.doctor",
     "distrain.commands.plan",
     "distrain.commands.bench",
+    "distrain.commands.data",
 ]
 
 

@@ -45,6 +45,11 @@ def validate(cfg: DictConfig) -> None:
     d = cfg.data
     _require(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "it must be in [0, 1)")
     _require(d.eval_batch >= 1, "data.eval_batch", d.eval_batch, "it must be a positive integer")
+    _require(d.num_workers is None or d.num_workers >= 0, "data.num_workers", d.num_workers,
+             "it must be 0 (load in the training process), a positive number of DataLoader worker processes per "
+             "rank, or null (chosen from the CPU count)")
+    _require(d.prefetch_factor is None or d.prefetch_factor >= 1, "data.prefetch_factor", d.prefetch_factor,
+             "it must be a positive number of micro-batches per worker, or null (enough for the next step)")
     _require(cfg.dist.timeout_s > 0, "dist.timeout_s", cfg.dist.timeout_s, "it must be a positive number of seconds")
     c = cfg.checkpoint
     _require(c.every >= 0, "checkpoint.every", c.every, "it must be zero (off) or positive")

@@ -21,7 +21,10 @@ from torch.utils.data import Dataset
 from distrain import dist
 from distrain.checkpoint import Checkpointer
 from distrain.config import ConfigSource, batch_plan, load_config, to_yaml
-from distrain.data import GlobalStepSampler, build_datasets, fetch_batch, move_to, split_input_target
+from distrain.data import (EVAL_STEP, EvalLoader, GlobalStepSampler, LoaderOptions, StepLoader, build_datasets,
+                           fetch_batch, resolve_collate_fn, split_input_target)
+from distrain.data.collate import CollateFn
+from distrain.data.fetching import BatchKey
 from distrain.env import detect
 from distrain.errors import ConfigError, DistributedError
 from distrain.faults import FaultTolerance
@@ -42,7 +45,7 @@ ModelSource = Union[nn.Module, Callable[[], nn.Module], None]
 class Trainer:
     def __init__(self, config: ConfigSource = None, *, model: ModelSource = None, train_data: Optional[Dataset] = None,
                  loss_fn: Optional[LossFn] = None, eval_data: Optional[Dataset] = None,
-                 overrides: Sequence[str] = ()):
+                 overrides: Sequence[str] = (), collate_fn: Optional[CollateFn] = None):
         self.cfg: DictConfig = load_config(config, overrides)
         self.info = detect()
         self.faults = FaultTolerance(self.cfg.faults, self.info)  # before the process group: flight recorder on
@@ -75,6 +78,14 @@ class Trainer:
                               f"({len(self.train_data)} samples): every step would see some samples twice. Use "
                               f"train.global_batch <= {len(self.train_data)}, or more data.", key="train.global_batch")
         self.sampler = GlobalStepSampler(len(self.train_data), self.plan.global_batch, seed=self.cfg.run.seed)
+        self.collate_fn = resolve_collate_fn(collate_fn if collate_fn is not None else self.cfg.data.collate_fn)
+        self.loader_options = LoaderOptions.resolve(self.cfg.data, self.train_data, self.device,
+                                                    self.info.local_world_size, self.plan.grad_accum, self.collate_fn)
+        # this rank's micro-batches of any step, from torch's DataLoader; it starts at whatever step comes first
+        self.loader = StepLoader(self.train_data, self.sampler, self.info.rank, self.info.world_size,
+                                 self.plan.micro_batch, self.cfg.train.steps, self.loader_options, self.device,
+                                 seed=self.cfg.run.seed)
+        self._eval_loader: Optional[EvalLoader] = None
 
         torch.manual_seed(self.cfg.run.seed)  # identical initial weights on every rank, whatever the strategy
         user_model = self._model(model, spec)
@@ -90,7 +101,8 @@ class Trainer:
         self._grad_norm: Optional[torch.Tensor] = None
         self.log.info(f"rank {self.info.rank}/{self.info.world_size} ({self.info.source}) on {self.device}, "
                       f"strategy {self.strategy.name}, global batch {self.plan.global_batch} = micro "
-                      f"{self.plan.micro_batch} x accum {self.plan.grad_accum} x world {self.plan.world_size}")
+                      f"{self.plan.micro_batch} x accum {self.plan.grad_accum} x world {self.plan.world_size}; "
+                      f"{self.loader_options.describe()}")
         self.checkpointer = Checkpointer(self.run_dir, self.cfg, self.strategy, self.info, self.sampler,
                                          model_object=None if model is None else user_model, data_spec=spec)
         resume_from = self.checkpointer.resolve(self.cfg.train.resume)  # auto | never | PATH, validated
@@ -143,7 +155,10 @@ class Trainer:
         """Training FLOPs per sample, for achieved FLOP/s and MFU: a built-in's formula, else torch's counter."""
         if builtin:
             return flops_per_sample(model, spec, builtin=self.cfg.model.name)
-        sample, _ = split_input_target(fetch_batch(self.train_data, [0]))
+        try:
+            sample, _ = split_input_target(fetch_batch(self.train_data, [0], self.collate_fn))
+        except TypeError:  # a Mapping batch without an (input, target) pair: no single input to count on
+            sample = None
         return flops_per_sample(model, spec, sample=sample)
 
     # --- the loop --------------------------------------------------------------------------------------
@@ -152,15 +167,15 @@ class Trainer:
 
     def train_step(self, step: int) -> torch.Tensor:
         """One optimizer step; returns this rank's summed micro-batch losses (not yet reduced)."""
-        micro_batches = self.sampler.micro_batches(step, self.info.rank, self.info.world_size,
-                                                   self.plan.micro_batch)  # split: my slice of step's batch
         self.strategy.set_lr(lr_at(step, self._train))
         measure = self._is_log_step(step + 1)
         self.timer.begin(measure)  # log steps time their phases: compute vs exposed communication
+        with self.timer.phase("data"):  # split: my slice of step's batch, collated, on the device
+            micro_batches = self.loader.micro_batches(step)
         loss_sum: Optional[torch.Tensor] = None
-        for i, indices in enumerate(micro_batches):  # train: forward/backward per micro-batch
+        for i, batch in enumerate(micro_batches):  # train: forward/backward per micro-batch
             with self.timer.phase("micro"), self.strategy.accumulate(last_micro_step=i == len(micro_batches) - 1):
-                inputs, targets = move_to(split_input_target(fetch_batch(self.train_data, indices)), self.device)
+                inputs, targets = split_input_target(batch)
                 with self.strategy.forward_context():
                     loss = self.loss_fn(self.strategy.model(inputs), targets)
                 self.strategy.backward(loss)  # gradient sync (all-reduce/reduce-scatter) rides the last backward
@@ -289,18 +304,23 @@ class Trainer:
         was_training = model.training
         model.eval()
         totals = torch.zeros(4, dtype=torch.float64)  # loss*n, n, correct, counted
-        for indices, weight in self._eval_batches(len(dataset)):
-            inputs, targets = move_to(split_input_target(fetch_batch(dataset, indices)), self.device)
-            with self.strategy.forward_context():
-                outputs = model(inputs)
-            if not weight:  # padding so every rank runs the same number of forwards (FSDP gathers in them)
-                continue
-            totals[0] += float(self.loss_fn(outputs, targets)) * len(indices)
-            totals[1] += len(indices)
-            hits = correct_and_count(outputs, targets)
-            if hits is not None:
-                totals[2] += hits[0]
-                totals[3] += hits[1]
+        loader = self._eval_loader_for(dataset)
+        try:
+            for key, batch in loader:  # the same DataLoader settings as training (workers, pinned memory, collate)
+                inputs, targets = split_input_target(batch)
+                with self.strategy.forward_context():
+                    outputs = model(inputs)
+                if key.padding:  # padding so every rank runs the same number of forwards (FSDP gathers in them)
+                    continue
+                totals[0] += float(self.loss_fn(outputs, targets)) * len(key.indices)
+                totals[1] += len(key.indices)
+                hits = correct_and_count(outputs, targets)
+                if hits is not None:
+                    totals[2] += hits[0]
+                    totals[3] += hits[1]
+        finally:
+            if loader is not self._eval_loader:
+                loader.close()
         model.train(was_training)
         totals = dist.all_reduce_sum(totals.to(self.device)).cpu()
         scores = {"eval_loss": float(totals[0] / max(totals[1], 1))}
@@ -308,14 +328,24 @@ class Trainer:
             scores["eval_accuracy"] = float(totals[2] / totals[3])
         return scores
 
-    def _eval_batches(self, n: int) -> List[tuple]:
+    def _eval_loader_for(self, dataset: Dataset) -> EvalLoader:
+        """The eval split's loader (kept, with its persistent workers); another dataset gets a one-off loader."""
+        if dataset is self.eval_data and self._eval_loader is not None:
+            return self._eval_loader
+        loader = EvalLoader(dataset, self._eval_batches(len(dataset)), self.loader_options, self.device,
+                            seed=self.cfg.run.seed, rank=self.info.rank)
+        if dataset is self.eval_data:
+            self._eval_loader = loader
+        return loader
+
+    def _eval_batches(self, n: int) -> List[BatchKey]:
         """This rank's contiguous share of the eval set in batches, padded so all ranks run as many batches."""
         per_rank = math.ceil(n / self.info.world_size)
         mine = list(range(self.info.rank * per_rank, min(n, (self.info.rank + 1) * per_rank)))
         size = self.cfg.data.eval_batch
-        batches = [(mine[i:i + size], 1) for i in range(0, len(mine), size)]
+        batches = [BatchKey(EVAL_STEP, j, tuple(mine[i:i + size])) for j, i in enumerate(range(0, len(mine), size))]
         needed = math.ceil(per_rank / size)
-        return batches + [([0], 0)] * (needed - len(batches))
+        return batches + [BatchKey(EVAL_STEP, j, (0,), padding=True) for j in range(len(batches), needed)]
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def save_checkpoint(self, reason: str = "manual") -> Path:
@@ -349,6 +379,9 @@ class Trainer:
         a peer may be gone)."""
         self.faults.close()
         self.checkpointer.close()  # first: an async save in flight still needs the process group
+        self.loader.close()  # DataLoader workers (persistent ones live until here)
+        if self._eval_loader is not None:
+            self._eval_loader.close()
         self.strategy.teardown()
         if self._owns_group:
             if not failed:
