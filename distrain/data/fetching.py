@@ -13,7 +13,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, List, NamedTuple, Optional, Tuple
 
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, Subset, get_worker_info
 
 from distrain.data.collate import CollateFn, check_same_keys, collate
 from distrain.data.seeding import EVAL_STEP, fetching, preserved_global_rng
@@ -65,6 +65,17 @@ def identity(batch: Any) -> Any:
     return batch
 
 
+def batched_fetch(dataset: Any) -> bool:
+    """Whether to fetch a micro-batch with one ``__getitems__`` call (the dataset's fast path) rather than sample by
+    sample. torch's Subset (what random_split returns) forwards ``__getitems__`` to a dataset that may only have
+    ``__getitem__``: then per sample, so that each sample is fetched under its own context (sample_rng())."""
+    if not callable(getattr(dataset, "__getitems__", None)):
+        return False
+    if isinstance(dataset, Subset):
+        return batched_fetch(dataset.dataset)
+    return True
+
+
 class KeyedDataset(Dataset):
     """The user's dataset as the DataLoader sees it: keyed micro-batches in, ``Fetched`` / ``FetchFailure`` out."""
 
@@ -72,8 +83,7 @@ class KeyedDataset(Dataset):
         self.dataset = dataset
         self.seed = seed
         self.collate_fn = collate_fn
-        getitems = getattr(dataset, "__getitems__", None)
-        self._batched = callable(getitems)
+        self._batched = batched_fetch(dataset)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]

@@ -34,6 +34,8 @@ class RecordingDataset(Dataset):
             os.close(fd)
             log, self._owner = Path(name), os.getpid()
         self.log = Path(log)
+        if callable(getattr(inner, "__getitems__", None)):  # batched fetches only where the dataset has them
+            self.__getitems__ = self._getitems
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -49,10 +51,9 @@ class RecordingDataset(Dataset):
         self._record([i])
         return self.inner[i]
 
-    def __getitems__(self, indices: List[int]):
+    def _getitems(self, indices: List[int]):
         self._record(indices)
-        getitems = getattr(self.inner, "__getitems__", None)
-        return getitems(indices) if getitems else [self.inner[i] for i in indices]
+        return self.inner.__getitems__(indices)
 
     def steps(self) -> Dict[int, List[int]]:
         """{step: the indices fetched for it, in fetch order}."""
