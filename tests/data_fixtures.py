@@ -3,21 +3,17 @@ dataset on disk, and one small YAML config per kind (no downloads)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Dict
-
-from conftest import REPO
 
 AUGMENT = "{rotate: 12, translate: 0.1, scale: 0.1, flip: true, brightness: 0.1, contrast: 0.2}"
 
 
 def render_digits(out: Path, size: int = 16, limit: int = 0) -> Path:
-    """examples/images/render_digits.py's PNGs under ``out``."""
-    spec = importlib.util.spec_from_file_location("render_digits", REPO / "examples" / "images" / "render_digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    module.render(out, size=size, limit=limit)
+    """The digits as PNG files under ``out`` (what examples/images/render_digits.py writes)."""
+    from distrain.data.images import render_digits as render
+
+    render(out, size=size, limit=limit)
     return out
 
 

@@ -47,7 +47,8 @@ class FetchFailure:
 
     def describe(self, dataset_name: str, rank: int) -> str:
         where = "the training process" if self.worker is None else f"DataLoader worker {self.worker}"
-        what = f"sample {self.index}" if self.index is not None else f"samples {list(self.key.indices)}"
+        what = (f"sample {self.index}" if self.index is not None else
+                f"micro-batch {self.key.micro} ({len(self.key.indices)} samples, from {self.key.indices[0]})")
         when = "evaluation" if self.key.step == EVAL_STEP else f"step {self.key.step}"
         if self.data_error:
             return f"{self.message} (rank {rank}, {what} of {dataset_name}, {when}, in {where})"

@@ -113,3 +113,26 @@ def scan(root: Path) -> Tuple[List[Path], List[int], List[str]]:
                 files.append(f)
                 labels.append(label)
     return files, labels, classes
+
+
+def render_digits(out: Path, size: int = 64, limit: int = 0) -> int:
+    """Write scikit-learn's handwritten digits as PNG files: ``out/train/<digit>/<n>.png`` and ``out/eval/...`` (the
+    built-in digits' own 80/20 split), each 8x8 scan upscaled to size x size with bicubic interpolation; at most
+    ``limit`` per split (0: all). Real images on disk for examples, tests and benchmarks. Returns how many."""
+    from PIL import Image
+
+    from distrain.data.datasets import build_datasets
+    from distrain.errors import UsageError
+
+    if any(Path(out).glob("*/*/*.png")):
+        raise UsageError(f"{out} already holds rendered digits; nothing is overwritten. Choose another directory.")
+    train, evaluation = build_datasets("digits", {}, 0.2)
+    written = 0
+    for split, data in (("train", train), ("eval", evaluation)):
+        for i in range(len(data) if not limit else min(limit, len(data))):
+            pixels = (data.inputs[i, 0].numpy() * 255).astype(np.uint8)  # type: ignore[attr-defined]
+            folder = Path(out) / split / str(int(data.targets[i]))  # type: ignore[attr-defined]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC).save(folder / f"{i:05d}.png")
+            written += 1
+    return written

@@ -72,3 +72,16 @@ class ShardWriter:
 
     def tokens(self, split: Optional[str] = None) -> int:
         return sum(e["tokens"] for name, shards in self.splits.items() if split in (None, name) for e in shards)
+
+
+def random_shards(out: Path, vocab_size: int, tokens: int, shard_tokens: int = 2**27, seed: int = 0) -> Path:
+    """A synthetic corpus of ``tokens`` uniform random ids (for benchmarks and memory tests), written in pieces of
+    16 Mi tokens so that making a gigabyte never holds one."""
+    writer = ShardWriter(out, vocab_size=vocab_size, tokenizer={"kind": "random", "seed": seed},
+                         shard_tokens=shard_tokens)
+    rng = np.random.default_rng(seed)
+    for start in range(0, tokens, 2**24):
+        writer.add("train", rng.integers(0, vocab_size, size=min(2**24, tokens - start),
+                                         dtype=DTYPES[writer.dtype]))
+    writer.close()
+    return Path(out)

@@ -11,28 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
-
-def render(out: Path, size: int = 64, limit: int = 0) -> int:
-    """Write the PNGs; returns how many were written. Refuses a directory that already holds images."""
-    from PIL import Image
-
-    from distrain.data import build_datasets
-
-    if any(out.glob("*/*/*.png")):
-        raise SystemExit(f"{out} already holds rendered digits; nothing is overwritten. Choose another directory.")
-    train, evaluation = build_datasets("digits", {}, 0.2)
-    written = 0
-    for split, data in (("train", train), ("eval", evaluation)):
-        count = len(data) if not limit else min(limit, len(data))
-        for i in range(count):
-            pixels = (data.inputs[i, 0].numpy() * 255).astype(np.uint8)
-            folder = out / split / str(int(data.targets[i]))
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC).save(folder / f"{i:05d}.png")
-            written += 1
-    return written
+from distrain.data.images import render_digits
 
 
 def main() -> None:
@@ -41,7 +20,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="pixels per side of each PNG (default 64)")
     parser.add_argument("--limit", type=int, default=0, help="at most this many images per split (default: all)")
     args = parser.parse_args()
-    n = render(args.out, args.size, args.limit)
+    n = render_digits(args.out, args.size, args.limit)
     print(f"wrote {n} PNG files to {args.out}/train and {args.out}/eval")
 
 
