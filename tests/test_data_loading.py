@@ -232,3 +232,41 @@ def test_trainer_trains_on_dict_samples_with_workers(tmp_path):
                           loss_fn=nn.functional.mse_loss) as trainer:
         final = trainer.fit()
     assert final["step"] == 4 and "eval_loss" in final
+
+
+def test_workers_ignore_the_stop_signals_the_training_process_handles():
+    """torchrun and SLURM signal the whole process group: a worker must not die (or run the trainer's handler)."""
+    import os
+    import signal
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: seen.append("trainer"))
+    try:
+        loader = _loader(Noisy(), 2)
+        loader.micro_batches(0)
+        workers = [w.pid for w in loader.keyed.loader._iterator._workers]
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        for step in range(1, 6):
+            loader.micro_batches(step)  # still served by the same, living workers
+        assert [w.pid for w in loader.keyed.loader._iterator._workers] == workers
+        assert all(w.is_alive() for w in loader.keyed.loader._iterator._workers) and not seen
+        loader.close()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_hugging_face_dataset_object_trains_through_the_api(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    import distrain
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, generator=g)
+    ds = datasets.Dataset.from_dict({"x": x.tolist(), "y": (x.sum(1, keepdim=True)).tolist()})  # rows of lists
+    config = {"run": {"name": "hf-object", "dir": str(tmp_path)}, "train": {"global_batch": 16, "steps": 3,
+              "eval_every": 0}, "metrics": {"progress": "none"}, "checkpoint": {"at_end": False},
+              "data": {"num_workers": 1}}
+    with distrain.Trainer(config, model=nn.Linear(3, 1), train_data=ds, eval_data=ds.select(range(8)),
+                          loss_fn=nn.functional.mse_loss) as trainer:
+        final = trainer.fit()
+    assert final["step"] == 3 and final["eval_loss"] > 0

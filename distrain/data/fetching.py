@@ -9,6 +9,7 @@ and the error in one paragraph (torch would re-raise a bare copy of the exceptio
 
 from __future__ import annotations
 
+import signal
 import traceback
 from dataclasses import dataclass
 from typing import Any, List, NamedTuple, Optional, Tuple
@@ -59,6 +60,22 @@ class FetchFailure:
     def error(self, dataset_name: str, rank: int) -> DistrainError:
         message = self.describe(dataset_name, rank)
         return DataError(message) if self.data_error else DataLoadingError(message)
+
+
+# The signals distrain.faults may handle in the training process ("checkpoint and stop"). torchrun's agent and
+# SLURM signal the whole process group, DataLoader workers included: a worker must neither run the training
+# process's handler (whose state is a stale copy from the fork) nor die of the signal mid-step, or the rank's
+# orderly stop would fail for want of its data. The training process stops its workers itself; they also exit
+# when it is gone.
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: ignore the stop signals whose handler came from the training process."""
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None and callable(signal.getsignal(sig)):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def identity(batch: Any) -> Any:
@@ -122,4 +139,5 @@ class KeyedDataset(Dataset):
                                 data_error=isinstance(err, DataError))
 
 
-__all__: List[str] = ["BatchKey", "Fetched", "FetchFailure", "KeyedDataset", "identity", "EVAL_STEP"]
+__all__: List[str] = ["BatchKey", "Fetched", "FetchFailure", "KeyedDataset", "identity", "ignore_stop_signals",
+                      "EVAL_STEP"]

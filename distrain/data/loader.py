@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distrain.data.collate import CollateFn
-from distrain.data.fetching import BatchKey, Fetched, FetchFailure, KeyedDataset, identity
+from distrain.data.fetching import BatchKey, Fetched, FetchFailure, KeyedDataset, identity, ignore_stop_signals
 from distrain.data.loading import move_to
 from distrain.data.sampler import GlobalStepSampler
 from distrain.errors import ConfigError, DataLoadingError
@@ -110,6 +110,7 @@ class _KeyedLoader:
             num_workers=options.num_workers, collate_fn=identity, pin_memory=options.pin_memory,
             prefetch_factor=options.prefetch_factor, persistent_workers=options.persistent_workers,
             generator=torch.Generator(),  # the iterator's base seed comes from here, not from the global RNG
+            worker_init_fn=ignore_stop_signals,  # preemption signals are the training process's to handle
         )
         self._iterator: Optional[Iterator[Any]] = None
 
@@ -129,7 +130,8 @@ class _KeyedLoader:
             if "DataLoader worker" not in str(err):
                 raise
             self._iterator = None  # torch has shut the workers down
-            raise DataLoadingError(f"Loading {self.dataset_name} failed on rank {self.rank}: {err} A worker that "
+            raise DataLoadingError(f"Loading {self.dataset_name} failed on rank {self.rank}: "
+                                   f"{str(err).rstrip('. ')}. A worker that "
                                    f"dies without a Python error was killed (often for memory: lower "
                                    f"data.num_workers or data.prefetch_factor) or crashed in native code.") from None
         if isinstance(item, FetchFailure):
