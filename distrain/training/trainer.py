@@ -305,22 +305,20 @@ class Trainer:
         model.eval()
         totals = torch.zeros(4, dtype=torch.float64)  # loss*n, n, correct, counted
         loader = self._eval_loader_for(dataset)
-        try:
-            for key, batch in loader:  # the same DataLoader settings as training (workers, pinned memory, collate)
-                inputs, targets = split_input_target(batch)
-                with self.strategy.forward_context():
-                    outputs = model(inputs)
-                if key.padding:  # padding so every rank runs the same number of forwards (FSDP gathers in them)
-                    continue
-                totals[0] += float(self.loss_fn(outputs, targets)) * len(key.indices)
-                totals[1] += len(key.indices)
-                hits = correct_and_count(outputs, targets)
-                if hits is not None:
-                    totals[2] += hits[0]
-                    totals[3] += hits[1]
-        finally:
-            if loader is not self._eval_loader:
-                loader.close()
+        for key, batch in loader:  # the same DataLoader settings as training (workers, pinned memory, collate)
+            inputs, targets = split_input_target(batch)
+            with self.strategy.forward_context():
+                outputs = model(inputs)
+            if key.padding:  # padding so every rank runs the same number of forwards (FSDP gathers in them)
+                continue
+            totals[0] += float(self.loss_fn(outputs, targets)) * len(key.indices)
+            totals[1] += len(key.indices)
+            hits = correct_and_count(outputs, targets)
+            if hits is not None:
+                totals[2] += hits[0]
+                totals[3] += hits[1]
+        if loader is not self._eval_loader:  # a one-off dataset's workers go now
+            loader.close()
         model.train(was_training)
         totals = dist.all_reduce_sum(totals.to(self.device)).cpu()
         scores = {"eval_loss": float(totals[0] / max(totals[1], 1))}
