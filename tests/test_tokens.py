@@ -176,3 +176,17 @@ def test_windows_unpickle_without_their_maps(shards):
     again = pickle.loads(pickle.dumps(train))
     assert again._maps is None and torch.equal(again[5][0], train[5][0])
     assert isinstance(train, TokenWindows)
+
+
+def test_an_empty_shard_in_the_middle_is_skipped(tmp_path):
+    root = tmp_path / "s"
+    root.mkdir()
+    np.arange(0, 30, dtype=np.uint16).tofile(root / "a.bin")
+    (root / "b.bin").write_bytes(b"")
+    np.arange(30, 50, dtype=np.uint16).tofile(root / "c.bin")
+    (root / "index.json").write_text(json.dumps({"format": "distrain-tokens", "version": 1, "dtype": "uint16",
+                                                 "vocab_size": 64, "splits": {"train": [
+                                                     {"file": "a.bin", "tokens": 30}, {"file": "b.bin", "tokens": 0},
+                                                     {"file": "c.bin", "tokens": 20}]}}))
+    train, _ = build_datasets("tokens", {"path": str(root), "block_size": 7}, 0.0)
+    assert len(train) == 7 and torch.equal(train[4][0], torch.arange(28, 35))  # across a.bin, b.bin, c.bin

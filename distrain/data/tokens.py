@@ -166,7 +166,7 @@ class TokenWindows(Dataset):
         self.count = available - first if count is None else count
         if self.first < 0 or self.count < 0 or self.first + self.count > available:
             raise ValueError(f"windows [{first}, {first + self.count}) outside the {available} of split {split!r}")
-        self._maps: Optional[List[np.memmap]] = None
+        self._maps: Optional[List[np.ndarray]] = None
 
     def __len__(self) -> int:
         return self.count
@@ -174,10 +174,11 @@ class TokenWindows(Dataset):
     def __getstate__(self) -> Dict[str, Any]:  # a spawned worker maps the shards itself
         return {**self.__dict__, "_maps": None}
 
-    def _mapped(self) -> List[np.memmap]:
-        if self._maps is None:
-            self._maps = [np.memmap(s.path, dtype=DTYPES[self.index.dtype], mode="r", offset=s.offset,
-                                    shape=(s.tokens,)) for s in self.shards]
+    def _mapped(self) -> List[np.ndarray]:
+        if self._maps is None:  # an empty shard cannot be mapped (and holds nothing to read)
+            dtype = DTYPES[self.index.dtype]
+            self._maps = [np.memmap(s.path, dtype=dtype, mode="r", offset=s.offset, shape=(s.tokens,)) if s.tokens
+                          else np.zeros(0, dtype=dtype) for s in self.shards]
         return self._maps
 
     def _tokens(self, window: int) -> np.ndarray:
