@@ -190,3 +190,10 @@ def test_an_empty_shard_in_the_middle_is_skipped(tmp_path):
                                                      {"file": "c.bin", "tokens": 20}]}}))
     train, _ = build_datasets("tokens", {"path": str(root), "block_size": 7}, 0.0)
     assert len(train) == 7 and torch.equal(train[4][0], torch.arange(28, 35))  # across a.bin, b.bin, c.bin
+
+
+def test_prepare_shows_a_progress_bar_when_asked(tmp_path, capsys):
+    summary = prepare(["stdlib"], tmp_path / "p", max_bytes=20_000, progress=True)
+    err = capsys.readouterr().err
+    assert "tokenizing" in err and "100%" in err and "20.0k/20.0k" in err
+    assert summary.bytes_read == 20_000 and "tokens (train" in summary.describe()
