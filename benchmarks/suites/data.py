@@ -43,7 +43,7 @@ def run(opts: Options) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="distrain-bench-data-") as tmp:
         images = Path(tmp) / "png"
         render_digits(images, size=opts.pick(full=256, smoke=128), limit=opts.pick(full=600, smoke=64))
-        workers = run_job(NAME, opts.job_params(part="workers", images=str(images), size=opts.pick(full=64, smoke=32),
+        workers = run_job(NAME, opts.job_params(part="workers", images=str(images), size=opts.pick(full=96, smoke=32),
                                                 rounds=opts.timed_rounds(full=8, smoke=2),
                                                 block=opts.pick(full=8, smoke=4)), 1, opts.threads_per_rank,
                           opts.timeout_s)
@@ -81,7 +81,7 @@ def _workers(params: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
         with fetching(0, 0, i):
             train[i]
     per_sample = (time.process_time() - started) / 32
-    base = {"model": {"name": "mlp", "kwargs": {"hidden": 64, "depth": 1}}, "train": {"global_batch": 32,
+    base = {"model": {"name": "mlp", "kwargs": {"hidden": 8, "depth": 1}}, "train": {"global_batch": 32,
             "micro_batch": 8, "optimizer": "adamw"}, "dist": {"device": device.type}}
     trainers = {n: _trainer({**base, "data": {**data, "num_workers": n}}, params["scratch"], f"w{n}") for n in (0, 2)}
     skip = 2  # the steps a loader may have queued before its block: ceil(prefetch 2 x 2 workers / accum 4) + 1
