@@ -1,6 +1,6 @@
 """The benchmark command: ``python -m benchmarks [SUITE ...]`` (and ``distrain bench``, the same thing).
 
-Runs the chosen suites (all five by default), writes ``benchmarks/results/<date>-<host>.json`` with every raw
+Runs the chosen suites (all six by default), writes ``benchmarks/results/<date>-<host>.json`` with every raw
 number plus the machine it came from, renders ``BENCHMARKS.md`` with the plots, and prints every target check.
 Exit code 0 when every suite ran (a missed target is a measurement, not a failure), 1 when a suite failed.
 """

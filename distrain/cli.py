@@ -33,6 +33,7 @@ COMMAND_MODULES = [
     "distrain.commands.doctor",
     "distrain.commands.plan",
     "distrain.commands.bench",
+    "distrain.commands.data",
 ]
 
 

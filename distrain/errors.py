@@ -39,6 +39,18 @@ class StorageError(DistrainError):
     exit_code = 1
 
 
+class DataError(DistrainError):
+    """Data that cannot be used as it is: a token shard, an index, a dataset's samples; names the file or sample."""
+
+    exit_code = 2
+
+
+class DataLoadingError(DistrainError):
+    """A dataset's own code failed while loading a sample (in a DataLoader worker or the training process)."""
+
+    exit_code = 1
+
+
 class DistributedError(DistrainError):
     """A distributed failure: a rank that did not arrive, a collective that timed out."""
 

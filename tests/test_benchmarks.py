@@ -25,7 +25,7 @@ def test_ddp_overhead_script_runs_from_a_plain_python():
 def test_bench_command_lists_the_suites_and_rejects_unknown_ones():
     proc = run_cli(["bench", "--help"])
     assert proc.returncode == 0
-    for suite in ("step_time", "comm", "memory", "scaling", "startup", "ddp_overhead"):
+    for suite in ("step_time", "comm", "memory", "scaling", "startup", "data", "ddp_overhead"):
         assert suite in proc.stdout
     bad = run_cli(["bench", "no_such_suite"])
     assert bad.returncode == 2 and "no_such_suite" in bad.stderr and "Traceback" not in bad.stderr
@@ -38,7 +38,7 @@ def test_smoke_run_of_every_suite(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     results = json.loads(next(tmp_path.glob("*-smoke.json")).read_text())
     suites = results["suites"]
-    assert list(suites) == ["step_time", "comm", "memory", "scaling", "startup"]
+    assert list(suites) == ["step_time", "comm", "memory", "scaling", "startup", "data"]
     assert not [name for name, r in suites.items() if "error" in r]
 
     # 1. every available pair timed in every round, the ddp pair always
@@ -67,9 +67,13 @@ def test_smoke_run_of_every_suite(tmp_path):
             per["ddp"]["wire_bytes_per_sample"] / 4, rel=0.01)
     # 5. a launch reached its first step
     assert suites["startup"]["launch"]["median"] > 0
+    # 6. both data comparisons timed every round; the image workload costs milliseconds of CPU per sample
+    data = suites["data"]
+    assert len(data["workers"]["times"]["0"]) == len(data["workers"]["times"]["2"]) == data["workers"]["rounds"]
+    assert data["workers"]["per_sample_cpu_s"] > 5e-4 and data["feed"]["ratio"]["ratio"] > 0
 
     report = (tmp_path / "smoke" / "BENCHMARKS.md").read_text()
     for title in ("## Targets", "## 1. Step time", "## 2. Communication", "## 3. Memory", "## 4. Scaling",
-                  "## 5. Start-up"):
+                  "## 5. Start-up", "## 6. Data loading"):
         assert title in report
     assert len(list((tmp_path / "smoke").glob("*.png"))) >= 3

@@ -2,7 +2,7 @@
 ``worker(params, info, device)`` (inside every rank, when it starts jobs) and ``report(result, ctx)``
 (its BENCHMARKS.md section, plots and target checks)."""
 
-SUITES = ["step_time", "comm", "memory", "scaling", "startup"]
+SUITES = ["step_time", "comm", "memory", "scaling", "startup", "data"]
 
 # Runnable by name but not part of the full run: issue 3's benchmark is the ddp row of step_time.
 EXTRA_SUITES = ["ddp_overhead"]

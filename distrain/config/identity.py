@@ -15,10 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 
 # Dotted prefixes of keys a resumed run may set differently from the run that saved: how long to train, how often
 # to log, evaluate and save, the micro-batch (global_batch = micro x accum x world stays fixed, so only float
-# rounding moves), the world size, the process group settings and the run's location.
+# rounding moves), the world size, how data is loaded (workers and prefetch change where a sample is fetched,
+# never which sample or its random draws), the process group settings and the run's location.
 RESUME_MAY_CHANGE = (
     "run.name", "run.dir", "train.steps", "train.resume", "train.log_every", "train.eval_every", "train.micro_batch",
-    "data.eval_batch", "dist", "checkpoint", "metrics", "faults",
+    "data.eval_batch", "data.num_workers", "data.pin_memory", "data.prefetch_factor", "data.persistent_workers",
+    "dist", "checkpoint", "metrics", "faults",
 )
 
 

@@ -28,10 +28,20 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # a built-in: digits | text | regression (ignored when datasets are passed to Trainer)
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # the dataset's arguments, e.g. text: {block_size: 128}
-    eval_fraction: float = 0.2  # share of the samples held out for evaluation
+    # a built-in: digits | text | regression | tokens | images | hf (ignored when datasets are passed to Trainer)
+    name: str = "digits"
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # the dataset's arguments, e.g. tokens: {path: shards/}
+    eval_fraction: float = 0.2  # share of the samples held out for evaluation (when the data has no eval split)
     eval_batch: int = 256  # per-rank batch size during evaluation
+    # DataLoader worker processes per rank; 0 loads in the training process; null = 0 for in-memory tensor data
+    # (digits, text, regression), else the CPUs per rank minus one, at most 8
+    num_workers: Optional[int] = None
+    pin_memory: Optional[bool] = None  # page-locked batches for asynchronous copies; null = on when training on CUDA
+    prefetch_factor: Optional[int] = None  # micro-batches each worker loads ahead; null = enough for the next step
+    persistent_workers: bool = True  # keep workers between evaluations and restarts (with num_workers > 0)
+    # how samples become a batch: package.module:function (Trainer(collate_fn=...) takes a callable); null =
+    # torch's default_collate, per key for dict samples
+    collate_fn: Optional[str] = None
 
 
 @dataclass

@@ -45,6 +45,11 @@ def validate(cfg: DictConfig) -> None:
     d = cfg.data
     _require(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "it must be in [0, 1)")
     _require(d.eval_batch >= 1, "data.eval_batch", d.eval_batch, "it must be a positive integer")
+    _require(d.num_workers is None or d.num_workers >= 0, "data.num_workers", d.num_workers,
+             "it must be 0 (load in the training process), a positive number of DataLoader worker processes per "
+             "rank, or null (chosen from the CPU count)")
+    _require(d.prefetch_factor is None or d.prefetch_factor >= 1, "data.prefetch_factor", d.prefetch_factor,
+             "it must be a positive number of micro-batches per worker, or null (enough for the next step)")
     _require(cfg.dist.timeout_s > 0, "dist.timeout_s", cfg.dist.timeout_s, "it must be a positive number of seconds")
     c = cfg.checkpoint
     _require(c.every >= 0, "checkpoint.every", c.every, "it must be zero (off) or positive")
@@ -113,14 +118,17 @@ def _divisor_hint(n: int, near: int) -> int:
 
 def check_job(cfg: DictConfig, world_size: int) -> BatchPlan:
     """Everything checkable before any worker starts (launch, verify, config show, slurm submit): the batch plan
-    for ``world_size``, and that the named strategy, dataset and model exist (each registry's own lookup, so the
-    message is the one a worker would give)."""
+    for ``world_size``, that the named strategy, dataset and model exist (each registry's own lookup, so the
+    message is the one a worker would give), and that data.collate_fn imports."""
     plan = batch_plan(cfg, world_size)  # before the imports below pull in torch: batch mistakes fail in 0.3 s
     from distrain.data.datasets import dataset_builder
     from distrain.models.registry import model_builder
     from distrain.strategies import strategy_class
 
+    from distrain.data.collate import resolve_collate_fn
+
     strategy_class(cfg.strategy.name)
     dataset_builder(cfg.data.name)
     model_builder(cfg.model.name)
+    resolve_collate_fn(cfg.data.collate_fn)  # a path that does not import fails here, not on every rank
     return plan

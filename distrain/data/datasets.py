@@ -1,7 +1,8 @@
-"""Built-in datasets: real digits (scikit-learn's copy of UCI), real text (this Python's own stdlib), synthetic regression.
+"""Built-in datasets: real digits (scikit-learn's copy of UCI), real text (this Python's own stdlib), synthetic
+regression; and the readers of your own data on disk: token shards, image folders, Hugging Face datasets.
 
-Each built-in returns a (train, eval) pair of ``TensorPairDataset`` with a ``spec`` that tells the model
-registry the shapes (input size, classes, vocabulary) and the trainer the task (and so the default loss).
+Each built-in returns a (train, eval) pair of map-style datasets with a ``spec`` that tells the model registry the
+shapes (input size, classes, vocabulary) and the trainer the task (and so the default loss).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class DataSpec:
 
 class TensorPairDataset(Dataset):
     """(input, target) pairs held as two tensors; fetches a whole batch with one gather."""
+
+    in_memory = True  # a batch is one gather: data.num_workers=null picks 0 (a worker would only add a copy)
 
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, spec: DataSpec):
         assert len(inputs) == len(targets)
@@ -165,14 +168,115 @@ def regression(num_samples: int = 4096, dim: int = 16, outputs: int = 1, noise: 
     return TensorPairDataset(x[train_idx], y[train_idx], spec), TensorPairDataset(x[eval_idx], y[eval_idx], spec)
 
 
-DATASETS: Dict[str, Callable[..., Tuple[TensorPairDataset, TensorPairDataset]]] = {
+def _positive(key: str, value: Any) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ConfigError(f"data.kwargs.{key}={value!r} is not allowed: it must be a positive integer.",
+                          key=f"data.kwargs.{key}")
+
+
+def tokens(path: str = "", block_size: int = 64, eval_windows: Optional[int] = None, eval_fraction: float = 0.2
+           ) -> Tuple[Dataset, Optional[Dataset]]:
+    """Memory-mapped token shards (``distrain data prepare``) in windows of block_size, targets shifted by one.
+
+    The eval split is the shards' own (limited to eval_windows windows), else the tail eval_fraction of the windows.
+    """
+    from distrain.data.tokens import open_token_windows
+
+    if not path:
+        raise ConfigError("data.name=tokens needs data.kwargs.path: a directory of token shards with an index.json "
+                          "(make one with `distrain data prepare SRC --out DIR`).", key="data.kwargs.path")
+    _positive("block_size", block_size)
+    if eval_windows is not None:
+        _positive("eval_windows", eval_windows)
+    train, evaluation, index = open_token_windows(path, block_size, eval_fraction, eval_windows)
+    if len(train) < 1:
+        held = sum(shard.tokens for shard in index.splits["train"])
+        raise ConfigError(f"data.kwargs.path={path!r} holds {held} train tokens, not one window of "
+                          f"block_size={block_size} (+1): lower block_size or add data.", key="data.kwargs.block_size")
+    spec = DataSpec(task="lm", input_shape=(block_size,), num_classes=index.vocab_size,
+                    extra={"block_size": block_size})
+    for ds in (train, evaluation):
+        if ds is not None:
+            ds.spec = spec  # type: ignore[attr-defined]
+    return train, evaluation
+
+
+def images(path: str = "", size: int = 32, channels: int = 3, augment: Optional[Dict[str, Any]] = None,
+           eval_fraction: float = 0.2, split_seed: int = 1234) -> Tuple[Dataset, Optional[Dataset]]:
+    """Image files in one folder per class (PATH/<class>/*.png, or PATH/train/<class> and PATH/eval/<class>),
+    decoded with Pillow, resized to size x size, augmented per sample (training split only)."""
+    from distrain.data.images import EVAL_DIRS, Augment, ImageFolder, scan
+
+    if importlib.util.find_spec("PIL") is None:
+        raise ConfigError("data.name=images needs Pillow to decode images: pip install 'distrain[data]'.",
+                          key="data.name")
+    root = Path(str(path)).expanduser()
+    if not path or not root.is_dir():
+        raise ConfigError(f"data.kwargs.path={path!r} is not a directory; data.name=images reads PATH/<class>/*.png "
+                          f"(or PATH/train/<class>/... and PATH/eval/<class>/...).", key="data.kwargs.path")
+    _positive("size", size)
+    if channels not in (1, 3):
+        raise ConfigError(f"data.kwargs.channels={channels!r}; allowed: 1 (grayscale) or 3 (RGB).",
+                          key="data.kwargs.channels")
+    aug = Augment.from_kwargs(augment)
+    eval_root = next((root / d for d in EVAL_DIRS if (root / d).is_dir()), None)
+    files, labels, classes = scan(root / "train" if (root / "train").is_dir() else root)
+    if not files:
+        raise ConfigError(f"data.kwargs.path={path!r} holds no images in class folders (PATH/<class>/*.png).",
+                          key="data.kwargs.path")
+    spec = DataSpec(task="classification", input_shape=(channels, size, size), num_classes=len(classes),
+                    extra={"classes": classes})
+    if eval_root is not None:
+        eval_files, eval_labels, eval_classes = scan(eval_root)
+        eval_labels = [classes.index(eval_classes[i]) for i in eval_labels if eval_classes[i] in classes]
+        train = ImageFolder(files, labels, classes, size, channels, aug, spec)
+        evaluation = ImageFolder(eval_files, eval_labels, classes, size, channels, None, spec)
+    else:
+        train_idx, eval_idx = _split(len(files), eval_fraction, split_seed)
+        train_idx, eval_idx = sorted(train_idx.tolist()), sorted(eval_idx.tolist())
+        train = ImageFolder([files[i] for i in train_idx], [labels[i] for i in train_idx], classes, size, channels,
+                            aug, spec)
+        evaluation = ImageFolder([files[i] for i in eval_idx], [labels[i] for i in eval_idx], classes, size, channels,
+                                 None, spec)
+    return train, evaluation
+
+
+def hf(path: str = "", split: str = "train", eval_split: Optional[str] = None, input: Optional[str] = None,
+       target: Optional[str] = None, columns: Optional[List[str]] = None, task: Optional[str] = None,
+       num_classes: Optional[int] = None, eval_fraction: float = 0.2, split_seed: int = 1234
+       ) -> Tuple[Dataset, Optional[Dataset]]:
+    """A Hugging Face dataset saved with save_to_disk: (input, target) column pairs, or rows as dicts of tensors.
+
+    The eval split is eval_split (or the DatasetDict's validation/eval/test), else a seeded eval_fraction held out.
+    """
+    from distrain.data.hf import HFRows, check_columns, infer_task, load, splits
+
+    train_ds, eval_ds = splits(load(path), split, eval_split)
+    check_columns(train_ds, input, target, columns)
+    if eval_ds is None and eval_fraction > 0:
+        train_idx, eval_idx = _split(len(train_ds), eval_fraction, split_seed)
+        train_ds, eval_ds = train_ds.select(sorted(train_idx.tolist())), train_ds.select(sorted(eval_idx.tolist()))
+    spec = None
+    if input is not None:
+        kind, classes, outputs = infer_task(train_ds, target, task, num_classes)  # type: ignore[arg-type]
+        shape = tuple(train_ds.with_format("torch", columns=[input])[0][input].shape)
+        spec = DataSpec(task=kind, input_shape=shape, num_classes=classes, output_dim=outputs,
+                        extra={"block_size": shape[0]} if kind == "lm" and shape else {})
+    make = lambda ds: HFRows(ds, input, target, columns, spec)  # noqa: E731
+    return make(train_ds), (make(eval_ds) if eval_ds is not None and len(eval_ds) else None)
+
+
+DATASETS: Dict[str, Callable[..., Tuple[Dataset, Optional[Dataset]]]] = {
     "digits": digits,
     "text": text,
     "regression": regression,
+    "tokens": tokens,
+    "images": images,
+    "hf": hf,
 }
 
 
-def dataset_builder(name: str) -> Callable[..., Tuple[TensorPairDataset, TensorPairDataset]]:
+def dataset_builder(name: str) -> Callable[..., Tuple[Dataset, Optional[Dataset]]]:
     """The builder registered as ``data.name``, or a ConfigError listing the built-ins."""
     if name not in DATASETS:
         raise ConfigError(f"Unknown dataset data.name={name!r}. Built-in datasets: {', '.join(DATASETS)}; "
@@ -181,7 +285,7 @@ def dataset_builder(name: str) -> Callable[..., Tuple[TensorPairDataset, TensorP
 
 
 def build_datasets(name: str, kwargs: Dict[str, Any], eval_fraction: float
-                   ) -> Tuple[TensorPairDataset, Optional[TensorPairDataset]]:
+                   ) -> Tuple[Dataset, Optional[Dataset]]:
     """The (train, eval) pair of a built-in dataset, with errors that name the config key."""
     builder = dataset_builder(name)
     # The eval share is data.eval_fraction, not a kwarg of its own.
@@ -191,4 +295,4 @@ def build_datasets(name: str, kwargs: Dict[str, Any], eval_fraction: float
         train, evaluation = builder(**kwargs)
     except TypeError as err:
         raise ConfigError(f"data.kwargs {kwargs} do not fit dataset {name!r}: {err}.", key="data.kwargs") from None
-    return train, (evaluation if len(evaluation) else None)
+    return train, (evaluation if evaluation is not None and len(evaluation) else None)

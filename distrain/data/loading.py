@@ -1,46 +1,60 @@
-"""Turning index lists into batches, for built-in datasets (fast tensor gather) and any map-style Dataset."""
+"""Batches outside the training loop (one fetch for inference and FLOP counting), device moves, (input, target)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
+
+from distrain.data.collate import CollateFn, collate
 
 
-def fetch_batch(dataset: Dataset, indices: Sequence[int]) -> Any:
-    """The samples at ``indices`` collated into one batch.
+def fetch_batch(dataset: Dataset, indices: Sequence[int], collate_fn: Optional[CollateFn] = None) -> Any:
+    """The samples at ``indices`` collated into one batch, in this process (the training loop uses the loader).
 
     Datasets that implement ``__getitems__`` (torch's batched-fetch protocol, as the built-ins do) return the
-    whole batch at once; anything else is read sample by sample and collated with torch's default_collate.
+    whole batch at once; anything else is read sample by sample; lists of samples are collated as the loader does.
     """
     getitems = getattr(dataset, "__getitems__", None)
-    if getitems is not None:
-        batch = getitems(list(indices))
-        return batch if not isinstance(batch, list) else default_collate(batch)
-    return default_collate([dataset[i] for i in indices])
+    fetched = getitems(list(indices)) if callable(getitems) else [dataset[i] for i in indices]
+    return collate(fetched, collate_fn)
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
-    """Move every tensor inside a (nested) batch to ``device``."""
+    """Move every tensor inside a (nested) batch to ``device``, non-blocking (asynchronous from pinned memory).
+
+    Any Mapping (dict, transformers' BatchEncoding) keeps its type where it can be rebuilt from a dict.
+    """
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to(b, device) for b in batch)
+        moved = [move_to(b, device) for b in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     if isinstance(batch, Mapping):  # dict, transformers' BatchEncoding, any Mapping of a model's arguments
-        return {k: move_to(v, device) for k, v in batch.items()}
+        moved_map = {k: move_to(v, device) for k, v in batch.items()}
+        try:
+            return type(batch)(moved_map)  # keep the type (a BatchEncoding stays one)
+        except TypeError:
+            return moved_map
     return batch
 
 
+# Key pairs a Mapping batch may use for (input, target), in the order they are looked for.
+INPUT_TARGET_KEYS = (("input", "target"), ("x", "y"), ("inputs", "labels"))
+
+
 def split_input_target(batch: Any) -> tuple:
-    """(input, target) from a batch: a pair, or a dict with ``input``/``target`` (or ``x``/``y``) keys."""
+    """(input, target) from a batch: a pair, or a Mapping with ``input``/``target`` (or ``x``/``y``,
+    ``inputs``/``labels``) keys."""
     if isinstance(batch, (list, tuple)) and len(batch) == 2:
         return batch[0], batch[1]
-    if isinstance(batch, dict):
-        for a, b in (("input", "target"), ("x", "y"), ("inputs", "labels")):
+    if isinstance(batch, Mapping):
+        for a, b in INPUT_TARGET_KEYS:
             if a in batch and b in batch:
                 return batch[a], batch[b]
-    raise TypeError("each sample must be an (input, target) pair or a dict with 'input' and 'target' keys; "
+        raise TypeError(f"a Mapping batch with keys {sorted(batch)} has no (input, target) pair of keys: use "
+                        f"{', '.join(f'{a!r}/{b!r}' for a, b in INPUT_TARGET_KEYS)}")
+    raise TypeError("each sample must be an (input, target) pair or a Mapping with 'input' and 'target' keys; "
                     f"got a batch of type {type(batch).__name__}")
-

@@ -10,6 +10,8 @@ How the step time is split (measured on log steps only, where the device is sync
   parameter broadcast, DeepSpeed's engine step).
 * ``strategy.sync`` (parameter averaging of local SGD / DiLoCo) is communication and counts as such.
 * At world size 1 there is nothing to communicate: all of the step is compute.
+* Waiting for the step's micro-batches is neither: it is ``data_s`` (near zero when DataLoader workers load the
+  next step while this one computes; the whole fetch with data.num_workers=0).
 * With one micro-step per step on several ranks there is no sync-free micro-step to compare with, so the
   split is reported as null (lower train.micro_batch to get accumulation and the split).
 """
@@ -47,7 +49,7 @@ class StepTimer:
             self._sync_device()
 
     def phase(self, name: str) -> ContextManager[None]:
-        """Time a phase ("micro" for a micro-step's forward+backward, or "update", "sync")."""
+        """Time a phase ("micro" for a micro-step's forward+backward, or "data", "update", "sync")."""
         return self._timed(name) if self.measuring else _NOT_MEASURED  # unmeasured steps pay ~nothing
 
     @contextlib.contextmanager
@@ -62,10 +64,12 @@ class StepTimer:
             self.phases[name] = self.phases.get(name, 0.0) + elapsed
 
     def split(self, world_size: int) -> Dict[str, Optional[float]]:
-        """compute_s and comm_s of the last measured step (see the module docstring for the method)."""
+        """compute_s and comm_s of the last measured step (see the module docstring for the method), and data_s:
+        the time the step waited for its micro-batches (near zero when workers load ahead)."""
         if not self.micro:
             return {}
-        total = sum(self.micro) + sum(self.phases.values())
+        data = self.phases.get("data")
+        total = sum(self.micro) + sum(v for k, v in self.phases.items() if k != "data")
         if world_size == 1:
             comm: Optional[float] = 0.0
         elif len(self.micro) >= 2:
@@ -73,7 +77,8 @@ class StepTimer:
             comm = max(0.0, self.micro[-1] - baseline) + self.phases.get("sync", 0.0)
         else:
             comm = None
-        return {"compute_s": None if comm is None else total - comm, "comm_s": comm}
+        times = {"compute_s": None if comm is None else total - comm, "comm_s": comm}
+        return times if data is None else {**times, "data_s": data}
 
     def _sync_device(self) -> None:
         if self.device.type == "cuda":

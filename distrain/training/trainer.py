@@ -22,7 +22,10 @@ from torch.utils.data import Dataset
 from distrain import dist
 from distrain.checkpoint import Checkpointer
 from distrain.config import ConfigSource, batch_plan, load_config, to_yaml
-from distrain.data import GlobalStepSampler, build_datasets, fetch_batch, move_to
+from distrain.data import (EVAL_STEP, EvalLoader, GlobalStepSampler, LoaderOptions, StepLoader, build_datasets,
+                           fetch_batch, resolve_collate_fn)
+from distrain.data.collate import CollateFn
+from distrain.data.fetching import BatchKey
 from distrain.env import detect
 from distrain.errors import ConfigError, DistributedError
 from distrain.faults import FaultTolerance
@@ -44,7 +47,8 @@ ModelSource = Union[nn.Module, Callable[[], nn.Module], None]
 class Trainer:
     def __init__(self, config: ConfigSource = None, *, model: ModelSource = None, train_data: Optional[Dataset] = None,
                  loss_fn: Optional[LossFn] = None, eval_data: Optional[Dataset] = None,
-                 overrides: Sequence[str] = (), step_fn: Optional[Callable[..., Any]] = None,
+                 overrides: Sequence[str] = (), collate_fn: Optional[CollateFn] = None,
+                 step_fn: Optional[Callable[..., Any]] = None,
                  frozen: Optional[Mapping[str, nn.Module]] = None, items: Optional[ItemsRule] = None,
                  metrics: Optional[Mapping[str, MetricFn]] = None,
                  device: Optional[torch.device] = None):
@@ -53,6 +57,7 @@ class Trainer:
         other computation, with ``frozen`` modules (a teacher) that are never trained. ``items``: what the loss
         averages over ('samples', 'labels' that are not -100, or batch -> count); ``metrics``: name ->
         (outputs, batch) -> (sum, count), reported by ``evaluate`` as eval_<name> = sum / count over the eval set.
+        ``collate_fn``: how a micro-batch's samples become one batch (else data.collate_fn, else torch's default).
         ``device``: an integration's own device (Ray Train); else dist.device decides.
         See distrain.training.objective."""
         self.cfg: DictConfig = load_config(config, overrides)
@@ -80,6 +85,7 @@ class Trainer:
         spec = getattr(self.train_data, "spec", None)
         task = getattr(spec, "task", None)
         self.loss_fn = loss_fn if loss_fn is not None or step_fn is not None else default_loss(task)
+        self.collate_fn = resolve_collate_fn(collate_fn if collate_fn is not None else self.cfg.data.collate_fn)
         self._sample_cache: List[Any] = []
         if self.loss_fn is None and step_fn is None and not isinstance(self._sample(), Mapping):
             raise ConfigError("No loss function: the training data has no built-in task and its samples are not "
@@ -91,6 +97,13 @@ class Trainer:
                               f"({len(self.train_data)} samples): every step would see some samples twice. Use "
                               f"train.global_batch <= {len(self.train_data)}, or more data.", key="train.global_batch")
         self.sampler = GlobalStepSampler(len(self.train_data), self.plan.global_batch, seed=self.cfg.run.seed)
+        self.loader_options = LoaderOptions.resolve(self.cfg.data, self.train_data, self.device,
+                                                    self.info.local_world_size, self.plan.grad_accum, self.collate_fn)
+        # this rank's micro-batches of any step, from torch's DataLoader; it starts at whatever step comes first
+        self.loader = StepLoader(self.train_data, self.sampler, self.info.rank, self.info.world_size,
+                                 self.plan.micro_batch, self.cfg.train.steps, self.loader_options, self.device,
+                                 seed=self.cfg.run.seed)
+        self._eval_loader: Optional[EvalLoader] = None
 
         torch.manual_seed(self.cfg.run.seed)  # identical initial weights on every rank, whatever the strategy
         user_model = self._model(model, spec)
@@ -110,7 +123,8 @@ class Trainer:
         self._grad_norm: Optional[torch.Tensor] = None
         self.log.info(f"rank {self.info.rank}/{self.info.world_size} ({self.info.source}) on {self.device}, "
                       f"strategy {self.strategy.name}, global batch {self.plan.global_batch} = micro "
-                      f"{self.plan.micro_batch} x accum {self.plan.grad_accum} x world {self.plan.world_size}")
+                      f"{self.plan.micro_batch} x accum {self.plan.grad_accum} x world {self.plan.world_size}; "
+                      f"{self.loader_options.describe()}")
         self.checkpointer = Checkpointer(self.run_dir, self.cfg, self.strategy, self.info, self.sampler,
                                          model_object=None if model is None else user_model, data_spec=spec)
         resume_from = self.checkpointer.resolve(self.cfg.train.resume)  # auto | never | PATH, validated
@@ -151,7 +165,7 @@ class Trainer:
         """The first training sample, collated as a batch of one (read once, and only when needed: the kind of
         batches a user's data makes, and a user model's FLOPs)."""
         if not self._sample_cache:
-            self._sample_cache.append(fetch_batch(self.train_data, [0]))
+            self._sample_cache.append(fetch_batch(self.train_data, [0], self.collate_fn))
         return self._sample_cache[0]
 
     def _model(self, model: ModelSource, spec: Any) -> nn.Module:
@@ -195,8 +209,7 @@ class Trainer:
 
     def _step_batches(self, step: int) -> List[Any]:
         """This rank's micro-batches of step ``step``, collated and on the device."""
-        micro_batches = self.sampler.micro_batches(step, self.info.rank, self.info.world_size, self.plan.micro_batch)
-        return [move_to(fetch_batch(self.train_data, indices), self.device) for indices in micro_batches]
+        return self.loader.micro_batches(step)  # torch's DataLoader: workers, pinned memory, the next step prefetched
 
     def _forward_backward(self, step: int, batches: List[Any]) -> torch.Tensor:
         """Forward and backward every micro-batch, each as its share of the global-batch mean over valid items.
@@ -331,14 +344,16 @@ class Trainer:
         was_training = model.training
         model.eval()
         totals: Dict[str, float] = {}
-        for indices, weight in self._eval_batches(len(dataset)):
-            batch = move_to(fetch_batch(dataset, indices), self.device)
+        loader = self._eval_loader_for(dataset)
+        for key, batch in loader:  # the same DataLoader settings as training (workers, pinned memory, collate)
             with self.strategy.forward_context():
                 sums = self.objective.eval_sums(model, batch)
-            if not weight:  # padding so every rank runs the same number of forwards (FSDP gathers in them)
+            if key.padding:  # padding so every rank runs the same number of forwards (FSDP gathers in them)
                 continue
-            for key, value in sums.items():
-                totals[key] = totals.get(key, 0.0) + value
+            for name, value in sums.items():
+                totals[name] = totals.get(name, 0.0) + value
+        if loader is not self._eval_loader:  # a one-off dataset's workers go now
+            loader.close()
         model.train(was_training)
         keys = ["loss", "items", "correct", "predicted"] + [f"{kind}:{name}" for name in self.objective.metrics
                                                             for kind in ("metric", "count")]
@@ -352,14 +367,24 @@ class Trainer:
             scores[f"eval_{name}"] = totals[f"metric:{name}"] / max(totals[f"count:{name}"], 1)
         return scores
 
-    def _eval_batches(self, n: int) -> List[tuple]:
+    def _eval_loader_for(self, dataset: Dataset) -> EvalLoader:
+        """The eval split's loader (kept, with its persistent workers); another dataset gets a one-off loader."""
+        if dataset is self.eval_data and self._eval_loader is not None:
+            return self._eval_loader
+        loader = EvalLoader(dataset, self._eval_batches(len(dataset)), self.loader_options, self.device,
+                            seed=self.cfg.run.seed, rank=self.info.rank)
+        if dataset is self.eval_data:
+            self._eval_loader = loader
+        return loader
+
+    def _eval_batches(self, n: int) -> List[BatchKey]:
         """This rank's contiguous share of the eval set in batches, padded so all ranks run as many batches."""
         per_rank = math.ceil(n / self.info.world_size)
         mine = list(range(self.info.rank * per_rank, min(n, (self.info.rank + 1) * per_rank)))
         size = self.cfg.data.eval_batch
-        batches = [(mine[i:i + size], 1) for i in range(0, len(mine), size)]
+        batches = [BatchKey(EVAL_STEP, j, tuple(mine[i:i + size])) for j, i in enumerate(range(0, len(mine), size))]
         needed = math.ceil(per_rank / size)
-        return batches + [([0], 0)] * (needed - len(batches))
+        return batches + [BatchKey(EVAL_STEP, j, (0,), padding=True) for j in range(len(batches), needed)]
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def save_checkpoint(self, reason: str = "manual") -> Path:
@@ -393,6 +418,9 @@ class Trainer:
         a peer may be gone)."""
         self.faults.close()
         self.checkpointer.close()  # first: an async save in flight still needs the process group
+        self.loader.close()  # DataLoader workers (persistent ones live until here)
+        if self._eval_loader is not None:
+            self._eval_loader.close()
         self.strategy.teardown()
         if self._owns_group:
             if not failed:

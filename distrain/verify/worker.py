@@ -3,34 +3,74 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Optional
 
 from torch.utils.data import Dataset
 
 from distrain import dist
+from distrain.data.seeding import fetch_context
 
 
 class RecordingDataset(Dataset):
-    """Wraps a dataset and remembers every index fetched through it (the proof of which samples were used)."""
+    """Wraps a dataset and remembers every index the training loader fetches through it, with its step (the proof
+    of which samples each step used).
 
-    def __init__(self, inner: Dataset):
+    The fetches may happen in DataLoader worker processes, so each one appends a line to a file (one ``write`` of a
+    few bytes on a file opened for appending: lines from several processes never interleave); ``seen`` reads it
+    back ordered by step. Fetches outside the loader (no step: a FLOP count, an inference) are not recorded.
+    """
+
+    def __init__(self, inner: Dataset, log: Optional[Path] = None):
         self.inner = inner
         self.spec = getattr(inner, "spec", None)
-        self.seen: List[int] = []
+        self.in_memory = getattr(inner, "in_memory", False)
+        self._owner: Optional[int] = None  # the process that made the temporary log, and deletes it
+        if log is None:
+            fd, name = tempfile.mkstemp(prefix="distrain-seen-", suffix=".txt")
+            os.close(fd)
+            log, self._owner = Path(name), os.getpid()
+        self.log = Path(log)
+        if callable(getattr(inner, "__getitems__", None)):  # batched fetches only where the dataset has them
+            self.__getitems__ = self._getitems
 
     def __len__(self) -> int:
         return len(self.inner)
 
+    def _record(self, indices: List[int]) -> None:
+        ctx = fetch_context()
+        if ctx is None:
+            return
+        with open(self.log, "a") as f:
+            f.write("".join(f"{ctx.step} {int(i)}\n" for i in indices))
+
     def __getitem__(self, i: int):
-        self.seen.append(int(i))
+        self._record([i])
         return self.inner[i]
 
-    def __getitems__(self, indices: List[int]):
-        self.seen.extend(int(i) for i in indices)
-        getitems = getattr(self.inner, "__getitems__", None)
-        return getitems(indices) if getitems else [self.inner[i] for i in indices]
+    def _getitems(self, indices: List[int]):
+        self._record(indices)
+        return self.inner.__getitems__(indices)
+
+    def steps(self) -> Dict[int, List[int]]:
+        """{step: the indices fetched for it, in fetch order}."""
+        out: Dict[int, List[int]] = {}
+        for line in self.log.read_text().splitlines():
+            step, index = line.split()
+            out.setdefault(int(step), []).append(int(index))
+        return out
+
+    @property
+    def seen(self) -> List[int]:
+        """Every index fetched, ordered by step (within a step, in fetch order)."""
+        return [i for _, indices in sorted(self.steps().items()) for i in indices]
+
+    def __del__(self) -> None:
+        if getattr(self, "_owner", None) == os.getpid():  # not in a forked DataLoader worker
+            self.log.unlink(missing_ok=True)
 
 
 def main(argv: List[str]) -> int:

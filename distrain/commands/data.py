@@ -1,0 +1,49 @@
+"""`distrain data prepare SRC... --out DIR`: text files, directories or the stdlib's source -> token shards."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from distrain.errors import UsageError
+
+
+def register(sub) -> None:
+    from distrain.cli import Parser
+
+    p = sub.add_parser("data", help="prepare data: tokenize text into memory-mapped token shards")
+    actions = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=Parser)
+    prep = actions.add_parser("prepare", help="tokenize text files, directories or 'stdlib' into token shards "
+                                              "(data.name=tokens reads them)")
+    prep.add_argument("sources", nargs="+", metavar="SRC",
+                      help="a text file, a directory (every text file in it, recursively, sorted), or 'stdlib' "
+                           "(this Python's standard-library source)")
+    prep.add_argument("--out", required=True, type=Path, metavar="DIR", help="a new directory for the shards")
+    prep.add_argument("--tokenizer", default="bytes", metavar="bytes|FILE",
+                      help="'bytes' (UTF-8 bytes, vocab 257 with an end-of-document id) or a Hugging Face "
+                           "tokenizers JSON file (default: bytes)")
+    prep.add_argument("--eot", default=None, metavar="TOKEN",
+                      help="the end-of-document token of --tokenizer FILE (default: <|endoftext|>, </s>, <eos>, "
+                           "... whichever it has)")
+    prep.add_argument("--eval-fraction", type=float, default=0.01, metavar="F",
+                      help="share of the input (its tail) written to the eval split (default 0.01)")
+    prep.add_argument("--shard-tokens", type=int, default=100_000_000, metavar="N",
+                      help="tokens per shard file (default 100,000,000)")
+    prep.add_argument("--max-bytes", type=int, default=None, metavar="N", help="read at most N bytes of input")
+    prep.set_defaults(handler=run_prepare)
+    p.set_defaults(handler=lambda args: _missing_action())
+
+
+def _missing_action() -> int:
+    raise UsageError("distrain data: choose an action: `prepare SRC... --out DIR`.")
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from distrain.data.prepare import prepare
+
+    if args.max_bytes is not None and args.max_bytes < 1:
+        raise UsageError(f"--max-bytes {args.max_bytes} must be a positive number of bytes.")
+    summary = prepare(args.sources, args.out, tokenizer=args.tokenizer, eval_fraction=args.eval_fraction,
+                      shard_tokens=args.shard_tokens, eot=args.eot, max_bytes=args.max_bytes)
+    print(summary.describe())
+    return 0
