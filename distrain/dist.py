@@ -108,6 +108,19 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def per_rank(value: torch.Tensor) -> list:
+    """Every rank's value of a scalar tensor, as a list indexed by rank: one all-reduce of a world-size vector.
+
+    The value stays on its device until the reduction, so the caller pays one synchronisation, at the end.
+    """
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return [float(value)]
+    slots = torch.zeros(torch_dist.get_world_size(), dtype=torch.float32, device=value.device)
+    slots[torch_dist.get_rank()] = value.to(torch.float32)
+    torch_dist.all_reduce(slots, op=torch_dist.ReduceOp.SUM)
+    return slots.tolist()
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """Rank ``src``'s Python object on every rank (small things only: paths, decisions)."""
     if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
@@ -117,9 +130,10 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
-def all_gather_object(obj: object) -> list:
-    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+def all_gather_object(obj: object, group: object = None) -> list:
+    """Every rank's Python object, in rank order (on ``group``, default: the whole job)."""
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size(group) > 1):
         return [obj]
-    out: list = [None] * torch_dist.get_world_size()
-    torch_dist.all_gather_object(out, obj)
+    out: list = [None] * torch_dist.get_world_size(group)
+    torch_dist.all_gather_object(out, obj, group=group)
     return out

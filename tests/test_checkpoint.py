@@ -158,7 +158,7 @@ def test_save_is_idempotent_and_at_end_does_not_duplicate(tmp_path):
 
 def test_resume_never_and_missing_path(two_checkpoints, tmp_path):
     run_dir = copy_run(two_checkpoints, tmp_path / "base")
-    with Trainer(MLP, overrides=[f"run.dir={tmp_path}", "run.name=base", "train.resume=never", *FAST]) as trainer:
+    with Trainer(MLP, overrides=[f"run.dir={tmp_path}", "run.name=fresh", "train.resume=never", *FAST]) as trainer:
         assert trainer.step == 0
         trainer.load_checkpoint(run_dir)  # a run directory: its newest valid checkpoint
         assert trainer.step == 10

@@ -56,6 +56,7 @@ def import_deepspeed() -> Any:
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
     engine_checkpoint = True
+    opaque_step = True  # engine.step() clips, measures the gradient norm and updates in one call
 
     def __init__(self, ctx: StrategyContext, stage: int = 0, offload_optimizer: bool = False,
                  offload_param: bool = False, config: Optional[Mapping[str, Any]] = None):
