@@ -53,7 +53,7 @@ def nonfinite_weight_ranks(model: nn.Module, device: torch.device) -> List[int]:
         local = local if local is not None else (p.to_local() if hasattr(p, "to_local") else p)  # FSDP2 DTensor
         if local.numel():
             flags.append(torch.isfinite(local.detach()).all().logical_not())
-    bad = torch.stack(flags).any().float() if flags else torch.zeros((), device=device)
+    bad = torch.stack([f.to(device) for f in flags]).any().float() if flags else torch.zeros((), device=device)
     return [r for r, v in enumerate(dist.per_rank(bad.to(device))) if v]
 
 

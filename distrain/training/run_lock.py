@@ -75,15 +75,20 @@ def process_alive(pid: int, started: Optional[float]) -> bool:
         return False
     except PermissionError:
         pass  # someone else's process: it exists
-    birth = _process_start_time(pid)
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        fields = []
+    if fields and fields[0] in ("Z", "X"):  # exited, not yet reaped by its parent: gone all the same
+        return False
+    birth = _process_start_time(fields)
     # A pid reused by a process born after the run started is not the run (2 s of clock-tick slack).
     return birth is None or started is None or birth <= started + 2.0
 
 
-def _process_start_time(pid: int) -> Optional[float]:
-    """Epoch seconds at which ``pid`` started, from /proc (Linux); None elsewhere."""
+def _process_start_time(fields: List[str]) -> Optional[float]:
+    """Epoch seconds at which a process started, from the fields of its /proc/PID/stat (Linux); None elsewhere."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         ticks = int(fields[19])  # field 22 of stat: start time in clock ticks after boot
         boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime "))

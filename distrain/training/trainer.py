@@ -380,7 +380,7 @@ class Trainer:
                 dist.destroy_process_group()
                 self._owns_group = False
         finally:
-            if self._run_lock is not None:
+            if getattr(self, "_run_lock", None) is not None:
                 self._run_lock.release()  # last: nothing of this run writes into the run directory any more
 
     def __enter__(self) -> "Trainer":
