@@ -108,17 +108,48 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def per_rank(value: torch.Tensor) -> list:
-    """Every rank's value of a scalar tensor, as a list indexed by rank: one all-reduce of a world-size vector.
+class PerRank:
+    """Every rank's value of a scalar tensor, gathered in the background by one all-reduce of a world-size vector,
+    started at construction; ``result()`` waits for it and returns the values indexed by rank.
 
-    The value stays on its device until the reduction, so the caller pays one synchronisation, at the end.
+    Between the two, the caller goes on: on gloo the reduction runs in gloo's own thread; on CUDA the current stream
+    waits for it and a copy to pinned memory follows, so ``result()`` waits for that copy only, not for every kernel
+    queued since (no pipeline drain).
     """
-    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
-        return [float(value)]
-    slots = torch.zeros(torch_dist.get_world_size(), dtype=torch.float32, device=value.device)
-    slots[torch_dist.get_rank()] = value.to(torch.float32)
-    torch_dist.all_reduce(slots, op=torch_dist.ReduceOp.SUM)
-    return slots.tolist()
+
+    def __init__(self, value: torch.Tensor):
+        value = value.detach().reshape(()).to(torch.float32)
+        self._work = None
+        if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            slots = torch.zeros(torch_dist.get_world_size(), dtype=torch.float32, device=value.device)
+            slots[torch_dist.get_rank()] = value
+            self._work = torch_dist.all_reduce(slots, op=torch_dist.ReduceOp.SUM, async_op=True)
+        else:
+            slots = value.reshape(1)
+        self._ready = None
+        if slots.is_cuda:
+            if self._work is not None:
+                self._work.wait()  # NCCL: the current stream waits for the reduction; the CPU does not
+                self._work = None
+            self._host = torch.empty(slots.shape, dtype=slots.dtype, pin_memory=True)
+            self._host.copy_(slots, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = slots
+
+    def result(self) -> list:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
+
+
+def per_rank(value: torch.Tensor) -> list:
+    """Every rank's value of a scalar tensor, as a list indexed by rank (one all-reduce; waits for it)."""
+    return PerRank(value).result()
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -68,7 +68,7 @@ def test_lr_1e6_stops_naming_the_step_and_leaves_a_finite_latest_checkpoint(tmp_
     assert match and "Traceback" not in message, message
     step = int(match.group(1))
     logged = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
-    assert logged == list(range(1, step))  # stopped before the step's update (and its metrics line)
+    assert logged == list(range(1, step + 1))  # stopped at once: the check of step N is read during step N + 1
 
     latest = read_latest(root)
     saved = [s for s, _ in committed(root)]

@@ -32,7 +32,7 @@ import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch.distributed as torch_dist
 from omegaconf import DictConfig
@@ -116,6 +116,7 @@ class Checkpointer:
         self._pending: Optional[_PendingSave] = None
         self.run_id = uuid.uuid4().hex[:12]  # this run's lineage of checkpoints; a resume carries on the checkpoint's
         self._owns_unnamed = False  # resumed from a checkpoint written before lineages were recorded
+        self.before_save: Callable[[], None] = lambda: None  # the trainer's divergence check, settled before a save
         self._group = self._async_group()
         if info.is_main:
             self._remove_leftovers()
@@ -161,6 +162,7 @@ class Checkpointer:
         final = self.root / step_name(step)
         if self.last_saved_step == step:  # e.g. a preemption save, then the end-of-training save
             return final
+        self.before_save()
         if not self._weights_finite(step, fatal):
             return None
         started = time.perf_counter()

@@ -11,7 +11,10 @@ out: a dynamic loss scale overflows now and then by design, and the scaler skips
                longer finite (a finite loss with non-finite gradients a step earlier), which no skip can mend: stop;
     warn       log it (once per streak of non-finite steps) and go on.
 
-Checkpoints are guarded apart, at save time (``nonfinite_weight_ranks``): non-finite weights are never committed.
+skip_step must know before the update, so it waits for the reduction there. stop and warn need not: the reduction
+runs in the background while the step goes on, and the verdict is read one step later, or before a checkpoint is
+saved, or after the last step (``settle``) - the step named is the one that was not finite. Checkpoints are guarded
+apart, at save time (``nonfinite_weight_ranks``): non-finite weights are never committed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, List
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -74,24 +77,42 @@ class DivergenceGuard:
         self.log = log
         self.nonfinite_steps = 0  # steps with a non-finite loss or gradient norm (skipped, or warned about)
         self._streak = False
+        self._pending: Optional[Tuple[int, dist.PerRank]] = None  # stop / warn: a step's check still in flight
 
     def allows_update(self, step: int, loss_sum: torch.Tensor, grad_norm: Any) -> bool:
-        """Collective, once per step before the update (``step`` counts from 1): whether to apply it."""
+        """Collective, once per step before the update (``step`` counts from 1): whether to apply it.
+
+        skip_step decides now; stop and warn start this step's check and act on the previous step's (which finished
+        in the background meanwhile).
+        """
         code = torch.isfinite(loss_sum.detach()).logical_not().float()
         if grad_norm is not None and self.check_grad_norm:
             if torch.is_tensor(grad_norm):
                 code = code + GRAD_NORM * torch.isfinite(grad_norm.detach()).logical_not().float().to(code.device)
             elif not math.isfinite(grad_norm):
                 code = code + GRAD_NORM
-        codes = dist.per_rank(code)
+        if self.mode == "skip_step":
+            return self._decide(step, dist.per_rank(code))
+        self.settle()
+        self._pending = (step, dist.PerRank(code))
+        return True
+
+    def settle(self) -> None:
+        """Act on the check still in flight (stop / warn): before a checkpoint is saved, and after the last step."""
+        if self._pending is not None:
+            step, flags = self._pending
+            self._pending = None
+            self._decide(step, flags.result())
+
+    def _decide(self, step: int, codes: List[float]) -> bool:
         if not any(codes):
             self._streak = False
             return True
         self.nonfinite_steps += 1
         what = _describe(codes)
         if self.mode == "stop":
-            raise DivergenceError(f"Training diverged at step {step}: {what}. Stopped before that step's update "
-                                  f"(train.on_nonfinite=stop). {self._advice()}")
+            raise DivergenceError(f"Training diverged at step {step}: {what} (train.on_nonfinite=stop). "
+                                  f"{self._advice()}")
         if self.mode == "warn":
             if not self._streak:
                 self.log.warning(f"step {step}: {what}; going on (train.on_nonfinite=warn)")

@@ -113,6 +113,7 @@ class Trainer:
                                          model_object=None if model is None else user_model, data_spec=spec)
         self.divergence = DivergenceGuard(self.cfg.train.on_nonfinite, self.strategy, self.device,
                                           self.cfg.train.precision, self.checkpointer.root, self.log)
+        self.checkpointer.before_save = self.divergence.settle  # a diverged step stops before any save
         resume_from = self.checkpointer.resolve(self.cfg.train.resume)  # auto | never | PATH, validated
         if resume_from is not None:
             self.step = self.checkpointer.load(resume_from).step
@@ -234,6 +235,7 @@ class Trainer:
                 self.checkpointer.maybe_save(self.step)  # checkpoint.every / every_minutes (async if configured)
                 if self.step < total and self.faults.should_stop(self.step):  # a preemption signal: all ranks agree
                     break
+            self.divergence.settle()  # the last step's non-finite check, before the final save and status
             if self.faults.preempted:
                 self.save_checkpoint("preempted")
             elif cfg.checkpoint.at_end:
