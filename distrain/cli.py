@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _paragraph(message: str) -> str:
-    return textwrap.fill(" ".join(message.split()), width=100)
+    # Never break inside a word: paths and keys in the message stay whole, so they can be copied.
+    return textwrap.fill(" ".join(message.split()), width=100, break_on_hyphens=False, break_long_words=False)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -55,3 +55,9 @@ class DistributedError(DistrainError):
     """A distributed failure: a rank that did not arrive, a collective that timed out."""
 
     exit_code = 1
+
+
+class DivergenceError(DistrainError):
+    """Training diverged: a non-finite loss, gradient norm or weights (``train.on_nonfinite``); a runtime failure."""
+
+    exit_code = 1

@@ -76,7 +76,9 @@ CASES = [
     Case("unknown-progress-mode", ["train", QUICK, *R("metrics.progress=fancy")], ["'metrics.progress'", "plain"]),
     Case("keep-no-checkpoint", ["train", QUICK, *R("checkpoint.keep_last=0")], ["'checkpoint.keep_last'", "at least 1"]),
     Case("unknown-signal", ["train", QUICK, *R("faults.signals=[KILL]")], ["'faults.signals'", "USR1"]),
-    Case("run-name-with-slash", ["train", QUICK, *R("run.name=a/b")], ["'run.name'", "without '/'"]),
+    Case("run-name-with-slash", ["train", QUICK, *R("run.name=a/b")], ["'run.name'", "one plain directory name"]),
+    Case("run-name-parent", ["train", QUICK, *R("run.name=..")], ["'run.name'", "'..'", "one plain directory name"]),
+    Case("infinite-lr", ["train", QUICK, *R("train.lr=inf")], ["'train.lr'", "inf", "finite"]),
     # --- the batch arithmetic ---------------------------------------------------------------------------------
     Case("micro-batch-does-not-divide", ["train", QUICK, *R("train.micro_batch=48")],
          ["train.micro_batch=48", "does not divide", "e.g. 64"]),

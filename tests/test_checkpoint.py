@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import List
 
 import pytest
@@ -158,7 +160,7 @@ def test_save_is_idempotent_and_at_end_does_not_duplicate(tmp_path):
 
 def test_resume_never_and_missing_path(two_checkpoints, tmp_path):
     run_dir = copy_run(two_checkpoints, tmp_path / "base")
-    with Trainer(MLP, overrides=[f"run.dir={tmp_path}", "run.name=base", "train.resume=never", *FAST]) as trainer:
+    with Trainer(MLP, overrides=[f"run.dir={tmp_path}", "run.name=fresh", "train.resume=never", *FAST]) as trainer:
         assert trainer.step == 0
         trainer.load_checkpoint(run_dir)  # a run directory: its newest valid checkpoint
         assert trainer.step == 10
@@ -205,8 +207,78 @@ def test_async_save_in_one_process_commits_and_resumes_exactly(tmp_path):
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
 
 
-def test_time_based_cadence(tmp_path):
+class _FakeClock:
+    """The checkpointer's clock, advanced by the test: a time-based cadence that cannot depend on machine load."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_every_minutes_saves_once_per_interval_sync_and_async(tmp_path, monkeypatch, async_save):
+    """Every step takes 10 (fake) seconds and checkpoint.every_minutes is 0.5: a save every third step. An async
+    save used to leave the time of the last save as it was, so the next step saved again (3, 4, 7, 10)."""
+    import distrain.checkpoint.checkpointer as checkpointer_module
+
+    clock = _FakeClock()
+    monkeypatch.setattr(checkpointer_module, "time",
+                        SimpleNamespace(monotonic=clock.monotonic, perf_counter=time.perf_counter, time=time.time,
+                                        sleep=time.sleep))
     run_dir = tmp_path / "timed"
-    train(run_dir, 3, "checkpoint.every_minutes=0.00001", "checkpoint.keep_last=5", "checkpoint.at_end=false")
-    reasons = [json.loads((p / "manifest.json").read_text())["reason"] for _, p in committed(run_dir / "checkpoints")]
-    assert reasons == ["every_minutes"] * 3
+    overrides = [f"run.dir={tmp_path}", "run.name=timed", "train.steps=12", *FAST, "checkpoint.every_minutes=0.5",
+                 "checkpoint.keep_last=10", "checkpoint.at_end=false", f"checkpoint.async_save={async_save}"]
+    with Trainer(MLP, overrides=overrides) as trainer:
+        step = trainer.train_step
+
+        def ten_seconds_each(index: int):
+            clock.now += 10.0
+            return step(index)
+        trainer.train_step = ten_seconds_each
+        trainer.fit()
+    root = run_dir / "checkpoints"
+    assert [s for s, _ in committed(root)] == [3, 6, 9, 12]
+    assert {json.loads((p / "manifest.json").read_text())["reason"] for _, p in committed(root)} == {"every_minutes"}
+
+
+def test_the_time_the_loop_waits_for_the_previous_async_save_is_reported(tmp_path, monkeypatch):
+    import distrain.checkpoint.checkpointer as checkpointer_module
+
+    real = checkpointer_module.write_manifest
+
+    def slow_manifest(*args, **kwargs):  # a commit that takes a while (a big checkpoint, a slow disk)
+        time.sleep(2.0)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(checkpointer_module, "write_manifest", slow_manifest)
+    run_dir = tmp_path / "busy"
+    train(run_dir, 4, "checkpoint.every=2", "checkpoint.async_save=true", "checkpoint.at_end=false")
+    waited = log_lines(run_dir, "the training loop waited")
+    assert len(waited) == 1 and "for the async save of step 2 to finish before saving step 4" in waited[0]
+    seconds = float(waited[0].split("waited ")[1].split(" s")[0])  # 2 s of commit, less two quick steps
+    assert 0.01 <= seconds <= 10
+    blocked = log_lines(run_dir, "saved step 4")
+    assert f"({seconds:.2f} s of it waiting for the previous save)" in blocked[0]
+    assert [s for s, _ in committed(run_dir / "checkpoints")] == [2, 4]
+
+
+def test_export_eval_and_inspect_say_which_checkpoint_was_skipped_and_which_is_used(two_checkpoints, tmp_path,
+                                                                                    capsys):
+    run_dir = copy_run(two_checkpoints, tmp_path / "base")
+    _truncate(run_dir / "checkpoints" / step_name(10))
+    note = f"distrain: warning: {run_dir}: skipped invalid checkpoint(s) step_00000010 (dcp/__0_0.distcp is "
+    used = "(truncated or overwritten)); falling back to step_00000005"
+
+    code, out, err = run_cli_here(["ckpt", "export", run_dir, "--out", tmp_path / "m.safetensors"], capsys)
+    assert code == 0, err
+    assert note in err and used in err and err.count("skipped invalid") == 1
+    assert f"from {run_dir / 'checkpoints' / step_name(5)}" in out
+
+    code, out, err = run_cli_here(["eval", run_dir, "--json"], capsys)
+    assert code == 0, err
+    assert note in err and used in err and err.count("skipped invalid") == 1
+    assert json.loads(out)["step"] == 5
+
+    code, out, err = run_cli_here(["ckpt", "inspect", run_dir], capsys)
+    assert code == 0 and note in err and f"checkpoint: {run_dir / 'checkpoints' / step_name(5)}" in out

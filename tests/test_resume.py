@@ -118,11 +118,16 @@ def test_a_save_killed_mid_write_leaves_latest_at_the_previous_checkpoint(tmp_pa
                       and all((p / "rng" / f"rank{r}.json").is_file() for r in (0, 1))]
             time.sleep(0.2)
         assert inside, f"the save of step 10 never started: {agent.poll()} {agent.stderr.read()[-2000:] if agent.poll() is not None else ''}"
-        os.kill(_rank_pids(agent.pid)[1], signal.SIGKILL)  # a rank dies mid-save ...
+        ranks = _rank_pids(agent.pid)
+        os.kill(ranks[1], signal.SIGKILL)  # a rank dies mid-save ...
         time.sleep(0.5)
     finally:
         # ... and then the whole job (torchrun would SIGTERM rank 0, which a preemption handler may hold off for
-        # torchrun's 30 s grace period; a node loss or the scheduler's SIGKILL does not wait).
+        # torchrun's 30 s grace period; a node loss or the scheduler's SIGKILL does not wait). torchrun starts each
+        # worker in a session of its own: killing the agent's process group alone would leave rank 0 running, and
+        # writing into the run directory when its stalled save wakes up.
+        for pid in _rank_pids(agent.pid).values():
+            os.kill(pid, signal.SIGKILL)
         os.killpg(agent.pid, signal.SIGKILL)
         agent.wait()
     assert read_latest(root) == step_name(5)
@@ -133,6 +138,7 @@ def test_a_save_killed_mid_write_leaves_latest_at_the_previous_checkpoint(tmp_pa
                     "train.eval_every=0", "train.log_every=20"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "removed 1 uncommitted leftover" in proc.stderr
+    assert "reclaimed the stale lock" in proc.stderr  # rank 0 was killed holding the run directory
     assert f"resume: loaded {root / step_name(5)} at step 5" in proc.stderr
     assert [s for s, _ in committed(root)] == [10, 15, 20] and read_latest(root) == step_name(20)
     assert not leftovers(root)

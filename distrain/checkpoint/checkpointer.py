@@ -1,14 +1,24 @@
 """The Checkpointer: when to save, how a save is committed atomically, and how a run resumes.
 
 A save, on every rank at the same step:
+    0. weights that are not finite (nan, inf) on any rank are never saved (``train.on_nonfinite``);
     1. every rank writes its RNG states, rank 0 the trainer state, into ``step_XXXXXXXX.tmp-<id>/``;
     2. every rank writes its own shard of model and optimizer with DCP (``dcp.save``, or ``dcp.async_save`` in
        a background thread when ``checkpoint.async_save``) - or the engine saves itself (DeepSpeed);
-    3. once every shard is on disk (DCP gathers every rank's write results before rank 0 writes its metadata;
-       a barrier for the synchronous path), rank 0 writes the manifest (size + sha256 of every file), renames
-       the directory to ``step_XXXXXXXX/`` in one os.rename, points ``latest`` at it (atomic replace), and
-       applies retention.
+    3. every rank hashes the files it wrote (size + sha256), and the digests are gathered to rank 0 (on the
+       default group, or for an async save in the background thread, on the save's own group); that gather is also
+       the point where every rank's files are on disk;
+    4. rank 0 writes the manifest from the digests, renames the directory to ``step_XXXXXXXX/`` in one os.rename,
+       points ``latest`` at it (atomic replace), and applies retention to this run's checkpoints only.
 A save killed anywhere before the rename leaves only a ``.tmp-`` directory, which nothing ever reads.
+
+A run is one lineage of checkpoints (``run_id``, in the trainer state and the manifest): a fresh start draws a new
+id, a resume carries on the checkpoint's. Retention, and the removal of checkpoints a resume from an earlier step
+left behind, only ever delete checkpoints of this lineage.
+
+A resume verifies the checkpoint it loads on every rank at once: rank 0 checks the manifest, files and sizes, and
+every rank hashes the files its rank wrote (``manifest.share_of``), so no rank waits in a collective while another
+hashes everybody's shards.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch.distributed as torch_dist
 from omegaconf import DictConfig
@@ -30,22 +40,24 @@ from torch import nn
 
 from distrain import dist
 from distrain.checkpoint.compat import check_resume_config
-from distrain.checkpoint.discovery import PATH_HELP, checkpoints_dir_of, describe_skipped, newest_valid
+from distrain.checkpoint.discovery import PATH_HELP, checkpoints_dir_of, describe_fallback, describe_skipped
 from distrain.checkpoint.layout import (CONSOLIDATED, DCP_DIR, ENGINE_DIR, checkpoints_root, committed,
-                                        fsync_dir, is_checkpoint_dir, leftovers, parse_step, step_name, temp_name, trash_name,
-                                        write_latest)
-from distrain.checkpoint.manifest import problem, write_manifest
+                                        fsync_dir, is_checkpoint_dir, kept_name, leftovers, parse_step, read_latest,
+                                        step_name, temp_name, trash_name, write_latest)
+from distrain.checkpoint.manifest import (checksum_problem, own_digests, read_manifest, share_of, structure_problem,
+                                          write_manifest)
 from distrain.checkpoint.retention import apply_retention
 from distrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, explain_dcp_error, read_metadata
 from distrain.checkpoint.trainer_state import TrainerState, read_rng, restore_rng, write_rng
 from distrain.config import config_hash, to_container
 from distrain.data import GlobalStepSampler
 from distrain.env import ProcessInfo
-from distrain.errors import CheckpointError, StorageError
+from distrain.errors import CheckpointError, DivergenceError, StorageError
 from distrain.telemetry.logs import get_logger
 from distrain.telemetry.run_record import versions
 from distrain.telemetry.units import format_bytes
 from distrain.strategies.base import Strategy
+from distrain.training.divergence import nonfinite_weight_ranks
 
 # Fault injection for tests: "STEP:SECONDS" makes every rank sleep inside the save of checkpoint STEP, after the
 # trainer state is written and before the shards are, so a test can kill a save in the middle.
@@ -68,16 +80,17 @@ def model_description(cfg: DictConfig, model_object: Optional[nn.Module]) -> Dic
 
 @dataclass
 class _PendingSave:
-    """An async save in flight: DCP's future, and (rank 0) the commit that follows it."""
+    """An async save in flight: DCP's future, then (every rank) hashing, the gather and rank 0's commit."""
 
     step: int
     tmp: Path
     final: Path
     reason: str
     started: float
-    blocked_s: float
+    blocked_s: float  # the loop was held this long: waiting for the previous save, then staging this one
+    waited_s: float  # of which waiting for the previous save
     future: Any
-    committed: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
     error: Optional[BaseException] = None
 
 
@@ -95,11 +108,15 @@ class Checkpointer:
         self.data_spec = _spec_dict(data_spec)
         self.log = get_logger()
         self.last_saved_step: Optional[int] = None
-        self.last_blocked_s = 0.0  # how long the latest save held the training loop
+        self.last_blocked_s = 0.0  # how long the latest save held the training loop (waiting for the previous one too)
+        self.last_wait_s = 0.0  # of which waiting for the previous async save to finish
         self.last_save_s = 0.0  # rank 0: start of the latest committed save to its commit (async: in the background)
         self.last_save_bytes = 0  # rank 0: its size on disk
-        self._last_save_time = time.monotonic()
+        self._last_save_time = time.monotonic()  # every_minutes counts from here: a save's start (async) or commit
         self._pending: Optional[_PendingSave] = None
+        self.run_id = uuid.uuid4().hex[:12]  # this run's lineage of checkpoints; a resume carries on the checkpoint's
+        self._owns_unnamed = False  # resumed from a checkpoint written before lineages were recorded
+        self.before_save: Callable[[], None] = lambda: None  # the trainer's divergence check, settled before a save
         self._group = self._async_group()
         if info.is_main:
             self._remove_leftovers()
@@ -117,24 +134,39 @@ class Checkpointer:
         return None
 
     def maybe_save(self, step: int) -> Optional[Path]:
-        """Save if the cadence says so (asynchronously when checkpoint.async_save); call on every rank."""
+        """Save if the cadence says so (asynchronously when checkpoint.async_save); call on every rank.
+
+        With ``train.on_nonfinite=warn``, a save of non-finite weights is skipped with a warning instead of failing.
+        """
         reason = self.due(step)
         if reason is None:
             return None
-        return self.save(step, reason, blocking=not self.cfg.checkpoint.async_save)
+        return self._save(step, reason, blocking=not self.cfg.checkpoint.async_save,
+                          fatal=self.cfg.train.on_nonfinite != "warn")
 
     # --- saving ------------------------------------------------------------------------------------
     def save(self, step: int, reason: str = "manual", blocking: bool = True) -> Path:
         """Save the state after ``step`` steps; returns the committed directory. Call on every rank at the same step.
 
         ``blocking=False`` (async) returns once the state is staged in memory; the write and the commit finish
-        in the background, and the next save, ``wait`` or ``close`` waits for them.
+        in the background, and the next save, ``wait`` or ``close`` waits for them. Weights that are not finite
+        raise a DivergenceError: they are never committed.
         """
-        self.wait()
+        path = self._save(step, reason, blocking, fatal=True)
+        assert path is not None
+        return path
+
+    def _save(self, step: int, reason: str, blocking: bool, fatal: bool) -> Optional[Path]:
+        loop_held = time.perf_counter()
+        waited = self._wait_for_previous(step)
         final = self.root / step_name(step)
         if self.last_saved_step == step:  # e.g. a preemption save, then the end-of-training save
             return final
+        self.before_save()
+        if not self._weights_finite(step, fatal):
+            return None
         started = time.perf_counter()
+        save_began = time.monotonic()
         token = dist.broadcast_object(uuid.uuid4().hex[:8] if self.info.is_main else None)
         tmp = self.root / temp_name(step, str(token))
         tmp.mkdir(parents=True, exist_ok=True)
@@ -149,18 +181,19 @@ class Checkpointer:
         else:
             future = self._save_dcp(tmp, step, use_async)
         if future is not None:
-            blocked = time.perf_counter() - started
-            pending = self._pending = _PendingSave(step, tmp, final, reason, started, blocked, future)
-            if self.info.is_main:
-                future.add_done_callback(lambda fut: self._finish_async(pending, fut))
+            blocked = time.perf_counter() - loop_held
+            pending = self._pending = _PendingSave(step, tmp, final, reason, started, blocked, waited, future)
+            future.add_done_callback(lambda fut: self._after_async_write(pending, fut))  # every rank: hash, gather
             self.last_saved_step = step
             self.last_blocked_s = blocked
+            self._last_save_time = save_began  # the cadence counts from the start of an async save, not its end
             return final
-        dist.barrier()  # every rank's files are on disk
+        # Every rank hashes what it wrote; the gather is also the barrier: every rank's files are on disk.
+        gathered = dist.all_gather_object(self._own_digests(tmp))
         failure = None
         if self.info.is_main:
             try:
-                self._commit(step, tmp, final, reason, started, blocked_s=None)
+                self._commit(step, tmp, final, reason, started, gathered, blocked_s=None, waited_s=waited)
             except OSError as err:  # disk full, permissions: every rank must hear of it, not wait forever
                 failure = f"committing checkpoint step {step} ({tmp} -> {final}) failed: {err}"
         # Nobody returns (and perhaps exits, on preemption) before the checkpoint is committed, and all agree on it.
@@ -169,8 +202,43 @@ class Checkpointer:
             raise CheckpointError(f"{failure}. The previous checkpoint stays the latest.")
         self.last_saved_step = step
         self._last_save_time = time.monotonic()
-        self.last_blocked_s = time.perf_counter() - started
+        self.last_blocked_s = time.perf_counter() - loop_held
         return final
+
+    def _wait_for_previous(self, step: int) -> float:
+        """Finish an async save still in flight; returns (and reports) how long the training loop waited for it."""
+        previous = self._pending.step if self._pending is not None else None
+        waited = self.wait()
+        self.last_wait_s = waited
+        if previous not in (None, step) and waited >= 0.01 and self.info.is_main:
+            self.log.info(f"checkpoint: the training loop waited {waited:.2f} s for the async save of step {previous} "
+                          f"to finish before saving step {step} (saves come faster than they are written: space "
+                          f"them out with checkpoint.every / every_minutes)")
+        return waited
+
+    def _weights_finite(self, step: int, fatal: bool) -> bool:
+        """Collective: whether every rank's weights are finite. Non-finite ones are never saved: a DivergenceError
+        (``fatal``), else a warning and False."""
+        bad = nonfinite_weight_ranks(self.strategy.model, self.strategy.ctx.device)
+        if not bad:
+            return True
+        latest = read_latest(self.root)
+        message = (f"Not saving checkpoint step {step}: the weights are not finite (nan or inf) on rank(s) "
+                   f"{', '.join(map(str, bad))}: training has diverged. A checkpoint of non-finite weights is never "
+                   f"committed; " + (f"{self.root / latest} stays the latest." if latest else
+                                     "there is no earlier checkpoint."))
+        if fatal:
+            raise DivergenceError(f"{message} Lower train.lr or set train.grad_clip, and start again.")
+        if self.info.is_main:
+            self.log.warning(f"{message} Training goes on (train.on_nonfinite=warn).")
+        return False
+
+    def _own_digests(self, tmp: Path) -> tuple:
+        """(size + sha256 of the files this rank wrote, None) or ({}, what went wrong): for the gather to rank 0."""
+        try:
+            return own_digests(tmp, self.info.rank, self.info.world_size), None
+        except OSError as err:
+            return {}, f"rank {self.info.rank} could not hash its files: {err}"
 
     def _save_dcp(self, tmp: Path, step: int, use_async: bool) -> Any:
         """Every rank writes its shard; returns DCP's future when asynchronous."""
@@ -210,67 +278,94 @@ class Checkpointer:
             step=step, data_epoch=int(epoch), data_offset=int(offset), world_size=self.info.world_size,
             strategy=self.strategy.name, engine_checkpoint=bool(self.strategy.engine_checkpoint),
             config=to_container(self.cfg), config_hash=config_hash(self.cfg), model=self.model_info,
-            data_spec=self.data_spec, versions=versions(), reason=reason)
+            data_spec=self.data_spec, versions=versions(), reason=reason, run_id=self.run_id)
 
-    def _commit(self, step: int, tmp: Path, final: Path, reason: str, started: float,
-                blocked_s: Optional[float]) -> None:
-        """Rank 0, once every rank's files are written: manifest, one rename, then the ``latest`` pointer."""
-        manifest = write_manifest(tmp, step=step, world_size=self.info.world_size, strategy=self.strategy.name,
-                                  reason=reason)
-        if final.exists():  # the same step saved again (a resume from an earlier step): replace it
-            old = self.root / trash_name(step, uuid.uuid4().hex[:8])
-            os.rename(final, old)
-            shutil.rmtree(old, ignore_errors=True)
+    def _commit(self, step: int, tmp: Path, final: Path, reason: str, started: float, gathered: List[tuple],
+                blocked_s: Optional[float], waited_s: float) -> None:
+        """Rank 0, with every rank's (digests, error): manifest, one rename, the ``latest`` pointer, retention."""
+        errors = [error for _, error in gathered if error]
+        if errors:
+            raise OSError(errors[0])
+        digests: Dict[str, Any] = {}
+        for rank_digests, _ in gathered:
+            digests.update(rank_digests)
+        manifest = write_manifest(tmp, digests, step=step, world_size=self.info.world_size,
+                                  strategy=self.strategy.name, reason=reason, run_id=self.run_id)
+        kept = None
+        if final.exists():
+            if self._owns(final):  # the same step saved again (a resume from an earlier step): replace it
+                self._delete(final)
+            else:  # another run's checkpoint (never this run's to delete): keep it, out of the way
+                kept = self.root / kept_name(step, uuid.uuid4().hex[:8])
+                os.rename(final, kept)
         os.rename(tmp, final)
         fsync_dir(self.root)
         write_latest(self.root, final.name)
-        # A resume from an earlier step started a new trajectory: later checkpoints belong to the abandoned one.
-        superseded = [p for s, p in committed(self.root) if s > step]
+        # A resume from an earlier step started a new trajectory: this run's later checkpoints belong to the
+        # abandoned one.
+        superseded = [p for s, p in committed(self.root) if s > step and self._owns(p)]
         for path in superseded:
-            doomed = self.root / trash_name(parse_step(path.name) or 0, uuid.uuid4().hex[:8])
-            os.rename(path, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-        deleted = apply_retention(self.root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
+            self._delete(path)
+        deleted = apply_retention(self.root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every,
+                                  owned=self._owns)
         seconds = time.perf_counter() - started
         self.last_save_s, self.last_save_bytes = seconds, int(manifest["total_bytes"])
-        mode = f", async: training blocked {blocked_s:.2f} s" if blocked_s is not None else ""
+        mode = ""
+        if blocked_s is not None:
+            mode = f", async: training blocked {blocked_s:.2f} s"
+            mode += f" ({waited_s:.2f} s of it waiting for the previous save)" if waited_s >= 0.01 else ""
         extra = f"; removed {', '.join(p.name for p in superseded + deleted)}" if superseded or deleted else ""
+        extra += f"; kept another run's {final.name} as {kept.name}" if kept else ""
         self.log.info(f"checkpoint: saved step {step} ({reason}) to {final}: {format_bytes(manifest['total_bytes'])} "
                       f"in {seconds:.2f} s{mode}{extra}")
 
-    def _finish_async(self, pending: _PendingSave, future: Any) -> None:
-        """Rank 0, in DCP's background thread when its write finished on every rank: commit."""
+    def _owns(self, checkpoint: Path) -> bool:
+        """Whether a committed checkpoint belongs to this run's lineage (only those may ever be deleted)."""
+        run_id = (read_manifest(checkpoint) or {}).get("run_id")
+        return run_id == self.run_id or (run_id is None and self._owns_unnamed)
+
+    def _delete(self, checkpoint: Path) -> None:
+        doomed = self.root / trash_name(parse_step(checkpoint.name) or 0, uuid.uuid4().hex[:8])
+        os.rename(checkpoint, doomed)  # out of the committed namespace first: a deletion cut short is a leftover
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def _after_async_write(self, pending: _PendingSave, future: Any) -> None:
+        """Every rank, in DCP's background thread once its write finished: hash this rank's files, gather the
+        digests on the save's own group, and rank 0 commits."""
         try:
-            future.result()
-            self._commit(pending.step, pending.tmp, pending.final, pending.reason, pending.started, pending.blocked_s)
+            try:
+                future.result()
+                mine = self._own_digests(pending.tmp)
+            except BaseException as err:  # noqa: BLE001 - still join the gather: the peers must not wait for us
+                mine = ({}, f"rank {self.info.rank}: {_first_line(err)}")
+            gathered = dist.all_gather_object(mine, group=self._group)
+            if self.info.is_main:
+                self._commit(pending.step, pending.tmp, pending.final, pending.reason, pending.started, gathered,
+                             pending.blocked_s, pending.waited_s)
+            elif mine[1]:
+                pending.error = OSError(mine[1])
         except BaseException as err:  # noqa: BLE001 - reported at wait(); the previous checkpoint stays the latest
             pending.error = err
         finally:
-            pending.committed.set()
+            pending.done.set()
 
-    def wait(self, collective: bool = True) -> None:
-        """Finish an async save in flight (write and commit). ``collective``: every rank calls it at this point,
-        so they also agree on whether it succeeded."""
+    def wait(self, collective: bool = True) -> float:
+        """Finish an async save in flight (write, hashing and commit); returns the seconds spent waiting.
+        ``collective``: every rank calls it at this point, so they also agree on whether it succeeded."""
         pending, self._pending = self._pending, None
         if pending is None:
-            return
-        ok = True
-        try:
-            pending.future.result()
-        except BaseException as err:  # noqa: BLE001
-            ok = False
-            pending.error = pending.error or err
-        if self.info.is_main:
-            pending.committed.wait()
-            ok = pending.error is None
-            if not ok:
-                self.log.error(f"checkpoint: async save of step {pending.step} failed: {_first_line(pending.error)}; "
-                               f"the previous checkpoint stays the latest")
+            return 0.0
+        began = time.perf_counter()
+        pending.done.wait()
+        ok = pending.error is None
+        if self.info.is_main and not ok:
+            self.log.error(f"checkpoint: async save of step {pending.step} failed: {_first_line(pending.error)}; "
+                           f"the previous checkpoint stays the latest")
         if collective:
-            ok = bool(dist.broadcast_object(ok))
-        self._last_save_time = time.monotonic()
+            ok = bool(dist.broadcast_object(ok))  # rank 0 committed, or did not: its word
         if not ok and self.last_saved_step == pending.step:
             self.last_saved_step = None
+        return time.perf_counter() - began
 
     def close(self) -> None:
         """Let an async save in flight finish (so the final checkpoint is complete before the process exits)."""
@@ -281,19 +376,43 @@ class Checkpointer:
 
     # --- resuming ----------------------------------------------------------------------------------
     def resolve(self, resume: str) -> Optional[Path]:
-        """The checkpoint ``train.resume`` selects (auto | never | PATH), validated on rank 0; same on all ranks."""
+        """The checkpoint ``train.resume`` selects (auto | never | PATH), validated; the same on all ranks.
+
+        Collective: rank 0 lists the candidates and checks each one's manifest, files and sizes; every rank hashes
+        its share of the files (``manifest.share_of``: the files its rank wrote), so the verification takes a
+        1/world share of the time on every rank at once and no rank waits on another's hashing.
+        """
         if resume == "never":
             return None
-        outcome: Any = None
+        plan: Any = None
         if self.info.is_main:
             try:
-                outcome = ("ok", self._choose(resume))
+                plan = ("ok", *self._candidates(resume))
             except CheckpointError as err:
-                outcome = ("error", str(err), err.key)
-        outcome = dist.broadcast_object(outcome)
-        if outcome[0] == "error":
-            raise CheckpointError(outcome[1], key=outcome[2])
-        return Path(outcome[1]) if outcome[1] else None
+                plan = ("error", str(err), err.key)
+        plan = dist.broadcast_object(plan)
+        if plan[0] == "error":
+            raise CheckpointError(plan[1], key=plan[2])
+        _, candidates, strict = plan
+        skipped: List[tuple] = []
+        for path in map(Path, candidates):
+            reason = self._verify(path)
+            if reason is None:
+                if skipped and self.info.is_main:
+                    self.log.warning(f"resume: {describe_fallback(skipped, path)}")
+                return path
+            if strict:
+                raise CheckpointError(f"train.resume={resume!r} is not a valid checkpoint: {reason}. Resume from "
+                                      f"another one (`distrain ckpt ls` lists them) or use train.resume=auto.",
+                                      key="train.resume")
+            skipped.append((path.name, reason))
+        if resume == "auto":
+            if skipped and self.info.is_main:
+                self.log.warning(f"resume: {describe_fallback(skipped, None)}, starting from step 0")
+            return None
+        raise CheckpointError(f"train.resume={resume!r} holds no valid checkpoint"
+                              + (f" (invalid: {describe_skipped(skipped)})" if skipped else "")
+                              + f". Use auto, never, or {PATH_HELP}.", key="train.resume")
 
     def resolve_path(self, path: Path) -> Path:
         """A validated checkpoint directory from a checkpoint, checkpoints or run directory; same on all ranks."""
@@ -302,34 +421,29 @@ class Checkpointer:
             raise CheckpointError(f"{str(path)!r} is not a checkpoint path; give {PATH_HELP}.")
         return found
 
-    def _choose(self, resume: str) -> Optional[str]:
+    def _candidates(self, resume: str) -> tuple:
+        """Rank 0: (checkpoint paths to try, newest first; whether the first must be valid)."""
         if resume == "auto":
-            found, skipped = newest_valid(self.root)
-            if skipped:
-                self.log.warning(f"resume: skipped invalid checkpoint(s) {describe_skipped(skipped)}; "
-                                 + (f"falling back to {found.name}" if found else "no valid checkpoint is left, "
-                                    "starting from step 0"))
-            return str(found) if found else None
+            return [str(p) for _, p in reversed(committed(self.root))], False
         path = Path(resume)
         if not path.exists():
             raise CheckpointError(f"train.resume={resume!r} does not exist. Use auto, never, or {PATH_HELP}.",
                                   key="train.resume")
         if is_checkpoint_dir(path):
-            reason = problem(path)
-            if reason:
-                raise CheckpointError(f"train.resume={resume!r} is not a valid checkpoint: {reason}. Resume from "
-                                      f"another one (`distrain ckpt ls` lists them) or use train.resume=auto.",
-                                      key="train.resume")
-            return str(path)
-        found, skipped = newest_valid(checkpoints_dir_of(path))
-        if found is None:
-            raise CheckpointError(f"train.resume={resume!r} holds no valid checkpoint"
-                                  + (f" (invalid: {describe_skipped(skipped)})" if skipped else "")
-                                  + f". Use auto, never, or {PATH_HELP}.", key="train.resume")
-        if skipped:
-            self.log.warning(f"resume: skipped invalid checkpoint(s) {describe_skipped(skipped)}; falling back to "
-                             f"{found.name}")
-        return str(found)
+            return [str(path)], True
+        return [str(p) for _, p in reversed(committed(checkpoints_dir_of(path)))], False
+
+    def _verify(self, path: Path) -> Optional[str]:
+        """Collective: why ``path`` is not an intact checkpoint, or None; every rank hashes its share of the files."""
+        head = dist.broadcast_object(structure_problem(path) if self.info.is_main else None)
+        reason, files = head
+        if reason is not None:
+            return reason
+        try:
+            mine = checksum_problem(path, files, share_of(files, self.info.rank, self.info.world_size))
+        except OSError as err:
+            mine = f"a file cannot be read ({err})"
+        return next((found for found in dist.all_gather_object(mine) if found), None)
 
     def load(self, path: Path) -> TrainerState:
         """Load model, optimizer, RNG and scaler state from ``path`` into this run (every rank); returns the
@@ -349,6 +463,8 @@ class Checkpointer:
         notes += self._restore_extras(path, state)
         self.last_saved_step = state.step
         self._last_save_time = time.monotonic()
+        self.run_id = state.run_id or self.run_id  # carry on this lineage: retention may delete its checkpoints
+        self._owns_unnamed = state.run_id is None  # a checkpoint from before lineages: its unnamed peers are ours
         self.log.info(f"resume: loaded {path} at step {state.step} (data epoch {state.data_epoch}, offset "
                       f"{state.data_offset}; saved at world size {state.world_size}, now {self.info.world_size})"
                       + "".join(f"; {n}" for n in notes))

@@ -26,8 +26,8 @@ def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any], where: s
         detail = "; ".join(f"{k}: {a.get(k, '<unset>')!r} in the checkpoint, {b.get(k, '<unset>')!r} now" for k in bad)
         raise CheckpointError(
             f"Cannot resume from {where}: the config changed in keys that shape the training trajectory ({detail}). "
-            f"A resume may change only {', '.join(RESUME_MAY_CHANGE)}. Restore those keys, start a new run "
-            f"(run.name=... or train.resume=never), or resume from another checkpoint (train.resume=PATH).",
+            f"A resume may change only {', '.join(RESUME_MAY_CHANGE)}. Restore those keys, start a new run under "
+            f"another run.name, or resume from another checkpoint (train.resume=PATH).",
             key=bad[0])
     notes = []
     a, b = flatten(saved), flatten(current)

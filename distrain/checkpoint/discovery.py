@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from distrain.checkpoint.layout import CHECKPOINTS, committed, is_checkpoint_dir, leftovers, read_latest
 from distrain.checkpoint.manifest import problem, read_manifest
@@ -31,9 +32,13 @@ def checkpoints_dir_of(path: Path) -> Path:
     return path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
 
 
-def resolve_checkpoint(path: Path, what: str = "PATH") -> Path:
+def resolve_checkpoint(path: Path, what: str = "PATH", report: Optional[Callable[[str], None]] = None) -> Path:
     """A validated checkpoint directory from a run dir, a checkpoints dir or a checkpoint dir; CheckpointError if
-    there is none (``what`` names the argument in the message)."""
+    there is none (``what`` names the argument in the message).
+
+    Falling back past invalid newer checkpoints is never silent: ``report`` (default: one line on stderr, rank 0)
+    hears which were skipped, why, and which one is used - as a resume says it.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{what} {str(path)!r} does not exist; give {PATH_HELP}.", key=what)
@@ -48,11 +53,31 @@ def resolve_checkpoint(path: Path, what: str = "PATH") -> Path:
     if found is None:
         detail = (" Invalid: " + "; ".join(f"{n} ({r})" for n, r in skipped) + ".") if skipped else ""
         raise CheckpointError(f"{what} {str(path)!r} holds no valid checkpoint.{detail} Give {PATH_HELP}.", key=what)
+    if skipped:
+        (report or _note)(f"{path}: {describe_fallback(skipped, found)}")
     return found
 
 
 def describe_skipped(skipped: List[Tuple[str, str]]) -> str:
     return ", ".join(f"{name} ({reason})" for name, reason in skipped)
+
+
+def describe_fallback(skipped: List[Tuple[str, str]], used: Optional[Path]) -> str:
+    """'skipped invalid checkpoint(s) A (why); falling back to B' - or '...; no valid checkpoint is left'."""
+    return (f"skipped invalid checkpoint(s) {describe_skipped(skipped)}; "
+            + (f"falling back to {used.name}" if used is not None else "no valid checkpoint is left"))
+
+
+def _note(message: str) -> None:
+    """One line on stderr, from rank 0 only (a tool may run on every rank of a torchrun job)."""
+    try:
+        from distrain.env import detect
+
+        speaks = detect().is_main
+    except Exception:  # a half-set launcher environment: say it rather than not
+        speaks = True
+    if speaks:
+        print(f"distrain: warning: {message}", file=sys.stderr)
 
 
 @dataclass

@@ -9,6 +9,7 @@
             engine/                  instead of dcp/: an engine's own checkpoint (DeepSpeed)
             model.safetensors        engine checkpoints only: consolidated weights, our portable format
         step_00000030.tmp-3f2a9c1e/  a save in progress (or one that was killed): never read
+        step_00000005.kept-9c1e3f2a/ another run's checkpoint that stood in this run's way: kept, never read
         latest                       the name of the newest committed checkpoint, replaced atomically
 """
 
@@ -43,6 +44,11 @@ def temp_name(step: int, token: str) -> str:
 
 def trash_name(step: int, token: str) -> str:
     return f"{step_name(step)}.trash-{token}"
+
+
+def kept_name(step: int, token: str) -> str:
+    """Where another run's checkpoint that stood in the way of this run's save is kept (never deleted, never read)."""
+    return f"{step_name(step)}.kept-{token}"
 
 
 def parse_step(name: str) -> Optional[int]:

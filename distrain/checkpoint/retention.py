@@ -1,4 +1,5 @@
-"""Retention: keep the last K checkpoints plus every one whose step is a multiple of M; delete the rest."""
+"""Retention: keep the last K checkpoints plus every one whose step is a multiple of M; delete the rest - of this
+run's checkpoints only (another run's are never touched)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterable, List, Set
+from typing import Callable, Iterable, List, Set
 
 from distrain.checkpoint.layout import committed, trash_name
 
@@ -20,13 +21,14 @@ def steps_to_keep(steps: Iterable[int], keep_last: int, keep_every: int) -> Set[
     return keep
 
 
-def apply_retention(root: Path, keep_last: int, keep_every: int) -> List[Path]:
-    """Delete committed checkpoints outside the kept set; returns what was deleted.
+def apply_retention(root: Path, keep_last: int, keep_every: int,
+                    owned: Callable[[Path], bool] = lambda path: True) -> List[Path]:
+    """Delete this run's (``owned``) committed checkpoints outside the kept set; returns what was deleted.
 
     Each victim is first renamed out of the committed namespace (one atomic rename), so a deletion cut short
     leaves a leftover that is never mistaken for a checkpoint, instead of a half-deleted one.
     """
-    found = committed(root)
+    found = [(step, path) for step, path in committed(root) if owned(path)]
     keep = steps_to_keep([s for s, _ in found], keep_last, keep_every)
     deleted = []
     for step, path in found:

@@ -38,6 +38,7 @@ class TrainerState:
     versions: Dict[str, str]
     reason: str = "manual"  # every | every_minutes | end | manual | preempt ...
     created: float = field(default_factory=time.time)
+    run_id: Optional[str] = None  # the lineage of checkpoints this belongs to (None: written before lineages)
     # The fp16 grad scaler is strategy state: Strategy.checkpoint_state puts it beside model and optimizer in DCP.
 
     def write(self, directory: Path) -> None:

@@ -15,9 +15,13 @@ from omegaconf import DictConfig
 
 @dataclass
 class RunConfig:
-    name: str = "run"  # the run directory is <dir>/<name>
+    name: str = "run"  # the run directory is <dir>/<name>; one plain directory name (no '/', not '.' or '..')
     dir: str = "runs"  # parent directory of the run directories
     seed: int = 0  # seeds model init and the data permutation; equal on every rank
+    # Rank 0 holds <run dir>/run.lock while the run lives (refreshed every 10 s), and a second run into the same
+    # directory is refused. A lock left by a killed process is reclaimed at once on the same host (its pid is
+    # gone); from another host, whose processes cannot be checked, once it has not been refreshed for this long.
+    lock_grace_s: float = 600.0
 
 
 @dataclass
@@ -63,6 +67,9 @@ class TrainConfig:
     log_every: int = 10  # steps between metrics records (and console lines)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
     resume: str = "auto"  # auto | never | PATH to a checkpoint
+    # A non-finite loss or gradient norm: stop (exit 1, naming the step) | skip_step (drop that step's update,
+    # on every rank alike) | warn (log it and go on). A checkpoint of non-finite weights is never committed.
+    on_nonfinite: str = "stop"
 
 
 @dataclass
@@ -151,6 +158,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "train.optimizer": ("sgd", "adam", "adamw"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.on_nonfinite": ("stop", "skip_step", "warn"),
     "dist.backend": ("auto", "gloo", "nccl"),
     "dist.device": ("auto", "cpu", "cuda"),
     "metrics.progress": ("auto", "bar", "plain", "none"),

@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator, List, Optional, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
-from distrain.config.schema import CHOICES, FAULT_SIGNALS, TRACKER_NAMES
+from distrain.config.schema import CHOICES, FAULT_SIGNALS, TRACKER_NAMES, Config
 from distrain.errors import ConfigError
 
 
@@ -20,8 +22,43 @@ def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"Config key '{key}' has value {value!r}; {allowed}.", key=key)
 
 
+def float_keys(cls: type = Config, prefix: str = "") -> Iterator[str]:
+    """Every config key the schema types as a float (or a list of floats), dotted."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from float_keys(tp, f"{prefix}{f.name}.")
+        elif tp in (float, Optional[float], List[float]):
+            yield f"{prefix}{f.name}"
+
+
+FLOAT_KEYS = tuple(float_keys())
+
+
+def _check_finite(cfg: DictConfig) -> None:
+    """No float knob means anything at inf or nan (a learning rate, a timeout, a grace period): refuse them all."""
+    for key in FLOAT_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if OmegaConf.is_list(value):
+            value = list(value)
+        values = value if isinstance(value, list) else [value]
+        _require(all(v is None or math.isfinite(v) for v in values), key, value,
+                 "it must be finite (inf and nan are not allowed)")
+
+
+def check_run_name(name: Any) -> None:
+    """run.name is one plain directory name inside run.dir: never '..', '.', an absolute path, or a path."""
+    plain = (isinstance(name, str) and name.strip() != "" and name not in (".", "..")
+             and not any(sep in name for sep in ("/", "\\", "\0")))
+    _require(plain, "run.name", name,
+             "it must be one plain directory name (not empty, not '.' or '..', no '/' or '\\'): the run directory is "
+             "run.dir/run.name, and nothing may be written outside it. Put parent directories in run.dir instead")
+
+
 def validate(cfg: DictConfig) -> None:
     """Range and choice checks that do not depend on the world size."""
+    _check_finite(cfg)
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         _require(value in choices, key, value, f"allowed values are {', '.join(choices)}")
@@ -56,8 +93,10 @@ def validate(cfg: DictConfig) -> None:
     _require(c.every_minutes >= 0, "checkpoint.every_minutes", c.every_minutes, "it must be zero (off) or positive")
     _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "it must be at least 1")
     _require(c.keep_every >= 0, "checkpoint.keep_every", c.keep_every, "it must be zero (off) or positive")
-    _require(bool(cfg.run.name) and "/" not in cfg.run.name, "run.name", cfg.run.name,
-             "it must be a non-empty name without '/'")
+    check_run_name(cfg.run.name)
+    _require(cfg.run.lock_grace_s >= 60, "run.lock_grace_s", cfg.run.lock_grace_s,
+             "it must be at least 60 seconds (the holder refreshes the lock every 10 s; a shorter grace could take "
+             "the lock of a live run on another host)")
     _require(cfg.metrics.peak_flops >= 0, "metrics.peak_flops", cfg.metrics.peak_flops, "it must be zero or positive")
     trackers = list(cfg.metrics.trackers)
     _require(all(t in TRACKER_NAMES for t in trackers) and len(set(trackers)) == len(trackers), "metrics.trackers",

@@ -51,7 +51,7 @@ def evaluate_checkpoint(path: Path, overrides: Sequence[str] = ()) -> Dict[str, 
               f"run.dir={run_dir}", "run.name=eval", "train.resume=never", "checkpoint.every=0",
               "checkpoint.every_minutes=0", "checkpoint.at_end=false", "checkpoint.async_save=false",
               "metrics.progress=none"]
-    weights, _ = read_checkpoint_weights(path)
+    weights, _ = read_checkpoint_weights(Path(name))  # the checkpoint _source chose (and reported, if it fell back)
     with Trainer(config, overrides=[*forced, *overrides]) as trainer:
         _load_full_weights(trainer, weights)
         if trainer.eval_data is None:

@@ -130,6 +130,17 @@ class Strategy:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    # True where the engine clips, measures the gradient norm and applies the update in one call (DeepSpeed): the
+    # norm is known only after step(), and a step cannot be skipped from outside (train.on_nonfinite=skip_step).
+    opaque_step = False
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients without an update (train.on_nonfinite=skip_step); called on every rank alike."""
+        if self._precision == "fp16":
+            self.step()  # fp16's loss scaler skips an update whose gradients are not finite, and lowers its scale
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
     def sync(self, step: int) -> None:
         """Synchronise parameters after the update, for strategies that do not sync gradients (local SGD)."""
 

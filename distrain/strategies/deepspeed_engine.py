@@ -57,6 +57,7 @@ def import_deepspeed() -> Any:
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
     engine_checkpoint = True
+    opaque_step = True  # engine.step() clips, measures the gradient norm and updates in one call
 
 
     @classmethod

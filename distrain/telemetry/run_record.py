@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -10,6 +11,17 @@ from pathlib import Path
 from typing import Any, Dict
 
 from distrain import __version__
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (nan, inf) replaced by None, at any depth: strict JSON can hold it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def versions() -> Dict[str, str]:
@@ -29,7 +41,8 @@ class RunRecord:
         self.data.update(fields)
         self.data["updated"] = time.time()
         tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        # Strict JSON (a diverged loss is null, never NaN): every JSON reader can parse run.json.
+        tmp.write_text(json.dumps(json_safe(self.data), indent=2, default=str, allow_nan=False))
         os.replace(tmp, self.path)  # atomic: a reader never sees half a file
 
     def start(self, world_size: int, plan: Dict[str, int], start_step: int) -> None:

@@ -7,13 +7,13 @@ a run that is still training is safe.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from distrain.errors import UsageError
+from distrain.training.run_lock import process_alive
 from distrain.telemetry.units import format_duration
 
 
@@ -123,31 +123,6 @@ class RunSummary:
 
     def as_dict(self) -> Dict[str, Any]:
         return dict(vars(self))
-
-
-def process_alive(pid: int, started: Optional[float]) -> bool:
-    """Whether ``pid`` on this host is still the process that started the run (not a later one with its number)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # someone else's process: it exists
-    birth = _process_start_time(pid)
-    # A pid reused by a process born after the run started is not the run (2 s of clock-tick slack).
-    return birth is None or started is None or birth <= started + 2.0
-
-
-def _process_start_time(pid: int) -> Optional[float]:
-    """Epoch seconds at which ``pid`` started, from /proc (Linux); None elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = int(fields[19])  # field 22 of stat: start time in clock ticks after boot
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
 
 
 def _config_value(path: Path, dotted: str) -> Any:

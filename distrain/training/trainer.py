@@ -6,9 +6,9 @@ factory), map-style Datasets and loss callable. It runs in a single process and 
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,12 +31,14 @@ from distrain.errors import ConfigError, DistributedError
 from distrain.faults import FaultTolerance
 from distrain.telemetry.flops import FlopsEstimate, flops_per_sample, peak_flops
 from distrain.telemetry.logs import setup_logging
+from distrain.training.divergence import DivergenceGuard
 from distrain.training.losses import LossFn, default_items, default_loss
 from distrain.training.objective import ItemsRule, MetricFn, Objective, forward_sample
 from distrain.telemetry.metrics import MetricsWriter
 from distrain.telemetry.progress import Progress
 from distrain.models import build_model
 from distrain.training.optim import lr_at
+from distrain.training.run_dir import claim_run_dir
 from distrain.telemetry.perf import StepTimer, Throughput, memory_kind, peak_memory_bytes
 from distrain.telemetry.run_record import RunRecord
 from distrain.strategies import StrategyContext, build_strategy, strategy_class
@@ -44,7 +46,21 @@ from distrain.strategies import StrategyContext, build_strategy, strategy_class
 ModelSource = Union[nn.Module, Callable[[], nn.Module], None]
 
 
+def _gives_run_dir_back_on_failure(init: Callable) -> Callable:
+    """A Trainer that fails to build releases its run directory's lock at once (not only when the process exits)."""
+    @functools.wraps(init)
+    def wrapper(self: "Trainer", *args: Any, **kwargs: Any) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            if getattr(self, "_run_lock", None) is not None:
+                self._run_lock.release()
+            raise
+    return wrapper
+
+
 class Trainer:
+    @_gives_run_dir_back_on_failure
     def __init__(self, config: ConfigSource = None, *, model: ModelSource = None, train_data: Optional[Dataset] = None,
                  loss_fn: Optional[LossFn] = None, eval_data: Optional[Dataset] = None,
                  overrides: Sequence[str] = (), collate_fn: Optional[CollateFn] = None,
@@ -80,6 +96,8 @@ class Trainer:
         self.run_dir = Path(self.cfg.run.dir) / self.cfg.run.name
         self._prepare_run_dir()
         self.log = setup_logging(self.run_dir, self.info.rank, console=self.cfg.metrics.progress != "none")
+        for note in self._run_lock.notes if self._run_lock else ():  # a stale lock reclaimed on the way in
+            self.log.warning(note)
 
         self.train_data, self.eval_data = self._datasets(train_data, eval_data)
         spec = getattr(self.train_data, "spec", None)
@@ -127,6 +145,9 @@ class Trainer:
                       f"{self.loader_options.describe()}")
         self.checkpointer = Checkpointer(self.run_dir, self.cfg, self.strategy, self.info, self.sampler,
                                          model_object=None if model is None else user_model, data_spec=spec)
+        self.divergence = DivergenceGuard(self.cfg.train.on_nonfinite, self.strategy, self.device,
+                                          self.cfg.train.precision, self.checkpointer.root, self.log)
+        self.checkpointer.before_save = self.divergence.settle  # a diverged step stops before any save
         resume_from = self.checkpointer.resolve(self.cfg.train.resume)  # auto | never | PATH, validated
         if resume_from is not None:
             self.step = self.checkpointer.load(resume_from).step
@@ -135,15 +156,9 @@ class Trainer:
 
     # --- setup helpers ---------------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
-        if self.info.is_main:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryFile(dir=self.run_dir):  # writable? (mkdir succeeds on a read-only dir)
-                    pass
-            except OSError as err:
-                raise ConfigError(f"Run directory '{self.run_dir}' (run.dir/run.name) cannot be written: "
-                                  f"{err.strerror}. Choose a writable run.dir.", key="run.dir") from None
-        dist.barrier()
+        """Rank 0 owns the run directory (its lock, held until close) before anything is written into it; a second
+        run, or a fresh start over an earlier run's checkpoints, is refused on every rank."""
+        self._run_lock = claim_run_dir(self.run_dir, self.cfg, self.info)
 
     def _record_config(self) -> None:
         """config.yaml of the run, written only once the run is sure to start: a refused resume (another model,
@@ -202,7 +217,10 @@ class Trainer:
             self._grad_norm = self.strategy.clip_grad_norm(self._train.grad_clip)
             if self._grad_norm is None and measure:  # logged without clipping too, on log steps only
                 self._grad_norm = self.strategy.grad_norm()
-            self.strategy.step()  # update: optimizer step on this rank's (shard of the) parameters
+            if self.divergence.allows_update(step + 1, loss, self._grad_norm):  # a non-finite loss: all ranks agree
+                self.strategy.step()  # update: optimizer step on this rank's (shard of the) parameters
+            else:
+                self.strategy.skip_step()  # train.on_nonfinite=skip_step
         with self.timer.phase("sync"):
             self.strategy.sync(step)  # sync: parameter averaging, for strategies that skip gradient sync
         return loss
@@ -271,6 +289,7 @@ class Trainer:
                 self.checkpointer.maybe_save(self.step)  # checkpoint.every / every_minutes (async if configured)
                 if self.step < total and self.faults.should_stop(self.step):  # a preemption signal: all ranks agree
                     break
+            self.divergence.settle()  # the last step's non-finite check, before the final save and status
             if self.faults.preempted:
                 self.save_checkpoint("preempted")
             elif cfg.checkpoint.at_end:
@@ -291,7 +310,8 @@ class Trainer:
                 writer.close("failed" if sys.exc_info()[0] else "preempted" if self.faults.preempted else "finished")
         final["wall_s"] = time.perf_counter() - started
         if record:
-            record.update(status="preempted" if self.faults.preempted else "finished", step=self.step, final=final)
+            record.update(status="preempted" if self.faults.preempted else "finished", step=self.step, final=final,
+                          nonfinite_steps=self.divergence.nonfinite_steps)
         if self.faults.preempted:
             final["preempted"] = True
             self.faults.after_checkpoint()  # rank 0 under SLURM: requeue; the next run resumes from that checkpoint
@@ -416,22 +436,26 @@ class Trainer:
     def close(self, failed: bool = False) -> None:
         """Release the strategy and, if this Trainer created it, the process group (no barrier after a failure:
         a peer may be gone)."""
-        self.faults.close()
-        self.checkpointer.close()  # first: an async save in flight still needs the process group
-        self.loader.close()  # DataLoader workers (persistent ones live until here)
-        if self._eval_loader is not None:
-            self._eval_loader.close()
-        self.strategy.teardown()
-        if self._owns_group:
-            if not failed:
-                dist.barrier()  # no rank tears the group down while a peer is still talking to it
-                # gloo's worker thread frees the barrier's work object just after waking us, and needs the GIL for
-                # it; if we dropped the group (its destructor joins that thread, holding the GIL) in that window,
-                # both would wait forever. Seen about once in 12 runs on a loaded machine; a short GIL-free sleep
-                # lets the worker finish first.
-                time.sleep(0.2)
-            dist.destroy_process_group()
-            self._owns_group = False
+        try:
+            self.faults.close()
+            self.checkpointer.close()  # first: an async save in flight still needs the process group
+            self.loader.close()  # DataLoader workers (persistent ones live until here)
+            if self._eval_loader is not None:
+                self._eval_loader.close()
+            self.strategy.teardown()
+            if self._owns_group:
+                if not failed:
+                    dist.barrier()  # no rank tears the group down while a peer is still talking to it
+                    # gloo's worker thread frees the barrier's work object just after waking us, and needs the GIL
+                    # for it; if we dropped the group (its destructor joins that thread, holding the GIL) in that
+                    # window, both would wait forever. Seen about once in 12 runs on a loaded machine; a short
+                    # GIL-free sleep lets the worker finish first.
+                    time.sleep(0.2)
+                dist.destroy_process_group()
+                self._owns_group = False
+        finally:
+            if getattr(self, "_run_lock", None) is not None:
+                self._run_lock.release()  # last: nothing of this run writes into the run directory any more
 
     def __enter__(self) -> "Trainer":
         return self
