@@ -128,7 +128,7 @@ def test_fresh_metrics_never_replace_an_earlier_runs_metrics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     stamp = int((tmp_path / "metrics.jsonl").stat().st_mtime)
     (tmp_path / f"metrics.{stamp}.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # kept by an earlier fresh start
-    writer = MetricsWriter(tmp_path, tensorboard=False, fresh=True)
+    writer = MetricsWriter(tmp_path, load_config(MLP), fresh=True)
     writer.close()
     kept = sorted(p.name for p in tmp_path.glob("metrics.*.jsonl"))
     assert kept == [f"metrics.{stamp}-1.jsonl", f"metrics.{stamp}.jsonl"]
