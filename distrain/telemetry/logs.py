@@ -14,9 +14,7 @@ def setup_logging(run_dir: Path, rank: int, console: bool) -> logging.Logger:
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
+    close_logging(logger)
     log_dir = run_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     file_handler = logging.FileHandler(log_dir / f"rank{rank}.log")
@@ -27,6 +25,13 @@ def setup_logging(run_dir: Path, rank: int, console: bool) -> logging.Logger:
         stream.setFormatter(logging.Formatter("[distrain] %(message)s"))
         logger.addHandler(stream)
     return logger
+
+
+def close_logging(logger: logging.Logger) -> None:
+    """Detach and close the logger's handlers (the log files stay)."""
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def get_logger() -> logging.Logger:

@@ -6,6 +6,7 @@ factory), map-style Datasets and loss callable. It runs in a single process and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -26,7 +27,7 @@ from distrain.env import detect
 from distrain.errors import ConfigError, DistributedError
 from distrain.faults import FaultTolerance
 from distrain.telemetry.flops import FlopsEstimate, flops_per_sample, peak_flops
-from distrain.telemetry.logs import setup_logging
+from distrain.telemetry.logs import close_logging, setup_logging
 from distrain.training.losses import LossFn, correct_and_count, default_loss
 from distrain.telemetry.metrics import MetricsWriter
 from distrain.telemetry.progress import Progress
@@ -43,6 +44,18 @@ class Trainer:
     def __init__(self, config: ConfigSource = None, *, model: ModelSource = None, train_data: Optional[Dataset] = None,
                  loss_fn: Optional[LossFn] = None, eval_data: Optional[Dataset] = None,
                  overrides: Sequence[str] = ()):
+        # What this Trainer acquires (process group, log file, engine, checkpoint group, threads) registers its
+        # release here as it is acquired; close() releases them newest first, and so does a failing __init__.
+        self._resources = contextlib.ExitStack()
+        self._clean_exit = False  # set by close(): only a clean exit waits for the peers before leaving the group
+        try:
+            self._set_up(config, model, train_data, loss_fn, eval_data, overrides)
+        except BaseException:
+            self._resources.close()
+            raise
+
+    def _set_up(self, config: ConfigSource, model: ModelSource, train_data: Optional[Dataset],
+                loss_fn: Optional[LossFn], eval_data: Optional[Dataset], overrides: Sequence[str]) -> None:
         self.cfg: DictConfig = load_config(config, overrides)
         self.info = detect()
         self.faults = FaultTolerance(self.cfg.faults, self.info)  # before the process group: flight recorder on
@@ -59,9 +72,7 @@ class Trainer:
                               f"strategy), or launch one process.", key="strategy.name")
         self._owns_group = dist.init_process_group(self.info, backend, self.device, self.cfg.dist.timeout_s,
                                                    local_group=strategy_cls.needs_process_group)
-        self.run_dir = Path(self.cfg.run.dir) / self.cfg.run.name
-        self._prepare_run_dir()
-        self.log = setup_logging(self.run_dir, self.info.rank, console=self.cfg.metrics.progress != "none")
+        self._resources.callback(self._leave_group)
 
         self.train_data, self.eval_data = self._datasets(train_data, eval_data)
         spec = getattr(self.train_data, "spec", None)
@@ -82,9 +93,15 @@ class Trainer:
                                      peak_flops(self.device, self.cfg.train.precision, self.cfg.metrics.peak_flops),
                                      self.info.world_size)
         self.timer = StepTimer(self.device)
+        # The run directory is written only now, once the data and the model are known to build.
+        self.run_dir = Path(self.cfg.run.dir) / self.cfg.run.name
+        self._prepare_run_dir()
+        self.log = setup_logging(self.run_dir, self.info.rank, console=self.cfg.metrics.progress != "none")
+        self._resources.callback(close_logging, self.log)
         ctx = StrategyContext(info=self.info, device=self.device, plan=self.plan, train=self.cfg.train,
                               seed=self.cfg.run.seed)
         self.strategy = build_strategy(self.cfg.strategy.name, ctx, self.cfg.strategy.kwargs)
+        self._resources.callback(self.strategy.teardown)  # before setup: a half-built engine is released too
         self.strategy.setup(user_model)
         self.step = 0  # optimizer steps completed
         self._grad_norm: Optional[torch.Tensor] = None
@@ -93,10 +110,12 @@ class Trainer:
                       f"{self.plan.micro_batch} x accum {self.plan.grad_accum} x world {self.plan.world_size}")
         self.checkpointer = Checkpointer(self.run_dir, self.cfg, self.strategy, self.info, self.sampler,
                                          model_object=None if model is None else user_model, data_spec=spec)
+        self._resources.callback(self.checkpointer.close)  # before the engine and the group: an async save needs both
         resume_from = self.checkpointer.resolve(self.cfg.train.resume)  # auto | never | PATH, validated
         if resume_from is not None:
             self.step = self.checkpointer.load(resume_from).step
         self._record_config()
+        self._resources.callback(self.faults.close)
         self.faults.start(self.log, self.cfg.dist.timeout_s, backend)  # preemption signals, hang watchdog
 
     # --- setup helpers ---------------------------------------------------------------------------------
@@ -345,21 +364,24 @@ class Trainer:
         self.log.info(f"rank {self.info.rank} holds {report} ({self.strategy.name})")
 
     def close(self, failed: bool = False) -> None:
-        """Release the strategy and, if this Trainer created it, the process group (no barrier after a failure:
-        a peer may be gone)."""
-        self.faults.close()
-        self.checkpointer.close()  # first: an async save in flight still needs the process group
-        self.strategy.teardown()
-        if self._owns_group:
-            if not failed:
-                dist.barrier()  # no rank tears the group down while a peer is still talking to it
-                # gloo's worker thread frees the barrier's work object just after waking us, and needs the GIL for
-                # it; if we dropped the group (its destructor joins that thread, holding the GIL) in that window,
-                # both would wait forever. Seen about once in 12 runs on a loaded machine; a short GIL-free sleep
-                # lets the worker finish first.
-                time.sleep(0.2)
-            dist.destroy_process_group()
-            self._owns_group = False
+        """Release what this Trainer acquired, newest first: the fault handlers, the checkpointer (an async save in
+        flight finishes first), the strategy's engine, the log file and, if this Trainer created it, the process
+        group (no barrier after a failure: a peer may be gone)."""
+        self._clean_exit = not failed
+        self._resources.close()
+
+    def _leave_group(self) -> None:
+        if not self._owns_group:
+            return
+        if self._clean_exit:
+            dist.barrier()  # no rank tears the group down while a peer is still talking to it
+            # gloo's worker thread frees the barrier's work object just after waking us, and needs the GIL for
+            # it; if we dropped the group (its destructor joins that thread, holding the GIL) in that window,
+            # both would wait forever. Seen about once in 12 runs on a loaded machine; a short GIL-free sleep
+            # lets the worker finish first.
+            time.sleep(0.2)
+        dist.destroy_process_group()
+        self._owns_group = False
 
     def __enter__(self) -> "Trainer":
         return self
