@@ -171,7 +171,8 @@ def build_datasets(name: str, kwargs: Dict[str, Any], eval_fraction: float
                           key=f"data.kwargs.{unknown[0]}")
     kwargs.setdefault("eval_fraction", eval_fraction)
     try:
-        train, evaluation = builder(**kwargs)
-    except TypeError as err:
+        call = inspect.signature(builder).bind(**kwargs)
+    except TypeError as err:  # the call itself does not fit; a TypeError raised inside the builder is its own
         raise ConfigError(f"data.kwargs {kwargs} do not fit dataset {name!r}: {err}.", key="data.kwargs") from None
+    train, evaluation = builder(*call.args, **call.kwargs)
     return train, (evaluation if len(evaluation) else None)

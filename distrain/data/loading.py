@@ -32,14 +32,21 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+# The key pairs a dict sample may name its input and target by, in the order they are looked for.
+SAMPLE_KEYS = (("input", "target"), ("x", "y"), ("inputs", "labels"))
+
+
 def split_input_target(batch: Any) -> tuple:
-    """(input, target) from a batch: a pair, or a dict with ``input``/``target`` (or ``x``/``y``) keys."""
+    """(input, target) from a batch: a pair, or a dict with one of the SAMPLE_KEYS pairs."""
     if isinstance(batch, (list, tuple)) and len(batch) == 2:
         return batch[0], batch[1]
     if isinstance(batch, dict):
-        for a, b in (("input", "target"), ("x", "y"), ("inputs", "labels")):
+        for a, b in SAMPLE_KEYS:
             if a in batch and b in batch:
                 return batch[a], batch[b]
-    raise TypeError("each sample must be an (input, target) pair or a dict with 'input' and 'target' keys; "
-                    f"got a batch of type {type(batch).__name__}")
+    pairs = ", ".join(f"'{a}'/'{b}'" for a, b in SAMPLE_KEYS)
+    got = f"a dict with keys {sorted(map(str, batch))}" if isinstance(batch, dict) else \
+        f"a batch of type {type(batch).__name__}"
+    raise TypeError(f"each sample must be an (input, target) pair or a dict with one of the key pairs {pairs}; "
+                    f"got {got}")
 

@@ -23,8 +23,10 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                get_logger().warning("metrics.tensorboard=true but tensorboard is not installed "
-                                     "(pip install tensorboard); writing metrics.jsonl only.")
+                from distrain.extras import install_hint
+
+                get_logger().warning(f"metrics.tensorboard=true but tensorboard is not installed "
+                                     f"({install_hint('tensorboard')}); writing metrics.jsonl only.")
             else:
                 self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 

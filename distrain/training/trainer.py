@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from distrain import dist
 from distrain.checkpoint import Checkpointer
-from distrain.config import ConfigSource, batch_plan, load_config, to_yaml
+from distrain.config import ConfigSource, batch_plan, load_config, surprises, to_yaml
 from distrain.data import GlobalStepSampler, build_datasets, fetch_batch, move_to, split_input_target
 from distrain.env import detect
 from distrain.errors import ConfigError, DistributedError
@@ -108,6 +108,8 @@ class Trainer:
         self.log.info(f"rank {self.info.rank}/{self.info.world_size} ({self.info.source}) on {self.device}, "
                       f"strategy {self.strategy.name}, global batch {self.plan.global_batch} = micro "
                       f"{self.plan.micro_batch} x accum {self.plan.grad_accum} x world {self.plan.world_size}")
+        for line in surprises(self.cfg, has_eval_data=self.eval_data is not None):
+            self.log.warning(line)
         self.checkpointer = Checkpointer(self.run_dir, self.cfg, self.strategy, self.info, self.sampler,
                                          model_object=None if model is None else user_model, data_spec=spec)
         self._resources.callback(self.checkpointer.close)  # before the engine and the group: an async save needs both
