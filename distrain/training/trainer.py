@@ -64,6 +64,8 @@ class Trainer:
         # (OmegaConf validates on every access), which on a small model is several percent of the step.
         self._train = SimpleNamespace(**OmegaConf.to_container(self.cfg.train, resolve=True))
         strategy_cls = strategy_class(self.cfg.strategy.name)
+        dist.check_gpus_per_node(self.info.local_world_size, torch.cuda.device_count(), self.cfg.dist.backend,
+                                 self.cfg.dist.device)
         self.device = dist.resolve_device(self.cfg.dist.device, self.info)
         backend = dist.resolve_backend(self.cfg.dist.backend, self.device)
         if self.info.distributed and not strategy_cls.needs_process_group:
