@@ -26,11 +26,24 @@ class RunRecord:
         self.data: Dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def update(self, **fields: Any) -> None:
+        """Write the record with ``fields`` changed: a temporary file, then one atomic rename.
+
+        When the disk refuses the temporary file (full, quota), it is removed and run.json is rewritten in place,
+        compactly, in the blocks it already holds, so a run that fails on a full disk does not stay "running".
+        """
         self.data.update(fields)
         self.data["updated"] = time.time()
         tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        os.replace(tmp, self.path)  # atomic: a reader never sees half a file
+        try:
+            tmp.write_text(json.dumps(self.data, indent=2, default=str))
+            os.replace(tmp, self.path)  # atomic: a reader never sees half a file
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            if not self.path.exists():
+                raise
+            with open(self.path, "r+") as f:
+                f.write(json.dumps(self.data, separators=(",", ":"), default=str))
+                f.truncate()
 
     def start(self, world_size: int, plan: Dict[str, int], start_step: int) -> None:
         self.update(status="running", world_size=world_size, plan=plan, start_step=start_step, host=socket.gethostname(),

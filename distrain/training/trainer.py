@@ -248,8 +248,11 @@ class Trainer:
         except BaseException as err:
             failure = self.faults.explain(err, self.step)  # a stuck collective: which one, which step, who is missing
             if record:
-                record.update(status="failed" if not isinstance(err, KeyboardInterrupt) else "interrupted",
-                              step=self.step, error=failure or f"{type(err).__name__}: {err}")
+                try:
+                    record.update(status="failed" if not isinstance(err, KeyboardInterrupt) else "interrupted",
+                                  step=self.step, error=failure or f"{type(err).__name__}: {err}")
+                except OSError as record_err:  # e.g. the same full disk: the run's own error is the one to raise
+                    self.log.error(f"run.json could not record the failure: {record_err}")
             if failure:
                 raise DistributedError(failure) from err
             self.faults.abort_peers(err)
