@@ -335,13 +335,7 @@ class Trainer:
         return scores
 
     def _eval_batches(self, n: int) -> List[tuple]:
-        """This rank's contiguous share of the eval set in batches, padded so all ranks run as many batches."""
-        per_rank = math.ceil(n / self.info.world_size)
-        mine = list(range(self.info.rank * per_rank, min(n, (self.info.rank + 1) * per_rank)))
-        size = self.cfg.data.eval_batch
-        batches = [(mine[i:i + size], 1) for i in range(0, len(mine), size)]
-        needed = math.ceil(per_rank / size)
-        return batches + [([0], 0)] * (needed - len(batches))
+        return eval_batches(n, self.info.rank, self.info.world_size, self.cfg.data.eval_batch)
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def save_checkpoint(self, reason: str = "manual") -> Path:
@@ -382,11 +376,11 @@ class Trainer:
             return
         if self._clean_exit:
             dist.barrier()  # no rank tears the group down while a peer is still talking to it
-            # gloo's worker thread frees the barrier's work object just after waking us, and needs the GIL for
-            # it; if we dropped the group (its destructor joins that thread, holding the GIL) in that window,
-            # both would wait forever. Seen about once in 12 runs on a loaded machine; a short GIL-free sleep
-            # lets the worker finish first.
-            time.sleep(0.2)
+        # gloo's worker thread frees the last collective's work object (the barrier's; after a failure, e.g. the
+        # resume decision's broadcast) just after waking us, and needs the GIL for it; if we dropped the group (its
+        # destructor joins that thread, holding the GIL) in that window, both would wait forever. Seen about once
+        # in 12 runs on a loaded machine; a short GIL-free sleep lets the worker finish first.
+        time.sleep(0.2)
         dist.destroy_process_group()
         self._owns_group = False
 
@@ -395,3 +389,13 @@ class Trainer:
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self.close(failed=exc_type is not None)
+
+
+def eval_batches(n: int, rank: int, world_size: int, batch_size: int) -> List[tuple]:
+    """Rank ``rank``'s contiguous share of an eval set of ``n`` samples as (indices, weight) batches of at most
+    ``batch_size``, padded with weight-0 batches so every rank runs as many forwards (FSDP gathers in them)."""
+    per_rank = math.ceil(n / world_size)
+    mine = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
+    batches = [(mine[i:i + batch_size], 1) for i in range(0, len(mine), batch_size)]
+    needed = math.ceil(per_rank / batch_size)
+    return batches + [([0], 0)] * (needed - len(batches))
