@@ -130,6 +130,9 @@ def check_writable(out: Path) -> None:
     try:
         if out.is_dir():
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(out))
+        existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+        if not existing.is_dir():  # mkdir would only say "File exists"
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out.parent):
             pass
