@@ -406,6 +406,14 @@ def test_deepspeed_trains_in_one_process_without_a_launcher(tmp_path):
     assert "LOCAL_RANK" not in proc.stderr
 
 
+@pytest.mark.gpu
+def test_deepspeed_trains_in_one_process_on_a_gpu(tmp_path):
+    proc = run_cli(["train", GPT, "strategy.name=deepspeed", "train.steps=5", f"run.dir={tmp_path}",
+                    "metrics.progress=plain"], gpu=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0/1 (single) on cuda:0, strategy deepspeed" in proc.stderr
+
+
 @pytest.fixture
 def one_rank_group():
     """A one-rank gloo process group in this process (what Trainer makes for a single process), removed after."""
