@@ -58,8 +58,6 @@ def test_launch_refuses_more_nccl_ranks_than_visible_gpus():
 
 
 def test_far_more_workers_than_cpu_cores_are_warned():
-    assert cpu_oversubscription(4, 2) is None
-    assert "--nproc-per-node 5 starts 5 workers on 2 CPU core(s)" in cpu_oversubscription(5, 2)
     cpus = len(os.sched_getaffinity(0))
     # train.global_batch=1 stops the launch at the config check, after the warning and before any worker.
     proc = run_cli(["launch", "--nproc-per-node", str(2 * cpus + 1), QUICK, "train.global_batch=1",
@@ -67,6 +65,8 @@ def test_far_more_workers_than_cpu_cores_are_warned():
     assert proc.returncode == 2, proc.stderr[-2000:]
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("distrain: warning:")]
     assert len(warnings) == 1 and f"on {cpus} CPU core(s)" in warnings[0], proc.stderr
+    assert cpu_oversubscription(4, 2) is None
+    assert "--nproc-per-node 5 starts 5 workers on 2 CPU core(s)" in cpu_oversubscription(5, 2)
 
 
 # --- a multi-node launch whose other node never arrives ------------------------------------------------------

@@ -433,15 +433,17 @@ def test_a_deepspeed_engine_error_is_not_blamed_on_the_config(one_rank_group, mo
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     rejected = _build("strategy.name=deepspeed", "strategy.kwargs.config.zero_optimization.bogus=1")
-    with pytest.raises(ConfigError, match="rejected the generated config.*bogus"):
+    with pytest.raises(ConfigError, match="(?s)rejected the generated config.*bogus"):
         rejected.setup(nn.Linear(2, 2))
     rejected.teardown()  # as Trainer does on every path
-    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")  # another launcher's local rank: DeepSpeed refuses
+    assert "LOCAL_RANK" not in os.environ  # set for DeepSpeed, removed again: a later Trainer is not "under torchrun"
+    # Two launchers' local ranks that disagree: DeepSpeed's engine refuses to start.
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")
     failed = _build("strategy.name=deepspeed")
     with pytest.raises(AssertionError, match="OMPI_COMM_WORLD_LOCAL_RANK"):
         failed.setup(nn.Linear(2, 2))
     failed.teardown()
-    assert "LOCAL_RANK" not in os.environ  # set for DeepSpeed, removed again: a later Trainer is not "under torchrun"
 
 
 def test_accelerate_accumulate_context_is_left_when_its_check_fails():
@@ -461,7 +463,9 @@ def test_accelerate_accumulate_context_is_left_when_its_check_fails():
         finally:
             events.append("exit")
 
+    inner = accumulate()  # held here: a generator dropped unfinished would be closed by the garbage collector
+    checked = _CheckedAccumulate(inner, SimpleNamespace(sync_gradients=True), last_micro_step=False)
     with pytest.raises(RuntimeError, match="drifted"):
-        with _CheckedAccumulate(accumulate(), SimpleNamespace(sync_gradients=True), last_micro_step=False):
+        with checked:
             events.append("body")  # never runs: the check fails on entry
     assert events == ["enter", "exit"]
