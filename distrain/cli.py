@@ -86,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         return int(args.handler(args) or 0)
     except DistrainError as err:
-        if _should_report() or isinstance(err, DistributedError):  # a distributed failure differs per rank
+        if should_report() or isinstance(err, DistributedError):  # a distributed failure differs per rank
             print(f"distrain: error: {_paragraph(str(err))}", file=sys.stderr)
         _record_for_launcher(err)
         return err.exit_code
@@ -130,7 +130,7 @@ def _record_for_launcher(err: BaseException) -> None:
         record_error_file(err)
 
 
-def _should_report() -> bool:
+def should_report() -> bool:
     """Under a launcher every rank hits the same config error: let rank 0 alone say it.
 
     Unless the launcher variables themselves are broken (a rank outside [0, world), a world without a rank 0

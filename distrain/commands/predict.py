@@ -23,8 +23,12 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from distrain.env import detect
     from distrain.errors import UsageError
     from distrain.inference import generate_text, load, predict_samples, unknown_characters
+
+    if not detect().is_main:  # started under a launcher: one process answers, the others have nothing to add
+        return 0
 
     if args.tokens < 0:
         raise UsageError(f"--tokens {args.tokens} is not allowed: it must be 0 or more.")

@@ -62,5 +62,8 @@ if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
     except DistrainError as err:
-        print(f"distrain verify worker: error: {err}", file=sys.stderr)
+        from distrain.cli import should_report
+
+        if should_report():  # every rank hits the same error; rank 0 says it
+            print(f"distrain verify worker: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
