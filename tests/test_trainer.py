@@ -87,3 +87,13 @@ def test_warmup_longer_than_training_and_eval_every_without_eval_data_are_warned
     assert "[distrain] warning: train.warmup_steps=10 is more than train.steps=2" in err
     assert "[distrain] warning: train.eval_every=1, but there is no eval data" in err
     assert len([line for line in err.splitlines() if "warning:" in line]) == 2
+
+
+@pytest.mark.gpu
+def test_a_refused_start_on_nccl_leaves_no_unreleased_group_warning(tmp_path):
+    """On NCCL torch warns at exit about a process group nobody destroyed; a refused resume must not leave one."""
+    from conftest import run_cli
+
+    proc = run_cli(["train", QUICK, f"run.dir={tmp_path}", "train.resume=/nonexistent"], gpu=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "destroy_process_group" not in proc.stderr and "Traceback" not in proc.stderr
