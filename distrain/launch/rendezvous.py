@@ -27,13 +27,14 @@ class _JoinedFilter(logging.Filter):
     """On torch's rendezvous logger: notices the "has joined round" record, and lets through only what the
     logger's own level would have (its level is lowered to INFO to see that record at all)."""
 
-    def __init__(self, joined: threading.Event, level: int):
+    def __init__(self, joined: threading.Event, wake: threading.Event, level: int):
         super().__init__()
-        self.joined, self.level = joined, level
+        self.joined, self.wake, self.level = joined, wake, level
 
     def filter(self, record: logging.LogRecord) -> bool:
         if "has joined round" in record.getMessage():
             self.joined.set()
+            self.wake.set()
         return record.levelno >= self.level
 
 
@@ -49,9 +50,10 @@ class WaitingForNodes:
         self.out = out or sys.stderr
         self.joined = threading.Event()
         self._done = threading.Event()
+        self._wake = threading.Event()  # set when every node has joined, or when the launch ends
         self._logger = logging.getLogger(RENDEZVOUS_LOGGER)
         self._level = self._logger.level
-        self._filter = _JoinedFilter(self.joined, self._logger.getEffectiveLevel())
+        self._filter = _JoinedFilter(self.joined, self._wake, self._logger.getEffectiveLevel())
         self._thread: Optional[threading.Thread] = None
 
     def _say(self, text: str) -> None:
@@ -71,9 +73,12 @@ class WaitingForNodes:
     def _progress(self) -> None:
         started = time.monotonic()
         interval = progress_interval(self.join_timeout_s)
-        while not self._done.wait(interval):
+        while True:
+            self._wake.wait(interval)
             if self.joined.is_set():
                 self._say("every node has joined; the workers start")
+                return
+            if self._done.is_set():
                 return
             waited = time.monotonic() - started
             if not self.hosts_store:
@@ -84,6 +89,7 @@ class WaitingForNodes:
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join()
         self._logger.removeFilter(self._filter)
