@@ -49,6 +49,13 @@ def test_a_users_error_that_mentions_a_timeout_or_a_socket_is_not_a_stuck_collec
     assert not is_communication_error(ValueError(GLOO_TIMEOUT))  # gloo raises RuntimeError, nothing else
 
 
+def test_gloos_error_carried_by_a_ddp_comm_hooks_future_is_a_communication_error():
+    """A DDP comm hook's future re-raises gloo's error after the TorchScript traceback of the hook."""
+    text = ("The following operation failed in the TorchScript interpreter.\nTraceback of TorchScript (most recent "
+            "call last):\n  /work/distrain/strategies/comm_hooks.py(22): <lambda>\nRuntimeError: " + GLOO_TIMEOUT)
+    assert is_communication_error(RuntimeError(text))
+
+
 # --- whom a failure blames ----------------------------------------------------------------------------------------
 def test_the_rank_behind_in_the_collective_sequence_is_named():
     beats = {0: beat(0, seq=12), 1: beat(1, seq=12), 2: beat(2, seq=11, age=9.0)}

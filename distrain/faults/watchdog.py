@@ -36,10 +36,11 @@ FLIGHT_RECORDER_ENV = "TORCH_FR_BUFFER_SIZE"
 FLIGHT_RECORDER_ENTRIES = 256  # only the newest entries matter here; a user's own setting wins
 ABORT_EXIT_CODE = 1
 
-# gloo raises a plain RuntimeError for a collective that timed out or lost its peer, whose text starts with the C++
+# gloo raises a plain RuntimeError for a collective that timed out or lost its peer, whose text carries the C++
 # source location inside gloo or c10d: "[.../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by
-# peer", "[...unbound_buffer.cc:78] Timed out waiting 3000ms for recv". NCCL and the stores raise Dist* errors.
-_COMM_ERROR = re.compile(r"^\[[^\]]*/(gloo|c10d)/[^\]]*\]")
+# peer", "[...unbound_buffer.cc:78] Timed out waiting 3000ms for recv" (at the start, or after the TorchScript
+# traceback of a DDP comm hook's future that carried it). NCCL and the stores raise Dist* errors.
+_COMM_ERROR = re.compile(r"\[[^\]\s]*/(gloo|c10d)/[^\]\s]*:\d+\]")
 
 
 def enable_flight_recorder() -> None:
@@ -90,7 +91,7 @@ def is_communication_error(err: BaseException) -> bool:
     names = {cls.__name__ for cls in type(err).__mro__}
     if names & {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}:
         return True
-    return type(err) is RuntimeError and bool(_COMM_ERROR.match(str(err).lstrip()))
+    return isinstance(err, RuntimeError) and bool(_COMM_ERROR.search(str(err)))
 
 
 @dataclass
