@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 import textwrap
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from distrain.errors import DistrainError, DistributedError, StorageError, UsageError
 
@@ -38,10 +38,22 @@ COMMAND_MODULES = [
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as a UsageError (one paragraph, exit 2) instead of its own exit."""
+    """argparse that reports usage errors as a UsageError (one paragraph, exit 2) instead of its own exit.
+
+    ``lazy_arguments``: a function that adds arguments only when this (sub)command is really parsed, for options
+    whose definition is expensive to import (`distrain bench`'s suites): every worker builds the whole parser.
+    """
+
+    lazy_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message}. Run `{self.prog} --help` for usage.")
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        add, self.lazy_arguments = self.lazy_arguments, None
+        if add is not None:
+            add(self)
+        return super().parse_known_args(args, namespace)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         return int(args.handler(args) or 0)
     except DistrainError as err:
-        if _should_report() or isinstance(err, DistributedError):  # a distributed failure differs per rank
+        if should_report() or isinstance(err, DistributedError):  # a distributed failure differs per rank
             print(f"distrain: error: {_paragraph(str(err))}", file=sys.stderr)
         _record_for_launcher(err)
         return err.exit_code
@@ -122,7 +134,7 @@ def _record_for_launcher(err: BaseException) -> None:
         record_error_file(err)
 
 
-def _should_report() -> bool:
+def should_report() -> bool:
     """Under a launcher every rank hits the same config error: let rank 0 alone say it.
 
     Unless the launcher variables themselves are broken (a rank outside [0, world), a world without a rank 0

@@ -34,6 +34,26 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
+def check_gpus_per_node(processes: int, visible_gpus: int, backend: str, device: str) -> None:
+    """Refuse more NCCL ranks on a node than it has visible GPUs, before any of them starts.
+
+    NCCL gives every rank a GPU of its own; two ranks on one GPU die in their first collective ("Duplicate GPU
+    detected"). gloo can share a GPU between processes. ``backend`` and ``device`` are the config's settings
+    (auto included); ``visible_gpus`` is what this node shows (torch.cuda.device_count()).
+    """
+    uses_cuda = device == "cuda" or (device == "auto" and visible_gpus > 0)
+    if not uses_cuda or backend == "gloo" or processes <= visible_gpus:
+        return
+    if visible_gpus == 0:
+        raise ConfigError(f"dist.device=cuda with {processes} process(es) on this node, but no CUDA device is "
+                          f"visible. Use dist.device=auto or cpu, or check CUDA_VISIBLE_DEVICES and the driver.",
+                          key="dist.device")
+    raise ConfigError(f"{processes} processes on this node would use NCCL, but it has {visible_gpus} visible GPU(s): "
+                      f"NCCL needs one GPU per process. Start at most {visible_gpus} process(es) per node "
+                      f"(--nproc-per-node {visible_gpus}), or set dist.backend=gloo to let processes share a GPU "
+                      f"(slower), or dist.device=cpu.", key="dist.backend")
+
+
 def init_process_group(info: ProcessInfo, backend: str, device: torch.device, timeout_s: float,
                        local_group: bool = True) -> bool:
     """Join the job's process group; returns True when this call created it (and so should destroy it).

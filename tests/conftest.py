@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,23 +14,34 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The test suite runs on the CPU with gloo on every machine, unless a test is about CUDA (marker `gpu`): with GPUs
+# visible, dist.device=auto would put every rank of a multi-rank test on NCCL, two of them on one GPU of a 1-GPU
+# machine. So this process and its children see no GPU; `gpu` tests pass gpu=True to give their children the GPUs.
+VISIBLE_GPUS = os.environ.get("CUDA_VISIBLE_DEVICES")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """The environment for a child process: no inherited launcher variables, one thread per process."""
+
+def child_env(extra: Optional[Dict[str, str]] = None, gpu: bool = False) -> Dict[str, str]:
+    """The environment for a child process: no inherited launcher variables, one thread per process, and no GPU
+    unless ``gpu`` (then the GPUs this test session was started with)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in
            ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    if gpu:
+        env.pop("CUDA_VISIBLE_DEVICES")
+        if VISIBLE_GPUS is not None:
+            env["CUDA_VISIBLE_DEVICES"] = VISIBLE_GPUS
     env.update(extra or {})
     return env
 
 
 def run_cli(args: Sequence[str], cwd: Optional[Path] = None, timeout: float = 300,
-            env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+            env: Optional[Dict[str, str]] = None, gpu: bool = False) -> subprocess.CompletedProcess:
     """`python -m distrain ARGS` in a child process; returns the completed process (text output)."""
     return subprocess.run([sys.executable, "-m", "distrain", *args], cwd=cwd or REPO, capture_output=True, text=True,
-                          timeout=timeout, env=child_env(env))
+                          timeout=timeout, env=child_env(env, gpu=gpu))
 
 
 def run_cli_here(args: Sequence[object], capsys) -> tuple:
@@ -57,3 +70,18 @@ def read_jsonl(path: Path) -> list:
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_count() -> int:
+    """CUDA devices this test session was started with (asked in a child: this process hides them)."""
+    if shutil.which("nvidia-smi") is None and not Path("/dev/nvidia0").exists():
+        return 0
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           capture_output=True, text=True, timeout=120, env=child_env(gpu=True))
+    return int(probe.stdout.strip() or 0) if probe.returncode == 0 else 0
+
+
+def pytest_runtest_setup(item) -> None:
+    if item.get_closest_marker("gpu") is not None and gpu_count() == 0:
+        pytest.skip("needs a CUDA GPU")

@@ -8,12 +8,17 @@ rank's memory report and comm byte count.
     torchrun --nproc-per-node W tests/strategy_worker.py OUT_DIR RUNS_JSON
 RUNS_JSON: [{"name": ..., "config": path, "overrides": [...], "worlds": [1, 2, 3]}, ...]; a run with
 "continues": NAME shares NAME's run directory and resumes from its latest checkpoint.
+
+A run that fails writes its error (``error.rank<R>.txt``) instead of its results and the next run starts: one
+broken strategy fails its own tests, not every test of the module. The watchdog is off here: its abort notice
+lives for the whole launch and would end the next run's ranks too.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import torch.distributed as torch_dist
@@ -38,24 +43,28 @@ def main(out_dir: Path, runs: list) -> None:
         run_name = f"{run.get('continues', run['name'])}-w{world}"
         overrides = list(run["overrides"]) + [f"run.dir={out_dir / 'runs'}", f"run.name={run_name}",
                                               f"train.resume={'auto' if 'continues' in run else 'never'}",
-                                              "checkpoint.at_end=false", "metrics.progress=none"]
-        cfg = load_config(run["config"], overrides)
-        key = json.dumps([cfg.data.name, dict(cfg.data.kwargs)], sort_keys=True)
-        if key not in datasets:
-            datasets[key] = build_datasets(cfg.data.name, cfg.data.kwargs, cfg.data.eval_fraction)[0]
-        recording = RecordingDataset(datasets[key])
-        with Trainer(cfg, train_data=recording, eval_data=None) as trainer:
-            final = trainer.fit()
-            weights = trainer.full_state_dict()
-            memory = dist.all_gather_object(trainer.memory_report())
-            comm = dist.all_gather_object(trainer.strategy.comm_bytes)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / f"indices.rank{rank}.json").write_text(json.dumps(recording.seen))
-            if rank == 0:
-                save_file({k: v.contiguous() for k, v in weights.items()}, str(run_dir / "weights.safetensors"))
-                (run_dir / "result.json").write_text(json.dumps({
-                    "loss": final["loss"], "grad_accum": trainer.plan.grad_accum, "world_size": world,
-                    "memory": memory, "comm_bytes": comm, "steps": trainer.step}))
+                                              "checkpoint.at_end=false", "metrics.progress=none",
+                                              "faults.watchdog=false", "dist.timeout_s=120"]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            cfg = load_config(run["config"], overrides)
+            key = json.dumps([cfg.data.name, dict(cfg.data.kwargs)], sort_keys=True)
+            if key not in datasets:
+                datasets[key] = build_datasets(cfg.data.name, cfg.data.kwargs, cfg.data.eval_fraction)[0]
+            recording = RecordingDataset(datasets[key])
+            with Trainer(cfg, train_data=recording, eval_data=None) as trainer:
+                final = trainer.fit()
+                weights = trainer.full_state_dict()
+                memory = dist.all_gather_object(trainer.memory_report())
+                comm = dist.all_gather_object(trainer.strategy.comm_bytes)
+                (run_dir / f"indices.rank{rank}.json").write_text(json.dumps(recording.seen))
+                if rank == 0:
+                    save_file({k: v.contiguous() for k, v in weights.items()}, str(run_dir / "weights.safetensors"))
+                    (run_dir / "result.json").write_text(json.dumps({
+                        "loss": final["loss"], "grad_accum": trainer.plan.grad_accum, "world_size": world,
+                        "memory": memory, "comm_bytes": comm, "steps": trainer.step}))
+        except Exception:  # noqa: BLE001 - reported by the run's own tests
+            (run_dir / f"error.rank{rank}.txt").write_text(traceback.format_exc())
         dist.barrier()
     torch_dist.destroy_process_group()
 

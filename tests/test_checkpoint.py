@@ -20,6 +20,7 @@ from conftest import REPO, run_cli_here
 from distrain.checkpoint.layout import committed, read_latest, step_name
 from distrain.checkpoint.manifest import problem
 from distrain.checkpoint.retention import steps_to_keep
+from distrain.config import load_config
 from distrain.errors import CheckpointError
 from distrain.training.trainer import Trainer
 
@@ -282,3 +283,30 @@ def test_export_eval_and_inspect_say_which_checkpoint_was_skipped_and_which_is_u
 
     code, out, err = run_cli_here(["ckpt", "inspect", run_dir], capsys)
     assert code == 0 and note in err and f"checkpoint: {run_dir / 'checkpoints' / step_name(5)}" in out
+
+
+# --- checkpoint compat as a pure function ----------------------------------------------------------------------
+def test_compat_accepts_what_may_change_and_names_every_key_that_may_not():
+    from distrain.checkpoint.compat import check_resume_config, differing_keys
+    from distrain.config import to_container
+
+    saved = to_container(load_config(None))
+    allowed = to_container(load_config(None, ["train.steps=500", "train.micro_batch=8", "run.name=other",
+                                              "dist.timeout_s=60", "checkpoint.every=5", "metrics.progress=none"]))
+    assert differing_keys(saved, allowed) == [] and check_resume_config(saved, allowed, "step_10") == []
+    changed = to_container(load_config(None, ["train.lr=0.5", "model.kwargs.hidden=3", "train.steps=500"]))
+    assert differing_keys(saved, changed) == ["model.kwargs", "model.kwargs.hidden", "train.lr"]
+    with pytest.raises(CheckpointError) as err:
+        check_resume_config(saved, changed, "step_10")
+    assert err.value.key == "model.kwargs"
+    assert "train.lr: 0.001 in the checkpoint, 0.5 now" in str(err.value) and "Cannot resume from step_10" in str(err.value)
+
+
+def test_compat_notes_a_cosine_schedule_that_now_decays_over_another_length():
+    from distrain.checkpoint.compat import check_resume_config
+    from distrain.config import to_container
+
+    saved = to_container(load_config(None, ["train.lr_schedule=cosine"]))
+    longer = to_container(load_config(None, ["train.lr_schedule=cosine", "train.steps=300"]))
+    assert check_resume_config(saved, longer, "x") == ["train.steps changed from 100 to 300: the cosine schedule now "
+                                                       "decays over the new length"]

@@ -76,3 +76,18 @@ def test_verify_passes_for_ddp_and_catches_a_strategy_that_skips_gradient_sync(r
                   env={"PYTHONPATH": str(repo / "tests")})
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "MISMATCH" in bad.stdout and "FAILED" in bad.stdout
+
+
+def test_building_the_parser_imports_no_benchmarks_and_leaves_sys_path_alone():
+    """Every worker builds the whole parser: `distrain bench`'s suites load only when bench itself runs."""
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    probe = ("import sys; before = list(sys.path); from distrain.cli import build_parser; build_parser(); "
+             "print('benchmarks.run' in sys.modules, sys.path == before)")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=child_env(), timeout=120)
+    assert proc.stdout.split() == ["False", "True"], proc.stderr
+    bench = run_cli(["bench", "--help"])
+    assert bench.returncode == 0 and "--smoke" in bench.stdout  # the suites' own options still show

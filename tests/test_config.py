@@ -88,3 +88,35 @@ def test_resolved_yaml_roundtrips_and_hash_ignores_volatile_keys():
     assert again == cfg
     assert config_hash(cfg) == config_hash(load_config(None, ["train.steps=9", "run.name=other"]))
     assert config_hash(cfg) != config_hash(load_config(None, ["train.lr=0.5"]))
+
+
+def test_config_hash_and_the_resume_check_agree_on_every_key():
+    """One list decides both: a key changes the hash exactly when a resume refuses to change it."""
+    from distrain.checkpoint.compat import differing_keys
+    from distrain.config import flatten, to_container
+
+    base = to_container(load_config(None))
+    leaves = list(flatten(base))
+    assert len(leaves) > 40  # every key of the schema, not a handful
+    for key in leaves + ["model.kwargs.hidden", "strategy.kwargs.stage", "data.kwargs.block_size"]:
+        changed = OmegaConf.to_container(OmegaConf.create(base))
+        node = changed
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = "<changed>"
+        refused = bool(differing_keys(base, changed))
+        rehashed = config_hash(OmegaConf.create(base)) != config_hash(OmegaConf.create(changed))
+        assert refused == rehashed, f"{key}: resume refuses it: {refused}, the config hash changes: {rehashed}"
+
+
+def test_surprising_settings_each_get_one_line():
+    from distrain.config import surprises
+
+    assert surprises(load_config(None), has_eval_data=True) == []
+    lines = surprises(load_config(None, ["train.warmup_steps=200", "train.steps=100", "train.lr=0.01",
+                                         "train.eval_every=10"]), has_eval_data=False)
+    assert lines == ["train.warmup_steps=200 is more than train.steps=100: the learning rate never reaches "
+                     "train.lr=0.01 (it ends at 0.005)",
+                     "train.eval_every=10, but there is no eval data (data.eval_fraction=0, or no eval_data passed "
+                     "to Trainer): nothing will be evaluated"]

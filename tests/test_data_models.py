@@ -73,3 +73,57 @@ def test_model_errors_name_the_key():
 def test_accuracy_only_for_class_logits():
     assert correct_and_count(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1])) == (1, 2)
     assert correct_and_count(torch.zeros(4, 1), torch.zeros(4, 1)) is None
+
+
+def test_an_error_inside_a_builder_is_the_builders_not_a_kwargs_mismatch(monkeypatch):
+    """A TypeError raised *inside* a builder is a bug in it, raised as is; only a call that does not fit the
+    builder's signature (a missing or unknown argument) is a config error about the kwargs."""
+    from distrain.data.datasets import DATASETS
+
+    train, _ = build_datasets("digits", {}, 0.2)
+
+    def buggy_model(spec, size: int = 3):
+        return None + size  # TypeError inside the builder
+
+    def needs_size(spec, size: int):
+        return torch.nn.Linear(64, size)
+
+    monkeypatch.setitem(MODELS, "buggy", buggy_model)
+    monkeypatch.setitem(MODELS, "needs-size", needs_size)
+    with pytest.raises(TypeError, match="NoneType"):
+        build_model("buggy", {}, train.spec)
+    with pytest.raises(ConfigError, match="do not fit model 'needs-size'.*size"):
+        build_model("needs-size", {}, train.spec)
+
+    def buggy_data(eval_fraction: float = 0.2):
+        return len(None), eval_fraction
+
+    def needs_path(path: str, eval_fraction: float = 0.2):
+        raise AssertionError("not reached")
+
+    monkeypatch.setitem(DATASETS, "buggy", buggy_data)
+    monkeypatch.setitem(DATASETS, "needs-path", needs_path)
+    with pytest.raises(TypeError, match="NoneType"):
+        build_datasets("buggy", {}, 0.2)
+    with pytest.raises(ConfigError, match="do not fit dataset 'needs-path'.*path"):
+        build_datasets("needs-path", {}, 0.2)
+
+
+@pytest.mark.parametrize("model, kwargs, key", [("mlp", {"hidden": -5}, "hidden"), ("mlp", {"depth": -1}, "depth"),
+                                                ("cnn", {"channels": 0}, "channels"), ("mlp", {"hidden": 2.5}, "hidden")])
+def test_builtin_model_sizes_out_of_range_name_the_key(model, kwargs, key):
+    train, _ = build_datasets("digits", {}, 0.2)
+    with pytest.raises(ConfigError, match=f"model.kwargs.{key}=") as err:
+        build_model(model, kwargs, train.spec)
+    assert err.value.key == f"model.kwargs.{key}"
+
+
+def test_a_dict_sample_error_lists_every_accepted_key_pair():
+    from distrain.data.loading import SAMPLE_KEYS, split_input_target
+
+    assert split_input_target({"x": 1, "y": 2}) == (1, 2) and split_input_target({"inputs": 1, "labels": 2}) == (1, 2)
+    with pytest.raises(TypeError) as err:
+        split_input_target({"image": 1, "label": 2})
+    for a, b in SAMPLE_KEYS:
+        assert f"'{a}'/'{b}'" in str(err.value)
+    assert "['image', 'label']" in str(err.value)

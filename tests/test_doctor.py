@@ -21,7 +21,8 @@ def test_doctor_reports_everything_and_measures_gloo_bandwidth():
     elapsed = time.monotonic() - started
     checks = {c["name"]: c for c in json.loads(proc.stdout)}
     assert EXPECTED <= set(checks), sorted(checks)
-    assert proc.returncode == (1 if any(c["status"] == "fail" for c in checks.values()) else 0)
+    # The machine that runs this suite can train distributed (the rest of the suite does): nothing fails, exit 0.
+    assert [c for c in checks.values() if c["status"] == "fail"] == [] and proc.returncode == 0, proc.stdout
     smoke = checks["gloo all_reduce (2 processes)"]
     assert smoke["status"] == "ok", smoke
     bandwidth = float(re.search(r"= ([0-9.]+) GB/s", smoke["detail"]).group(1))

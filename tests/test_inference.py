@@ -72,7 +72,9 @@ def test_eval_command_reproduces_trainer_evaluate(digits_run, tmp_path, capsys):
     # Under torchrun, sharded over 2 ranks and reduced.
     proc = run_torchrun(2, ["-m", "distrain", "eval", str(run_dir), "--json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout  # rank 0 alone prints the result
+    result = json.loads(lines[0])
     assert result["eval_loss"] == pytest.approx(scores["eval_loss"], rel=1e-6)
     assert result["eval_accuracy"] == scores["eval_accuracy"]
 
@@ -96,6 +98,10 @@ def test_text_sampling_from_export_matches_in_memory(tmp_path, capsys):
     assert distrain.generate_text(distrain.load_model(out), "import ", tokens=20, temperature=0) == greedy
     code, _, err = run_cli_here(["predict", out, "--index", "3"], capsys)
     assert code == 2 and "--prompt" in err
+    code, stdout, err = run_cli_here(["predict", out, "--prompt", "d\u00e9f \u2192 ", "--tokens", "3"], capsys)
+    assert code == 0 and stdout.startswith("d\x00f \x00 ")  # read as the unknown character, as before
+    assert err.splitlines() == ["distrain: warning: --prompt has 2 character(s) outside the model's vocabulary "
+                                "('\u00e9', '\u2192'); each is read as the unknown character."]
 
 
 def test_user_model_objects_load_with_load_weights(tmp_path):

@@ -87,3 +87,21 @@ def test_two_namespaces_match_the_single_node_run(two_hosts, single_node, tmp_pa
     assert diff <= 1e-5
     # Every step all-reduces every gradient between the two "hosts": that traffic crossed the veth pair.
     assert min(sent) > STEPS * param_bytes, (sent, param_bytes)
+
+
+def test_node_0_alone_says_what_it_waits_for_and_gives_up_in_one_paragraph(two_hosts, tmp_path):
+    """Node 1 never starts: node 0 (its own "host") names the rendezvous and the join timeout at once, shows
+    progress while it waits, and ends with one paragraph and exit 1 when the timeout passes, no traceback."""
+    ns, veth, addr = two_hosts[0]
+    cmd = ["ip", "netns", "exec", ns, *distrain_launch_node(0, addr, tmp_path / "runs")]
+    cmd[cmd.index(QUICKSTART):cmd.index(QUICKSTART)] = ["--join-timeout", "5"]
+    proc = subprocess.run(cmd, env=worker_env(tmp_path / "out", GLOO_SOCKET_IFNAME=veth), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "RendezvousTimeoutError" not in proc.stderr, proc.stderr[-3000:]
+    endpoint = f"{SUBNET}.1:{PORT}"
+    lines = proc.stderr.splitlines()
+    assert f"distrain launch: waiting for the other 1 node at the rendezvous {endpoint}, for up to 5 s " \
+           f"(--join-timeout)" in lines, proc.stderr
+    assert sum(line.startswith("distrain launch: still waiting") for line in lines) >= 2, proc.stderr
+    assert f"The rendezvous at {endpoint} did not complete within --join-timeout 5 s" in " ".join(proc.stderr.split())

@@ -71,3 +71,14 @@ def test_runs_ls_summarises_finished_runs(two_runs):
         assert row["final_loss"] == [r for r in records if "loss" in r][-1]["loss"]
         assert row["best_eval_loss"] == min(r["eval_loss"] for r in records if "eval_loss" in r)
         assert row["wall_s"] > 0
+
+
+def test_plot_without_matplotlib_names_the_extra_that_installs_it(two_runs, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from conftest import run_cli_here
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` finds when it is not installed
+    code, _, err = run_cli_here(["plot", two_runs / "w1", "--out", tmp_path / "runs.png"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "distrain plot needs matplotlib" in err and "pip install 'distrain[viz]'" in " ".join(err.split())

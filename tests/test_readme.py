@@ -23,5 +23,15 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert tests in ci_lines
 
 
-def test_constraints_pin_the_cpu_torch():
-    assert "torch==2.13.0" in (REPO / "constraints.txt").read_text()
+def test_the_constraints_pin_satisfies_the_packages_own_torch_requirement():
+    """`pip install -c constraints.txt -e .` must be solvable: the pinned torch is one pyproject.toml accepts."""
+    from packaging.requirements import Requirement
+
+    pins = [Requirement(line) for line in (REPO / "constraints.txt").read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+    torch_pin = next(p for p in pins if p.name == "torch")
+    pinned = next(iter(torch_pin.specifier)).version
+    # The dependencies list of pyproject.toml (tomllib is Python 3.11+; distrain supports 3.10).
+    dependencies = re.search(r"^dependencies = \[(.*?)^\]", (REPO / "pyproject.toml").read_text(), re.M | re.S).group(1)
+    needed = next(Requirement(d) for d in re.findall(r'"([^"]+)"', dependencies) if Requirement(d).name == "torch")
+    assert needed.specifier.contains(pinned), f"constraints.txt pins torch=={pinned}, pyproject.toml needs {needed}"

@@ -39,3 +39,26 @@ def test_seed_changes_order_and_is_reproducible():
     a, b = GlobalStepSampler(30, 6, seed=1), GlobalStepSampler(30, 6, seed=2)
     assert a.step_indices(0) != b.step_indices(0)
     assert a.step_indices(4) == GlobalStepSampler(30, 6, seed=1).step_indices(4)
+
+
+def test_a_sampler_is_freed_as_soon_as_it_is_dropped():
+    """Its epoch cache is its own: nothing (such as a class-wide lru_cache keyed by the sampler) keeps it alive."""
+    import gc
+    import weakref
+
+    sampler = GlobalStepSampler(num_samples=100, global_batch=12, seed=3)
+    sampler.step_indices(8)  # fills the cache (epoch 0 and 1)
+    ref = weakref.ref(sampler)
+    gc.disable()  # freed by reference counting alone, not by a later garbage collection
+    try:
+        del sampler
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_the_epoch_cache_stays_small():
+    sampler = GlobalStepSampler(num_samples=10, global_batch=10, seed=0)
+    orders = [sampler.step_indices(step) for step in range(20)]  # 20 epochs
+    assert len(sampler._orders) <= 4
+    assert orders[3] == sampler.step_indices(3)  # recomputed after eviction: the same permutation

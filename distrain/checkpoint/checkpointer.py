@@ -195,11 +195,11 @@ class Checkpointer:
             try:
                 self._commit(step, tmp, final, reason, started, gathered, blocked_s=None, waited_s=waited)
             except OSError as err:  # disk full, permissions: every rank must hear of it, not wait forever
-                failure = f"committing checkpoint step {step} ({tmp} -> {final}) failed: {err}"
+                failure = _commit_failure(err, step, tmp, final)
         # Nobody returns (and perhaps exits, on preemption) before the checkpoint is committed, and all agree on it.
         failure = dist.broadcast_object(failure)
         if failure:
-            raise CheckpointError(f"{failure}. The previous checkpoint stays the latest.")
+            raise StorageError(failure)  # runtime I/O (exit 1), as a failed write of the shards is
         self.last_saved_step = step
         self._last_save_time = time.monotonic()
         self.last_blocked_s = time.perf_counter() - loop_held
@@ -513,6 +513,15 @@ class Checkpointer:
         if stale:
             self.log.info(f"checkpoint: removed {len(stale)} uncommitted leftover(s) of an earlier run: "
                           f"{', '.join(p.name for p in stale)}")
+
+
+def _commit_failure(err: OSError, step: int, tmp: Path, final: Path) -> str:
+    """What to say when the commit's own writes (manifest, rename, ``latest``) fail: the storage's reason first."""
+    from distrain.storage import write_failure_hint
+
+    hint = write_failure_hint(tmp)
+    return (f"Committing checkpoint step {step} ({tmp} -> {final}) failed: {err}"
+            + (f", because {hint}" if hint else "") + ". The previous checkpoint stays the latest.")
 
 
 def _spec_dict(spec: Any) -> Optional[Dict[str, Any]]:

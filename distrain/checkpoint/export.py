@@ -9,7 +9,10 @@ also embedded in the file's own metadata so the file alone is enough to rebuild 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -93,18 +96,48 @@ def read_export_description(path: Path) -> Dict[str, Any]:
 def export_checkpoint(source: Path, out: Path) -> Tuple[Path, Path]:
     """Write the consolidated weights of ``source`` (checkpoint or run dir) to ``out`` (.safetensors) and the
     description to ``out`` with a .json suffix; returns both paths."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise CheckpointError(f"--out {str(out)!r} must end in .safetensors (the export format).", key="--out")
+    check_writable(out)
     weights, meta = read_checkpoint_weights(Path(source))
-    out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(meta, indent=1)
     # safetensors refuses tensors that share memory; a clone per tensor makes each its own (tied weights stay
     # tied by name in the model, which load_state_dict restores).
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}, str(out),
-              metadata={METADATA_KEY: text})
+    try:
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}, str(out),
+                  metadata={METADATA_KEY: text})
+    except SafetensorError as err:  # its Rust writer reports I/O failures without an errno
+        from distrain.errors import StorageError
+        from distrain.storage import write_failure_hint
+
+        hint = write_failure_hint(out)
+        raise StorageError(f"Writing the export {out} failed: {err}" + (f", because {hint}" if hint else "") + ".") \
+            from None
     sidecar = out.with_suffix(".json")
     sidecar.write_text(text + "\n")
     return out, sidecar
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an --out that cannot be written (under a file, a directory itself, no permission) before any work."""
+    from distrain.errors import UsageError
+    from distrain.storage import is_storage_error
+
+    try:
+        if out.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(out))
+        existing = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+        if not existing.is_dir():  # mkdir would only say "File exists"
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as err:
+        if is_storage_error(err) and err.errno != errno.EROFS:  # a full disk is a runtime failure (exit 1)
+            raise
+        raise UsageError(f"--out {str(out)!r} cannot be written: {err.strerror} ('{err.filename or out}'). Choose a "
+                         f"writable path ending in .safetensors.", key="--out") from None

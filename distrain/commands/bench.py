@@ -24,10 +24,14 @@ def _benchmarks_run():
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmark distrain against the raw engines; writes BENCHMARKS.md")
+    p.lazy_arguments = _add_suite_arguments  # imported only for `distrain bench`, not by every training worker
+    p.set_defaults(handler=run)
+
+
+def _add_suite_arguments(parser) -> None:
     runner = _benchmarks_run()
     if runner is not None:
-        runner.add_arguments(p)
-    p.set_defaults(handler=run)
+        runner.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,11 +21,11 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from distrain import dist
+    from distrain.env import detect
     from distrain.inference.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(Path(args.path), args.overrides)
-    if dist.rank() == 0 or not dist.world_size() > 1:
+    if detect().is_main:  # from the launcher's variables: the process group is gone by now, every rank looks alone
         if args.json:
             print(json.dumps(result))
         else:

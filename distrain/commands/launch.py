@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from distrain.commands import add_config_arguments
+from distrain.launch.rendezvous import DEFAULT_JOIN_TIMEOUT_S
 
 
 def register(sub) -> None:
@@ -20,6 +21,9 @@ def register(sub) -> None:
     p.add_argument("--rdzv-id", default=None, help="job id shared by all nodes (default $PET_RDZV_ID, else distrain)")
     p.add_argument("--local-addr", default=None, metavar="ADDR",
                    help="this node's address as the other nodes reach it (multi-node; default: its host name)")
+    p.add_argument("--join-timeout", type=int, default=DEFAULT_JOIN_TIMEOUT_S, metavar="SECONDS",
+                   help=f"multi-node: how long this node waits for the others at --rdzv-endpoint (default "
+                        f"{DEFAULT_JOIN_TIMEOUT_S})")
     p.add_argument("--max-restarts", type=int, default=None, metavar="K",
                    help="restart the worker group up to K times after a failure (resumes from the latest checkpoint; "
                         "default $PET_MAX_RESTARTS, else 0)")

@@ -4,6 +4,7 @@ sampled from a char-level model (--prompt, --tokens, --temperature), from a chec
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub) -> None:
@@ -22,8 +23,12 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from distrain.env import detect
     from distrain.errors import UsageError
-    from distrain.inference import generate_text, load, predict_samples
+    from distrain.inference import generate_text, load, predict_samples, unknown_characters
+
+    if not detect().is_main:  # started under a launcher: one process answers, the others have nothing to add
+        return 0
 
     if args.tokens < 0:
         raise UsageError(f"--tokens {args.tokens} is not allowed: it must be 0 or more.")
@@ -35,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
         if args.index:
             raise UsageError("--index is for classification/regression models; this is a language model: use "
                              "--prompt TEXT.")
+        outside = unknown_characters(args.prompt or "")
+        if outside:
+            print(f"distrain: warning: --prompt has {len(outside)} character(s) outside the model's vocabulary "
+                  f"({', '.join(map(repr, outside))}); each is read as the unknown character.", file=sys.stderr)
         text = generate_text(loaded.model, args.prompt if args.prompt is not None else "\n", tokens=args.tokens,
                              temperature=args.temperature, top_k=args.top_k, seed=args.seed,
                              block_size=loaded.spec.extra.get("block_size"))

@@ -6,9 +6,9 @@ from distrain.config.loading import load_config, to_container, to_yaml
 from distrain.config.schema import (CHOICES, FAULT_SIGNALS, CheckpointConfig, Config, ConfigSource, DataConfig,
                                     DistConfig, FaultsConfig, MetricsConfig, ModelConfig, RunConfig, StrategyConfig,
                                     TrainConfig)
-from distrain.config.validation import BatchPlan, batch_plan, check_job, validate
+from distrain.config.validation import BatchPlan, batch_plan, check_job, surprises, validate
 
 __all__ = ["CHOICES", "FAULT_SIGNALS", "BatchPlan", "CheckpointConfig", "Config", "ConfigSource", "DataConfig",
            "DistConfig", "FaultsConfig", "MetricsConfig", "ModelConfig", "RESUME_MAY_CHANGE", "RunConfig",
            "StrategyConfig", "TrainConfig", "batch_plan", "check_job", "config_hash", "flatten", "load_config",
-           "may_change_on_resume", "to_container", "to_yaml", "validate"]
+           "may_change_on_resume", "surprises", "to_container", "to_yaml", "validate"]

@@ -9,19 +9,32 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException, ValidationError
 
 from distrain.config.schema import Config, ConfigSource
 from distrain.config.validation import validate
 from distrain.errors import ConfigError
 
 
-def _describe_omegaconf_error(err: OmegaConfBaseException, origin: str) -> ConfigError:
+def _describe_omegaconf_error(err: OmegaConfBaseException, origin: str, layer: Any = None) -> ConfigError:
     """Turn an OmegaConf error into a ConfigError naming the dotted key and what is allowed."""
-    key = getattr(err, "full_key", None) or "?"
+    key = getattr(err, "full_key", None)
+    if not key:  # OmegaConf names no key when a whole section is given a plain value (`train=5`)
+        section = _section_given_a_value(layer)
+        if section is None:
+            return ConfigError(f"Config problem in {origin}: {_first_line(err)}", key="config")
+        name, value = section
+        return ConfigError(f"Config key '{name}' is a section, not a value ({value!r} in {origin}). Set the keys "
+                           f"inside it instead (for example {name}.{_allowed_keys(name)[0]}=...); keys in "
+                           f"'{name}': {', '.join(_allowed_keys(name))}.", key=name)
+    if isinstance(err, InterpolationResolutionError):
+        hint = (" An interpolation must name an existing key (e.g. ${model.name}) or a set environment variable "
+                "(${oc.env:VAR}, or ${oc.env:VAR,default}).") if "not found" in str(err) else ""
+        return ConfigError(f"Config key '{key}' in {origin} does not resolve: {_first_line(err)}.{hint}",
+                           key=str(key))
     if isinstance(err, ConfigKeyError) or "not in struct" in str(err) or "Key '" in str(err):
         parent, _, leaf = str(key).rpartition(".")
         allowed = _allowed_keys(parent)
@@ -30,11 +43,26 @@ def _describe_omegaconf_error(err: OmegaConfBaseException, origin: str) -> Confi
     if isinstance(err, ValidationError):
         value = getattr(err, "value", None)
         expected = _declared_type(str(key)) or getattr(err, "ref_type", None) or getattr(err, "object_type", None)
-        want = _type_name(expected) if expected is not None else "the declared type"
-        return ConfigError(
-            f"Config key '{key}' has value {value!r} in {origin}, which is not a valid {want}.", key=str(key)
-        )
-    return ConfigError(f"Config problem at '{key}' in {origin}: {err.msg if hasattr(err, 'msg') else err}", key=str(key))
+        want = f"a valid {_type_name(expected)}" if expected is not None else "of the declared type"
+        return ConfigError(f"Config key '{key}' has value {value!r} in {origin}, which is not {want}.", key=str(key))
+    return ConfigError(f"Config problem at '{key}' in {origin}: {_first_line(err)}", key=str(key))
+
+
+def _first_line(err: OmegaConfBaseException) -> str:
+    """OmegaConf's own message without the full_key/reference_type lines it appends."""
+    text = str(getattr(err, "msg", None) or err)
+    return " ".join(text.strip().splitlines()[0].split()) if text.strip() else type(err).__name__
+
+
+def _section_given_a_value(layer: Any) -> Optional[tuple]:
+    """(name, value) of a top-level section that ``layer`` sets to a plain value, or None."""
+    if not isinstance(layer, DictConfig):
+        return None
+    sections = OmegaConf.structured(Config)
+    for name in layer.keys():
+        if name in sections and isinstance(sections[name], DictConfig) and not isinstance(layer[name], DictConfig):
+            return str(name), OmegaConf.to_container(layer, resolve=False)[name]
+    return None
 
 
 def _declared_type(key: str) -> Any:
@@ -74,6 +102,10 @@ def _load_yaml(path: Union[str, os.PathLike]) -> DictConfig:
     except Exception as err:  # yaml.YAMLError and friends: report line/column, not a traceback
         detail = " ".join(str(err).split())
         raise ConfigError(f"Config file '{path}' is not valid YAML: {detail}", key="CONFIG") from None
+    if isinstance(loaded, DictConfig) and not loaded:
+        raise ConfigError(f"Config file '{path}' is empty (or holds only comments): it would train the built-in "
+                          f"defaults. Put the sections you mean in it (run, model, data, train, ...); "
+                          f"configs/quickstart.yaml is a complete example.", key="CONFIG")
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"Config file '{path}' must hold a mapping of sections (run, model, data, train, ...), "
                           f"not a {type(loaded).__name__}.", key="CONFIG")
@@ -114,8 +146,12 @@ def load_config(source: ConfigSource = None, overrides: Sequence[str] = ()) -> D
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as err:
-            raise _describe_omegaconf_error(err, origin) from None
+            raise _describe_omegaconf_error(err, origin, layer) from None
     OmegaConf.set_readonly(cfg, False)
+    try:
+        OmegaConf.resolve(cfg)  # every ${...} now, so one that does not resolve is a config error, not a traceback
+    except OmegaConfBaseException as err:
+        raise _describe_omegaconf_error(err, "the config") from None
     validate(cfg)
     return cfg
 

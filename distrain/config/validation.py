@@ -87,7 +87,8 @@ def validate(cfg: DictConfig) -> None:
              "rank, or null (chosen from the CPU count)")
     _require(d.prefetch_factor is None or d.prefetch_factor >= 1, "data.prefetch_factor", d.prefetch_factor,
              "it must be a positive number of micro-batches per worker, or null (enough for the next step)")
-    _require(cfg.dist.timeout_s > 0, "dist.timeout_s", cfg.dist.timeout_s, "it must be a positive number of seconds")
+    _require(0 < cfg.dist.timeout_s <= 1e9, "dist.timeout_s", cfg.dist.timeout_s,
+             "it must be a positive, finite number of seconds (at most 1e9)")
     c = cfg.checkpoint
     _require(c.every >= 0, "checkpoint.every", c.every, "it must be zero (off) or positive")
     _require(c.every_minutes >= 0, "checkpoint.every_minutes", c.every_minutes, "it must be zero (off) or positive")
@@ -110,6 +111,19 @@ def validate(cfg: DictConfig) -> None:
                    {str(n).upper().removeprefix("SIG") for n in f.signals})
     _require(not stray, "faults.requeue_signals", list(f.requeue_signals),
              f"every requeue signal must also be in faults.signals ({', '.join(stray)} is not)")
+
+
+def surprises(cfg: DictConfig, has_eval_data: bool) -> List[str]:
+    """Settings that are allowed but probably not what was meant: one line each, for the run to log as warnings."""
+    t = cfg.train
+    lines = []
+    if t.warmup_steps > t.steps:
+        lines.append(f"train.warmup_steps={t.warmup_steps} is more than train.steps={t.steps}: the learning rate "
+                     f"never reaches train.lr={t.lr:g} (it ends at {t.lr * t.steps / t.warmup_steps:.3g})")
+    if t.eval_every and not has_eval_data:
+        lines.append(f"train.eval_every={t.eval_every}, but there is no eval data (data.eval_fraction=0, or no "
+                     f"eval_data passed to Trainer): nothing will be evaluated")
+    return lines
 
 
 @dataclass(frozen=True)

@@ -291,8 +291,5 @@ def build_datasets(name: str, kwargs: Dict[str, Any], eval_fraction: float
     # The eval share is data.eval_fraction, not a kwarg of its own.
     kwargs = parse_options(builder, kwargs, "data.kwargs", f"dataset {name!r}", skip=("eval_fraction",))
     kwargs["eval_fraction"] = eval_fraction
-    try:
-        train, evaluation = builder(**kwargs)
-    except TypeError as err:
-        raise ConfigError(f"data.kwargs {kwargs} do not fit dataset {name!r}: {err}.", key="data.kwargs") from None
+    train, evaluation = builder(**kwargs)  # the options fit its signature: whatever it raises is its own
     return train, (evaluation if evaluation is not None and len(evaluation) else None)

@@ -41,20 +41,20 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-# Key pairs a Mapping batch may use for (input, target), in the order they are looked for.
-INPUT_TARGET_KEYS = (("input", "target"), ("x", "y"), ("inputs", "labels"))
+# The key pairs a Mapping sample may name its input and target by, in the order they are looked for.
+SAMPLE_KEYS = (("input", "target"), ("x", "y"), ("inputs", "labels"))
 
 
 def split_input_target(batch: Any) -> tuple:
-    """(input, target) from a batch: a pair, or a Mapping with ``input``/``target`` (or ``x``/``y``,
-    ``inputs``/``labels``) keys."""
+    """(input, target) from a batch: a pair, or a Mapping with one of the SAMPLE_KEYS pairs."""
     if isinstance(batch, (list, tuple)) and len(batch) == 2:
         return batch[0], batch[1]
     if isinstance(batch, Mapping):
-        for a, b in INPUT_TARGET_KEYS:
+        for a, b in SAMPLE_KEYS:
             if a in batch and b in batch:
                 return batch[a], batch[b]
-        raise TypeError(f"a Mapping batch with keys {sorted(batch)} has no (input, target) pair of keys: use "
-                        f"{', '.join(f'{a!r}/{b!r}' for a, b in INPUT_TARGET_KEYS)}")
-    raise TypeError("each sample must be an (input, target) pair or a Mapping with 'input' and 'target' keys; "
-                    f"got a batch of type {type(batch).__name__}")
+    pairs = ", ".join(f"'{a}'/'{b}'" for a, b in SAMPLE_KEYS)
+    got = f"a Mapping with keys {sorted(map(str, batch))}" if isinstance(batch, Mapping) else \
+        f"a batch of type {type(batch).__name__}"
+    raise TypeError(f"each sample must be an (input, target) pair or a Mapping with one of the key pairs {pairs}; "
+                    f"got {got}")

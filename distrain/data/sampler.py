@@ -8,8 +8,7 @@ continues on exactly the next sample.
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import List
+from typing import Dict, List
 
 import torch
 
@@ -22,13 +21,22 @@ class GlobalStepSampler:
         self.global_batch = global_batch
         self.seed = seed
         self.shuffle = shuffle
+        # The newest epochs' permutations (a step spans at most two). Per instance: a functools.lru_cache on the
+        # method would be one cache for the class, keyed by (self, epoch), keeping every sampler alive.
+        self._orders: Dict[int, torch.Tensor] = {}
 
-    @lru_cache(maxsize=4)
     def _epoch_order(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(self.num_samples)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_samples, generator=gen)
+        order = self._orders.get(epoch)
+        if order is None:
+            if self.shuffle:
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                order = torch.randperm(self.num_samples, generator=gen)
+            else:
+                order = torch.arange(self.num_samples)
+            if len(self._orders) >= 4:
+                self._orders.pop(next(iter(self._orders)))  # the oldest first
+            self._orders[epoch] = order
+        return order
 
     def epoch_and_offset(self, step: int) -> tuple:
         """Where step ``step`` starts in the stream: (epoch, offset within that epoch)."""

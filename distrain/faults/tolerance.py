@@ -124,3 +124,7 @@ class FaultTolerance:
             self.watchdog = None
         if self.preemption is not None:
             self.preemption.uninstall()
+        if self._group is not None:  # the gloo group of the stop agreement (NCCL runs)
+            if torch_dist.is_initialized():
+                torch_dist.destroy_process_group(self._group)
+            self._group = None

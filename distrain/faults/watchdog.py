@@ -36,9 +36,11 @@ FLIGHT_RECORDER_ENV = "TORCH_FR_BUFFER_SIZE"
 FLIGHT_RECORDER_ENTRIES = 256  # only the newest entries matter here; a user's own setting wins
 ABORT_EXIT_CODE = 1
 
-# Text of the errors gloo/NCCL/c10d raise when a collective times out or a peer goes away.
-_COMM_ERROR = re.compile(r"gloo|nccl|timed out|timeout|connection (closed|reset|refused)|broken pipe|socket|peer|"
-                         r"DistBackendError|DistNetworkError|DistStoreError", re.IGNORECASE)
+# gloo raises a plain RuntimeError for a collective that timed out or lost its peer, whose text carries the C++
+# source location inside gloo or c10d: "[.../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by
+# peer", "[...unbound_buffer.cc:78] Timed out waiting 3000ms for recv" (at the start, or after the TorchScript
+# traceback of a DDP comm hook's future that carried it). NCCL and the stores raise Dist* errors.
+_COMM_ERROR = re.compile(r"\[[^\]\s]*/(gloo|c10d)/[^\]\s]*:\d+\]")
 
 
 def enable_flight_recorder() -> None:
@@ -81,7 +83,11 @@ def _parse_ranks(value: Any) -> Optional[List[int]]:
 
 
 def is_communication_error(err: BaseException) -> bool:
-    """Whether ``err`` looks like a collective that timed out or lost a peer (not a bug in the user's code)."""
+    """Whether ``err`` was raised by the communication layer: a collective that timed out or lost a peer.
+
+    Only torch's own distributed errors and gloo's/c10d's C++ exceptions count; a RuntimeError of the user's code
+    that merely mentions a timeout, a socket or a peer is not a stuck collective.
+    """
     names = {cls.__name__ for cls in type(err).__mro__}
     if names & {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}:
         return True
@@ -249,7 +255,9 @@ class Watchdog:
             return int(self._store.add("abort/acks", 0)) + int(self._store.add("abort/count", 0)) - 1
 
     def _read_heartbeats(self) -> Dict[int, Optional[Heartbeat]]:
-        beats: Dict[int, Optional[Heartbeat]] = {rank: None for rank in range(self.info.world_size)}
+        """rank -> its heartbeat, or None when it never published one. A rank whose heartbeat could not be read
+        (the store stopped answering) is left out: unknown, not missing."""
+        beats: Dict[int, Optional[Heartbeat]] = {}
         for rank in range(self.info.world_size):
             try:
                 with self._lock:
@@ -262,7 +270,11 @@ class Watchdog:
 
 def explain(err: BaseException, completed: int, beats: Dict[int, Optional[Heartbeat]], world_size: int,
             timeout_s: float, interval_s: float, me: Optional[int] = None) -> str:
-    """Turn every rank's heartbeat into one paragraph: which collective, which step, who did not arrive."""
+    """Turn every rank's heartbeat into one paragraph: which collective, which step, who did not arrive.
+
+    ``beats``: rank -> heartbeat, None for a rank that never published one; a rank absent from it could not be
+    read (the store stopped answering) and is never blamed.
+    """
     now = time.time()
     stale_after = 3 * interval_s + 2.0
     timed_out = re.search(r"timed out|timeout", str(err), re.IGNORECASE) is not None
@@ -272,6 +284,8 @@ def explain(err: BaseException, completed: int, beats: Dict[int, Optional[Heartb
 
     def where(rank: int) -> str:
         beat = beats.get(rank)
+        if rank not in beats:
+            return f"rank {rank} (its heartbeat could not be read: the job's store stopped answering)"
         if beat is None:
             return f"rank {rank} (no heartbeat at all: it never started its watchdog, or died early)"
         age = now - beat.time
@@ -299,12 +313,18 @@ def explain(err: BaseException, completed: int, beats: Dict[int, Optional[Heartb
     known = {r: b for r, b in beats.items() if b is not None}
     behind = sorted(r for r, b in known.items() if b.step < max(x.step for x in known.values())) if known else []
     gone = [r for r, b in known.items() if _process_gone(b)]
-    silent = [r for r in range(world_size) if beats.get(r) is None or now - beats[r].time > stale_after]
+    silent = [r for r in beats if beats[r] is None or now - beats[r].time > stale_after]
     suspects = sorted(set(gone) | set(silent)) or behind
     if suspects:
         return (f"{name} {what} in step {completed + 1}: {_ranks(suspects)} did not arrive - "
                 f"{'; '.join(where(r) for r in suspects)}. Look at the missing rank's log "
                 f"(<run dir>/logs/rank{suspects[0]}.log). ({cause})")
+    unread = [r for r in range(world_size) if r not in beats]
+    if unread:
+        return (f"{name} {what} in step {completed + 1}. The job's store stopped answering while the ranks' "
+                f"heartbeats were read, so {_ranks(unread)} could not be checked; the ranks that could were all "
+                f"in it ({'; '.join(where(r) for r in sorted(known)) or 'none'}). Look at every rank's log "
+                f"(<run dir>/logs/). ({cause})")
     return (f"{name} {what} in step {completed + 1}, although every rank entered it "
             f"({'; '.join(where(r) for r in sorted(known))}): the network between the ranks, or the "
             f"communication backend, is stuck. ({cause})")
@@ -348,7 +368,7 @@ def _missing_ranks(beats: Dict[int, Optional[Heartbeat]], world_size: int):
             continue
         top = max(seqs.values())
         missing = sorted(r for r in members if r in seqs and seqs[r] < top)
-        missing += sorted(r for r in members if r not in seqs and (beats.get(r) is None))
+        missing += sorted(r for r in members if r not in seqs and r in beats and beats[r] is None)
         if missing:
             waiting = sorted(r for r, s in seqs.items() if s == top)
             candidates.append((pg, top, ops[top], waiting, sorted(set(missing))))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from distrain.checkpoint.export import read_checkpoint_weights
-from distrain.data.datasets import DataSpec, decode, encode
+from distrain.data.datasets import VOCAB, DataSpec, decode, encode
 from distrain.errors import CheckpointError, UsageError
 
 PathLike = Union[str, Path]
@@ -93,6 +93,11 @@ def classify(model: nn.Module, inputs: torch.Tensor) -> Tuple[torch.Tensor, torc
     probs = torch.softmax(model(inputs).float(), dim=-1)
     confidence, classes = probs.max(dim=-1)
     return classes, confidence
+
+
+def unknown_characters(text: str) -> List[str]:
+    """The distinct characters of ``text`` that the built-in char-level vocabulary lacks (read as the unknown one)."""
+    return sorted(set(text) - set(VOCAB))
 
 
 @torch.no_grad()

@@ -7,12 +7,14 @@ translates our flags into its arguments and its failures into one readable parag
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from distrain.errors import DistrainError, UsageError
+from distrain.errors import DistrainError, DistributedError, UsageError
+from distrain.launch.rendezvous import WaitingForNodes, timeout_message
 
 
 def _world_size(args: argparse.Namespace) -> int:
@@ -37,11 +39,13 @@ def torchrun_args(args: argparse.Namespace) -> List[str]:
             raise UsageError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node), so "
                              f"the nodes can find each other.")
         out += ["--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", args.rdzv_id]
+        conf = [f"join_timeout={args.join_timeout}"]
         if args.node_rank is not None:
             # Node 0 hosts the rendezvous store at --rdzv-endpoint. torch guesses that from the host name, which
             # fails when the endpoint is an address the name does not resolve to (containers, namespaces, NAT).
             # (c10d assigns the ranks itself: torchrun's own --node-rank would only be ignored, with a warning.)
-            out += ["--rdzv-conf", f"is_host={'true' if args.node_rank == 0 else 'false'}"]
+            conf.append(f"is_host={'true' if args.node_rank == 0 else 'false'}")
+        out += ["--rdzv-conf", ",".join(conf)]
         if getattr(args, "local_addr", None):
             out += ["--local-addr", args.local_addr]  # the workers' MASTER_ADDR when this node is rank 0
     else:
@@ -70,6 +74,23 @@ def root_cause(failures: Dict[int, Any]) -> Tuple[int, Any]:
                 _message(failure).startswith("DistributedError"), failure.timestamp)
 
     return min(failures.items(), key=key)
+
+
+def cpu_oversubscription(nproc_per_node: int, cpus: int) -> Optional[str]:
+    """A warning when a node starts far more workers than it has CPU cores (more than two per core), else None."""
+    if nproc_per_node <= 2 * cpus:
+        return None
+    return (f"--nproc-per-node {nproc_per_node} starts {nproc_per_node} workers on {cpus} CPU core(s): each gets "
+            f"a fraction of a core, so start-up and every step are slow and collectives may hit dist.timeout_s. "
+            f"Use at most {2 * cpus} (or one per GPU).")
+
+
+def _cpu_count() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or a job's share of the machine)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def check_rdzv_endpoint(endpoint: str) -> None:
@@ -125,14 +146,26 @@ def launch(args: argparse.Namespace) -> int:
                          f"(the number of worker processes on this node).")
     if args.max_restarts < 0:
         raise UsageError(f"--max-restarts {args.max_restarts} is not allowed: it must be 0 or more.")
+    if args.join_timeout < 1:
+        raise UsageError(f"--join-timeout {args.join_timeout} is not allowed: it must be at least 1 (seconds).")
     world = _world_size(args)
     if args.rdzv_endpoint is not None:
         check_rdzv_endpoint(args.rdzv_endpoint)
-    check_job(load_config(args.config, args.overrides), world)  # fail here, once, not in every worker
+    warning = cpu_oversubscription(args.nproc_per_node, _cpu_count())
+    if warning:
+        print(f"distrain: warning: {warning}", file=sys.stderr)
+    cfg = load_config(args.config, args.overrides)
+    check_job(cfg, world)  # fail here, once, not in every worker
+    import torch
+
+    from distrain.dist import check_gpus_per_node
+
+    check_gpus_per_node(args.nproc_per_node, torch.cuda.device_count(), cfg.dist.backend, cfg.dist.device)
 
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
 
     # The agent's rendezvous store outlives a restart, and with it the workers' process-group keys of the failed
     # attempt: a restarted rank can read a dead peer's address and fail to connect (pytorch/pytorch#135712).
@@ -141,8 +174,19 @@ def launch(args: argparse.Namespace) -> int:
     # torchrun would warn and pin 1 thread; share this node's cores between its workers instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc_per_node)))
     parsed = torchrun.get_args_parser().parse_args(torchrun_args(args))
+    multi_node = parsed.rdzv_backend == "c10d" and not parsed.standalone
+    waiting = WaitingForNodes(str(args.nnodes), args.rdzv_endpoint, args.join_timeout,
+                              hosts_store=args.node_rank in (None, 0)) if multi_node else None
     try:
-        torchrun.run(parsed)
+        with waiting or contextlib.nullcontext():
+            torchrun.run(parsed)
+    except RendezvousTimeoutError as err:
+        raise DistributedError(timeout_message(str(args.nnodes), args.rdzv_endpoint, args.join_timeout,
+                                               args.node_rank, str(err))) from None
+    except RendezvousError as err:  # e.g. node 0's store never answered a node that is not the host
+        raise DistributedError(f"The rendezvous at {args.rdzv_endpoint} failed: {' '.join(str(err).split())[:300]}. "
+                               f"Check that node 0 (--node-rank 0) runs `distrain launch` with the same "
+                               f"--rdzv-endpoint, and that the address is reachable from this node.") from None
     except ChildFailedError as err:
         codes = {failure.exitcode for failure in err.failures.values()}
         first_rank, first = root_cause(err.failures)

@@ -53,7 +53,15 @@ def build_model(name: str, kwargs: Dict[str, Any], spec: Optional[DataSpec]) -> 
         raise ConfigError(f"model.name={name!r} needs to know the data's shapes, but the dataset has no `spec`. "
                           f"Pass your own nn.Module with model=..., or use a built-in dataset.", key="model.name")
     try:
-        return builder(spec=spec, **kwargs)
-    except (ValueError, TypeError) as err:
+        return builder(spec=spec, **kwargs)  # the options fit its signature: a TypeError inside is its own
+    except ValueError as err:  # a builder's refusal of these kwargs or this data; anything else is its own bug
         raise ConfigError(f"model {name!r} cannot be built with model.kwargs={dict(kwargs)} on {spec.task} data: "
                           f"{err}", key="model.kwargs") from None
+
+
+def require_sizes(model: str, least: int = 1, **sizes: int) -> None:
+    """Refuse a size kwarg of a built-in model that is not an integer >= ``least``, naming model.kwargs.<name>."""
+    for key, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"model.kwargs.{key}={value!r} is not allowed for model {model!r}: it must be an "
+                              f"integer of at least {least}.", key=f"model.kwargs.{key}")

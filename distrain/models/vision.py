@@ -7,7 +7,7 @@ import math
 from torch import nn
 
 from distrain.data.datasets import DataSpec
-from distrain.models.registry import register_flops, register_model
+from distrain.models.registry import register_flops, register_model, require_sizes
 
 
 def _outputs(spec: DataSpec) -> int:
@@ -19,6 +19,8 @@ def mlp(spec: DataSpec, hidden: int = 128, depth: int = 2) -> nn.Module:
     """Flatten -> depth x (Linear, ReLU) -> Linear. Works on digits (classes) and regression (values)."""
     if spec.task not in ("classification", "regression"):
         raise ValueError("mlp needs classification or regression data (use lstm or gpt for text)")
+    require_sizes("mlp", hidden=hidden)
+    require_sizes("mlp", least=0, depth=depth)  # depth 0: a linear model
     layers = [nn.Flatten()]
     width = math.prod(spec.input_shape)
     for _ in range(depth):
@@ -33,6 +35,7 @@ def cnn(spec: DataSpec, channels: int = 32, hidden: int = 128) -> nn.Module:
     """Two 3x3 conv layers, a 2x2 max-pool and two linear layers; sized for 1x8x8 digits."""
     if spec.task != "classification" or len(spec.input_shape) != 3:
         raise ValueError("cnn needs image classification data shaped (channels, height, width), e.g. digits")
+    require_sizes("cnn", channels=channels, hidden=hidden)
     c, h, w = spec.input_shape
     return nn.Sequential(
         nn.Conv2d(c, channels, 3, padding=1), nn.ReLU(),

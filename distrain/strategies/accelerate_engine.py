@@ -142,8 +142,10 @@ class _CheckedAccumulate:
     def __enter__(self) -> None:
         self.inner.__enter__()
         if self.accelerator.sync_gradients != self.last:
-            raise RuntimeError(f"Accelerate's gradient sync ({self.accelerator.sync_gradients}) disagrees with the "
-                               f"trainer's last micro-step ({self.last}): its micro-step counter drifted")
+            drifted = RuntimeError(f"Accelerate's gradient sync ({self.accelerator.sync_gradients}) disagrees with "
+                                   f"the trainer's last micro-step ({self.last}): its micro-step counter drifted")
+            self.inner.__exit__(type(drifted), drifted, None)  # a context that was entered is always left
+            raise drifted
 
     def __exit__(self, *exc: Any) -> Optional[bool]:
         return self.inner.__exit__(*exc)

@@ -30,6 +30,7 @@ from typing import Any, ContextManager, Dict, List, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from distrain.env import ProcessInfo
 from distrain.errors import CheckpointError, ConfigError
 from distrain.training.optim import optimizer_kwargs
 from distrain.strategies.layout import FULL, SHARD, Layout
@@ -105,6 +106,7 @@ class DeepSpeedStrategy(Strategy):
         # SUM keeps W ranks equal to one rank; ZeRO-3 only offers the mean (see the module docstring).
         self.grad_reduction = "sum" if stage < 3 else "mean"
         self.engine: Any = None
+        self._set_local_rank = False
         self._last_micro_step = True
         self._norm = torch.full((), float("nan"))
 
@@ -143,16 +145,28 @@ class DeepSpeedStrategy(Strategy):
 
     def setup(self, model: nn.Module) -> None:
         deepspeed = import_deepspeed()
+        self._set_local_rank = _set_local_rank(self.ctx.info)  # removed again at teardown
         config = self.ds_config()
+        self._check_config(deepspeed, config)
         model = model.to(self.ctx.device)
         client_optimizer = None if "optimizer" in config else self._build_optimizer(model.parameters())
-        try:
-            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client_optimizer,
-                                                                     config=config, dist_init_required=False)
-        except (AssertionError, ValueError) as err:  # DeepSpeed's own config checks
-            raise ConfigError(f"DeepSpeed rejected the generated config (strategy.kwargs): {err}",
-                              key="strategy.kwargs") from None
+        # Past the config check, a failure is the engine's (a runtime error with DeepSpeed's own traceback).
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client_optimizer,
+                                                                 config=config, dist_init_required=False)
         self.model = self.engine
+
+    def _check_config(self, deepspeed: Any, config: Dict[str, Any]) -> None:
+        """DeepSpeed's own config parser, run on its own so that only its complaints become a ConfigError."""
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        # What deepspeed.initialize does first: wrap the existing process group (the parser reads its world size).
+        deepspeed.comm.init_distributed(dist_init_required=False, verbose=False)
+        try:
+            DeepSpeedConfig(config)
+        except (AssertionError, ValueError) as err:  # its batch asserts, pydantic's ValidationError
+            detail = " ".join(str(err).split())
+            raise ConfigError(f"DeepSpeed rejected the generated config (strategy.kwargs): {detail}",
+                              key="strategy.kwargs") from None
 
     # --- the step ----------------------------------------------------------------------------------
     # forward_context stays the base autocast: DeepSpeed's bf16/fp16 modes cast the module's weights, not its
@@ -288,6 +302,19 @@ class DeepSpeedStrategy(Strategy):
     def teardown(self) -> None:
         if self.engine is not None:
             self.engine.destroy()
+            self.engine = None
+        if self._set_local_rank:  # a later Trainer in this process must not mistake it for a launcher's
+            os.environ.pop("LOCAL_RANK", None)
+            self._set_local_rank = False
+
+
+def _set_local_rank(info: ProcessInfo) -> bool:
+    """LOCAL_RANK for a process started without a launcher: DeepSpeed reads it from the environment (at start-up
+    and, under ZeRO-3, while partitioning) even when the process group exists. True when this call set it."""
+    if "LOCAL_RANK" in os.environ:
+        return False
+    os.environ["LOCAL_RANK"] = str(info.local_rank)
+    return True
 
 
 def _not_dcp() -> CheckpointError:

@@ -10,23 +10,38 @@ LOGGER_NAME = "distrain"
 
 
 def setup_logging(run_dir: Path, rank: int, console: bool) -> logging.Logger:
-    """Log to ``run_dir/logs/rank{rank}.log`` on every rank, and to stderr on rank 0 when ``console``."""
+    """Log to ``run_dir/logs/rank{rank}.log`` on every rank, and to stderr on rank 0 (warnings only unless
+    ``console``)."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
+    close_logging(logger)
     log_dir = run_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     file_handler = logging.FileHandler(log_dir / f"rank{rank}.log")
     file_handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(message)s"))
     logger.addHandler(file_handler)
-    if console and rank == 0:
+    if rank == 0:  # without console output, warnings still reach it: they are about this run's settings
         stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(logging.Formatter("[distrain] %(message)s"))
+        stream.setFormatter(_ConsoleFormatter())
+        stream.setLevel(logging.INFO if console else logging.WARNING)
         logger.addHandler(stream)
     return logger
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """``[distrain] message``, with ``warning:`` / ``error:`` in front of what is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        return f"[distrain] {level}{record.getMessage()}"
+
+
+def close_logging(logger: logging.Logger) -> None:
+    """Detach and close the logger's handlers (the log files stay)."""
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def get_logger() -> logging.Logger:

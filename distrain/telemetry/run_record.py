@@ -38,12 +38,26 @@ class RunRecord:
         self.data: Dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def update(self, **fields: Any) -> None:
+        """Write the record with ``fields`` changed: a temporary file, then one atomic rename.
+
+        When the disk refuses the temporary file (full, quota), it is removed and run.json is rewritten in place,
+        compactly, in the blocks it already holds, so a run that fails on a full disk does not stay "running".
+        """
         self.data.update(fields)
         self.data["updated"] = time.time()
         tmp = self.path.with_suffix(".json.tmp")
         # Strict JSON (a diverged loss is null, never NaN): every JSON reader can parse run.json.
-        tmp.write_text(json.dumps(json_safe(self.data), indent=2, default=str, allow_nan=False))
-        os.replace(tmp, self.path)  # atomic: a reader never sees half a file
+        text = json.dumps(json_safe(self.data), indent=2, default=str, allow_nan=False)
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, self.path)  # atomic: a reader never sees half a file
+        except OSError:  # a full disk: no temporary file left behind, and the record still says what happened
+            tmp.unlink(missing_ok=True)
+            if not self.path.exists():
+                raise
+            with open(self.path, "r+") as f:
+                f.write(json.dumps(json_safe(self.data), separators=(",", ":"), default=str, allow_nan=False))
+                f.truncate()
 
     def start(self, world_size: int, plan: Dict[str, int], start_step: int) -> None:
         self.update(status="running", world_size=world_size, plan=plan, start_step=start_step, host=socket.gethostname(),

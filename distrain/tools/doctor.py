@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from distrain.extras import install_hint
+
 SMOKE_SIZES = (64 * 1024, 4 * 2**20, 16 * 2**20)  # bytes per all_reduce: latency-bound to bandwidth-bound
 SMOKE_ITERS = 5
 SMOKE_TIMEOUT_S = 20.0
@@ -172,7 +174,7 @@ def _versions() -> List[Check]:
                                 ("ray", "distrain ray", "ray"), ("matplotlib", "distrain plot", "viz")):
         version = _version(package)
         checks.append(Check(package, "ok", version) if version else
-                      Check(package, "info", "not installed", f"pip install 'distrain[{extra}]' (for {why})"))
+                      Check(package, "info", "not installed", f"{install_hint(package)} (for {why})"))
     return checks
 
 

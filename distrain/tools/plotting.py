@@ -39,9 +39,9 @@ def plot_runs(paths: Sequence[str], out: str, title: Optional[str] = None) -> Tu
         raise UsageError(f"--out {out}: the directory '{out_path.parent}' does not exist. Create it or choose "
                          f"another path.")
 
-    import matplotlib
+    from distrain.extras import import_optional
 
-    matplotlib.use("Agg")  # headless: never needs a display
+    import_optional("matplotlib", "distrain plot").use("Agg")  # headless: never needs a display
     import matplotlib.pyplot as plt
 
     supported = plt.figure().canvas.get_supported_filetypes()

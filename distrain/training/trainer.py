@@ -6,7 +6,7 @@ factory), map-style Datasets and loss callable. It runs in a single process and 
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
 import sys
 import time
@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from distrain import dist
 from distrain.checkpoint import Checkpointer
-from distrain.config import ConfigSource, batch_plan, load_config, to_yaml
+from distrain.config import ConfigSource, batch_plan, load_config, surprises, to_yaml
 from distrain.data import (EVAL_STEP, EvalLoader, GlobalStepSampler, LoaderOptions, StepLoader, build_datasets,
                            fetch_batch, resolve_collate_fn)
 from distrain.data.collate import CollateFn
@@ -30,7 +30,7 @@ from distrain.env import detect
 from distrain.errors import ConfigError, DistributedError
 from distrain.faults import FaultTolerance
 from distrain.telemetry.flops import FlopsEstimate, flops_per_sample, peak_flops
-from distrain.telemetry.logs import setup_logging
+from distrain.telemetry.logs import close_logging, setup_logging
 from distrain.training.divergence import DivergenceGuard
 from distrain.training.losses import LossFn, default_items, default_loss
 from distrain.training.objective import ItemsRule, MetricFn, Objective, forward_sample
@@ -46,21 +46,8 @@ from distrain.strategies import StrategyContext, build_strategy, strategy_class
 ModelSource = Union[nn.Module, Callable[[], nn.Module], None]
 
 
-def _gives_run_dir_back_on_failure(init: Callable) -> Callable:
-    """A Trainer that fails to build releases its run directory's lock at once (not only when the process exits)."""
-    @functools.wraps(init)
-    def wrapper(self: "Trainer", *args: Any, **kwargs: Any) -> None:
-        try:
-            init(self, *args, **kwargs)
-        except BaseException:
-            if getattr(self, "_run_lock", None) is not None:
-                self._run_lock.release()
-            raise
-    return wrapper
-
 
 class Trainer:
-    @_gives_run_dir_back_on_failure
     def __init__(self, config: ConfigSource = None, *, model: ModelSource = None, train_data: Optional[Dataset] = None,
                  loss_fn: Optional[LossFn] = None, eval_data: Optional[Dataset] = None,
                  overrides: Sequence[str] = (), collate_fn: Optional[CollateFn] = None,
@@ -76,6 +63,24 @@ class Trainer:
         ``collate_fn``: how a micro-batch's samples become one batch (else data.collate_fn, else torch's default).
         ``device``: an integration's own device (Ray Train); else dist.device decides.
         See distrain.training.objective."""
+        # What this Trainer acquires (process group, run-dir lock, log file, loaders, engine, checkpoint group,
+        # threads) registers its release here as it is acquired; close() releases them newest first, and so does a
+        # failing __init__.
+        self._resources = contextlib.ExitStack()
+        self._clean_exit = False  # set by close(): only a clean exit waits for the peers before leaving the group
+        try:
+            self._set_up(config, overrides, model=model, train_data=train_data, eval_data=eval_data, loss_fn=loss_fn,
+                         collate_fn=collate_fn, step_fn=step_fn, frozen=frozen, items=items, metrics=metrics,
+                         device=device)
+        except BaseException:
+            self._resources.close()
+            raise
+
+    def _set_up(self, config: ConfigSource, overrides: Sequence[str], *, model: ModelSource,
+                train_data: Optional[Dataset], eval_data: Optional[Dataset], loss_fn: Optional[LossFn],
+                collate_fn: Optional[CollateFn], step_fn: Optional[Callable[..., Any]],
+                frozen: Optional[Mapping[str, nn.Module]], items: Optional[ItemsRule],
+                metrics: Optional[Mapping[str, MetricFn]], device: Optional[torch.device]) -> None:
         self.cfg: DictConfig = load_config(config, overrides)
         self.info = detect()
         self.faults = FaultTolerance(self.cfg.faults, self.info)  # before the process group: flight recorder on
@@ -84,8 +89,12 @@ class Trainer:
         # (OmegaConf validates on every access), which on a small model is several percent of the step.
         self._train = SimpleNamespace(**OmegaConf.to_container(self.cfg.train, resolve=True))
         strategy_cls = strategy_class(self.cfg.strategy.name)
-        self.device = torch.device(device) if device is not None else dist.resolve_device(self.cfg.dist.device,
-                                                                                            self.info)
+        if device is not None:  # an integration's own device (Ray Train)
+            self.device = torch.device(device)
+        else:
+            dist.check_gpus_per_node(self.info.local_world_size, torch.cuda.device_count(), self.cfg.dist.backend,
+                                     self.cfg.dist.device)
+            self.device = dist.resolve_device(self.cfg.dist.device, self.info)
         backend = dist.resolve_backend(self.cfg.dist.backend, self.device)
         if self.info.distributed and not strategy_cls.needs_process_group:
             raise ConfigError(f"strategy.name={self.cfg.strategy.name!r} runs a single process, but this job has "
@@ -93,11 +102,7 @@ class Trainer:
                               f"strategy), or launch one process.", key="strategy.name")
         self._owns_group = dist.init_process_group(self.info, backend, self.device, self.cfg.dist.timeout_s,
                                                    local_group=strategy_cls.needs_process_group)
-        self.run_dir = Path(self.cfg.run.dir) / self.cfg.run.name
-        self._prepare_run_dir()
-        self.log = setup_logging(self.run_dir, self.info.rank, console=self.cfg.metrics.progress != "none")
-        for note in self._run_lock.notes if self._run_lock else ():  # a stale lock reclaimed on the way in
-            self.log.warning(note)
+        self._resources.callback(self._leave_group)
 
         self.train_data, self.eval_data = self._datasets(train_data, eval_data)
         spec = getattr(self.train_data, "spec", None)
@@ -122,6 +127,7 @@ class Trainer:
                                  self.plan.micro_batch, self.cfg.train.steps, self.loader_options, self.device,
                                  seed=self.cfg.run.seed)
         self._eval_loader: Optional[EvalLoader] = None
+        self._resources.callback(self._close_loaders)  # DataLoader workers (persistent ones live until close)
 
         torch.manual_seed(self.cfg.run.seed)  # identical initial weights on every rank, whatever the strategy
         user_model = self._model(model, spec)
@@ -129,6 +135,13 @@ class Trainer:
                                      peak_flops(self.device, self.cfg.train.precision, self.cfg.metrics.peak_flops),
                                      self.info.world_size)
         self.timer = StepTimer(self.device)
+        # The run directory is written only now, once the data and the model are known to build.
+        self.run_dir = Path(self.cfg.run.dir) / self.cfg.run.name
+        self._prepare_run_dir()
+        self.log = setup_logging(self.run_dir, self.info.rank, console=self.cfg.metrics.progress != "none")
+        self._resources.callback(close_logging, self.log)
+        for note in self._run_lock.notes if self._run_lock else ():  # a stale lock reclaimed on the way in
+            self.log.warning(note)
         ctx = StrategyContext(info=self.info, device=self.device, plan=self.plan, train=self.cfg.train,
                               seed=self.cfg.run.seed)
         self.strategy = build_strategy(self.cfg.strategy.name, ctx, self.cfg.strategy.kwargs)
@@ -136,6 +149,7 @@ class Trainer:
                                    step_fn=step_fn, frozen=frozen, items=items, metrics=metrics,
                                    default_items=default_items(spec) if loss_fn is None and step_fn is None else None,
                                    sample=self._sample)
+        self._resources.callback(self.strategy.teardown)  # before setup: a half-built engine is released too
         self.strategy.setup(user_model)
         self.step = 0  # optimizer steps completed
         self._grad_norm: Optional[torch.Tensor] = None
@@ -143,8 +157,11 @@ class Trainer:
                       f"strategy {self.strategy.name}, global batch {self.plan.global_batch} = micro "
                       f"{self.plan.micro_batch} x accum {self.plan.grad_accum} x world {self.plan.world_size}; "
                       f"{self.loader_options.describe()}")
+        for line in surprises(self.cfg, has_eval_data=self.eval_data is not None):
+            self.log.warning(line)
         self.checkpointer = Checkpointer(self.run_dir, self.cfg, self.strategy, self.info, self.sampler,
                                          model_object=None if model is None else user_model, data_spec=spec)
+        self._resources.callback(self.checkpointer.close)  # before the engine and the group: an async save needs both
         self.divergence = DivergenceGuard(self.cfg.train.on_nonfinite, self.strategy, self.device,
                                           self.cfg.train.precision, self.checkpointer.root, self.log)
         self.checkpointer.before_save = self.divergence.settle  # a diverged step stops before any save
@@ -152,6 +169,7 @@ class Trainer:
         if resume_from is not None:
             self.step = self.checkpointer.load(resume_from).step
         self._record_config()
+        self._resources.callback(self.faults.close)
         self.faults.start(self.log, self.cfg.dist.timeout_s, backend)  # preemption signals, hang watchdog
 
     # --- setup helpers ---------------------------------------------------------------------------------
@@ -159,6 +177,8 @@ class Trainer:
         """Rank 0 owns the run directory (its lock, held until close) before anything is written into it; a second
         run, or a fresh start over an earlier run's checkpoints, is refused on every rank."""
         self._run_lock = claim_run_dir(self.run_dir, self.cfg, self.info)
+        if self._run_lock is not None:  # released after everything that writes into the run directory
+            self._resources.callback(self._run_lock.release)
 
     def _record_config(self) -> None:
         """config.yaml of the run, written only once the run is sure to start: a refused resume (another model,
@@ -298,8 +318,11 @@ class Trainer:
         except BaseException as err:
             failure = self.faults.explain(err, self.step)  # a stuck collective: which one, which step, who is missing
             if record:
-                record.update(status="failed" if not isinstance(err, KeyboardInterrupt) else "interrupted",
-                              step=self.step, error=failure or f"{type(err).__name__}: {err}")
+                try:
+                    record.update(status="failed" if not isinstance(err, KeyboardInterrupt) else "interrupted",
+                                  step=self.step, error=failure or f"{type(err).__name__}: {err}")
+                except OSError as record_err:  # e.g. the same full disk: the run's own error is the one to raise
+                    self.log.error(f"run.json could not record the failure: {record_err}")
             if failure:
                 raise DistributedError(failure) from err
             self.faults.abort_peers(err)
@@ -398,13 +421,10 @@ class Trainer:
         return loader
 
     def _eval_batches(self, n: int) -> List[BatchKey]:
-        """This rank's contiguous share of the eval set in batches, padded so all ranks run as many batches."""
-        per_rank = math.ceil(n / self.info.world_size)
-        mine = list(range(self.info.rank * per_rank, min(n, (self.info.rank + 1) * per_rank)))
-        size = self.cfg.data.eval_batch
-        batches = [BatchKey(EVAL_STEP, j, tuple(mine[i:i + size])) for j, i in enumerate(range(0, len(mine), size))]
-        needed = math.ceil(per_rank / size)
-        return batches + [BatchKey(EVAL_STEP, j, (0,), padding=True) for j in range(len(batches), needed)]
+        """This rank's share of the eval set (``eval_batches``) as the loader's batch keys; padding batches keep
+        every rank running as many forwards."""
+        batches = eval_batches(n, self.info.rank, self.info.world_size, self.cfg.data.eval_batch)
+        return [BatchKey(EVAL_STEP, j, tuple(indices), padding=not weight) for j, (indices, weight) in enumerate(batches)]
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def save_checkpoint(self, reason: str = "manual") -> Path:
@@ -434,31 +454,42 @@ class Trainer:
         self.log.info(f"rank {self.info.rank} holds {report} ({self.strategy.name})")
 
     def close(self, failed: bool = False) -> None:
-        """Release the strategy and, if this Trainer created it, the process group (no barrier after a failure:
-        a peer may be gone)."""
-        try:
-            self.faults.close()
-            self.checkpointer.close()  # first: an async save in flight still needs the process group
-            self.loader.close()  # DataLoader workers (persistent ones live until here)
-            if self._eval_loader is not None:
-                self._eval_loader.close()
-            self.strategy.teardown()
-            if self._owns_group:
-                if not failed:
-                    dist.barrier()  # no rank tears the group down while a peer is still talking to it
-                    # gloo's worker thread frees the barrier's work object just after waking us, and needs the GIL
-                    # for it; if we dropped the group (its destructor joins that thread, holding the GIL) in that
-                    # window, both would wait forever. Seen about once in 12 runs on a loaded machine; a short
-                    # GIL-free sleep lets the worker finish first.
-                    time.sleep(0.2)
-                dist.destroy_process_group()
-                self._owns_group = False
-        finally:
-            if getattr(self, "_run_lock", None) is not None:
-                self._run_lock.release()  # last: nothing of this run writes into the run directory any more
+        """Release what this Trainer acquired, newest first: the fault handlers, the checkpointer (an async save in
+        flight finishes first), the strategy's engine, the log file and, if this Trainer created it, the process
+        group (no barrier after a failure: a peer may be gone)."""
+        self._clean_exit = not failed
+        self._resources.close()
+
+    def _close_loaders(self) -> None:
+        self.loader.close()
+        if self._eval_loader is not None:
+            self._eval_loader.close()
+
+    def _leave_group(self) -> None:
+        if not self._owns_group:
+            return
+        if self._clean_exit:
+            dist.barrier()  # no rank tears the group down while a peer is still talking to it
+        # gloo's worker thread frees the last collective's work object (the barrier's; after a failure, e.g. the
+        # resume decision's broadcast) just after waking us, and needs the GIL for it; if we dropped the group (its
+        # destructor joins that thread, holding the GIL) in that window, both would wait forever. Seen about once
+        # in 12 runs on a loaded machine; a short GIL-free sleep lets the worker finish first.
+        time.sleep(0.2)
+        dist.destroy_process_group()
+        self._owns_group = False
 
     def __enter__(self) -> "Trainer":
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self.close(failed=exc_type is not None)
+
+
+def eval_batches(n: int, rank: int, world_size: int, batch_size: int) -> List[tuple]:
+    """Rank ``rank``'s contiguous share of an eval set of ``n`` samples as (indices, weight) batches of at most
+    ``batch_size``, padded with weight-0 batches so every rank runs as many forwards (FSDP gathers in them)."""
+    per_rank = math.ceil(n / world_size)
+    mine = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
+    batches = [(mine[i:i + batch_size], 1) for i in range(0, len(mine), batch_size)]
+    needed = math.ceil(per_rank / batch_size)
+    return batches + [([0], 0)] * (needed - len(batches))

@@ -38,6 +38,7 @@ class Comparison:
     max_abs_diff: float
     max_rel_diff: float  # per tensor: max |a - b| / max |a|, then the max over tensors
     same_indices: bool
+    key_difference: Optional[str] = None  # weight names only one of the two worlds has (then the diffs are inf)
 
 
 def parse_worlds(text: str) -> List[int]:
@@ -86,14 +87,28 @@ def read_world(out_dir: Path, world_size: int) -> WorldResult:
 def compare(reference: WorldResult, other: WorldResult) -> Comparison:
     max_abs, max_rel = 0.0, 0.0
     for name, ref in reference.weights.items():
+        if name not in other.weights:
+            continue
         diff = (other.weights[name].double() - ref.double()).abs().max().item() if ref.numel() else 0.0
         scale = ref.double().abs().max().item() if ref.numel() else 0.0
         max_abs = max(max_abs, diff)
         max_rel = max(max_rel, diff / scale if scale > 0 else diff)
-    if set(reference.weights) != set(other.weights):
+    difference = _key_difference(reference, other)
+    if difference:
         max_abs = max_rel = float("inf")
     return Comparison(other.world_size, other.grad_accum, other.final_loss, max_abs, max_rel,
-                      other.indices == reference.indices)
+                      other.indices == reference.indices, difference)
+
+
+def _key_difference(reference: WorldResult, other: WorldResult) -> Optional[str]:
+    """Which weight names only one world has, in words (at most 8 of each), or None when they agree."""
+    parts = []
+    for world, mine, theirs in ((reference.world_size, reference.weights, other.weights),
+                                (other.world_size, other.weights, reference.weights)):
+        only = sorted(set(mine) - set(theirs))
+        if only:
+            parts.append(f"only world size {world} has {', '.join(only[:8])}" + (" ..." if len(only) > 8 else ""))
+    return "; ".join(parts) or None
 
 
 def verify(config: str, worlds: Sequence[int], overrides: Sequence[str] = (), steps: Optional[int] = None,
@@ -141,4 +156,6 @@ def format_table(rows: Sequence[Comparison], tolerance: float) -> str:
         ok = r.max_rel_diff <= tolerance and r.same_indices
         lines.append(f"{r.world_size:>5} {r.grad_accum:>5} {r.final_loss:>12.6f} {r.max_abs_diff:>13.3e} "
                      f"{r.max_rel_diff:>13.3e} {str(r.same_indices):>12}  {'ok' if ok else 'MISMATCH'}")
+    lines += [f"world size {r.world_size}: the weights differ in their names: {r.key_difference}"
+              for r in rows if r.key_difference]
     return "\n".join(lines)

@@ -101,10 +101,13 @@ def main(argv: List[str]) -> int:
 
 if __name__ == "__main__":
     from distrain.cli import main as cli_main  # noqa: F401  (same error handling as the CLI)
-    from distrain.errors import DistrainError
+    from distrain.errors import DistrainError, DistributedError
 
     try:
         sys.exit(main(sys.argv[1:]))
     except DistrainError as err:
-        print(f"distrain verify worker: error: {err}", file=sys.stderr)
+        from distrain.cli import should_report
+
+        if should_report() or isinstance(err, DistributedError):  # the same error on every rank: rank 0 says it
+            print(f"distrain verify worker: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)

@@ -1,0 +1,100 @@
+"""The watchdog's post-mortem as pure functions: which errors are stuck collectives, and whom a failure blames.
+
+tests/test_faults.py stalls and kills real ranks; these feed ``explain`` the heartbeats such runs leave, including
+the ones a real run cannot be steered into on demand (a store that stops answering half-way through the read).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+from distrain.faults.watchdog import Heartbeat, _missing_ranks, explain, is_communication_error
+
+# The texts gloo raised in a real 2-rank job (torch 2.13): a peer that never entered all_reduce, a peer that died.
+GLOO_TIMEOUT = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+                "3000ms for recv operation to complete")
+GLOO_PEER_GONE = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                  "[127.0.0.1]:60060. This is typically caused by a remote worker crashing.")
+HOST = socket.gethostname()
+
+
+def beat(rank: int, step: int = 4, age: float = 0.5, seq=None, op: str = "ALLREDUCE", ago: float = 0.1) -> Heartbeat:
+    """A fresh heartbeat of a live process (this test's own pid, so it is never "gone")."""
+    collectives = None if seq is None else {"0": {"seq": seq, "op": op, "desc": "default_pg", "ranks": None}}
+    return Heartbeat(rank=rank, host=HOST, pid=os.getpid(), step=step, step_age_s=age, time=time.time() - ago,
+                     collectives=collectives)
+
+
+# --- what counts as a stuck collective --------------------------------------------------------------------------
+@pytest.mark.parametrize("text", [GLOO_TIMEOUT, GLOO_PEER_GONE])
+def test_gloos_own_errors_are_communication_errors(text):
+    assert is_communication_error(RuntimeError(text))
+
+
+def test_torchs_distributed_errors_are_communication_errors():
+    import torch.distributed as torch_dist
+
+    assert is_communication_error(torch_dist.DistBackendError("NCCL watchdog: collective timed out"))
+    assert is_communication_error(torch_dist.DistStoreError("wait timeout"))
+
+
+@pytest.mark.parametrize("text", ["timeout while reading the next shard from s3", "socket closed by my data server",
+                                  "the peer review model failed", "Timed out waiting for the GPU lock"])
+def test_a_users_error_that_mentions_a_timeout_or_a_socket_is_not_a_stuck_collective(text):
+    assert not is_communication_error(RuntimeError(text))
+    assert not is_communication_error(ValueError(GLOO_TIMEOUT))  # gloo raises RuntimeError, nothing else
+
+
+def test_gloos_error_carried_by_a_ddp_comm_hooks_future_is_a_communication_error():
+    """A DDP comm hook's future re-raises gloo's error after the TorchScript traceback of the hook."""
+    text = ("The following operation failed in the TorchScript interpreter.\nTraceback of TorchScript (most recent "
+            "call last):\n  /work/distrain/strategies/comm_hooks.py(22): <lambda>\nRuntimeError: " + GLOO_TIMEOUT)
+    assert is_communication_error(RuntimeError(text))
+
+
+# --- whom a failure blames ----------------------------------------------------------------------------------------
+def test_the_rank_behind_in_the_collective_sequence_is_named():
+    beats = {0: beat(0, seq=12), 1: beat(1, seq=12), 2: beat(2, seq=11, age=9.0)}
+    assert _missing_ranks(beats, 3) == ("0", 12, "ALLREDUCE", [0, 1], [2])
+    message = explain(RuntimeError(GLOO_TIMEOUT), 4, beats, 3, timeout_s=3, interval_s=0.5, me=0)
+    assert message.startswith("Collective ALLREDUCE (#12) timed out after dist.timeout_s=3 in step 5: rank 2 did "
+                              "not arrive")
+    assert "Ranks 0, 1 were waiting in it" in message and "logs/rank2.log" in message
+
+
+def test_a_rank_that_never_published_a_heartbeat_is_named_as_such():
+    beats = {0: beat(0, seq=7), 1: None}
+    message = explain(RuntimeError(GLOO_PEER_GONE), 2, beats, 2, timeout_s=30, interval_s=1, me=0)
+    assert "rank 1 (no heartbeat at all" in message and message.startswith("Collective ALLREDUCE (#7) failed")
+
+
+def test_ranks_the_store_could_not_return_are_not_blamed():
+    """The store stopped answering after rank 0's heartbeat: ranks 1 and 2 are unknown, not "never started"."""
+    beats = {0: beat(0, seq=12)}  # 1 and 2 could not be read
+    assert _missing_ranks(beats, 3) is None
+    message = explain(RuntimeError(GLOO_TIMEOUT), 4, beats, 3, timeout_s=3, interval_s=0.5, me=0)
+    assert "no heartbeat at all" not in message and "did not arrive" not in message
+    assert "store stopped answering" in message and "ranks 1, 2 could not be checked" in message
+
+
+def test_an_unread_rank_is_not_blamed_when_another_rank_really_is_missing():
+    beats = {0: beat(0, seq=12), 1: None}  # 1 never published; 2 could not be read
+    message = explain(RuntimeError(GLOO_TIMEOUT), 4, beats, 3, timeout_s=3, interval_s=0.5, me=0)
+    assert "rank 1 did not arrive" in message and "rank 2" not in message
+
+
+def test_a_frozen_rank_is_named_by_its_stale_heartbeat():
+    beats = {0: beat(0), 1: beat(1, ago=60.0)}  # short steps: no flight recorder published
+    message = explain(RuntimeError(GLOO_TIMEOUT), 9, beats, 2, timeout_s=3, interval_s=0.5, me=0)
+    assert message.startswith("A collective timed out after dist.timeout_s=3 in step 10: rank 1 did not arrive")
+    assert "frozen or unreachable" in message
+
+
+def test_every_rank_in_the_collective_blames_the_network_not_a_rank():
+    beats = {0: beat(0, seq=5), 1: beat(1, seq=5)}
+    message = explain(RuntimeError(GLOO_TIMEOUT), 0, beats, 2, timeout_s=3, interval_s=0.5, me=0)
+    assert "although every rank entered it" in message and "did not arrive" not in message
