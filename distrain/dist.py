@@ -128,48 +128,21 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-class PerRank:
-    """Every rank's value of a scalar tensor, gathered in the background by one all-reduce of a world-size vector,
-    started at construction; ``result()`` waits for it and returns the values indexed by rank.
-
-    Between the two, the caller goes on: on gloo the reduction runs in gloo's own thread; on CUDA the current stream
-    waits for it and a copy to pinned memory follows, so ``result()`` waits for that copy only, not for every kernel
-    queued since (no pipeline drain).
-    """
-
-    def __init__(self, value: torch.Tensor):
-        value = value.detach().reshape(()).to(torch.float32)
-        self._work = None
-        if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-            slots = torch.zeros(torch_dist.get_world_size(), dtype=torch.float32, device=value.device)
-            slots[torch_dist.get_rank()] = value
-            self._work = torch_dist.all_reduce(slots, op=torch_dist.ReduceOp.SUM, async_op=True)
-        else:
-            slots = value.reshape(1)
-        self._ready = None
-        if slots.is_cuda:
-            if self._work is not None:
-                self._work.wait()  # NCCL: the current stream waits for the reduction; the CPU does not
-                self._work = None
-            self._host = torch.empty(slots.shape, dtype=slots.dtype, pin_memory=True)
-            self._host.copy_(slots, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._host = slots
-
-    def result(self) -> list:
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
-        if self._ready is not None:
-            self._ready.synchronize()
-        return self._host.tolist()
+def per_rank_vector(values: torch.Tensor) -> list:
+    """Every rank's 1-D ``values`` (k numbers), as a list indexed by rank of k-lists: one all-reduce of a (world, k)
+    float64 tensor where each rank fills its own row. On the device of ``values``; reading it back syncs once."""
+    values = values.detach().reshape(-1).to(torch.float64)
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return [values.cpu().tolist()]
+    rows = torch.zeros(torch_dist.get_world_size(), values.numel(), dtype=torch.float64, device=values.device)
+    rows[torch_dist.get_rank()] = values
+    torch_dist.all_reduce(rows, op=torch_dist.ReduceOp.SUM)
+    return rows.cpu().tolist()
 
 
 def per_rank(value: torch.Tensor) -> list:
-    """Every rank's value of a scalar tensor, as a list indexed by rank (one all-reduce; waits for it)."""
-    return PerRank(value).result()
+    """Every rank's value of a scalar tensor, as a list indexed by rank (one all-reduce)."""
+    return [row[0] for row in per_rank_vector(value.reshape(1))]
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -125,7 +125,7 @@ def test_mapping_samples_collate_per_key_keep_their_type_and_move():
     assert isinstance(moved, UserDict) and torch.equal(moved["input"], batch["input"])
     x, y = split_input_target(moved)
     assert x is moved["input"] and y is moved["target"]
-    with pytest.raises(TypeError, match="no \\(input, target\\) pair"):
+    with pytest.raises(TypeError, match="must be an \\(input, target\\) pair or a Mapping.*got a Mapping with keys \\[.input_ids.\\]"):
         split_input_target({"input_ids": torch.zeros(1)})
 
 

@@ -92,7 +92,7 @@ def test_an_error_inside_a_builder_is_the_builders_not_a_kwargs_mismatch(monkeyp
     monkeypatch.setitem(MODELS, "needs-size", needs_size)
     with pytest.raises(TypeError, match="NoneType"):
         build_model("buggy", {}, train.spec)
-    with pytest.raises(ConfigError, match="do not fit model 'needs-size'.*size"):
+    with pytest.raises(ConfigError, match="model 'needs-size' needs model.kwargs.size"):
         build_model("needs-size", {}, train.spec)
 
     def buggy_data(eval_fraction: float = 0.2):
@@ -105,7 +105,7 @@ def test_an_error_inside_a_builder_is_the_builders_not_a_kwargs_mismatch(monkeyp
     monkeypatch.setitem(DATASETS, "needs-path", needs_path)
     with pytest.raises(TypeError, match="NoneType"):
         build_datasets("buggy", {}, 0.2)
-    with pytest.raises(ConfigError, match="do not fit dataset 'needs-path'.*path"):
+    with pytest.raises(ConfigError, match="dataset 'needs-path' needs data.kwargs.path"):
         build_datasets("needs-path", {}, 0.2)
 
 
@@ -113,7 +113,7 @@ def test_an_error_inside_a_builder_is_the_builders_not_a_kwargs_mismatch(monkeyp
                                                 ("cnn", {"channels": 0}, "channels"), ("mlp", {"hidden": 2.5}, "hidden")])
 def test_builtin_model_sizes_out_of_range_name_the_key(model, kwargs, key):
     train, _ = build_datasets("digits", {}, 0.2)
-    with pytest.raises(ConfigError, match=f"model.kwargs.{key}=") as err:
+    with pytest.raises(ConfigError, match=f"model.kwargs.{key}") as err:
         build_model(model, kwargs, train.spec)
     assert err.value.key == f"model.kwargs.{key}"
 

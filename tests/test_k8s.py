@@ -262,11 +262,12 @@ def test_distrain_launch_takes_torchruns_pet_variables(monkeypatch, environ, exp
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
     args = argparse.Namespace(nnodes=None, nproc_per_node=None, node_rank=None, rdzv_endpoint=None, rdzv_id=None,
-                              max_restarts=None, monitor_interval=1.0, local_addr=None, config="c.yaml", overrides=[])
+                              max_restarts=None, monitor_interval=1.0, local_addr=None, join_timeout=600.0, config="c.yaml",
+                              overrides=[])
     fill_from_environment(args)
     assert {k: getattr(args, k) for k in expected} == expected
     if environ is TRAINJOB_NODE:  # node 0 hosts the rendezvous store; c10d assigns the ranks
-        assert "is_host=false" in torchrun_args(args)
+        assert "is_host=false" in torchrun_args(args)[torchrun_args(args).index("--rdzv-conf") + 1].split(",")
     # A flag given on the command line wins over the operator's variable.
     args.nproc_per_node = 5
     fill_from_environment(args)

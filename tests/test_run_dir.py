@@ -23,7 +23,7 @@ from conftest import REPO, child_env, read_jsonl, run_cli
 from distrain.checkpoint.layout import committed, read_latest, step_name
 from distrain.checkpoint.manifest import problem
 from distrain.config import load_config
-from distrain.errors import ConfigError
+from distrain.errors import CheckpointError, ConfigError
 from distrain.telemetry.metrics import MetricsWriter
 from distrain.training import run_lock
 from distrain.training.run_lock import LOCK_NAME, RunDirBusy, RunLock, earlier_attempt_of_same_job, identity, judge
@@ -275,8 +275,8 @@ def test_trainer_refuses_a_locked_run_dir_and_gives_it_back_on_every_exit(tmp_pa
         sleeper.kill()
         sleeper.wait()
     # The holder is gone: reclaimed; then a failure after the lock was taken gives it back at once.
-    with pytest.raises(ConfigError, match="global_batch"):
-        Trainer(MLP, overrides=[*fast, "train.global_batch=100000"])
+    with pytest.raises(CheckpointError, match="train.resume"):  # refused after the lock was taken
+        Trainer(MLP, overrides=[*fast, f"train.resume={tmp_path / 'no-such-checkpoint'}"])
     assert not (tmp_path / "t" / LOCK_NAME).exists()
     with Trainer(MLP, overrides=fast) as trainer:
         assert (tmp_path / "t" / LOCK_NAME).exists()

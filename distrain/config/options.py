@@ -96,6 +96,12 @@ def parse_options(builder: Callable[..., Any], values: Mapping[str, Any], key: s
     if unknown:
         raise ConfigError(f"Config key(s) {', '.join(f'{key}.{k}' for k in unknown)} not accepted by {what}. "
                           f"Allowed: {allowed}.", key=f"{key}.{unknown[0]}")
+    for f in dataclasses.fields(schema):  # OmegaConf reads 2 or "yes" as true; a flag in our configs is true/false
+        value = values.get(f.name, False)
+        if f.type in (bool, typing.Optional[bool]) and not isinstance(value, bool) \
+                and str(value).lower() not in ("true", "false") and not (value is None and f.type is not bool):
+            raise ConfigError(f"Config key '{key}.{f.name}' has value {value!r}, which is not true or false "
+                              f"for {what}. Allowed: {allowed}.", key=f"{key}.{f.name}")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), values)
         return OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)  # type: ignore[return-value]

@@ -24,6 +24,7 @@ from distrain.data.fetching import BatchKey, Fetched, FetchFailure, KeyedDataset
 from distrain.data.loading import move_to
 from distrain.data.sampler import GlobalStepSampler
 from distrain.errors import ConfigError, DataLoadingError
+from distrain.telemetry.logs import FILE_ONLY
 
 log = logging.getLogger("distrain")
 
@@ -135,7 +136,7 @@ class _KeyedLoader:
                                    f"dies without a Python error was killed (often for memory: lower "
                                    f"data.num_workers or data.prefetch_factor) or crashed in native code.") from None
         if isinstance(item, FetchFailure):
-            log.error(f"rank {self.rank}: loading {self.name} data failed:\n{item.details}")
+            log.error(f"rank {self.rank}: loading {self.name} data failed:\n{item.details}", extra=FILE_ONLY)
             raise item.error(self.dataset_name, self.rank)
         return item
 

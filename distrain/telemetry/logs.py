@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 LOGGER_NAME = "distrain"
+FILE_ONLY = {"file_only": True}
 
 
 def setup_logging(run_dir: Path, rank: int, console: bool) -> logging.Logger:
     """Log to ``run_dir/logs/rank{rank}.log`` on every rank, and to stderr on rank 0 (warnings only unless
-    ``console``)."""
+    ``console``). A record logged with ``extra=FILE_ONLY`` (a traceback the console's one paragraph points to)
+    goes to the file only."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -25,6 +27,7 @@ def setup_logging(run_dir: Path, rank: int, console: bool) -> logging.Logger:
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(_ConsoleFormatter())
         stream.setLevel(logging.INFO if console else logging.WARNING)
+        stream.addFilter(lambda record: not getattr(record, "file_only", False))
         logger.addHandler(stream)
     return logger
 

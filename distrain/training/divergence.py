@@ -1,20 +1,21 @@
 """Divergence guards: what a non-finite loss or gradient norm does (``train.on_nonfinite``), decided alike on all ranks.
 
-Once per step, before the optimizer update, every rank puts a code into its own slot of a world-size vector: 1 when
-its loss (the sum of its micro-batch losses) is not finite, +2 when the gradient norm is not finite (only on steps
-that measured it before the update anyway: clipping, or a logged step). One all-reduce gives every rank the same
-vector, so every rank takes the same decision; no parameter is read on the hot path. fp16 gradient norms are left
-out: a dynamic loss scale overflows now and then by design, and the scaler skips those updates itself.
+Every step, before the optimizer update, each rank computes a code on the device: 1 when its loss (its share of the
+step's objective) is not finite, +2 when the gradient norm is not finite (only on steps that measured it anyway:
+clipping, or a logged step). No parameter is read on the hot path. fp16 gradient norms are left out: a dynamic loss
+scale overflows now and then by design, and the scaler skips those updates itself.
 
-    stop       raise DivergenceError (exit 1) naming the step and the ranks;
+    stop       raise DivergenceError (exit 1) naming the first non-finite step and the ranks;
     skip_step  drop the step's gradients without an update, on every rank - unless the weights themselves are no
                longer finite (a finite loss with non-finite gradients a step earlier), which no skip can mend: stop;
-    warn       log it (once per streak of non-finite steps) and go on.
+    warn       log it (once per report) and go on.
 
-skip_step must know before the update, so it waits for the reduction there. stop and warn need not: the reduction
-runs in the background while the step goes on, and the verdict is read one step later, or before a checkpoint is
-saved, or after the last step (``settle``) - the step named is the one that was not finite. Checkpoints are guarded
-apart, at save time (``nonfinite_weight_ranks``): non-finite weights are never committed.
+skip_step must know before the update, so it reduces every rank's code there (one small all-reduce per step: the
+price of asking for it). stop and warn cost no collective and no host sync per step: each rank keeps its first
+non-finite step and a count on the device, and ``settle`` reduces them (one all-reduce of two numbers per rank) where
+the loop synchronises anyway: on log steps (the logged loss is reduced there), before a checkpoint is saved, and after
+the last step. So a run stops at most ``train.log_every`` steps after it diverged, naming the step it diverged at, and
+nothing non-finite is ever committed: checkpoints are guarded apart, at save time (``nonfinite_weight_ranks``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional
 
 import torch
 from torch import nn
@@ -77,39 +78,51 @@ class DivergenceGuard:
         self.log = log
         self.nonfinite_steps = 0  # steps with a non-finite loss or gradient norm (skipped, or warned about)
         self._streak = False
-        self._pending: Optional[Tuple[int, dist.PerRank]] = None  # stop / warn: a step's check still in flight
+        self._noted: Optional[torch.Tensor] = None  # stop / warn: [first non-finite step, count] since the last settle
 
-    def allows_update(self, step: int, loss_sum: torch.Tensor, grad_norm: Any) -> bool:
-        """Collective, once per step before the update (``step`` counts from 1): whether to apply it.
-
-        skip_step decides now; stop and warn start this step's check and act on the previous step's (which finished
-        in the background meanwhile).
-        """
-        code = torch.isfinite(loss_sum.detach()).logical_not().float()
+    def allows_update(self, step: int, loss: torch.Tensor, grad_norm: Any) -> bool:
+        """Once per step before the update (``step`` counts from 1): whether to apply it. skip_step decides now (a
+        collective); stop and warn only note a non-finite step on the device, for ``settle``."""
+        code = torch.isfinite(loss.detach()).logical_not().double()
         if grad_norm is not None and self.check_grad_norm:
             if torch.is_tensor(grad_norm):
-                code = code + GRAD_NORM * torch.isfinite(grad_norm.detach()).logical_not().float().to(code.device)
+                code = code + GRAD_NORM * torch.isfinite(grad_norm.detach()).logical_not().double().to(code.device)
             elif not math.isfinite(grad_norm):
                 code = code + GRAD_NORM
         if self.mode == "skip_step":
-            return self._decide(step, dist.per_rank(code))
-        self.settle()
-        self._pending = (step, dist.PerRank(code))
+            return self._decide(step, [float(c) for c in dist.per_rank(code)])
+        bad = code > 0
+        packed = torch.where(bad, code + 4.0 * step, torch.full_like(code, -1.0))  # step and code in one number
+        if self._noted is None:
+            self._noted = torch.stack([packed, bad.double()])
+        else:  # keep the first non-finite step since the last settle, and count them
+            first = torch.where(self._noted[0] >= 0, self._noted[0], packed)
+            self._noted = torch.stack([first, self._noted[1] + bad.double()])
         return True
 
     def settle(self) -> None:
-        """Act on the check still in flight (stop / warn): before a checkpoint is saved, and after the last step."""
-        if self._pending is not None:
-            step, flags = self._pending
-            self._pending = None
-            self._decide(step, flags.result())
+        """Collective (every rank, at the same points): act on the steps noted since the last settle (stop / warn).
+        Called on log steps, before a checkpoint is saved, and after the last step."""
+        if self._noted is None:  # nothing noted since the last settle, alike on every rank: no collective
+            return
+        noted, self._noted = self._noted, None
+        per_rank = dist.per_rank_vector(noted)  # [first packed step and code, count] of every rank
+        firsts = [int(first) for first, _ in per_rank if first >= 0]
+        if not firsts:
+            self._streak = False
+            return
+        step = min(firsts) // 4
+        codes = [float(int(first) % 4) if first >= 0 and int(first) // 4 == step else 0.0 for first, _ in per_rank]
+        later = int(max(count for _, count in per_rank)) - 1
+        self._decide(step, codes, later)
 
-    def _decide(self, step: int, codes: List[float]) -> bool:
+    def _decide(self, step: int, codes: List[float], later: int = 0) -> bool:
+        """Act on non-finite ``codes`` (per rank) of ``step``; ``later``: further non-finite steps noted since."""
         if not any(codes):
             self._streak = False
             return True
-        self.nonfinite_steps += 1
-        what = _describe(codes)
+        self.nonfinite_steps += 1 + later
+        what = _describe(codes) + (f" (and on {later} later step(s) since)" if later else "")
         if self.mode == "stop":
             raise DivergenceError(f"Training diverged at step {step}: {what} (train.on_nonfinite=stop). "
                                   f"{self._advice()}")

@@ -298,6 +298,7 @@ class Trainer:
                 if self.step % cfg.train.log_every == 0 or self.step == total:
                     elapsed = time.perf_counter() - window_start
                     final = self._log_step(loss_sum, elapsed / window_steps, writer, progress)
+                    self.divergence.settle()  # the steps since the last log step: any non-finite? (train.on_nonfinite)
                     window_start, window_steps = time.perf_counter(), 0
                 evaluate_now = cfg.train.eval_every and self.step % cfg.train.eval_every == 0
                 if self.eval_data is not None and (evaluate_now or self.step == total):
