@@ -35,6 +35,7 @@ to the device after ``to_empty``.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
@@ -174,7 +175,9 @@ class _Names:
 def _parameters_on_meta(creators: Dict[int, nn.Module], registered: Set[int]) -> Iterator[None]:
     """While constructing: every new parameter goes to the meta device as it is registered (torch's own
     registration hook), remembering which module created it. Buffers stay real."""
-    converted: Dict[int, Tuple[nn.Parameter, nn.Parameter]] = {}  # id(original) -> (original, meta twin)
+    # id(original) -> (weak reference to it, its meta twin): the same parameter registered twice gets the same
+    # twin, and the CPU originals are freed as soon as the constructors drop them
+    converted: Dict[int, Tuple[weakref.ref, nn.Parameter]] = {}
 
     def to_meta(module: nn.Module, name: str, param: nn.Parameter) -> Optional[nn.Parameter]:
         if param is None or param.is_meta:
@@ -182,12 +185,13 @@ def _parameters_on_meta(creators: Dict[int, nn.Module], registered: Set[int]) ->
         if type(param) is not nn.Parameter:
             raise MetaBuildRefused(f"its parameter {name!r} of {type(module).__name__} is a "
                                    f"{type(param).__name__}, not a plain nn.Parameter")
-        if id(param) not in converted:
+        known = converted.get(id(param))
+        if known is None or known[0]() is not param:  # (a dead original's id may be reused)
             meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-            converted[id(param)] = (param, meta)
+            known = converted[id(param)] = (weakref.ref(param), meta)
             creators[_storage(meta)] = module
             registered.add(_storage(meta))
-        return converted[id(param)][1]
+        return known[1]
 
     handle = torch.nn.modules.module.register_module_parameter_registration_hook(to_meta)
     try:
@@ -324,8 +328,9 @@ def _compare(eager: List[InitOp], replay: List[InitOp]) -> None:
                                    f"operation {i + 1}: the eager build runs {a}, the modules' reset_parameters()/"
                                    f"init_weights() run {b}")
     if len(eager) != len(replay):
-        longer, which = (eager, "the eager build runs") if len(eager) > len(replay) else (replay, "the initialisers run")
-        raise MetaBuildRefused(f"its constructors and its modules' initialisers disagree: {which} also "
+        longer, which = (eager, "the eager build also runs") if len(eager) > len(replay) else \
+            (replay, "the initialisers also run")
+        raise MetaBuildRefused(f"its constructors and its modules' initialisers disagree: {which} "
                                f"{longer[min(len(eager), len(replay))]} (after {min(len(eager), len(replay))} "
                                f"operations in common)")
 

@@ -44,6 +44,10 @@ META_HINT = ("To build it sharded from birth, let every module initialise its ow
              "this message")
 
 
+MODEL_INIT = {"meta": "on the meta device and initialised per shard", "eager": "whole on every rank",
+              "object": "by the caller"}
+
+
 def _not_a_model(got: Any) -> ConfigError:
     return ConfigError(f"model must be an nn.Module or a zero-argument function returning one; got "
                        f"{type(got).__name__}.", key="model")
@@ -100,7 +104,7 @@ class Trainer:
         self._warmup_s: Optional[float] = None  # the compile warm-up step's seconds, until logged
         self._grad_norm: Optional[torch.Tensor] = None
         self.log.info(f"rank {self.info.rank}/{self.info.world_size} ({self.info.source}) on {self.device}, "
-                      f"strategy {self.strategy.name}, global batch {self.plan.global_batch} = micro "
+                      f"strategy {self.strategy.name}, model built {MODEL_INIT[self.model_init]}, global batch {self.plan.global_batch} = micro "
                       f"{self.plan.micro_batch} x accum {self.plan.grad_accum} x world {self.plan.world_size}")
         self.checkpointer = Checkpointer(self.run_dir, self.cfg, self.strategy, self.info, self.sampler,
                                          model_object=None if model is None else user_model, data_spec=spec)
@@ -141,6 +145,7 @@ class Trainer:
     def _model(self, model: ModelSource, spec: Any, strategy_cls: type) -> nn.Module:
         """The model to hand the strategy: built on the meta device when the strategy can shard or place it from
         there (model.init, distrain.models.meta_init), else built whole here; a pre-built module as it is."""
+        self.model_init = "object"  # how the model was built: object (passed built) | meta | eager
         if isinstance(model, nn.Module):
             return model  # already materialised; for a model that does not fit, pass a factory instead
         if model is None:
@@ -154,6 +159,7 @@ class Trainer:
         if strategy_cls.meta_init and self.cfg.model.init != "eager":
             try:
                 built = build_on_meta(factory)
+                self.model_init = "meta"
             except MetaBuildRefused as why:
                 if self.cfg.model.init == "meta":
                     raise ConfigError(f"model.init=meta, but this model cannot be built on the meta device with its "
@@ -161,7 +167,8 @@ class Trainer:
                 if self.info.is_main:
                     self.log.warning(f"The model is built whole on every rank, not on the meta device: {why}. "
                                      f"{META_HINT}")
-        built = factory() if built is None else built
+        if built is None:
+            built, self.model_init = factory(), "eager"
         if not isinstance(built, nn.Module):
             raise _not_a_model(built)
         return built
