@@ -13,8 +13,11 @@ class TinyCausalLM(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, dim)
         self.pos = nn.Embedding(block, dim)
+        # bias=False: attention's key bias gets an analytically zero gradient (softmax is shift-invariant), whose
+        # rounding noise Adam would amplify into real updates, so runs that differ only in summation order (W=1 vs
+        # W=3) would drift apart; the built-in gpt leaves it out for the same reason.
         self.layers = nn.ModuleList(nn.TransformerEncoderLayer(dim, heads, ff, dropout=0.0, batch_first=True,
-                                                               norm_first=True) for _ in range(layers))
+                                                               norm_first=True, bias=False) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, VOCAB, bias=False)
         self.out.weight = self.embed.weight

@@ -51,6 +51,7 @@ def main(out_dir: Path, runs: list) -> None:
             module, _, function = run["model"].partition(":")
             model = getattr(importlib.import_module(module), function)
         with Trainer(cfg, model=model, train_data=recording, eval_data=None) as trainer:
+            recording.seen.clear()  # only what training consumes (a user's model is FLOP-counted on sample 0)
             final = trainer.fit()
             weights = trainer.full_state_dict()
             memory = dist.all_gather_object(trainer.memory_report())
