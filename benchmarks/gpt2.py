@@ -114,7 +114,8 @@ class HandWritten:
         elif compile == "blocks":
             for block in self.model.blocks:
                 block.compile()
-        train = OmegaConf.create({"weight_decay": HYPER["weight_decay"], "decay_exclude": ["bias", "norm", "embedding"]})
+        train = OmegaConf.create({"weight_decay": HYPER["weight_decay"],
+                                  "decay_exclude": ["bias", "norm", "embedding"]})  # distrain's default groups
         self.optimizer = torch.optim.AdamW(param_groups(self.model, train), lr=HYPER["lr"], betas=HYPER["betas"],
                                            weight_decay=HYPER["weight_decay"], fused=True if fused else None)
         self.data, self.device, self.micro = data, device, s.micro

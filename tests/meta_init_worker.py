@@ -32,7 +32,8 @@ def main(out: Path) -> None:
     train, _ = build_datasets("text", {"max_chars": 20000, "block_size": 32}, 0.1)
     results = {}
     for name, overrides in CASES.items():
-        common = ["run.seed=11", "train.global_batch=6", "train.micro_batch=2", "train.steps=1", "metrics.progress=none",
+        common = ["run.seed=11", "train.global_batch=6", "train.micro_batch=2", "train.steps=1",
+                  "metrics.progress=none",
                   f"run.dir={out / 'runs'}", f"run.name={name}", "model.init=meta", "model.name=gpt",
                   "model.kwargs={embed: 48, heads: 4, layers: 3}"]
         model = user_model if name.endswith("user") else None

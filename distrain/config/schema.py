@@ -61,8 +61,9 @@ class TrainConfig:
     log_every: int = 10  # steps between metrics records (and console lines)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
     compile: bool = False  # torch.compile each block (or the whole model) in place, for training steps only
-    compile_options: Dict[str, Any] = field(default_factory=dict)  # torch.compile arguments: backend, mode, fullgraph, dynamic, options
-    activation_checkpointing: str = "none"  # none | full | every:N (recompute every N-th block's activations in backward)
+    # torch.compile arguments: backend, mode, fullgraph, dynamic, options
+    compile_options: Dict[str, Any] = field(default_factory=dict)
+    activation_checkpointing: str = "none"  # none | full | every:N (recompute every N-th block in backward)
     # the model's repeated blocks, units of compile and activation checkpointing: null = every child of an
     # nn.ModuleList (the built-in gpt's blocks); or class names, e.g. [MyBlock]
     blocks: Optional[List[str]] = None

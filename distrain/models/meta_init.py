@@ -207,7 +207,8 @@ def _initialiser(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _post_order(module: nn.Module, prefix: str = "", seen: Optional[Set[int]] = None) -> Iterator[Tuple[str, nn.Module]]:
+def _post_order(module: nn.Module, prefix: str = "", seen: Optional[Set[int]] = None
+                ) -> Iterator[Tuple[str, nn.Module]]:
     """Modules children first, each once: the order in which their constructors finish in an eager build."""
     seen = set() if seen is None else seen
     if id(module) in seen:
@@ -273,8 +274,8 @@ def _plan(model: nn.Module, factory: Callable[[], nn.Module], rng_state: torch.T
         if not param.is_meta:
             raise MetaBuildRefused(f"its parameter {name!r} did not go through nn.Module.register_parameter, so it "
                                    f"was allocated for real")
-        creator = creators.get(_storage(param))
-        claims[name] = paths.get(id(creator), name.rpartition(".")[0]) if creator is not None else name.rpartition(".")[0]
+        holder = name.rpartition(".")[0]  # where named_parameters() first finds it, if its creator is gone
+        claims[name] = paths.get(id(creators.get(_storage(param))), holder)
     steps = [_Step(path, method) for path, module in _post_order(model) if (method := _initialiser(module))]
     return MetaInit(factory=factory, steps=steps, rng_state=rng_state, claims=claims)
 

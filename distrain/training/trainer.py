@@ -42,8 +42,7 @@ ModelSource = Union[nn.Module, Callable[[], nn.Module], None]
 META_HINT = ("To build it sharded from birth, let every module initialise its own parameters in reset_parameters() "
              "or init_weights(), called at the end of its __init__ (docs/large-models.md); model.init=eager silences "
              "this message")
-
-
+# How the model was built (Trainer.model_init), as the start-up line says it.
 MODEL_INIT = {"meta": "on the meta device and initialised per shard", "eager": "whole on every rank",
               "object": "by the caller"}
 
@@ -104,8 +103,9 @@ class Trainer:
         self._warmup_s: Optional[float] = None  # the compile warm-up step's seconds, until logged
         self._grad_norm: Optional[torch.Tensor] = None
         self.log.info(f"rank {self.info.rank}/{self.info.world_size} ({self.info.source}) on {self.device}, "
-                      f"strategy {self.strategy.name}, model built {MODEL_INIT[self.model_init]}, global batch {self.plan.global_batch} = micro "
-                      f"{self.plan.micro_batch} x accum {self.plan.grad_accum} x world {self.plan.world_size}")
+                      f"strategy {self.strategy.name}, model built {MODEL_INIT[self.model_init]}, global batch "
+                      f"{self.plan.global_batch} = micro {self.plan.micro_batch} x accum {self.plan.grad_accum} x "
+                      f"world {self.plan.world_size}")
         self.checkpointer = Checkpointer(self.run_dir, self.cfg, self.strategy, self.info, self.sampler,
                                          model_object=None if model is None else user_model, data_spec=spec)
         resume_from = self.checkpointer.resolve(self.cfg.train.resume)  # auto | never | PATH, validated
@@ -144,7 +144,8 @@ class Trainer:
 
     def _model(self, model: ModelSource, spec: Any, strategy_cls: type) -> nn.Module:
         """The model to hand the strategy: built on the meta device when the strategy can shard or place it from
-        there (model.init, distrain.models.meta_init), else built whole here; a pre-built module as it is."""
+        there (model.init, distrain.models.meta_init), else built whole here; a pre-built module as it is.
+        Sets ``self.model_init`` to which of the three it was."""
         self.model_init = "object"  # how the model was built: object (passed built) | meta | eager
         if isinstance(model, nn.Module):
             return model  # already materialised; for a model that does not fit, pass a factory instead
@@ -297,12 +298,11 @@ class Trainer:
             record["step_time_s"], record["samples_per_s"] = step_time, self.plan.global_batch / step_time
             if getattr(spec, "task", None) == "lm":
                 record["tokens_per_s"] = record["samples_per_s"] * spec.input_shape[0]
+            record.update(self.timer.split(self.info.world_size))
+            record.update(self.throughput.record(record["samples_per_s"]))
         if self._grad_norm is not None:
             norm = self._grad_norm
             record["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if step_time is not None:
-            record.update(self.timer.split(self.info.world_size))
-            record.update(self.throughput.record(record["samples_per_s"]))
         if self.strategy.comm_bytes is not None:  # payload this rank sent for sync since it started (DDP, local SGD)
             record["comm_bytes"] = self.strategy.comm_bytes
         memory = self._peak_memory_mb()
