@@ -57,3 +57,15 @@ def read_jsonl(path: Path) -> list:
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a test that trains in this process, as the child processes have
+    (OMP_NUM_THREADS=1): on a small shared machine more threads only fight each other over tiny models."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

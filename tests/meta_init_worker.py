@@ -15,7 +15,6 @@ from meta_models import user_model
 
 CASES = {
     "fsdp": ["strategy.name=fsdp"],
-    "ddp": ["strategy.name=ddp"],
     "deepspeed-3": ["strategy.name=deepspeed", "strategy.kwargs.stage=3"],
     "fsdp-user": ["strategy.name=fsdp"],
 }

@@ -19,6 +19,8 @@ import pytest
 from conftest import read_jsonl, run_torchrun
 from distrain.verify import WorldResult, compare
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMOKE = ["train.global_batch=8", "train.micro_batch=4", "train.steps=4", "train.log_every=1", "train.eval_every=0",
          "data.kwargs.max_chars=20000", "data.eval_batch=7", "metrics.progress=none", "train.resume=never",
          "train.compile=true", "train.compile_options.backend=aot_eager", "strategy.name=ddp"]

@@ -17,6 +17,8 @@ from distrain.data import build_datasets
 from distrain.models import build_model
 from distrain.training.optim import build_optimizer, implementation_kwargs, param_groups
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _train(**overrides):
     cfg = load_config("configs/gpt.yaml", [f"train.{k}={v}" for k, v in overrides.items()])
