@@ -254,8 +254,8 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
         eager = _Names(model, registered).ops(recorder)
         replay = _dry_run(model, init, registered)
         _compare(eager, replay)
-        untouched = [name for name in dict(model.named_parameters())
-                     if not any(name in step.touched for step in init.steps)]
+        initialised = set().union(*(step.touched for step in init.steps))
+        untouched = [name for name, _ in model.named_parameters() if name not in initialised]
         if untouched:
             raise MetaBuildRefused(f"no reset_parameters() or init_weights() initialises its parameter "
                                    f"{untouched[0]!r}" + (f" (and {len(untouched) - 1} more)" if len(untouched) > 1
@@ -284,6 +284,7 @@ def _dry_run(model: nn.Module, init: MetaInit, registered: Set[int]) -> List[Ini
     """Run the replay on the meta device (no memory, no draws), recording it; fills in each step's touches."""
     modules = dict(model.named_modules())
     names = {_storage(p): n for n, p in model.named_parameters()}
+    resolve = _Names(model, registered)  # sees the scratch twins added to ``registered`` below
     ops: List[InitOp] = []
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         for step in init.steps:
@@ -318,7 +319,7 @@ def _dry_run(model: nn.Module, init: MetaInit, registered: Set[int]) -> List[Ini
                 raise MetaBuildRefused(f"{type(modules[step.path]).__name__}.{step.method}() "
                                        f"({step.path or 'the model'}) touches {outside[0]!r}, a parameter outside "
                                        f"its own submodules")
-            ops += _Names(model, registered).ops(recorder)
+            ops += resolve.ops(recorder)
     return ops
 
 
