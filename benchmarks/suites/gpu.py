@@ -34,6 +34,7 @@ from benchmarks.jobs import run_job
 from benchmarks.options import Check, Options, Section, check
 from benchmarks.rounds import interleaved_rounds, settle
 from distrain.env import ProcessInfo
+from distrain.telemetry.units import format_bytes
 
 NAME = "gpu"
 TITLE = "6. One GPU: GPT-2 124M against nanoGPT's recipe"
@@ -122,17 +123,17 @@ def report(result: Dict[str, Any], ctx: Any) -> Section:
         lines.append("**Tiny CPU mode** (no CUDA device): this checks that every contestant runs; the numbers say "
                      "nothing about a GPU and no target is checked. Run `python -m benchmarks gpu` on a GPU.\n")
     formula = result["state_formula_bytes"]
-    lines += ["| contestant | median step ms (IQR) | tokens/s | MFU | peak memory GiB | peak - 16Ψ GiB |",
+    lines += ["| contestant | median step ms (IQR) | tokens/s | MFU | peak memory | peak - 16Ψ |",
               "| --- | --- | --- | --- | --- | --- |"]
     for row in result["rows"]:
         mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
         peak = row["peak_bytes"]
         lines.append(f"| {row['label']} | {row['step']['median'] * 1e3:.2f} ({row['step']['iqr'] * 1e3:.2f}) | "
-                     f"{row['tokens_per_s']:,.0f} | {mfu} | {_gib(peak)} | "
-                     f"{_gib(peak - formula) if peak is not None else 'n/a'} |")
+                     f"{row['tokens_per_s']:,.0f} | {mfu} | {_size(peak)} | "
+                     f"{_size(peak - formula) if peak is not None else 'n/a'} |")
     r = result["ratios"]
     lines += ["", f"16Ψ (the ZeRO paper's model states at one rank: fp32 weights, gradients and Adam moments) = "
-                  f"{formula / 2**30:.2f} GiB; the rest of a peak is activations and temporaries.", "",
+                  f"{_size(formula)}; the rest of a peak is activations and temporaries.", "",
               "| comparison | ratio | 95% CI |", "| --- | --- | --- |",
               f"| tokens/s, distrain compile / nanoGPT's recipe | {r['tokens_vs_nanogpt']['ratio']:.3f} | "
               f"{r['tokens_vs_nanogpt']['ci_lo']:.3f}-{r['tokens_vs_nanogpt']['ci_hi']:.3f} |",
@@ -151,5 +152,5 @@ def report(result: Dict[str, Any], ctx: Any) -> Section:
     return Section(TITLE, "\n".join(lines), checks, [])
 
 
-def _gib(n: Optional[float]) -> str:
-    return "n/a" if n is None else f"{n / 2**30:.2f}"
+def _size(n: Optional[float]) -> str:
+    return "n/a" if n is None else format_bytes(n, digits=2)
