@@ -16,6 +16,7 @@ from conftest import REPO, run_torchrun
 from distrain.data import build_datasets
 from distrain.models import build_model
 from distrain.models.meta_init import MetaBuildRefused, build_on_meta, is_meta, materialise
+from distrain.strategies import Strategy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -156,6 +157,20 @@ def test_the_trainer_builds_a_refused_model_eagerly_and_says_why(tmp_path, caplo
     with pytest.raises(ConfigError, match="model.init=meta.*aten.normal_") as err:
         Trainer({**config, "model": {"init": "meta"}}, model=nano, train_data=data, loss_fn=loss)
     assert err.value.key == "model.init"
+    own = {**config, "model": {"init": "meta"}, "strategy": {"name": "test_meta_init:OwnStrategy"}}
+    with pytest.raises(ConfigError, match="takes a built model"):
+        Trainer(own, model=lambda: nn.Sequential(nn.Linear(8, 2)), train_data=data, loss_fn=loss)
+
+
+class OwnStrategy(Strategy):
+    """A user's strategy that has not opted into models on the meta device (meta_init stays False)."""
+
+    name = "own"
+    needs_process_group = False
+
+    def setup(self, model: nn.Module) -> None:
+        self.model = model.to(self.ctx.device)
+        self.optimizer = self._build_optimizer(self.model)
 
 
 def test_flops_are_counted_on_the_meta_model_without_running_it():

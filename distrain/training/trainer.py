@@ -157,6 +157,10 @@ class Trainer:
         else:
             raise _not_a_model(model)
         built = None
+        if self.cfg.model.init == "meta" and not strategy_cls.meta_init:
+            raise ConfigError(f"model.init=meta, but strategy.name={self.cfg.strategy.name!r} takes a built model "
+                              f"(its class does not set meta_init = True). Use model.init=auto or eager, or a "
+                              f"built-in strategy.", key="model.init")
         if strategy_cls.meta_init and self.cfg.model.init != "eager":
             try:
                 built = build_on_meta(factory)
