@@ -85,3 +85,13 @@ def gpu_count() -> int:
 def pytest_runtest_setup(item) -> None:
     if item.get_closest_marker("gpu") is not None and gpu_count() == 0:
         pytest.skip("needs a CUDA GPU")
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a test that trains in this process, as the child processes have
+    (OMP_NUM_THREADS=1): on a small shared machine more threads only fight each other over tiny models."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,7 +7,8 @@ rank's memory report and comm byte count.
 
     torchrun --nproc-per-node W tests/strategy_worker.py OUT_DIR RUNS_JSON
 RUNS_JSON: [{"name": ..., "config": path, "overrides": [...], "worlds": [1, 2, 3]}, ...]; a run with
-"continues": NAME shares NAME's run directory and resumes from its latest checkpoint.
+"continues": NAME shares NAME's run directory and resumes from its latest checkpoint; one with "model":
+"module:function" trains that factory's model (a module on this script's path, e.g. meta_models:user_model).
 
 A run that fails writes its error (``error.rank<R>.txt``) instead of its results and the next run starts: one
 broken strategy fails its own tests, not every test of the module. The watchdog is off here: its abort notice
@@ -16,6 +17,7 @@ lives for the whole launch and would end the next run's ranks too.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import traceback
@@ -52,14 +54,21 @@ def main(out_dir: Path, runs: list) -> None:
             if key not in datasets:
                 datasets[key] = build_datasets(cfg.data.name, cfg.data.kwargs, cfg.data.eval_fraction)[0]
             recording = RecordingDataset(datasets[key])
-            with Trainer(cfg, train_data=recording, eval_data=None) as trainer:
+            model = None
+            if "model" in run:
+                module, _, function = run["model"].partition(":")
+                model = getattr(importlib.import_module(module), function)
+            with Trainer(cfg, model=model, train_data=recording, eval_data=None) as trainer:
+                recording.seen.clear()  # only what training consumes (a user's model is FLOP-counted on sample 0)
                 final = trainer.fit()
                 weights = trainer.full_state_dict()
                 memory = dist.all_gather_object(trainer.memory_report())
                 comm = dist.all_gather_object(trainer.strategy.comm_bytes)
                 (run_dir / f"indices.rank{rank}.json").write_text(json.dumps(recording.seen))
                 if rank == 0:
-                    save_file({k: v.contiguous() for k, v in weights.items()}, str(run_dir / "weights.safetensors"))
+                    # (a clone each: safetensors refuses tensors that share memory, as tied weights do)
+                    save_file({k: v.contiguous().clone() for k, v in weights.items()},
+                              str(run_dir / "weights.safetensors"))
                     (run_dir / "result.json").write_text(json.dumps({
                         "loss": final["loss"], "grad_accum": trainer.plan.grad_accum, "world_size": world,
                         "memory": memory, "comm_bytes": comm, "steps": trainer.step}))

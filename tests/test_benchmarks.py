@@ -25,7 +25,7 @@ def test_ddp_overhead_script_runs_from_a_plain_python():
 def test_bench_command_lists_the_suites_and_rejects_unknown_ones():
     proc = run_cli(["bench", "--help"])
     assert proc.returncode == 0
-    for suite in ("step_time", "comm", "memory", "scaling", "startup", "data", "ddp_overhead"):
+    for suite in ("step_time", "comm", "memory", "scaling", "startup", "data", "ddp_overhead", "gpu"):
         assert suite in proc.stdout
     bad = run_cli(["bench", "no_such_suite"])
     assert bad.returncode == 2 and "no_such_suite" in bad.stderr and "Traceback" not in bad.stderr
@@ -77,3 +77,22 @@ def test_smoke_run_of_every_suite(tmp_path):
                   "## 5. Start-up", "## 6. Data loading"):
         assert title in report
     assert len(list((tmp_path / "smoke").glob("*.png"))) >= 3
+
+
+@pytest.mark.bench
+def test_gpu_suite_runs_in_its_tiny_cpu_mode(tmp_path):
+    # Without CUDA, `python -m benchmarks gpu` races the same six contestants at a tiny shape on the CPU (inductor
+    # compiles three of them: a few minutes on 2 cores); the GPT-2 124M numbers need a GPU.
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "gpu", "--smoke", "--device", "cpu", "--out-dir",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=1800, env=child_env())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(next(tmp_path.glob("*-smoke-gpu.json")).read_text())["suites"]["gpu"]
+    assert result["shape"] == "tiny" and result["peak_flops"] is None
+    from benchmarks.suites.gpu import CONTESTANTS
+
+    assert [row["label"] for row in result["rows"]] == list(CONTESTANTS)
+    for row in result["rows"]:
+        assert len(row["times"]) == result["rounds"] and row["tokens_per_s"] > 0
+    assert {"tokens_vs_nanogpt", "overhead", "defaults_vs_eager"} <= set(result["ratios"])
+    report = (tmp_path / "smoke-gpu" / "BENCHMARKS.md").read_text()
+    assert "## 6. One GPU" in report and "Tiny CPU mode" in report

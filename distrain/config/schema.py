@@ -28,6 +28,10 @@ class RunConfig:
 class ModelConfig:
     name: str = "mlp"  # a built-in: mlp | cnn | lstm | gpt (ignored when a model object is passed to Trainer)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # the builder's arguments, e.g. {hidden: 256, depth: 3}
+    # auto: build on the meta device, shard, then initialise shard by shard (no rank holds the whole model) when
+    # the model's modules initialise themselves (reset_parameters/init_weights), else build it whole on every
+    # rank, saying why | meta: the same, but refuse a model that cannot | eager: always build it whole
+    init: str = "auto"
 
 
 @dataclass
@@ -54,10 +58,14 @@ class TrainConfig:
     micro_batch: Optional[int] = None  # samples per forward/backward on one rank; None = global_batch / world
     steps: int = 100  # optimizer steps to train for (in total, across resumes)
     optimizer: str = "adamw"  # sgd | adam | adamw
+    optimizer_impl: str = "auto"  # auto (fused kernel on CUDA, torch's default elsewhere) | fused | foreach | for_loop
     lr: float = 1e-3  # peak learning rate (after warmup)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw moment decay rates
     eps: float = 1e-8  # adam/adamw denominator term
     weight_decay: float = 0.0  # decoupled for adamw, L2 for sgd/adam
+    # parameters weight_decay skips (a second group with weight_decay 0): keywords bias | norm | embedding | 1d,
+    # or globs on parameter names such as "*.pos.weight"; [] decays everything
+    decay_exclude: List[str] = field(default_factory=lambda: ["bias", "norm", "embedding"])
     momentum: float = 0.0  # sgd only
     lr_schedule: str = "constant"  # constant | cosine (both after a linear warmup)
     warmup_steps: int = 0  # steps of linear warmup from 0 to lr
@@ -66,6 +74,13 @@ class TrainConfig:
     eval_every: int = 0  # steps between evaluations; 0 = only at the end (if there is eval data)
     log_every: int = 10  # steps between metrics records (and console lines)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 needs a GPU)
+    compile: bool = False  # torch.compile each block (or the whole model) in place, for training steps only
+    # torch.compile arguments: backend, mode, fullgraph, dynamic, options
+    compile_options: Dict[str, Any] = field(default_factory=dict)
+    activation_checkpointing: str = "none"  # none | full | every:N (recompute every N-th block in backward)
+    # the model's repeated blocks, units of compile and activation checkpointing: null = every child of an
+    # nn.ModuleList (the built-in gpt's blocks); or class names, e.g. [MyBlock]
+    blocks: Optional[List[str]] = None
     resume: str = "auto"  # auto | never | PATH to a checkpoint
     # A non-finite loss or gradient norm: stop (exit 1, naming the step) | skip_step (drop that step's update,
     # on every rank alike) | warn (log it and go on). A checkpoint of non-finite weights is never committed.
@@ -152,10 +167,15 @@ class Config:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
 
 
+# The torch.compile arguments train.compile_options may set.
+COMPILE_OPTIONS = ("backend", "mode", "fullgraph", "dynamic", "options")
+
 ConfigSource = Union[str, os.PathLike, Mapping[str, Any], Config, DictConfig, None]
 
 CHOICES: Dict[str, Sequence[str]] = {
     "train.optimizer": ("sgd", "adam", "adamw"),
+    "train.optimizer_impl": ("auto", "fused", "foreach", "for_loop"),
+    "model.init": ("auto", "meta", "eager"),
     "train.lr_schedule": ("constant", "cosine"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.on_nonfinite": ("stop", "skip_step", "warn"),

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
-from distrain.config.schema import CHOICES, FAULT_SIGNALS, TRACKER_NAMES, Config
+from distrain.config.schema import CHOICES, COMPILE_OPTIONS, FAULT_SIGNALS, TRACKER_NAMES, Config
 from distrain.errors import ConfigError
 
 
@@ -79,6 +80,17 @@ def validate(cfg: DictConfig) -> None:
     _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "it must be zero (only at the end) or positive")
     _require(t.log_every >= 1, "train.log_every", t.log_every, "it must be a positive integer")
     _require(bool(t.resume), "train.resume", t.resume, "use auto, never, or a checkpoint path")
+    _require(re.fullmatch(r"none|full|every:[1-9][0-9]*", str(t.activation_checkpointing)) is not None,
+             "train.activation_checkpointing", t.activation_checkpointing,
+             "allowed values are none, full, or every:N with N >= 1 (checkpoint every N-th block)")
+    stray = sorted(set(t.compile_options) - set(COMPILE_OPTIONS))
+    _require(not stray, "train.compile_options", dict(t.compile_options),
+             f"{', '.join(stray)} is not a torch.compile argument distrain passes on (allowed: "
+             f"{', '.join(COMPILE_OPTIONS)})")
+    _require(all(isinstance(r, str) and r for r in t.decay_exclude), "train.decay_exclude", list(t.decay_exclude),
+             "each entry is bias, norm, embedding, 1d or a glob on parameter names")
+    _require(t.blocks is None or (len(t.blocks) > 0 and all(isinstance(b, str) and b for b in t.blocks)),
+             "train.blocks", t.blocks, "use null (every child of an nn.ModuleList) or a list of module class names")
     d = cfg.data
     _require(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "it must be in [0, 1)")
     _require(d.eval_batch >= 1, "data.eval_batch", d.eval_batch, "it must be a positive integer")

@@ -36,16 +36,41 @@ def lstm(spec: DataSpec, embed: int = 64, hidden: int = 128, layers: int = 1) ->
     return CharLSTM(spec.num_classes, embed, hidden, layers)
 
 
+class GPTLinear(nn.Linear):
+    """nn.Linear with GPT-2's init, N(0, std) weights and zero bias, done by its own reset_parameters().
+
+    Each layer initialising itself in its constructor (rather than the model re-initialising everything at the
+    end of GPT.__init__, as nanoGPT does) is what lets the model be built on the meta device and replayed shard
+    by shard into exactly these values (distrain.models.meta_init).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, std: float = 0.02):
+        self.std = std  # read by reset_parameters(), which nn.Linear's constructor calls
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class GPTEmbedding(nn.Embedding):
+    """nn.Embedding with GPT-2's N(0, 0.02) init (torch's default is N(0, 1))."""
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=0.02)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, residual_std: float):
         super().__init__()
         if dim % heads:
             raise ValueError(f"embed={dim} must be divisible by heads={heads}")
         self.heads = heads
         # No bias: a key bias gets an analytically zero gradient (softmax is shift-invariant), and Adam would
         # amplify its rounding noise into real updates, so runs that differ only in summation order drift apart.
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = GPTLinear(dim, 3 * dim, bias=False)
+        self.proj = GPTLinear(dim, dim, std=residual_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
@@ -56,14 +81,15 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; the unit FSDP shards one at a time."""
+    """Pre-norm transformer block: the unit FSDP shards, torch.compile compiles and activation checkpointing
+    recomputes, one at a time."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, residual_std: float):
         super().__init__()
         self.ln1 = nn.LayerNorm(dim)
-        self.attn = CausalSelfAttention(dim, heads)
+        self.attn = CausalSelfAttention(dim, heads, residual_std)
         self.ln2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.mlp = nn.Sequential(GPTLinear(dim, 4 * dim), nn.GELU(), GPTLinear(4 * dim, dim, std=residual_std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -74,24 +100,12 @@ class GPT(nn.Module):
     def __init__(self, vocab_size: int, block_size: int, embed: int, heads: int, layers: int):
         super().__init__()
         self.block_size = block_size
-        self.tok = nn.Embedding(vocab_size, embed)
-        self.pos = nn.Embedding(block_size, embed)
-        self.blocks = nn.ModuleList(Block(embed, heads) for _ in range(layers))
+        residual_std = 0.02 / math.sqrt(2 * layers)  # GPT-2's scaled init of the residual projections
+        self.tok = GPTEmbedding(vocab_size, embed)
+        self.pos = GPTEmbedding(block_size, embed)
+        self.blocks = nn.ModuleList(Block(embed, heads, residual_std) for _ in range(layers))
         self.ln_f = nn.LayerNorm(embed)
-        self.head = nn.Linear(embed, vocab_size, bias=False)
-        self.apply(self._init)
-        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
-            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * layers))
-
-    @staticmethod
-    def _init(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        self.head = GPTLinear(embed, vocab_size, bias=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]

@@ -30,6 +30,7 @@ MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 class AccelerateStrategy(Strategy):
     name = "accelerate"
+    meta_init = True
 
 
     @classmethod
@@ -51,8 +52,9 @@ class AccelerateStrategy(Strategy):
                                        mixed_precision=MIXED_PRECISION[self.ctx.train.precision],
                                        cpu=self.ctx.device.type == "cpu",
                                        kwargs_handlers=[DistributedDataParallelKwargs(**self.ddp_kwargs)])
-        model = model.to(self.accelerator.device)
-        optimizer = self._build_optimizer(model.parameters())
+        model = self._on_device(model, self.accelerator.device)
+        self._checkpoint_and_compile(model)  # per block and in place, before Accelerate's DDP (as in DDPStrategy)
+        optimizer = self._build_optimizer(model)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         if isinstance(self.model, DistributedDataParallel):  # one process: Accelerate leaves the model unwrapped
             register_comm_hook(self.model, None, counter=self._sent)  # SUM, counted (see the module docstring)

@@ -18,8 +18,11 @@ from torch import nn
 from distrain.config import BatchPlan
 from distrain.config.options import parse_options
 from distrain.env import ProcessInfo
-from distrain.training.optim import build_optimizer
+from distrain.models.meta_init import is_meta, materialise
 from distrain.strategies import precision
+from distrain.training.activation_checkpointing import apply_activation_checkpointing
+from distrain.training.compile import apply_compile
+from distrain.training.optim import build_optimizer, param_groups
 
 if TYPE_CHECKING:
     from distrain.strategies.layout import Layout
@@ -40,6 +43,9 @@ class Strategy:
     name = "base"
     exact = True  # W ranks reproduce 1 rank with accumulation, to float rounding (`distrain verify` checks it)
     needs_process_group = True
+    # Whether setup() accepts a model still on the meta device (distrain.models.meta_init) and brings it to life
+    # itself, after wrapping or sharding it. The built-in strategies do; a user's own strategy gets a built model.
+    meta_init = False
 
     def __init__(self, ctx: StrategyContext):
         self.ctx = ctx
@@ -55,8 +61,27 @@ class Strategy:
         """Place and wrap ``model``, then build the optimizer over the (possibly sharded) parameters."""
         raise NotImplementedError
 
-    def _build_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        return build_optimizer(params, self.ctx.train)
+    def _on_device(self, model: nn.Module, device: Optional[torch.device] = None) -> nn.Module:
+        """``model`` on ``device`` (default: the run's): a meta-built model is initialised there with its eager
+        values (distrain.models.meta_init), an already built one is moved."""
+        device = device or self.ctx.device
+        if is_meta(model):
+            materialise(model, device)
+            return model
+        return model.to(device)
+
+    def _checkpoint_and_compile(self, model: nn.Module) -> None:
+        """train.activation_checkpointing, then train.compile, on the model's blocks, in place and in that order
+        (torchtitan's and Accelerate's); strategies call it before wrapping or sharding (DeepSpeed: see there)."""
+        train = self.ctx.train
+        apply_activation_checkpointing(model, train.activation_checkpointing, train.blocks)
+        if train.compile:
+            apply_compile(model, train.compile_options, train.blocks)
+
+    def _build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """train.optimizer over ``model``'s parameters (after wrapping/sharding), in the weight-decay groups every
+        strategy uses (distrain.training.optim.param_groups)."""
+        return build_optimizer(param_groups(model, self.ctx.train), self.ctx.train, self.ctx.device)
 
     # --- the step ----------------------------------------------------------------------------------
     def forward_context(self) -> ContextManager:

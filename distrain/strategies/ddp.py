@@ -1,5 +1,9 @@
 """DistributedDataParallel: every rank holds the whole model; gradients are all-reduced in buckets during the
-last micro-step's backward (``no_sync`` on the others, so accumulation costs one all-reduce per step)."""
+last micro-step's backward (``no_sync`` on the others, so accumulation costs one all-reduce per step).
+
+At world size 1 there is nothing to all-reduce, and the model is not wrapped at all: no buckets, no comm hook, no
+reducer hooks on every gradient, the same step as the single strategy.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from distrain.strategies.comm_hooks import ByteCounter, register_comm_hook
 
 class DDPStrategy(Strategy):
     name = "ddp"
+    meta_init = True
 
 
     @classmethod
@@ -52,8 +57,12 @@ class DDPStrategy(Strategy):
         """Gradient bytes this rank has all-reduced so far (after compression, when a comm hook compresses)."""
         return self._sent.total
 
-    def wrap(self, model: nn.Module) -> DistributedDataParallel:
-        model = model.to(self.ctx.device)
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model on the device, checkpointed and compiled per train.*, in DDP (the model itself at W=1)."""
+        model = self._on_device(model)
+        self._checkpoint_and_compile(model)  # per block, before DDP (see distrain.training.compile)
+        if self.ctx.info.world_size == 1:
+            return model
         device_ids = [self.ctx.device] if self.ctx.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=device_ids, **self.ddp_kwargs)
         self.grad_reduction = register_comm_hook(ddp, self.comm_hook, self.powersgd_rank, self._sent)
@@ -61,7 +70,9 @@ class DDPStrategy(Strategy):
 
     def setup(self, model: nn.Module) -> None:
         self.model = self.wrap(model)
-        self.optimizer = self._build_optimizer(self.model.parameters())
+        self.optimizer = self._build_optimizer(self.module)
 
     def accumulate(self, last_micro_step: bool) -> ContextManager:
-        return contextlib.nullcontext() if last_micro_step else self.model.no_sync()
+        if last_micro_step or not isinstance(self.model, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()

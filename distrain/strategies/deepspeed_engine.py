@@ -15,6 +15,15 @@ Exactness: stages 0-2 reduce gradients as a SUM (``gradient_allreduce_op: sum``)
 of the step's objective, like DDP, so W ranks match one rank to float rounding. Stage 3 only averages (DeepSpeed
 refuses SUM there): the share is multiplied by W and the engine divides by W, one extra rounding per step.
 
+Sharded from birth: a model built on the meta device (distrain.models.meta_init) is built again at stage 3 inside
+``deepspeed.zero.Init``, from the same factory and generator state: DeepSpeed partitions each module's
+parameters as soon as its constructor returns, so no rank holds the whole model, and since the constructors
+draw exactly what an eager build draws (checked on the meta device first), the partitions hold the eager values
+(in fp32; with bf16/fp16 zero.Init creates, and so initialises, the parameters in that precision). Stages 0-2
+keep a replica per rank: the model is materialised straight onto the device. ``train.compile`` compiles the
+blocks of ``engine.module`` in place after ``deepspeed.initialize``, as Accelerate does; activation
+checkpointing is applied before.
+
 On a machine without CUDA, ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is imported (it picks its
 accelerator at import). The first start JIT-compiles a small communication op (~30 s); later starts reuse it.
 """
@@ -32,8 +41,11 @@ from torch import nn
 
 from distrain.env import ProcessInfo
 from distrain.errors import CheckpointError, ConfigError
-from distrain.training.optim import optimizer_kwargs
+from distrain.models.meta_init import is_meta, meta_init_of
 from distrain.strategies.layout import FULL, SHARD, Layout
+from distrain.training.activation_checkpointing import apply_activation_checkpointing
+from distrain.training.compile import apply_compile
+from distrain.training.optim import build_optimizer, optimizer_kwargs, param_groups
 from distrain.strategies.base import Strategy, StrategyContext, _local_bytes
 
 # Keys that our config owns: set them through train.* / strategy.kwargs, never twice.
@@ -59,7 +71,7 @@ class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
     engine_checkpoint = True
     opaque_step = True  # engine.step() clips, measures the gradient norm and updates in one call
-
+    meta_init = True
 
     @classmethod
     def layouts(cls) -> List[Layout]:
@@ -148,11 +160,20 @@ class DeepSpeedStrategy(Strategy):
         self._set_local_rank = _set_local_rank(self.ctx.info)  # removed again at teardown
         config = self.ds_config()
         self._check_config(deepspeed, config)
-        model = model.to(self.ctx.device)
-        client_optimizer = None if "optimizer" in config else self._build_optimizer(model.parameters())
+        train = self.ctx.train
+        if self.stage == 3 and is_meta(model):
+            model = self._build_partitioned(deepspeed, model, config)
+        else:
+            model = self._on_device(model)
+        apply_activation_checkpointing(model, train.activation_checkpointing, train.blocks)
+        groups = param_groups(model, train)  # every strategy's weight-decay groups; DeepSpeed partitions each
+        client_optimizer = None if "optimizer" in config else build_optimizer(groups, train, self.ctx.device)
         # Past the config check, a failure is the engine's (a runtime error with DeepSpeed's own traceback).
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client_optimizer,
-                                                                 config=config, dist_init_required=False)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=client_optimizer, model_parameters=groups if client_optimizer is None else None,
+            config=config, dist_init_required=False)
+        if train.compile:  # on the engine's module, in place: DeepSpeed's hooks are installed by now
+            apply_compile(self.engine.module, train.compile_options, train.blocks)
         self.model = self.engine
 
     def _check_config(self, deepspeed: Any, config: Dict[str, Any]) -> None:
@@ -167,6 +188,14 @@ class DeepSpeedStrategy(Strategy):
             detail = " ".join(str(err).split())
             raise ConfigError(f"DeepSpeed rejected the generated config (strategy.kwargs): {detail}",
                               key="strategy.kwargs") from None
+
+    def _build_partitioned(self, deepspeed: Any, model: nn.Module, config: Dict[str, Any]) -> nn.Module:
+        """ZeRO-3 from birth: the model's factory again, inside ``deepspeed.zero.Init``, from the generator state
+        the meta build started from (the meta model was built to check the constructors draw what they should)."""
+        init = meta_init_of(model)
+        torch.set_rng_state(init.rng_state)
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            return init.factory()
 
     # --- the step ----------------------------------------------------------------------------------
     # forward_context stays the base autocast: DeepSpeed's bf16/fp16 modes cast the module's weights, not its

@@ -9,6 +9,10 @@ Wrapping policy (``wrap``): "auto" shards every child of an ``nn.ModuleList`` as
 container of transformer blocks: the built-in GPT's ``blocks``; the MLP, CNN and LSTM have none and become one
 unit), then the root. A list of class names instead shards every submodule of those classes, e.g.
 ``strategy.kwargs.wrap=[Block]`` for a user's model.
+
+Sharded from birth: a model built on the meta device (distrain.models.meta_init) is checkpointed, compiled and
+sharded there, and only then materialised: ``to_empty`` allocates each rank's shards, and every parameter's
+initial value is replayed on the CPU and cut to this rank's shard. No rank ever holds the whole model.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from distrain.errors import ConfigError
+from distrain.models.blocks import AUTO, find_blocks
+from distrain.models.meta_init import is_meta, materialise
 from distrain.strategies import precision
 from distrain.strategies.layout import SHARD, Layout
 from distrain.strategies.base import Strategy, StrategyContext
@@ -30,6 +36,7 @@ from distrain.strategies.base import Strategy, StrategyContext
 
 class FSDPStrategy(Strategy):
     name = "fsdp"
+    meta_init = True
 
 
     @classmethod
@@ -59,7 +66,10 @@ class FSDPStrategy(Strategy):
         self.units: List[FSDPModule] = []
 
     def setup(self, model: nn.Module) -> None:
-        model = model.to(self.ctx.device)
+        sharded_from_birth = is_meta(model)
+        if not sharded_from_birth:
+            model = model.to(self.ctx.device)
+        self._checkpoint_and_compile(model)  # per block, before fully_shard (see distrain.training.compile)
         mesh = init_device_mesh(self.ctx.device.type, (self.ctx.info.world_size,))
         kwargs: Dict[str, Any] = dict(mesh=mesh, reshard_after_forward=self.reshard_after_forward,
                                       offload_policy=CPUOffloadPolicy() if self.offload else OffloadPolicy())
@@ -72,24 +82,17 @@ class FSDPStrategy(Strategy):
             # keeps W ranks equal to 1 rank. Forcing SUM also avoids PREMUL_SUM, which gloo does not have.
             unit.set_gradient_divide_factor(1.0)
             unit.set_force_sum_reduction_for_comms(True)
+        if sharded_from_birth:  # each rank allocates and initialises only its shards (host memory with offload)
+            materialise(model, torch.device("cpu") if self.offload else self.ctx.device)
         self.model = model
-        self.optimizer = self._build_optimizer(model.parameters())  # over the DTensor shards
+        self.optimizer = self._build_optimizer(model)  # over the DTensor shards
 
     def _units(self, model: nn.Module) -> List[nn.Module]:
-        if self.wrap_policy == "auto":
-            return [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m]
-        if isinstance(self.wrap_policy, str):
+        if isinstance(self.wrap_policy, str) and self.wrap_policy != AUTO:
             raise ConfigError(f"strategy.kwargs.wrap={self.wrap_policy!r} is not a policy. Use auto (every child of "
                               f"an nn.ModuleList) or a list of module class names, e.g. [Block].",
                               key="strategy.kwargs.wrap")
-        units = [m for m in model.modules() if type(m).__name__ in self.wrap_policy and m is not model]
-        found = {type(m).__name__ for m in units}
-        missing = [name for name in self.wrap_policy if name not in found]
-        if missing:
-            raise ConfigError(f"strategy.kwargs.wrap names {missing}, but the model has no submodule of that class. "
-                              f"Its classes: {sorted({type(m).__name__ for m in model.modules()})}.",
-                              key="strategy.kwargs.wrap")
-        return units
+        return find_blocks(model, self.wrap_policy, key="strategy.kwargs.wrap")
 
     def _mixed_precision(self, root: bool) -> MixedPrecisionPolicy:
         if self.ctx.train.precision == "fp32":

@@ -32,6 +32,7 @@ class LocalSGDStrategy(Strategy):
     name = "local_sgd"
     exact = False
     grad_reduction = "mean"  # no gradient reduction at all: each rank's loss is scaled by 1/grad_accum only
+    meta_init = True
 
 
     @classmethod
@@ -61,10 +62,11 @@ class LocalSGDStrategy(Strategy):
         self._sent = 0
 
     def setup(self, model: nn.Module) -> None:
-        self.model = model.to(self.ctx.device)
+        self.model = self._on_device(model)
         for p in self.model.parameters():  # the same start on every rank, whatever each rank's init did
             dist.broadcast(p.data, src=0)
-        self.optimizer = self._build_optimizer(self.model.parameters())
+        self._checkpoint_and_compile(self.model)
+        self.optimizer = self._build_optimizer(self.model)
         if self.outer == "nesterov":
             self.anchor = [p.detach().clone() for p in self.model.parameters()]
             self.outer_optimizer = torch.optim.SGD(self.anchor, lr=self.outer_lr, momentum=self.outer_momentum,

@@ -10,7 +10,9 @@ from distrain.strategies.base import Strategy
 class SingleStrategy(Strategy):
     name = "single"
     needs_process_group = False
+    meta_init = True
 
     def setup(self, model: nn.Module) -> None:
-        self.model = model.to(self.ctx.device)
-        self.optimizer = self._build_optimizer(self.model.parameters())
+        self.model = self._on_device(model)
+        self._checkpoint_and_compile(self.model)
+        self.optimizer = self._build_optimizer(self.model)

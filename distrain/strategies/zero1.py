@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from distrain.training.optim import build_optimizer
+from distrain.training.optim import build_optimizer, param_groups
 from distrain.strategies.ddp import DDPStrategy
 from distrain.strategies.layout import SHARD, Layout
 from distrain.strategies.base import StrategyContext
@@ -40,16 +40,20 @@ class ZeRO1Strategy(DDPStrategy):
         self.model = self.wrap(model)
         train = self.ctx.train
 
-        def local_optimizer(param_groups: List[Dict[str, Any]], **_: Any) -> torch.optim.Optimizer:
-            # ZeRO hands each rank its partition; build it exactly as every other strategy builds its optimizer.
-            return build_optimizer(param_groups, train)
+        device = self.ctx.device
 
-        # Only lr lives in ZeRO's own groups: it copies them into the local optimizer before every step, which is
-        # how the schedule's set_lr reaches it. Every other hyper-parameter comes from build_optimizer.
-        self.optimizer = ZeroRedundancyOptimizer(self.model.parameters(), optimizer_class=local_optimizer,
+        def local_optimizer(groups: List[Dict[str, Any]], **_: Any) -> torch.optim.Optimizer:
+            # ZeRO hands each rank its partition of every group; build it as every other strategy builds its own.
+            return build_optimizer(groups, train, device)
+
+        # ZeRO partitions each weight-decay group (param_groups) and copies its groups' lr into the local
+        # optimizer before every step, which is how the schedule's set_lr reaches it. Every other
+        # hyper-parameter comes from build_optimizer.
+        self.optimizer = ZeroRedundancyOptimizer(param_groups(self.module, train), optimizer_class=local_optimizer,
                                                  parameters_as_bucket_view=self.parameters_as_bucket_view,
                                                  lr=float(train.lr))
-        self._param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if self.ctx.info.world_size > 1:  # the owners' broadcast after every step (nobody to send to at W=1)
+            self._param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def step(self) -> None:
         super().step()

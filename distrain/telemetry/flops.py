@@ -8,9 +8,10 @@ sample for dense layers), not what the hardware happened to execute (recomputati
 from __future__ import annotations
 
 import re
+import contextlib
 from dataclasses import dataclass
 from collections.abc import Mapping
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -81,7 +82,9 @@ def flops_per_sample(model: nn.Module, spec: Any, builtin: Optional[str] = None,
     ``builtin`` is the model.name of a built-in model; ``sample`` is one input batch of size 1 (or a Mapping of
     the forward's keyword arguments) for counting a
     user's model with torch.utils.flop_counter (forward only, x3 for backward; ops the counter does not know,
-    such as fused RNN kernels on CPU, are not counted).
+    such as fused RNN kernels on CPU, are not counted). Nothing is computed: the forward runs on shapes only
+    (meta tensors for a meta-built model, fake tensors for a built one), so counting costs no memory and no
+    time, whatever the model's size.
     """
     from distrain.models import MODEL_FLOPS
 
@@ -101,8 +104,9 @@ def _count(model: nn.Module, sample: Any) -> FlopsEstimate:
     was_training = model.training
     model.eval()  # no dropout, no BatchNorm statistics update
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(**sample) if isinstance(sample, Mapping) else model(sample)  # keyword arguments: HF style
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), _shapes_only(model, sample) as shaped, \
+                FlopCounterMode(display=False) as counter:
+            model(**shaped) if isinstance(shaped, Mapping) else model(shaped)  # keyword arguments: HF style
     except Exception as err:  # an estimate is optional: a model the counter cannot trace still trains
         return FlopsEstimate(None, f"torch's FLOP counter failed on the model ({type(err).__name__}: {err})")
     finally:
@@ -111,3 +115,31 @@ def _count(model: nn.Module, sample: Any) -> FlopsEstimate:
     if not forward:
         return FlopsEstimate(None, "torch's FLOP counter saw no matmul or convolution in the model's forward")
     return FlopsEstimate(3.0 * forward, "torch.utils.flop_counter on one sample (forward x 3)")
+
+
+@contextlib.contextmanager
+def _shapes_only(model: nn.Module, sample: Any) -> Iterator[Any]:
+    """A forward that computes no values. A model whose parameters are on the meta device (built for sharding)
+    runs on a meta sample, its real buffers swapped for meta ones meanwhile; any other model runs under a
+    FakeTensorMode, which turns its real tensors into fakes as ops meet them."""
+    if any(p.is_meta for p in model.parameters()):
+        buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
+        for m, name, b in buffers:
+            m._buffers[name] = b.to("meta")
+        try:
+            yield _each_tensor(sample, lambda t: t.to("meta"))
+        finally:
+            for m, name, b in buffers:
+                m._buffers[name] = b
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        yield _each_tensor(sample, mode.from_tensor)
+
+
+def _each_tensor(sample: Any, convert: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """A tensor sample converted, or a Mapping one (Hugging Face style keyword arguments) converted per value."""
+    if isinstance(sample, Mapping):
+        return {k: convert(v) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
+    return convert(sample)

@@ -48,17 +48,19 @@ class Progress:
         smoothed = self.smoothed if self.smoothed is not None else loss
         rate_key = "tokens_per_s" if "tokens_per_s" in record else "samples_per_s"
         rate_name = "tok/s" if rate_key == "tokens_per_s" else "samples/s"
+        # No rate for a window that held only torch.compile's warm-up step (it is not a step time).
+        rate = f"{record[rate_key]:,.0f}" if rate_key in record else "(compile warm-up)"
         mfu = record.get("mfu")
         if self.bar is not None:
             self.advance(step)
-            self.bar.set_postfix_str(f"loss={smoothed:.4f} lr={record['lr']:.2e} {rate_name}={record[rate_key]:,.0f}"
+            self.bar.set_postfix_str(f"loss={smoothed:.4f} lr={record['lr']:.2e} {rate_name}={rate}"
                                      + (f" mfu={100 * mfu:.1f}%" if mfu is not None else ""), refresh=True)
         elif self.mode == "plain":
             done = step - self.initial
             elapsed = time.perf_counter() - self.started
             eta = elapsed / max(done, 1) * (self.total - step)
             get_logger().info(f"step {step}/{self.total} loss {loss:.4f} (smoothed {smoothed:.4f}) "
-                              f"lr {record['lr']:.2e} {rate_name} {record[rate_key]:,.0f}"
+                              f"lr {record['lr']:.2e} {rate_name} {rate}"
                               + (f" mfu {100 * mfu:.1f}%" if mfu is not None else "") + f" eta {format_duration(eta)}")
 
     def write(self, line: str) -> None:

@@ -7,6 +7,7 @@ factory), map-style Datasets and loss callable. It runs in a single process and 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import time
@@ -37,6 +38,7 @@ from distrain.training.objective import ItemsRule, MetricFn, Objective, forward_
 from distrain.telemetry.metrics import MetricsWriter
 from distrain.telemetry.progress import Progress
 from distrain.models import build_model
+from distrain.models.meta_init import MetaBuildRefused, build_on_meta
 from distrain.training.optim import lr_at
 from distrain.training.run_dir import claim_run_dir
 from distrain.telemetry.perf import StepTimer, Throughput, memory_kind, peak_memory_bytes
@@ -44,6 +46,17 @@ from distrain.telemetry.run_record import RunRecord
 from distrain.strategies import StrategyContext, build_strategy, strategy_class
 
 ModelSource = Union[nn.Module, Callable[[], nn.Module], None]
+META_HINT = ("To build it sharded from birth, let every module initialise its own parameters in reset_parameters() "
+             "or init_weights(), called at the end of its __init__ (docs/large-models.md); model.init=eager silences "
+             "this message")
+# How the model was built (Trainer.model_init), as the start-up line says it.
+MODEL_INIT = {"meta": "on the meta device and initialised per shard", "eager": "whole on every rank",
+              "object": "by the caller"}
+
+
+def _not_a_model(got: Any) -> ConfigError:
+    return ConfigError(f"model must be an nn.Module or a zero-argument function returning one; got "
+                       f"{type(got).__name__}.", key="model")
 
 
 
@@ -130,7 +143,8 @@ class Trainer:
         self._resources.callback(self._close_loaders)  # DataLoader workers (persistent ones live until close)
 
         torch.manual_seed(self.cfg.run.seed)  # identical initial weights on every rank, whatever the strategy
-        user_model = self._model(model, spec)
+        self._setup_notes: List[str] = []  # warnings from before the log exists (it lives in the run directory)
+        user_model = self._model(model, spec, strategy_cls)
         self.throughput = Throughput(self._flops(user_model, spec, builtin=model is None),
                                      peak_flops(self.device, self.cfg.train.precision, self.cfg.metrics.peak_flops),
                                      self.info.world_size)
@@ -140,7 +154,8 @@ class Trainer:
         self._prepare_run_dir()
         self.log = setup_logging(self.run_dir, self.info.rank, console=self.cfg.metrics.progress != "none")
         self._resources.callback(close_logging, self.log)
-        for note in self._run_lock.notes if self._run_lock else ():  # a stale lock reclaimed on the way in
+        # a stale lock reclaimed on the way in; a model that could not be built on the meta device
+        for note in [*(self._run_lock.notes if self._run_lock else ()), *self._setup_notes]:
             self.log.warning(note)
         ctx = StrategyContext(info=self.info, device=self.device, plan=self.plan, train=self.cfg.train,
                               seed=self.cfg.run.seed)
@@ -152,11 +167,12 @@ class Trainer:
         self._resources.callback(self.strategy.teardown)  # before setup: a half-built engine is released too
         self.strategy.setup(user_model)
         self.step = 0  # optimizer steps completed
+        self._warmup_s: Optional[float] = None  # the compile warm-up step's seconds, until logged
         self._grad_norm: Optional[torch.Tensor] = None
         self.log.info(f"rank {self.info.rank}/{self.info.world_size} ({self.info.source}) on {self.device}, "
-                      f"strategy {self.strategy.name}, global batch {self.plan.global_batch} = micro "
-                      f"{self.plan.micro_batch} x accum {self.plan.grad_accum} x world {self.plan.world_size}; "
-                      f"{self.loader_options.describe()}")
+                      f"strategy {self.strategy.name}, model built {MODEL_INIT[self.model_init]}, global batch "
+                      f"{self.plan.global_batch} = micro {self.plan.micro_batch} x accum {self.plan.grad_accum} x "
+                      f"world {self.plan.world_size}; {self.loader_options.describe()}")
         for line in surprises(self.cfg, has_eval_data=self.eval_data is not None):
             self.log.warning(line)
         self.checkpointer = Checkpointer(self.run_dir, self.cfg, self.strategy, self.info, self.sampler,
@@ -203,17 +219,41 @@ class Trainer:
             self._sample_cache.append(fetch_batch(self.train_data, [0], self.collate_fn))
         return self._sample_cache[0]
 
-    def _model(self, model: ModelSource, spec: Any) -> nn.Module:
-        if model is None:
-            return build_model(self.cfg.model.name, self.cfg.model.kwargs, spec)
+    def _model(self, model: ModelSource, spec: Any, strategy_cls: type) -> nn.Module:
+        """The model to hand the strategy: built on the meta device when the strategy can shard or place it from
+        there (model.init, distrain.models.meta_init), else built whole here; a pre-built module as it is.
+        Sets ``self.model_init`` to which of the three it was."""
+        self.model_init = "object"  # how the model was built: object (passed built) | meta | eager
         if isinstance(model, nn.Module):
-            return model
-        if callable(model):
-            built = model()
-            if isinstance(built, nn.Module):
-                return built
-        raise ConfigError(f"model must be an nn.Module or a zero-argument function returning one; got "
-                          f"{type(model).__name__}.", key="model")
+            return model  # already materialised; for a model that does not fit, pass a factory instead
+        if model is None:
+            factory: Callable[[], Any] = functools.partial(build_model, self.cfg.model.name, self.cfg.model.kwargs,
+                                                           spec)
+        elif callable(model):
+            factory = model
+        else:
+            raise _not_a_model(model)
+        built = None
+        if self.cfg.model.init == "meta" and not strategy_cls.meta_init:
+            raise ConfigError(f"model.init=meta, but strategy.name={self.cfg.strategy.name!r} takes a built model "
+                              f"(its class does not set meta_init = True). Use model.init=auto or eager, or a "
+                              f"built-in strategy.", key="model.init")
+        if strategy_cls.meta_init and self.cfg.model.init != "eager":
+            try:
+                built = build_on_meta(factory)
+                self.model_init = "meta"
+            except MetaBuildRefused as why:
+                if self.cfg.model.init == "meta":
+                    raise ConfigError(f"model.init=meta, but this model cannot be built on the meta device with its "
+                                      f"eager initial values: {why}. {META_HINT}", key="model.init") from None
+                if self.info.is_main:
+                    self._setup_notes.append(f"The model is built whole on every rank, not on the meta device: "
+                                             f"{why}. {META_HINT}")
+        if built is None:
+            built, self.model_init = factory(), "eager"
+        if not isinstance(built, nn.Module):
+            raise _not_a_model(built)
+        return built
 
     def _flops(self, model: nn.Module, spec: Any, builtin: bool) -> FlopsEstimate:
         """Training FLOPs per sample, for achieved FLOP/s and MFU: a built-in's formula, else torch's counter."""
@@ -291,13 +331,17 @@ class Trainer:
                 self.faults.step_started(self.step)  # the watchdog's "last seen" for this rank
                 loss_sum = self.train_step(self.step)
                 self.step += 1
-                if self.step == first_step + 1:  # after one step: optimizers allocate their state on the first
-                    self._log_memory()
                 window_steps += 1
+                if self.step == first_step + 1:  # after one step: optimizers allocate their state on the first
+                    if self._train.compile:  # ...and torch.compile compiles: that step is not a step time or MFU
+                        self._warmup_s = time.perf_counter() - window_start
+                        window_start, window_steps = time.perf_counter(), 0
+                    self._log_memory()
                 progress.advance(self.step)
                 if self.step % cfg.train.log_every == 0 or self.step == total:
                     elapsed = time.perf_counter() - window_start
-                    final = self._log_step(loss_sum, elapsed / window_steps, writer, progress)
+                    final = self._log_step(loss_sum, elapsed / window_steps if window_steps else None, writer,
+                                           progress)
                     self.divergence.settle()  # the steps since the last log step: any non-finite? (train.on_nonfinite)
                     window_start, window_steps = time.perf_counter(), 0
                 evaluate_now = cfg.train.eval_every and self.step % cfg.train.eval_every == 0
@@ -341,23 +385,27 @@ class Trainer:
             self.faults.after_checkpoint()  # rank 0 under SLURM: requeue; the next run resumes from that checkpoint
         return final
 
-    def _log_step(self, loss_sum: torch.Tensor, step_time: float, writer: Optional[MetricsWriter],
+    def _log_step(self, loss_sum: torch.Tensor, step_time: Optional[float], writer: Optional[MetricsWriter],
                   progress: Progress) -> Dict[str, Any]:
-        """Reduce the loss over the global batch (all ranks) and write it out (rank 0)."""
+        """Reduce the loss over the global batch (all ranks) and write it out (rank 0). ``step_time`` is None
+        when the window holds only the compile warm-up step (timed apart, as compile_warmup_s)."""
         loss = dist.all_reduce_sum(loss_sum.detach().clone().double()).item()  # the shares add up to the mean
         samples = self.step * self.plan.global_batch
         record: Dict[str, Any] = {
             "step": self.step, "loss": loss, "lr": lr_at(self.step - 1, self.cfg.train), "samples": samples,
-            "step_time_s": step_time, "samples_per_s": self.plan.global_batch / step_time,
         }
+        if self._warmup_s is not None:  # once, in the first record after it
+            record["compile_warmup_s"], self._warmup_s = self._warmup_s, None
         spec = getattr(self.train_data, "spec", None)
-        if getattr(spec, "task", None) == "lm":
-            record["tokens_per_s"] = record["samples_per_s"] * spec.input_shape[0]
+        if step_time is not None:
+            record["step_time_s"], record["samples_per_s"] = step_time, self.plan.global_batch / step_time
+            if getattr(spec, "task", None) == "lm":
+                record["tokens_per_s"] = record["samples_per_s"] * spec.input_shape[0]
+            record.update(self.timer.split(self.info.world_size))
+            record.update(self.throughput.record(record["samples_per_s"]))
         if self._grad_norm is not None:
             norm = self._grad_norm
             record["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        record.update(self.timer.split(self.info.world_size))
-        record.update(self.throughput.record(record["samples_per_s"]))
         if self.strategy.comm_bytes is not None:  # payload this rank sent for sync since it started (DDP, local SGD)
             record["comm_bytes"] = self.strategy.comm_bytes
         memory = self._peak_memory_mb()
