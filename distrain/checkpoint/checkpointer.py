@@ -4,7 +4,8 @@ A save, on every rank at the same step:
     0. weights that are not finite (nan, inf) on any rank are never saved (``train.on_nonfinite``);
     1. every rank writes its RNG states, rank 0 the trainer state, into ``step_XXXXXXXX.tmp-<id>/``;
     2. every rank writes its own shard of model and optimizer with DCP (``dcp.save``, or ``dcp.async_save`` in
-       a background thread when ``checkpoint.async_save``) - or the engine saves itself (DeepSpeed);
+       a background thread when ``checkpoint.async_save``) - or the engine saves itself (DeepSpeed): what a
+       strategy writes is its own (``Strategy.save_checkpoint``, ``load_checkpoint``);
     3. every rank hashes the files it wrote (size + sha256), and the digests are gathered to rank 0 (on the
        default group, or for an async save in the background thread, on the save's own group); that gather is also
        the point where every rank's files are on disk;
@@ -29,7 +30,6 @@ import shutil
 import threading
 import time
 import uuid
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -41,13 +41,13 @@ from torch import nn
 from distrain import dist
 from distrain.checkpoint.compat import check_resume_config
 from distrain.checkpoint.discovery import PATH_HELP, checkpoints_dir_of, describe_fallback, describe_skipped
-from distrain.checkpoint.layout import (CONSOLIDATED, DCP_DIR, ENGINE_DIR, checkpoints_root, committed,
-                                        fsync_dir, is_checkpoint_dir, kept_name, leftovers, parse_step, read_latest,
-                                        step_name, temp_name, trash_name, write_latest)
+from distrain.checkpoint.layout import (checkpoints_root, committed, fsync_dir, is_checkpoint_dir, kept_name,
+                                        leftovers, parse_step, read_latest, step_name, temp_name, trash_name,
+                                        write_latest)
 from distrain.checkpoint.manifest import (checksum_problem, own_digests, read_manifest, share_of, structure_problem,
                                           write_manifest)
 from distrain.checkpoint.retention import apply_retention
-from distrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, explain_dcp_error, read_metadata
+from distrain.checkpoint.dcp_io import first_line
 from distrain.checkpoint.trainer_state import TrainerState, read_rng, restore_rng, write_rng
 from distrain.config import config_hash, to_container
 from distrain.data import GlobalStepSampler
@@ -62,12 +62,6 @@ from distrain.training.divergence import nonfinite_weight_ranks
 # Fault injection for tests: "STEP:SECONDS" makes every rank sleep inside the save of checkpoint STEP, after the
 # trainer state is written and before the shards are, so a test can kill a save in the middle.
 STALL_ENV = "DISTRAIN_CHECKPOINT_STALL"
-
-# DCP warns on every save/load without a process group even when asked for one with no_dist=True (strategy
-# single); async saves warn from DCP's own thread, where a catch_warnings() context would not reach.
-warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized",
-                        category=UserWarning)
-
 
 def model_description(cfg: DictConfig, model_object: Optional[nn.Module]) -> Dict[str, Any]:
     """How to rebuild the model from a checkpoint: a registry name and kwargs, or (user object) its class."""
@@ -175,11 +169,8 @@ class Checkpointer:
             self._trainer_state(step, reason).write(tmp)
         _stall_for_tests(step)
         use_async = not blocking and not self.strategy.engine_checkpoint
-        future = None
-        if self.strategy.engine_checkpoint:
-            self._save_engine(tmp)
-        else:
-            future = self._save_dcp(tmp, step, use_async)
+        # the strategy writes its model and optimizer state: DCP shards (maybe in the background), or its engine's
+        future = self.strategy.save_checkpoint(tmp, step, async_group=self._group if use_async else None)
         if future is not None:
             blocked = time.perf_counter() - loop_held
             pending = self._pending = _PendingSave(step, tmp, final, reason, started, blocked, waited, future)
@@ -239,38 +230,6 @@ class Checkpointer:
             return own_digests(tmp, self.info.rank, self.info.world_size), None
         except OSError as err:
             return {}, f"rank {self.info.rank} could not hash its files: {err}"
-
-    def _save_dcp(self, tmp: Path, step: int, use_async: bool) -> Any:
-        """Every rank writes its shard; returns DCP's future when asynchronous."""
-        import torch.distributed.checkpoint as dcp
-
-        state = self.strategy.checkpoint_state()
-        writer = dcp.FileSystemWriter(str(tmp / DCP_DIR))
-        try:
-            if use_async:
-                return dcp.async_save(state, storage_writer=writer, process_group=self._group, no_dist=_no_dist())
-            dcp.save(state, storage_writer=writer, no_dist=_no_dist())
-            return None
-        except BaseException as err:  # DCP raises CheckpointException, a BaseException, on every rank
-            if isinstance(err, (KeyboardInterrupt, SystemExit)):
-                raise
-            from distrain.storage import write_failure_hint
-
-            hint = write_failure_hint(tmp)
-            if hint:  # the storage said no: a runtime failure with its cause, not a cryptic writer message
-                raise StorageError(f"Saving checkpoint step {step} into {tmp} failed because {hint}. The previous "
-                                   f"checkpoint stays the latest. (The writer said: {_first_line(err)}.)") from None
-            raise CheckpointError(f"Saving checkpoint step {step} into {tmp} failed: {_first_line(err)}. The "
-                                  f"previous checkpoint stays the latest.") from None
-
-    def _save_engine(self, tmp: Path) -> None:
-        """The engine's own format (DeepSpeed), plus consolidated weights in ours (for export and inference)."""
-        from safetensors.torch import save_file
-
-        self.strategy.save_engine_checkpoint(tmp / ENGINE_DIR)
-        weights = self.strategy.full_state_dict()  # collective; complete on rank 0
-        if self.info.is_main:
-            save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / CONSOLIDATED))
 
     def _trainer_state(self, step: int, reason: str) -> TrainerState:
         epoch, offset = self.sampler.epoch_and_offset(step)
@@ -337,7 +296,7 @@ class Checkpointer:
                 future.result()
                 mine = self._own_digests(pending.tmp)
             except BaseException as err:  # noqa: BLE001 - still join the gather: the peers must not wait for us
-                mine = ({}, f"rank {self.info.rank}: {_first_line(err)}")
+                mine = ({}, f"rank {self.info.rank}: {first_line(err)}")
             gathered = dist.all_gather_object(mine, group=self._group)
             if self.info.is_main:
                 self._commit(pending.step, pending.tmp, pending.final, pending.reason, pending.started, gathered,
@@ -359,7 +318,7 @@ class Checkpointer:
         pending.done.wait()
         ok = pending.error is None
         if self.info.is_main and not ok:
-            self.log.error(f"checkpoint: async save of step {pending.step} failed: {_first_line(pending.error)}; "
+            self.log.error(f"checkpoint: async save of step {pending.step} failed: {first_line(pending.error)}; "
                            f"the previous checkpoint stays the latest")
         if collective:
             ok = bool(dist.broadcast_object(ok))  # rank 0 committed, or did not: its word
@@ -456,10 +415,7 @@ class Checkpointer:
                                   f"({'engine' if state.engine_checkpoint else 'DCP'} format); strategy "
                                   f"{self.strategy.name!r} cannot read it. Resume with strategy.name="
                                   f"{state.strategy}.", key="strategy.name")
-        if state.engine_checkpoint:
-            self.strategy.load_engine_checkpoint(path / ENGINE_DIR)
-        else:
-            self._load_dcp(path)
+        self.strategy.load_checkpoint(path)
         notes += self._restore_extras(path, state)
         self.last_saved_step = state.step
         self._last_save_time = time.monotonic()
@@ -469,18 +425,6 @@ class Checkpointer:
                       f"{state.data_offset}; saved at world size {state.world_size}, now {self.info.world_size})"
                       + "".join(f"; {n}" for n in notes))
         return state
-
-    def _load_dcp(self, path: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-
-        read_metadata(path / DCP_DIR)  # refuse a tampered metadata file with a clear message, on every rank
-        target = self.strategy.checkpoint_state()
-        try:
-            dcp.load(target, storage_reader=SafeFileSystemReader(str(path / DCP_DIR)), planner=SafeLoadPlanner(),
-                     no_dist=_no_dist())
-        except BaseException as err:  # noqa: BLE001 - DCP wraps failures in CheckpointException (a BaseException)
-            raise explain_dcp_error(err, path) from None
-        self.strategy.load_checkpoint_state(target)
 
     def _restore_extras(self, path: Path, state: TrainerState) -> List[str]:
         notes = []
@@ -530,16 +474,6 @@ def _spec_dict(spec: Any) -> Optional[Dict[str, Any]]:
     data = asdict(spec)
     data["input_shape"] = list(data.get("input_shape", ()))
     return data
-
-
-def _no_dist() -> bool:
-    """No process group (strategy single): DCP saves and loads in this one process."""
-    return not (torch_dist.is_available() and torch_dist.is_initialized())
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line for line in str(err).strip().splitlines() if line and not line.startswith(" ")]
-    return lines[-1] if lines else type(err).__name__
 
 
 def _stall_for_tests(step: int) -> None:

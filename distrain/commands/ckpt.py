@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from distrain.commands import needs_action
 from distrain.errors import UsageError
 from distrain.telemetry.units import format_bytes
 
@@ -28,12 +29,8 @@ def register(sub) -> None:
     export.add_argument("path", metavar="RUN_DIR|PATH", help="run directory (newest valid checkpoint) or checkpoint")
     export.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to write the weights")
     export.set_defaults(handler=run_export)
-    p.set_defaults(handler=lambda args: _missing_action())
-
-
-def _missing_action() -> int:
-    raise UsageError("distrain ckpt: choose an action: `ls RUN_DIR`, `inspect PATH` or `export RUN_DIR --out FILE`.")
-
+    p.set_defaults(handler=needs_action("distrain ckpt: choose an action: "
+                                        "`ls RUN_DIR`, `inspect PATH` or `export RUN_DIR --out FILE`."))
 
 
 def run_ls(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from distrain.commands import add_config_arguments
+from distrain.commands import add_config_arguments, needs_action
 from distrain.errors import UsageError
 
 
@@ -17,11 +17,8 @@ def register(sub) -> None:
     add_config_arguments(show)
     show.add_argument("--world-size", type=int, default=1, metavar="W", help="world size to plan for (default 1)")
     show.set_defaults(handler=run_show)
-    p.set_defaults(handler=lambda args: _missing_action())
-
-
-def _missing_action() -> int:
-    raise UsageError("distrain config: choose an action: `distrain config show CONFIG [key=value ...]`.")
+    p.set_defaults(handler=needs_action("distrain config: choose an action: "
+                                        "`distrain config show CONFIG [key=value ...]`."))
 
 
 def run_show(args: argparse.Namespace) -> int:

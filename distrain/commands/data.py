@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from distrain.commands import needs_action
 from distrain.errors import UsageError
 
 
@@ -31,11 +32,8 @@ def register(sub) -> None:
                       help="tokens per shard file (default 100,000,000)")
     prep.add_argument("--max-bytes", type=int, default=None, metavar="N", help="read at most N bytes of input")
     prep.set_defaults(handler=run_prepare)
-    p.set_defaults(handler=lambda args: _missing_action())
-
-
-def _missing_action() -> int:
-    raise UsageError("distrain data: choose an action: `prepare SRC... --out DIR`.")
+    p.set_defaults(handler=needs_action("distrain data: choose an action: "
+                                        "`prepare SRC... --out DIR`."))
 
 
 def run_prepare(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from distrain.commands import needs_action
 from distrain.errors import UsageError
 
 
@@ -17,11 +18,8 @@ def register(sub) -> None:
     ls.add_argument("dir", nargs="?", default="runs", metavar="DIR", help="a run.dir (default runs)")
     ls.add_argument("--json", action="store_true", help="print one JSON object per run instead of a table")
     ls.set_defaults(handler=run_ls)
-    p.set_defaults(handler=lambda args: _missing_action())
-
-
-def _missing_action() -> int:
-    raise UsageError("distrain runs: choose an action: `distrain runs ls [DIR]`.")
+    p.set_defaults(handler=needs_action("distrain runs: choose an action: "
+                                        "`distrain runs ls [DIR]`."))
 
 
 def run_ls(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from distrain.commands import needs_action
 from distrain.errors import UsageError
 
 DEFAULT_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "slurm.sbatch"
@@ -51,11 +52,8 @@ def register(sub) -> None:
                    help="sbatch template (default: launch/slurm.sbatch)")
     s.add_argument("--dry-run", action="store_true", help="print the rendered script and the sbatch command only")
     s.set_defaults(handler=run_submit, passthrough=[])  # the CLI puts everything after `--` in passthrough
-    p.set_defaults(handler=lambda args: _missing_action())
-
-
-def _missing_action() -> int:
-    raise UsageError("distrain slurm: choose an action: `distrain slurm submit CONFIG --nodes N --nproc-per-node G`.")
+    p.set_defaults(handler=needs_action("distrain slurm: choose an action: "
+                                        "`distrain slurm submit CONFIG --nodes N --nproc-per-node G`."))
 
 
 def split_extras(items: Sequence[str]) -> Tuple[List[str], List[str]]:

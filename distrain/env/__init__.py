@@ -7,14 +7,14 @@ from typing import Mapping, Optional
 
 from distrain.env.base import ClusterEnvironment, ProcessInfo
 from distrain.env.kubeflow import KubeflowEnvironment
-from distrain.env.single import SingleProcessEnvironment
+from distrain.env.single import single_process
 from distrain.env.slurm import SlurmEnvironment
 from distrain.env.torchelastic import TorchElasticEnvironment
 
 # Order matters: torchrun started by srun (one per node) sets both, and torchrun's variables are the truth. A
 # PyTorchJob pod sets RANK and WORLD_SIZE without LOCAL_RANK, so Kubeflow answers before torchrun (and steps aside
-# when torchrun runs inside the pod).
-ENVIRONMENTS = (KubeflowEnvironment, TorchElasticEnvironment, SlurmEnvironment, SingleProcessEnvironment)
+# when torchrun runs inside the pod). A process none of them started is a single process.
+ENVIRONMENTS = (KubeflowEnvironment, TorchElasticEnvironment, SlurmEnvironment)
 
 
 def detect(environ: Optional[Mapping[str, str]] = None) -> ProcessInfo:
@@ -25,7 +25,7 @@ def detect(environ: Optional[Mapping[str, str]] = None) -> ProcessInfo:
             info = env.info(environ)
             _check(info)
             return info
-    raise AssertionError("SingleProcessEnvironment always applies")
+    return single_process(environ)
 
 
 def _check(info: ProcessInfo) -> None:

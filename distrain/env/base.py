@@ -32,10 +32,12 @@ class ClusterEnvironment:
 
     @staticmethod
     def detect(environ: Mapping[str, str]) -> bool:
+        """Whether ``environ`` is this environment's (its launcher's variables are set)."""
         raise NotImplementedError
 
     @staticmethod
     def info(environ: Mapping[str, str]) -> ProcessInfo:
+        """This process's rank, local rank, world size and master address, read from ``environ``."""
         raise NotImplementedError
 
 

@@ -29,9 +29,10 @@ MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 class AccelerateStrategy(Strategy):
+    """Hugging Face Accelerate's Accelerator (DDP underneath) prepares the model and optimizer and runs backward."""
+
     name = "accelerate"
     meta_init = True
-
 
     @classmethod
     def layouts(cls) -> List[Layout]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ContextManager, Dict, Iterable, List, Optional, Union
 
 import torch
@@ -184,8 +185,28 @@ class Strategy:
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
     # --- checkpoints -------------------------------------------------------------------------------
-    # Strategies whose engine saves itself (DeepSpeed) set this and implement save/load_engine_checkpoint.
+    # The Checkpointer owns a save's temporary folder, its hashes, commit and retention; the strategy writes its
+    # model and optimizer state into it. By default that is DCP shards (every rank its own, resharded on load at
+    # any world size). A strategy whose engine has a format of its own (DeepSpeed) sets engine_checkpoint and
+    # overrides save_checkpoint and load_checkpoint; its saves are synchronous.
     engine_checkpoint = False
+
+    def save_checkpoint(self, directory: Path, step: int, async_group: Optional[Any] = None) -> Optional[Any]:
+        """Write this rank's model and optimizer state into checkpoint ``directory`` (dcp/); with
+        ``async_group``, in DCP's background thread on that group, returning its future."""
+        from distrain.checkpoint import dcp_io
+        from distrain.checkpoint.layout import DCP_DIR
+
+        return dcp_io.save_state(self.checkpoint_state(), directory / DCP_DIR, step, async_group)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Load this rank's model and optimizer state from checkpoint ``directory`` (what save_checkpoint wrote)."""
+        from distrain.checkpoint import dcp_io
+        from distrain.checkpoint.layout import DCP_DIR
+
+        target = self.checkpoint_state()
+        dcp_io.load_state(target, directory / DCP_DIR)
+        self.load_checkpoint_state(target)
 
     def checkpoint_state(self) -> Dict[str, Any]:
         """Model and optimizer state for torch.distributed.checkpoint (DCP); sharded where the strategy shards.

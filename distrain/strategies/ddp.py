@@ -20,9 +20,11 @@ from distrain.strategies.comm_hooks import ByteCounter, register_comm_hook
 
 
 class DDPStrategy(Strategy):
+    """torch's DistributedDataParallel: every rank holds the whole model and optimizer; gradients are averaged in
+    buckets while the last micro-batch's backward runs."""
+
     name = "ddp"
     meta_init = True
-
 
     @classmethod
     def layouts(cls) -> List[Layout]:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from distrain.env import ProcessInfo
+from distrain.checkpoint.layout import CONSOLIDATED, ENGINE_DIR
 from distrain.errors import CheckpointError, ConfigError
 from distrain.models.meta_init import is_meta, meta_init_of
 from distrain.strategies.layout import FULL, SHARD, Layout
@@ -307,18 +308,25 @@ class DeepSpeedStrategy(Strategy):
     def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
         raise _not_dcp()
 
-    def save_engine_checkpoint(self, directory: Path) -> None:
-        """``engine.save_checkpoint`` into ``directory/deepspeed`` (every rank writes its ZeRO partition)."""
-        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
+    def save_checkpoint(self, directory: Path, step: int, async_group: Optional[Any] = None) -> None:
+        """``engine.save_checkpoint`` into ``directory/engine`` (every rank writes its ZeRO partition), plus the
+        consolidated weights in our portable format (``model.safetensors``, for export and inference)."""
+        from safetensors.torch import save_file
 
-    def load_engine_checkpoint(self, directory: Path) -> None:
-        """``engine.load_checkpoint`` from ``directory/deepspeed``, optimizer state included.
+        self.engine.save_checkpoint(str(directory / ENGINE_DIR), tag=CHECKPOINT_TAG, save_latest=False)
+        weights = self.full_state_dict()  # collective; complete on rank 0
+        if self.ctx.info.is_main:
+            save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(directory / CONSOLIDATED))
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """``engine.load_checkpoint`` from ``directory/engine``, optimizer state included.
 
         Stage 0 loads at any world size (the optimizer state is saved whole). Stages 1-3 partition the optimizer
         state by data-parallel rank and DeepSpeed loads them only at the world size they were saved at; to change
         it, convert with ``python -m deepspeed.checkpoint.ds_to_universal`` and load with
         ``strategy.kwargs.config.checkpoint.load_universal=true``.
         """
+        directory = Path(directory) / ENGINE_DIR
         refuse_pickled_code(Path(directory) / CHECKPOINT_TAG)
         try:
             path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG, load_optimizer_states=True,
@@ -347,7 +355,7 @@ def _set_local_rank(info: ProcessInfo) -> bool:
 
 
 def _not_dcp() -> CheckpointError:
-    return CheckpointError("strategy.name=deepspeed saves with DeepSpeed's engine (save_engine_checkpoint), not with "
+    return CheckpointError("strategy.name=deepspeed saves with DeepSpeed's engine (save_checkpoint), not with "
                            "torch.distributed.checkpoint: its flat ZeRO partitions are not DCP state dicts.")
 
 

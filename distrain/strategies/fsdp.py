@@ -38,7 +38,6 @@ class FSDPStrategy(Strategy):
     name = "fsdp"
     meta_init = True
 
-
     @classmethod
     def layouts(cls) -> List[Layout]:
         # Both reshard modes keep parameters, gradients and optimizer state sharded between steps (FSDP2 reshards

@@ -34,7 +34,6 @@ class LocalSGDStrategy(Strategy):
     grad_reduction = "mean"  # no gradient reduction at all: each rank's loss is scaled by 1/grad_accum only
     meta_init = True
 
-
     @classmethod
     def layouts(cls, sync_every: int = 4) -> List[Layout]:
         return [Layout(f"local_sgd (H={sync_every})", cls.name, {"sync_every": sync_every}, every=sync_every,
