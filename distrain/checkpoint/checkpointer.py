@@ -170,7 +170,7 @@ class Checkpointer:
         _stall_for_tests(step)
         use_async = not blocking and not self.strategy.engine_checkpoint
         # the strategy writes its model and optimizer state: DCP shards (maybe in the background), or its engine's
-        future = self.strategy.save_checkpoint(tmp, step, async_group=self._group if use_async else None)
+        future = self.strategy.save_checkpoint(tmp, step, asynchronous=use_async, group=self._group)
         if future is not None:
             blocked = time.perf_counter() - loop_held
             pending = self._pending = _PendingSave(step, tmp, final, reason, started, blocked, waited, future)

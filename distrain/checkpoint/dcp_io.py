@@ -23,15 +23,16 @@ warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?una
                         category=UserWarning)
 
 
-def save_state(state: Dict[str, Any], directory: Path, step: int, async_group: Optional[Any] = None) -> Optional[Any]:
-    """Write ``state`` (this rank's shards) into ``directory``; with ``async_group``, in DCP's background thread
-    on that group, returning its future (else None, once written)."""
+def save_state(state: Dict[str, Any], directory: Path, step: int, asynchronous: bool = False,
+               group: Optional[Any] = None) -> Optional[Any]:
+    """Write ``state`` (this rank's shards) into ``directory``; ``asynchronous``: in DCP's background thread,
+    collectives on ``group``, returning its future (else None, once written)."""
     import torch.distributed.checkpoint as dcp
 
     writer = dcp.FileSystemWriter(str(directory))
     try:
-        if async_group is not None:
-            return dcp.async_save(state, storage_writer=writer, process_group=async_group, no_dist=no_dist())
+        if asynchronous:
+            return dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=no_dist())
         dcp.save(state, storage_writer=writer, no_dist=no_dist())
         return None
     except BaseException as err:  # DCP raises CheckpointException, a BaseException, on every rank

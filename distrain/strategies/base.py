@@ -191,13 +191,14 @@ class Strategy:
     # overrides save_checkpoint and load_checkpoint; its saves are synchronous.
     engine_checkpoint = False
 
-    def save_checkpoint(self, directory: Path, step: int, async_group: Optional[Any] = None) -> Optional[Any]:
-        """Write this rank's model and optimizer state into checkpoint ``directory`` (dcp/); with
-        ``async_group``, in DCP's background thread on that group, returning its future."""
+    def save_checkpoint(self, directory: Path, step: int, asynchronous: bool = False,
+                        group: Optional[Any] = None) -> Optional[Any]:
+        """Write this rank's model and optimizer state into checkpoint ``directory`` (dcp/); ``asynchronous``: in
+        DCP's background thread, collectives on ``group``, returning its future."""
         from distrain.checkpoint import dcp_io
         from distrain.checkpoint.layout import DCP_DIR
 
-        return dcp_io.save_state(self.checkpoint_state(), directory / DCP_DIR, step, async_group)
+        return dcp_io.save_state(self.checkpoint_state(), directory / DCP_DIR, step, asynchronous, group)
 
     def load_checkpoint(self, directory: Path) -> None:
         """Load this rank's model and optimizer state from checkpoint ``directory`` (what save_checkpoint wrote)."""

@@ -308,7 +308,8 @@ class DeepSpeedStrategy(Strategy):
     def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
         raise _not_dcp()
 
-    def save_checkpoint(self, directory: Path, step: int, async_group: Optional[Any] = None) -> None:
+    def save_checkpoint(self, directory: Path, step: int, asynchronous: bool = False,
+                        group: Optional[Any] = None) -> None:
         """``engine.save_checkpoint`` into ``directory/engine`` (every rank writes its ZeRO partition), plus the
         consolidated weights in our portable format (``model.safetensors``, for export and inference)."""
         from safetensors.torch import save_file
