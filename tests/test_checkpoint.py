@@ -302,6 +302,19 @@ def test_compat_accepts_what_may_change_and_names_every_key_that_may_not():
     assert "train.lr: 0.001 in the checkpoint, 0.5 now" in str(err.value) and "Cannot resume from step_10" in str(err.value)
 
 
+def test_compat_reads_a_key_an_older_checkpoint_lacks_as_its_default():
+    """A checkpoint written before data.collate_fn (or any later key) existed resumes while the key is at its
+    default, and is refused when it is not."""
+    from distrain.checkpoint.compat import differing_keys
+    from distrain.config import to_container
+
+    saved = to_container(load_config(None))
+    del saved["data"]["collate_fn"], saved["train"]["on_nonfinite"]
+    assert differing_keys(saved, to_container(load_config(None))) == []
+    changed = to_container(load_config(None, ["train.on_nonfinite=skip_step"]))
+    assert differing_keys(saved, changed) == ["train.on_nonfinite"]
+
+
 def test_compat_notes_a_cosine_schedule_that_now_decays_over_another_length():
     from distrain.checkpoint.compat import check_resume_config
     from distrain.config import to_container

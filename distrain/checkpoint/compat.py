@@ -2,27 +2,42 @@
 
 The keys that may change are ``distrain.config.RESUME_MAY_CHANGE`` (one list, shared with the config hash). May
 not change: the model, the data, the global batch, the optimizer and its schedule, the precision, the seed and the
-strategy (the optimizer state's layout and the trajectory depend on them). A forbidden change raises a CheckpointError naming every differing key.
+strategy (the optimizer state's layout and the trajectory depend on them). A forbidden change raises a
+CheckpointError naming every differing key. A key the checkpoint's config lacks (it was written before the key
+existed) counts as its default, the behaviour of the version that wrote it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from distrain.config.identity import RESUME_MAY_CHANGE, flatten, may_change_on_resume
 from distrain.errors import CheckpointError
 
+
+def _flat_pair(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Both configs flattened, the saved one completed with the schema's defaults for keys added since."""
+    from omegaconf import OmegaConf
+
+    from distrain.config.schema import Config
+
+    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
+    a, b = flatten(saved), flatten(current)
+    return {**{k: v for k, v in defaults.items() if k in b}, **a}, b
+
+
 def differing_keys(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
     """Config keys that differ between the checkpoint's config and this run's, and that may not."""
-    a, b = flatten(saved), flatten(current)
-    return sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>") and not may_change_on_resume(k))
+    a, b = _flat_pair(saved, current)
+    return sorted(k for k in set(a) | set(b)
+                  if a.get(k, "<unset>") != b.get(k, "<unset>") and not may_change_on_resume(k))
 
 
 def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any], where: str) -> List[str]:
     """Raise CheckpointError if the config changed in a way that breaks the trajectory; returns notes to log."""
     bad = differing_keys(saved, current)
+    a, b = _flat_pair(saved, current)
     if bad:
-        a, b = flatten(saved), flatten(current)
         detail = "; ".join(f"{k}: {a.get(k, '<unset>')!r} in the checkpoint, {b.get(k, '<unset>')!r} now" for k in bad)
         raise CheckpointError(
             f"Cannot resume from {where}: the config changed in keys that shape the training trajectory ({detail}). "
@@ -30,7 +45,6 @@ def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any], where: s
             f"another run.name, or resume from another checkpoint (train.resume=PATH).",
             key=bad[0])
     notes = []
-    a, b = flatten(saved), flatten(current)
     if a.get("train.steps") != b.get("train.steps") and b.get("train.lr_schedule") == "cosine":
         notes.append(f"train.steps changed from {a.get('train.steps')} to {b.get('train.steps')}: the cosine "
                      f"schedule now decays over the new length")
