@@ -1,7 +1,7 @@
 """Suite 6, data loading: what DataLoader workers buy on a data-bound workload, and what feeding a GPU from token
 shards costs against batches already on the device.
 
-* **workers** (one rank): real PNG images on disk (the digits rendered at 256 px), decoded, resized and augmented per
+* **workers** (one rank): real PNG images on disk (the digits rendered at 448 px, about ImageNet's typical photo size), decoded, resized and augmented per
   sample (>= 2 ms of CPU work each, measured and reported) feeding a small MLP, so the step is data-bound. Two
   Trainers in the same process, ``data.num_workers=0`` and ``=2``, train in alternating blocks of steps (not
   step by step: a prefetching loader would load during the other's step); the first steps of each block are not
@@ -42,7 +42,7 @@ TINY = {"embed": 64, "heads": 2, "layers": 2, "block": 64, "vocab": 4096, "micro
 def run(opts: Options) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="distrain-bench-data-") as tmp:
         images = Path(tmp) / "png"
-        render_digits(images, size=opts.pick(full=256, smoke=128), limit=opts.pick(full=600, smoke=64))
+        render_digits(images, size=opts.pick(full=448, smoke=128), limit=opts.pick(full=600, smoke=64))
         workers = run_job(NAME, opts.job_params(part="workers", images=str(images), size=opts.pick(full=96, smoke=32),
                                                 rounds=opts.timed_rounds(full=8, smoke=2),
                                                 block=opts.pick(full=8, smoke=4)), 1, opts.threads_per_rank,
