@@ -1,8 +1,9 @@
 """Suite 6, data loading: what DataLoader workers buy on a data-bound workload, and what feeding a GPU from token
 shards costs against batches already on the device.
 
-* **workers** (one rank): real PNG images on disk (the digits rendered at 448 px, about ImageNet's typical photo size), decoded, resized and augmented per
-  sample (>= 2 ms of CPU work each, measured and reported) feeding a small MLP, so the step is data-bound. Two
+* **workers** (one rank): real PNG images on disk (the digits rendered at 448 px, about an ImageNet photo's
+  size), decoded, resized and augmented per sample (>= 2 ms of CPU work each, measured and reported: about 2.9)
+  feeding a small MLP, so the step is data-bound. Two
   Trainers in the same process, ``data.num_workers=0`` and ``=2``, train in alternating blocks of steps (not
   step by step: a prefetching loader would load during the other's step); the first steps of each block are not
   timed (the queue a loader filled before the other's block). Ratio: median(2 workers) / median(0); target <= 0.6.
