@@ -36,7 +36,7 @@ def param_groups(model: nn.Module, train: DictConfig) -> List[Dict[str, Any]]:
     and their order are the same under every strategy and in every checkpoint.
     """
     named = list(model.named_parameters())
-    rules = [str(r) for r in (train.get("decay_exclude") or [])]
+    rules = [str(r) for r in (getattr(train, "decay_exclude", None) or [])]
     if float(train.weight_decay) == 0 or not rules:
         return [{"params": [p for _, p in named]}]
     excluded = excluded_from_decay(model, rules)
@@ -97,7 +97,7 @@ def implementation_kwargs(train: DictConfig, device: Optional[torch.device]) -> 
     default elsewhere (the per-parameter loop on CPU). ``fused`` / ``foreach`` / ``for_loop`` force one; torch
     has fused SGD, Adam and AdamW on CUDA and CPU.
     """
-    impl = str(train.get("optimizer_impl", "auto"))
+    impl = str(getattr(train, "optimizer_impl", "auto"))  # a DictConfig or a plain namespace
     if impl == "auto":
         return {"fused": True} if device is not None and device.type == "cuda" else {}
     if impl == "fused":
