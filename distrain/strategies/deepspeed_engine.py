@@ -42,6 +42,7 @@ from torch import nn
 from distrain.env import ProcessInfo
 from distrain.checkpoint.layout import CONSOLIDATED, ENGINE_DIR
 from distrain.errors import CheckpointError, ConfigError
+from distrain.models.host_memory import freed_memory_returned
 from distrain.models.meta_init import is_meta, meta_init_of
 from distrain.strategies.layout import FULL, SHARD, Layout
 from distrain.training.activation_checkpointing import apply_activation_checkpointing
@@ -195,7 +196,7 @@ class DeepSpeedStrategy(Strategy):
         the meta build started from (the meta model was built to check the constructors draw what they should)."""
         init = meta_init_of(model)
         torch.set_rng_state(init.rng_state)
-        with deepspeed.zero.Init(config_dict_or_path=config):
+        with freed_memory_returned(), deepspeed.zero.Init(config_dict_or_path=config):
             return init.factory()
 
     # --- the step ----------------------------------------------------------------------------------
