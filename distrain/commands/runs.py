@@ -6,7 +6,6 @@ import argparse
 import json
 
 from distrain.commands import needs_action
-from distrain.errors import UsageError
 
 
 def register(sub) -> None:
