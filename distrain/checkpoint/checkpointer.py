@@ -47,7 +47,7 @@ from distrain.checkpoint.layout import (checkpoints_root, committed, fsync_dir, 
 from distrain.checkpoint.manifest import (checksum_problem, own_digests, read_manifest, share_of, structure_problem,
                                           write_manifest)
 from distrain.checkpoint.retention import apply_retention
-from distrain.checkpoint.dcp_io import first_line
+from distrain.checkpoint.safe_load import first_line
 from distrain.checkpoint.trainer_state import TrainerState, read_rng, restore_rng, write_rng
 from distrain.config import config_hash, to_container
 from distrain.data import GlobalStepSampler

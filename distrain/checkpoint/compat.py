@@ -28,15 +28,18 @@ def _flat_pair(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[Dict[str
 
 def differing_keys(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
     """Config keys that differ between the checkpoint's config and this run's, and that may not."""
-    a, b = _flat_pair(saved, current)
+    return _differing(*_flat_pair(saved, current))
+
+
+def _differing(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
     return sorted(k for k in set(a) | set(b)
                   if a.get(k, "<unset>") != b.get(k, "<unset>") and not may_change_on_resume(k))
 
 
 def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any], where: str) -> List[str]:
     """Raise CheckpointError if the config changed in a way that breaks the trajectory; returns notes to log."""
-    bad = differing_keys(saved, current)
     a, b = _flat_pair(saved, current)
+    bad = _differing(a, b)
     if bad:
         detail = "; ".join(f"{k}: {a.get(k, '<unset>')!r} in the checkpoint, {b.get(k, '<unset>')!r} now" for k in bad)
         raise CheckpointError(

@@ -14,7 +14,8 @@ from typing import Any, Dict, Optional
 
 import torch.distributed as torch_dist
 
-from distrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, explain_dcp_error, read_metadata
+from distrain.checkpoint.safe_load import (SafeFileSystemReader, SafeLoadPlanner, explain_dcp_error, first_line,
+                                          read_metadata)
 from distrain.errors import CheckpointError, StorageError
 
 # DCP warns on every save/load without a process group even when asked for one with no_dist=True (strategy
@@ -65,8 +66,3 @@ def no_dist() -> bool:
     """No process group (strategy single): DCP saves and loads in this one process."""
     return not (torch_dist.is_available() and torch_dist.is_initialized())
 
-
-def first_line(err: BaseException) -> str:
-    """The line of an exception's message that says what went wrong (DCP's wrap the cause in a traceback)."""
-    lines = [line for line in str(err).strip().splitlines() if line and not line.startswith(" ")]
-    return lines[-1] if lines else type(err).__name__

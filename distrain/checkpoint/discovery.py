@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from distrain.checkpoint.layout import CHECKPOINTS, committed, is_checkpoint_dir, leftovers, read_latest
 from distrain.checkpoint.manifest import problem, read_manifest
@@ -32,12 +32,12 @@ def checkpoints_dir_of(path: Path) -> Path:
     return path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
 
 
-def resolve_checkpoint(path: Path, what: str = "PATH", report: Optional[Callable[[str], None]] = None) -> Path:
+def resolve_checkpoint(path: Path, what: str = "PATH") -> Path:
     """A validated checkpoint directory from a run dir, a checkpoints dir or a checkpoint dir; CheckpointError if
     there is none (``what`` names the argument in the message).
 
-    Falling back past invalid newer checkpoints is never silent: ``report`` (default: one line on stderr, rank 0)
-    hears which were skipped, why, and which one is used - as a resume says it.
+    Falling back past invalid newer checkpoints is never silent: one line on stderr (rank 0) says which were
+    skipped, why, and which one is used - as a resume says it.
     """
     path = Path(path)
     if not path.exists():
@@ -54,7 +54,7 @@ def resolve_checkpoint(path: Path, what: str = "PATH", report: Optional[Callable
         detail = (" Invalid: " + "; ".join(f"{n} ({r})" for n, r in skipped) + ".") if skipped else ""
         raise CheckpointError(f"{what} {str(path)!r} holds no valid checkpoint.{detail} Give {PATH_HELP}.", key=what)
     if skipped:
-        (report or _note)(f"{path}: {describe_fallback(skipped, found)}")
+        _note(f"{path}: {describe_fallback(skipped, found)}")
     return found
 
 

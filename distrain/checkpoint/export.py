@@ -46,6 +46,11 @@ def read_checkpoint_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[s
         return read_export(path)
     ckpt = resolve_checkpoint(path)
     state = TrainerState.read(ckpt)
+    return checkpoint_weights(ckpt, state), export_description(state, ckpt)
+
+
+def checkpoint_weights(ckpt: Path, state: TrainerState) -> Dict[str, torch.Tensor]:
+    """Full model weights of a checkpoint directory already validated (``resolve_checkpoint``)."""
     if state.engine_checkpoint:
         from safetensors.torch import load_file
 
@@ -54,7 +59,7 @@ def read_checkpoint_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[s
         weights = load_full_state(ckpt / DCP_DIR, keys={"model"}).get("model", {})
     if not weights:
         raise CheckpointError(f"Checkpoint {ckpt} holds no model weights.")
-    return weights, export_description(state, ckpt)
+    return weights
 
 
 def read_export(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:

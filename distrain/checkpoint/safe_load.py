@@ -158,9 +158,14 @@ def explain_dcp_error(err: BaseException, where: Path) -> BaseException:
     found = _find_checkpoint_error(err)
     if found is not None:
         return CheckpointError(str(found))
-    text = str(err).strip().splitlines()
-    cause = next((line for line in reversed(text) if line and not line.startswith(" ")), type(err).__name__)
-    return CheckpointError(f"Checkpoint {where} could not be loaded: {cause}")
+    return CheckpointError(f"Checkpoint {where} could not be loaded: {first_line(err)}")
+
+
+def first_line(err: BaseException) -> str:
+    """The line of an exception's message that says what went wrong (DCP wraps each rank's cause in a traceback:
+    the last line that is not indented)."""
+    lines = [line for line in str(err).strip().splitlines() if line and not line.startswith(" ")]
+    return lines[-1] if lines else type(err).__name__
 
 
 def _find_checkpoint_error(err: Any, depth: int = 0) -> Optional[CheckpointError]:

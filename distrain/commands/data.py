@@ -32,8 +32,7 @@ def register(sub) -> None:
                       help="tokens per shard file (default 100,000,000)")
     prep.add_argument("--max-bytes", type=int, default=None, metavar="N", help="read at most N bytes of input")
     prep.set_defaults(handler=run_prepare)
-    p.set_defaults(handler=needs_action("distrain data: choose an action: "
-                                        "`prepare SRC... --out DIR`."))
+    p.set_defaults(handler=needs_action("distrain data: choose an action: `prepare SRC... --out DIR`."))
 
 
 def run_prepare(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from distrain.commands import add_config_arguments
+from distrain.commands import add_config_arguments, needs_action
 from distrain.errors import UsageError
 
 
@@ -43,12 +43,8 @@ def register(sub) -> None:
     r.add_argument("--check", action="store_true",
                    help="also read the job back with the Kubeflow SDK's model (pip install 'distrain[k8s]')")
     r.set_defaults(handler=run_render)
-    p.set_defaults(handler=lambda args: _missing_action())
-
-
-def _missing_action() -> int:
-    raise UsageError("distrain k8s: choose an action: `distrain k8s render CONFIG --nodes N --gpus-per-node G "
-                     "--image IMG [--pvc CLAIM]`.")
+    p.set_defaults(handler=needs_action("distrain k8s: choose an action: `distrain k8s render CONFIG --nodes N "
+                                        "--gpus-per-node G --image IMG [--pvc CLAIM]`."))
 
 
 def run_render(args: argparse.Namespace) -> int:

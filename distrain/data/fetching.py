@@ -16,6 +16,7 @@ from typing import Any, List, NamedTuple, Optional, Tuple
 
 from torch.utils.data import Dataset, Subset, get_worker_info
 
+from distrain.config.schema import FAULT_SIGNALS
 from distrain.data.collate import CollateFn, check_same_keys, collate
 from distrain.data.seeding import EVAL_STEP, fetching, preserved_global_rng
 from distrain.errors import DataError, DataLoadingError, DistrainError
@@ -67,13 +68,10 @@ class FetchFailure:
 # process's handler (whose state is a stale copy from the fork) nor die of the signal mid-step, or the rank's
 # orderly stop would fail for want of its data. The training process stops its workers itself; they also exit
 # when it is gone.
-STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
-
-
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader worker_init_fn: ignore the stop signals whose handler came from the training process."""
-    for name in STOP_SIGNALS:
-        sig = getattr(signal, name, None)
+    for name in FAULT_SIGNALS:  # the signals distrain.faults may handle (faults.stop_signals and friends)
+        sig = getattr(signal, f"SIG{name}", None)
         if sig is not None and callable(signal.getsignal(sig)):
             signal.signal(sig, signal.SIG_IGN)
 

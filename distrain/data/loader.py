@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence
 
@@ -23,20 +22,13 @@ from distrain.data.collate import CollateFn
 from distrain.data.fetching import BatchKey, Fetched, FetchFailure, KeyedDataset, identity, ignore_stop_signals
 from distrain.data.loading import move_to
 from distrain.data.sampler import GlobalStepSampler
+from distrain.env.base import available_cpus
 from distrain.errors import ConfigError, DataLoadingError
 from distrain.telemetry.logs import FILE_ONLY
 
 log = logging.getLogger("distrain")
 
 MAX_AUTO_WORKERS = 8
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, which SLURM and containers set), else the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def auto_num_workers(dataset: Dataset, local_world_size: int, cpus: Optional[int] = None) -> int:

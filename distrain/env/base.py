@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -55,3 +56,11 @@ def int_var(environ: Mapping[str, str], name: str, source: str) -> int:
     except ValueError:
         raise ConfigError(f"Environment variable {name}={value!r} is not an integer ({source} sets it to one).",
                           key=name) from None
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which SLURM and containers set), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

@@ -35,7 +35,7 @@ def evaluate_checkpoint(path: Path, overrides: Sequence[str] = ()) -> Dict[str, 
     strategy trained the model; the precision is the run's. Returns {"step", "checkpoint", "eval_loss",
     ["eval_accuracy"]}.
     """
-    from distrain.checkpoint.export import read_checkpoint_weights
+    from distrain.checkpoint.export import checkpoint_weights, read_export
     from distrain.env import detect
     from distrain.training.trainer import Trainer
 
@@ -51,7 +51,10 @@ def evaluate_checkpoint(path: Path, overrides: Sequence[str] = ()) -> Dict[str, 
               f"run.dir={run_dir}", "run.name=eval", "train.resume=never", "checkpoint.every=0",
               "checkpoint.every_minutes=0", "checkpoint.at_end=false", "checkpoint.async_save=false",
               "metrics.progress=none"]
-    weights, _ = read_checkpoint_weights(Path(name))  # the checkpoint _source chose (and reported, if it fell back)
+    if path.suffix == ".safetensors":
+        weights, _ = read_export(path)
+    else:  # the checkpoint _source chose, verified (and reported if it fell back): read, not hashed again
+        weights = checkpoint_weights(Path(name), TrainerState.read(Path(name)))
     with Trainer(config, overrides=[*forced, *overrides]) as trainer:
         _load_full_weights(trainer, weights)
         if trainer.eval_data is None:

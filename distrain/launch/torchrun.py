@@ -13,6 +13,7 @@ import signal
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
+from distrain.env.base import available_cpus
 from distrain.errors import DistrainError, DistributedError, UsageError
 from distrain.launch.rendezvous import WaitingForNodes, timeout_message
 
@@ -85,14 +86,6 @@ def cpu_oversubscription(nproc_per_node: int, cpus: int) -> Optional[str]:
             f"Use at most {2 * cpus} (or one per GPU).")
 
 
-def _cpu_count() -> int:
-    """CPU cores this process may run on (its affinity mask: a container's or a job's share of the machine)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def check_rdzv_endpoint(endpoint: str) -> None:
     """Refuse an endpoint that cannot work, before torchrun's agent would wait on it for minutes.
 
@@ -151,7 +144,7 @@ def launch(args: argparse.Namespace) -> int:
     world = _world_size(args)
     if args.rdzv_endpoint is not None:
         check_rdzv_endpoint(args.rdzv_endpoint)
-    warning = cpu_oversubscription(args.nproc_per_node, _cpu_count())
+    warning = cpu_oversubscription(args.nproc_per_node, available_cpus())
     if warning:
         print(f"distrain: warning: {warning}", file=sys.stderr)
     cfg = load_config(args.config, args.overrides)

@@ -283,8 +283,8 @@ def _plan(model: nn.Module, factory: Callable[[], nn.Module], rng_state: torch.T
 def _dry_run(model: nn.Module, init: MetaInit, registered: Set[int]) -> List[InitOp]:
     """Run the replay on the meta device (no memory, no draws), recording it; fills in each step's touches."""
     modules = dict(model.named_modules())
-    names = {_storage(p): n for n, p in model.named_parameters()}
     resolve = _Names(model, registered)  # sees the scratch twins added to ``registered`` below
+    names = resolve.by_storage
     ops: List[InitOp] = []
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         for step in init.steps:

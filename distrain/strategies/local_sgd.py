@@ -35,7 +35,8 @@ class LocalSGDStrategy(Strategy):
     meta_init = True
 
     @classmethod
-    def layouts(cls, sync_every: int = 4) -> List[Layout]:
+    def layouts(cls) -> List[Layout]:
+        sync_every = 4  # the planner's example cadence
         return [Layout(f"local_sgd (H={sync_every})", cls.name, {"sync_every": sync_every}, every=sync_every,
                        exact=False, speed_rank=0)]
 

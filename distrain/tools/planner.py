@@ -19,7 +19,7 @@ counted (they depend on the batch, not on the strategy); the plan says so.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig
 
@@ -29,16 +29,22 @@ from distrain.telemetry.units import format_bytes
 
 def layouts() -> List[Layout]:
     """Every registered strategy's layouts, as each strategy class declares them (``Strategy.layouts``)."""
+    return declared_layouts()[0]
+
+
+def declared_layouts() -> Tuple[List[Layout], Dict[str, str]]:
+    """(every importable strategy's layouts, {strategy whose module does not import here: why})."""
     from distrain.errors import DistrainError
     from distrain.strategies import STRATEGIES, strategy_class
 
     found: List[Layout] = []
+    unavailable: Dict[str, str] = {}
     for name in STRATEGIES:
         try:
             found.extend(strategy_class(name).layouts())
-        except DistrainError:  # a strategy whose module does not import here: make_plan reports it
-            continue
-    return found
+        except DistrainError:
+            unavailable[name] = "registered, not installed"
+    return found, unavailable
 
 
 def optimizer_bytes_per_param(train: DictConfig) -> int:
@@ -135,12 +141,13 @@ def count_parameters(cfg: DictConfig) -> tuple:
 
     from distrain.data import build_datasets
     from distrain.models import build_model
+    from distrain.models.blocks import find_blocks
 
     train, _ = build_datasets(cfg.data.name, cfg.data.kwargs, cfg.data.eval_fraction)
     with torch.device("meta"):
         model = build_model(cfg.model.name, cfg.model.kwargs, train.spec)
     total = sum(p.numel() for p in model.parameters())
-    units = [child for m in model.modules() if isinstance(m, torch.nn.ModuleList) for child in m]
+    units = find_blocks(model, None, key="strategy.kwargs.wrap")  # FSDP's auto wrap units
     largest = max((sum(p.numel() for p in u.parameters()) for u in units), default=0)
     root_only = total - sum(sum(p.numel() for p in u.parameters()) for u in units)
     return total, max(largest, root_only)
@@ -164,24 +171,15 @@ def make_plan(cfg: DictConfig, world_size: int, mem_per_rank_gb: Optional[float]
     Raises ConfigError when the config's global batch does not split over ``world_size`` ranks.
     """
     from distrain.config import batch_plan
-    from distrain.errors import DistrainError
-    from distrain.strategies import STRATEGIES, strategy_class
 
     accum = batch_plan(cfg, world_size).grad_accum
     backend = backend or plan_backend(cfg)
     if n_params is None:
         n_params, largest_unit = count_parameters(cfg)
     limit = mem_per_rank_gb * 2**30 if mem_per_rank_gb is not None else None
-    estimates, unavailable = [], {}
-    for name in STRATEGIES:
-        try:
-            declared = strategy_class(name).layouts()
-        except DistrainError:
-            unavailable[name] = "registered, not installed"
-            continue
-        for layout in declared:
-            if not only or layout.label in only:
-                estimates.append(estimate(layout, n_params, world_size, cfg.train, largest_unit, accum, backend))
+    declared, unavailable = declared_layouts()
+    estimates = [estimate(layout, n_params, world_size, cfg.train, largest_unit, accum, backend)
+                 for layout in declared if not only or layout.label in only]
     plan = Plan(str(cfg.run.name), str(cfg.model.name), n_params, largest_unit, world_size, accum, backend, limit,
                 estimates, unavailable, None, str(cfg.train.precision), str(cfg.train.optimizer))
     fitting = [e for e in estimates if e.layout.exact and plan.fits(e)]

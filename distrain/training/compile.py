@@ -31,7 +31,7 @@ from distrain.models.blocks import find_blocks
 
 def compile_options(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """``train.compile_options`` (checked against COMPILE_OPTIONS when the config loads) as plain keyword arguments."""
-    plain = {k: v for k, v in dict(options or {}).items()}
+    plain = dict(options or {})
     if isinstance(plain.get("options"), Mapping):
         plain["options"] = dict(plain["options"])
     return plain

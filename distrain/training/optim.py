@@ -15,9 +15,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 
-# train.decay_exclude keywords; any other entry is a glob on parameter names (fnmatch), e.g. "*.pos.weight".
-DECAY_EXCLUDE_KEYWORDS = ("bias", "norm", "embedding", "1d")
-IMPLEMENTATIONS = ("auto", "fused", "foreach", "for_loop")
+# train.decay_exclude keywords (bias, norm, embedding, 1d); any other entry is a glob on parameter names
+# (fnmatch), e.g. "*.pos.weight".
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
 
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from distrain import dist
 from distrain.env import ProcessInfo
 from distrain.errors import ConfigError
-from distrain.training.run_lock import HEARTBEAT_S, SILENT_BEATS, RunDirBusy, RunLock, describe_holder
+from distrain.training.run_lock import HEARTBEAT_S, MAX_WAIT_S, SILENT_BEATS, RunDirBusy, RunLock, describe_holder
 
 
 def claim_run_dir(run_dir: Path, cfg: DictConfig, info: ProcessInfo) -> Optional[RunLock]:
@@ -36,7 +36,7 @@ def claim_run_dir(run_dir: Path, cfg: DictConfig, info: ProcessInfo) -> Optional
 
 def _claim(run_dir: Path, cfg: DictConfig) -> RunLock:
     # Peers wait for this verdict in a collective: an earlier attempt's lock is awaited for at most half the timeout.
-    wait_s = min(SILENT_BEATS * HEARTBEAT_S + 5, float(cfg.dist.timeout_s) / 2)
+    wait_s = min(MAX_WAIT_S, float(cfg.dist.timeout_s) / 2)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock.acquire(run_dir, float(cfg.run.lock_grace_s), max_wait_s=wait_s)

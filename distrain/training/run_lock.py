@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Optional
 LOCK_NAME = "run.lock"
 HEARTBEAT_S = 10.0  # how often the holder refreshes the lock
 SILENT_BEATS = 3  # heartbeats an earlier attempt of the same job (or a rebooted host) must have missed
+MAX_WAIT_S = SILENT_BEATS * HEARTBEAT_S + 5  # the longest a start waits for such an attempt's lock to fall silent
 _UNREADABLE_WAIT_S = 5.0  # a lock being written (exclusive-create fallback) is empty for a moment
 
 
@@ -177,13 +178,12 @@ class RunLock:
         self.me = me
         self.notes = notes  # stale locks reclaimed on the way in, for the run's log
         self._stop = threading.Event()
-        self._lost = False
         self._thread = threading.Thread(target=self._heartbeat, name="distrain-run-lock", daemon=True)
         self._thread.start()
         atexit.register(self.release)  # an exception out of the Trainer, or sys.exit, still gives the directory back
 
     @classmethod
-    def acquire(cls, run_dir: Path, grace_s: float, max_wait_s: float = SILENT_BEATS * HEARTBEAT_S + 5) -> "RunLock":
+    def acquire(cls, run_dir: Path, grace_s: float, max_wait_s: float = MAX_WAIT_S) -> "RunLock":
         """Take ``run_dir``'s lock, reclaiming a stale one; raises RunDirBusy when a live run holds it, and OSError
         when the directory cannot be written."""
         path = Path(run_dir) / LOCK_NAME
@@ -238,7 +238,6 @@ class RunLock:
     def _report_lost(self, holder: Optional[Dict[str, Any]]) -> None:
         from distrain.telemetry.logs import get_logger
 
-        self._lost = True
         who = f"now held by {describe_holder(holder)}" if holder else "removed"
         get_logger().error(f"run directory: the lock {self.path} is no longer this run's ({who}); another run may be "
                            f"writing into this run directory")
@@ -262,9 +261,13 @@ class RunLock:
 # --- file primitives -------------------------------------------------------------------------------------------
 def _write_synced(path: Path, text: str) -> None:
     with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        _write_and_sync(f, text)
+
+
+def _write_and_sync(f: Any, text: str) -> None:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _create_exclusive(probe: Path, path: Path, text: str) -> bool:
@@ -282,9 +285,7 @@ def _create_exclusive(probe: Path, path: Path, text: str) -> bool:
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        _write_and_sync(f, text)
     return True
 
 

@@ -59,7 +59,6 @@ def _not_a_model(got: Any) -> ConfigError:
                        f"{type(got).__name__}.", key="model")
 
 
-
 class Trainer:
     def __init__(self, config: ConfigSource = None, *, model: ModelSource = None, train_data: Optional[Dataset] = None,
                  loss_fn: Optional[LossFn] = None, eval_data: Optional[Dataset] = None,
@@ -420,9 +419,8 @@ class Trainer:
 
     def _peak_memory_mb(self) -> List[float]:
         """Every rank's peak memory in MiB (see distrain.telemetry.perf.peak_memory_bytes), gathered with one all-reduce."""
-        mine = torch.zeros(self.info.world_size, dtype=torch.float64)
-        mine[self.info.rank] = peak_memory_bytes(self.device) / 2**20
-        return [round(v, 1) for v in dist.all_reduce_sum(mine.to(self.device)).cpu().tolist()]
+        mine = torch.tensor(peak_memory_bytes(self.device) / 2**20, dtype=torch.float64, device=self.device)
+        return [round(v, 1) for v in dist.per_rank(mine)]
 
     # --- evaluation ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from distrain.extras import install_hint
 from distrain.telemetry.logs import get_logger
 
 
@@ -108,7 +109,7 @@ def failure_message(tracker: Tracker, method: str, err: BaseException) -> str:
     """One paragraph: which tracker, what it was doing, why, and that training goes on."""
     if isinstance(err, ImportError) and tracker.package and tracker.package in str(err):
         return (f"metrics.trackers lists {tracker.name}, but the {tracker.package} package is not installed: "
-                f"pip install 'distrain[{tracker.name}]'. Training goes on without it; metrics.jsonl has every "
+                f"{install_hint(tracker.package)}. Training goes on without it; metrics.jsonl has every "
                 f"record.")
     detail = " ".join(str(err).split())[:300] or type(err).__name__
     return (f"tracker {tracker.name} failed in {method} ({type(err).__name__}: {detail}); it is switched off for "
