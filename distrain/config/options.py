@@ -8,8 +8,9 @@ the builder itself only checks combinations (``min_length <= block_size``) and f
 
 Every numeric option declares its allowed range in the signature, next to its type, with ``Range``::
 
-    def __init__(self, ctx, bucket_cap_mb: Annotated[float, Range(gt=0)] = 25.0, stage: Annotated[int,
-                 Range(ge=0, le=3, note="the ZeRO stage")] = 0): ...
+    def __init__(self, ctx, bucket_cap_mb: Annotated[float, Range(gt=0)] = 25.0,
+                 stage: Annotated[int, Range(one_of=(0, 1, 2, 3), note="the ZeRO stage")] = 0,
+                 limit: Annotated[Optional[int], Range(ge=1)] = None): ...
 
 tests/test_options.py fails for a registered builder with a numeric option that declares none.
 """
