@@ -12,7 +12,10 @@ import torch
 from distrain.data import build_datasets, fetch_batch
 from distrain.errors import ConfigError
 from distrain.models import build_model
-from distrain.training.activation_checkpointing import apply_activation_checkpointing, checkpoint_every
+from distrain.config import load_config
+from distrain.config.validation import checkpoint_every
+from distrain.training import activation_checkpointing
+from distrain.training.activation_checkpointing import apply_activation_checkpointing
 
 MODES = ("none", "every:2", "full")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,7 +78,17 @@ def test_modes_and_models_without_blocks_are_explained():
 
 
 def test_a_bad_mode_is_refused_when_the_config_loads():
-    from distrain.config import load_config
-
     with pytest.raises(ConfigError, match="train.activation_checkpointing.*every:N"):
         load_config("configs/gpt.yaml", ["train.activation_checkpointing=half"])
+
+
+@pytest.mark.parametrize("mode", ["FULL", "Every:2", "every:02", "every:0", "half"])
+def test_one_parser_refuses_the_same_modes_when_the_config_loads_and_when_applied(mode):
+    """train.activation_checkpointing has one parser: a mode the config refuses is never applied either."""
+    assert activation_checkpointing.checkpoint_every is checkpoint_every
+    with pytest.raises(ConfigError, match="train.activation_checkpointing.*every:N"):
+        load_config("configs/gpt.yaml", [f"train.activation_checkpointing={mode}"])
+    train, _ = build_datasets("digits", {}, 0.2)
+    with pytest.raises(ConfigError, match="train.activation_checkpointing.*every:N") as err:
+        apply_activation_checkpointing(build_model("cnn", {}, train.spec), mode, ["Conv2d"])
+    assert err.value.key == "train.activation_checkpointing"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from distrain.config import schema as config_module
+from distrain.config.options import describe_options
 
 REPO = Path(__file__).resolve().parents[2]
 OUTPUT = REPO / "docs" / "config-reference.md"
@@ -113,20 +114,28 @@ def sections() -> List[Dict[str, Any]]:
     return out
 
 
-def builder_options() -> List[Dict[str, Any]]:
-    """[{section, rows: [(name, [option descriptions])]}] for strategy.kwargs, model.kwargs and data.kwargs: what
-    each registered builder accepts (its typed options, see distrain/config/options.py)."""
-    from distrain.config.options import describe_options
+def registered_builders() -> List[Dict[str, Any]]:
+    """[{section, what, builders: [(name, builder, skip)]}] for strategy.kwargs, model.kwargs and data.kwargs: every
+    registered builder whose signature is the typed options of its section (see distrain/config/options.py), with
+    the parameters that are not options."""
+    # here, not at the top: the registries import torch, which rendering the config keys does not need
     from distrain.data.datasets import DATASETS
     from distrain.models import MODELS
     from distrain.strategies import STRATEGIES, strategy_class
 
-    strategies = [(name, describe_options(strategy_class(name).__init__, ("self", "ctx"))) for name in STRATEGIES]
-    models = [(name, describe_options(MODELS[name], ("spec",))) for name in sorted(MODELS)]
-    datasets = [(name, describe_options(DATASETS[name], ("eval_fraction",))) for name in DATASETS]
-    return [{"section": "strategy.kwargs", "what": "strategy.name", "rows": strategies},
-            {"section": "model.kwargs", "what": "model.name", "rows": models},
-            {"section": "data.kwargs", "what": "data.name", "rows": datasets}]
+    return [{"section": "strategy.kwargs", "what": "strategy.name",
+             "builders": [(name, strategy_class(name).__init__, ("self", "ctx")) for name in STRATEGIES]},
+            {"section": "model.kwargs", "what": "model.name",
+             "builders": [(name, MODELS[name], ("spec",)) for name in sorted(MODELS)]},
+            {"section": "data.kwargs", "what": "data.name",
+             "builders": [(name, DATASETS[name], ("eval_fraction",)) for name in DATASETS]}]
+
+
+def builder_options() -> List[Dict[str, Any]]:
+    """[{section, what, rows: [(name, [option descriptions])]}]: what each registered builder accepts."""
+    return [{"section": part["section"], "what": part["what"],
+             "rows": [(name, describe_options(builder, skip)) for name, builder, skip in part["builders"]]}
+            for part in registered_builders()]
 
 
 def render() -> str:
@@ -153,8 +162,8 @@ def render() -> str:
                          f"{_cell(row['description'])} |")
         lines.append("")
     lines += ["## Builder options", "",
-              "What each built-in strategy, model and dataset accepts in its `kwargs` (types are checked; a key not "
-              "listed is refused).", ""]
+              "What each built-in strategy, model and dataset accepts in its `kwargs` (types and ranges are checked; a "
+              "key not listed is refused).", ""]
     for part in builder_options():
         lines += [f"### `{part['section']}`", "", f"| `{part['what']}` | options |", "| --- | --- |"]
         for name, options in part["rows"]:

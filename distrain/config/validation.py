@@ -57,13 +57,32 @@ def check_run_name(name: Any) -> None:
              "run.dir/run.name, and nothing may be written outside it. Put parent directories in run.dir instead")
 
 
+def checkpoint_every(mode: Any) -> int:
+    """``train.activation_checkpointing`` as a block stride: 0 for none, 1 for full, N for every:N. The one parser
+    of the key: validation runs it when the config loads, apply_activation_checkpointing when it applies it."""
+    match = re.fullmatch(r"none|full|every:([1-9][0-9]*)", str(mode))
+    _require(match is not None, "train.activation_checkpointing", mode,
+             "allowed values are none, full, or every:N with N >= 1 (checkpoint every N-th block)")
+    assert match is not None
+    return 0 if match.group(0) == "none" else int(match.group(1) or 1)
+
+
 def validate(cfg: DictConfig) -> None:
     """Range and choice checks that do not depend on the world size."""
     _check_finite(cfg)
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         _require(value in choices, key, value, f"allowed values are {', '.join(choices)}")
-    t = cfg.train
+    _validate_train(cfg.train)
+    _validate_data(cfg.data)
+    _require(0 < cfg.dist.timeout_s <= 1e9, "dist.timeout_s", cfg.dist.timeout_s,
+             "it must be a positive, finite number of seconds (at most 1e9)")
+    _validate_checkpoint_and_run(cfg)
+    _validate_metrics(cfg.metrics)
+    _validate_faults(cfg.faults)
+
+
+def _validate_train(t: DictConfig) -> None:
     _require(t.global_batch >= 1, "train.global_batch", t.global_batch, "it must be a positive integer")
     _require(t.micro_batch is None or t.micro_batch >= 1, "train.micro_batch", t.micro_batch,
              "it must be a positive integer (or null to use global_batch / world_size)")
@@ -80,9 +99,7 @@ def validate(cfg: DictConfig) -> None:
     _require(t.eval_every >= 0, "train.eval_every", t.eval_every, "it must be zero (only at the end) or positive")
     _require(t.log_every >= 1, "train.log_every", t.log_every, "it must be a positive integer")
     _require(bool(t.resume), "train.resume", t.resume, "use auto, never, or a checkpoint path")
-    _require(re.fullmatch(r"none|full|every:[1-9][0-9]*", str(t.activation_checkpointing)) is not None,
-             "train.activation_checkpointing", t.activation_checkpointing,
-             "allowed values are none, full, or every:N with N >= 1 (checkpoint every N-th block)")
+    checkpoint_every(t.activation_checkpointing)
     stray = sorted(set(t.compile_options) - set(COMPILE_OPTIONS))
     _require(not stray, "train.compile_options", dict(t.compile_options),
              f"{', '.join(stray)} is not a torch.compile argument distrain passes on (allowed: "
@@ -91,7 +108,9 @@ def validate(cfg: DictConfig) -> None:
              "each entry is bias, norm, embedding, 1d or a glob on parameter names")
     _require(t.blocks is None or (len(t.blocks) > 0 and all(isinstance(b, str) and b for b in t.blocks)),
              "train.blocks", t.blocks, "use null (every child of an nn.ModuleList) or a list of module class names")
-    d = cfg.data
+
+
+def _validate_data(d: DictConfig) -> None:
     _require(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "it must be in [0, 1)")
     _require(d.eval_batch >= 1, "data.eval_batch", d.eval_batch, "it must be a positive integer")
     _require(d.num_workers is None or d.num_workers >= 0, "data.num_workers", d.num_workers,
@@ -99,8 +118,9 @@ def validate(cfg: DictConfig) -> None:
              "rank, or null (chosen from the CPU count)")
     _require(d.prefetch_factor is None or d.prefetch_factor >= 1, "data.prefetch_factor", d.prefetch_factor,
              "it must be a positive number of micro-batches per worker, or null (enough for the next step)")
-    _require(0 < cfg.dist.timeout_s <= 1e9, "dist.timeout_s", cfg.dist.timeout_s,
-             "it must be a positive, finite number of seconds (at most 1e9)")
+
+
+def _validate_checkpoint_and_run(cfg: DictConfig) -> None:
     c = cfg.checkpoint
     _require(c.every >= 0, "checkpoint.every", c.every, "it must be zero (off) or positive")
     _require(c.every_minutes >= 0, "checkpoint.every_minutes", c.every_minutes, "it must be zero (off) or positive")
@@ -110,11 +130,16 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.run.lock_grace_s >= 60, "run.lock_grace_s", cfg.run.lock_grace_s,
              "it must be at least 60 seconds (the holder refreshes the lock every 10 s; a shorter grace could take "
              "the lock of a live run on another host)")
-    _require(cfg.metrics.peak_flops >= 0, "metrics.peak_flops", cfg.metrics.peak_flops, "it must be zero or positive")
-    trackers = list(cfg.metrics.trackers)
+
+
+def _validate_metrics(m: DictConfig) -> None:
+    _require(m.peak_flops >= 0, "metrics.peak_flops", m.peak_flops, "it must be zero or positive")
+    trackers = list(m.trackers)
     _require(all(t in TRACKER_NAMES for t in trackers) and len(set(trackers)) == len(trackers), "metrics.trackers",
              trackers, f"list each of {', '.join(TRACKER_NAMES)} at most once, e.g. [tensorboard, mlflow]")
-    f = cfg.faults
+
+
+def _validate_faults(f: DictConfig) -> None:
     for key in ("signals", "requeue_signals"):
         names = [str(n).upper().removeprefix("SIG") for n in f[key]]
         _require(all(n in FAULT_SIGNALS for n in names), f"faults.{key}", list(f[key]),

@@ -1,7 +1,9 @@
 """From fetched samples to one batch: torch's default_collate, per key for Mapping samples, or the user's collate_fn.
 
 A dataset's ``__getitems__`` may return a list of samples (torch's protocol; they are collated here) or an
-already-collated batch (anything that is not a list, as the built-ins return), which is used as it is.
+already-collated batch (anything that is not a list, as the built-ins return), which is used as it is, unless
+data.collate_fn is set: then a batch of stacked tensors is split back into its samples (views, no copy), so the
+user's function receives the samples ``dataset[i]`` would give, whatever the dataset.
 """
 
 from __future__ import annotations
@@ -13,16 +15,36 @@ from typing import Any, Callable, List, Optional, Sequence
 import torch
 from torch.utils.data import default_collate
 
-from distrain.errors import ConfigError, DataError
+from distrain.errors import ConfigError, DataError, DistrainError
 
 CollateFn = Callable[[List[Any]], Any]
 
 
 def collate(fetched: Any, collate_fn: Optional[CollateFn] = None) -> Any:
-    """One batch from what the dataset returned: a list of samples is collated, anything else is already a batch."""
-    if not isinstance(fetched, list):
-        return fetched
-    return (collate_fn or collate_samples)(fetched)
+    """One batch from what the dataset returned. Without a collate_fn a list of samples is collated and anything
+    else is already a batch; a collate_fn always gets the list of samples, and its failure names data.collate_fn."""
+    if collate_fn is None:
+        return collate_samples(fetched) if isinstance(fetched, list) else fetched
+    samples = fetched if isinstance(fetched, list) else split_batch(fetched)
+    try:
+        return collate_fn(samples)
+    except DistrainError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's function: its traceback stays chained for the rank's log
+        name = getattr(collate_fn, "__qualname__", None) or type(collate_fn).__name__
+        raise DataError(f"data.collate_fn ({name}) failed on a micro-batch of {len(samples)} samples: "
+                        f"{type(err).__name__}: {err}. It is called with the list of a micro-batch's samples (what "
+                        f"dataset[i] returns, e.g. (input, target) pairs) and must return one batch.") from err
+
+
+def split_batch(batch: Any) -> List[Any]:
+    """The samples of a batch a dataset collated itself, as the built-ins' ``__getitems__`` does: a tuple of
+    tensors stacked on dim 0 becomes one tuple per sample, what ``dataset[i]`` returns."""
+    if isinstance(batch, tuple) and batch and all(isinstance(t, torch.Tensor) and t.dim() for t in batch):
+        return list(zip(*(t.unbind(0) for t in batch)))
+    raise DataError(f"data.collate_fn needs the samples of a micro-batch, but the dataset's __getitems__ returned "
+                    f"one {type(batch).__name__}, not a list of samples: return a list of samples from __getitems__ "
+                    f"(torch's protocol), or leave data.collate_fn unset.")
 
 
 def collate_samples(samples: List[Any]) -> Any:

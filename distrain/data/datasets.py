@@ -12,14 +12,18 @@ import string
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Annotated, Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from distrain.config.options import parse_options
+from distrain.config.options import Range, parse_options
 from distrain.errors import ConfigError
+
+# Typed options (data.kwargs) shared by several built-ins; each builder's signature declares the rest.
+Seed = Annotated[int, Range(ge=0, lt=2**32)]
+BlockSize = Annotated[int, Range(ge=1, note="the window length in tokens, e.g. 64")]
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ def _split(n: int, eval_fraction: float, seed: int) -> Tuple[torch.Tensor, torch
     return order[n_eval:], order[:n_eval]
 
 
-def digits(eval_fraction: float = 0.2, split_seed: int = 1234) -> Tuple[TensorPairDataset, TensorPairDataset]:
+def digits(eval_fraction: float = 0.2, split_seed: Seed = 1234) -> Tuple[TensorPairDataset, TensorPairDataset]:
     """scikit-learn's bundled UCI handwritten digits: 1,797 real 8x8 images, 10 classes, pixels scaled to [0, 1]."""
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
@@ -109,7 +113,8 @@ def stdlib_corpus(max_chars: int) -> str:
     return "".join(parts)[:max_chars]
 
 
-def text(block_size: int = 64, max_chars: int = 1_000_000, eval_fraction: float = 0.1, min_length: int = 0
+def text(block_size: BlockSize = 64, max_chars: Annotated[int, Range(ge=1)] = 1_000_000, eval_fraction: float = 0.1,
+         min_length: Annotated[int, Range(ge=0, note="0: windows of block_size without padding")] = 0
          ) -> Tuple[TensorPairDataset, TensorPairDataset]:
     """Character-level language modelling on the stdlib's source: windows of block_size, targets shifted by one.
 
@@ -118,10 +123,7 @@ def text(block_size: int = 64, max_chars: int = 1_000_000, eval_fraction: float 
     and is padded to block_size after it, with PAD_ID inputs and targets of -100 (IGNORE_INDEX: no item of the
     loss). Right padding leaves a causal model's valid positions untouched.
     """
-    if not (isinstance(block_size, int) and block_size >= 1):
-        raise ConfigError(f"data.kwargs.block_size={block_size!r} is not allowed: it must be a positive integer (the "
-                          f"window length in characters, e.g. 64).", key="data.kwargs.block_size")
-    if not (isinstance(min_length, int) and 0 <= min_length <= block_size):
+    if min_length > block_size:
         raise ConfigError(f"data.kwargs.min_length={min_length!r} is not allowed: it must be an integer from 1 to "
                           f"block_size={block_size} (the shortest sequence; the rest are padded), or 0 for windows "
                           f"of block_size without padding.", key="data.kwargs.min_length")
@@ -152,13 +154,11 @@ def _pad_after_lengths(x: torch.Tensor, y: torch.Tensor, min_length: int) -> Tup
     return x.masked_fill(padding, PAD_ID), y.masked_fill(padding, IGNORE_INDEX)
 
 
-def regression(num_samples: int = 4096, dim: int = 16, outputs: int = 1, noise: float = 0.1, seed: int = 0,
-               eval_fraction: float = 0.2) -> Tuple[TensorPairDataset, TensorPairDataset]:
-    """Synthetic linear-plus-tanh regression, for MSE tests."""
-    for key, value, least in (("num_samples", num_samples, 2), ("dim", dim, 1), ("outputs", outputs, 1)):
-        if not (isinstance(value, int) and value >= least):
-            raise ConfigError(f"data.kwargs.{key}={value!r} is not allowed: it must be an integer of at least {least}.",
-                              key=f"data.kwargs.{key}")
+def regression(num_samples: Annotated[int, Range(ge=2)] = 4096, dim: Annotated[int, Range(ge=1)] = 16,
+               outputs: Annotated[int, Range(ge=1)] = 1, noise: Annotated[float, Range(ge=0)] = 0.1,
+               seed: Seed = 0, eval_fraction: float = 0.2
+               ) -> Tuple[TensorPairDataset, TensorPairDataset]:
+    """Synthetic linear-plus-tanh regression, for MSE tests (the split is seeded with seed + 1)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(num_samples, dim, generator=gen)
     w = torch.randn(dim, outputs, generator=gen) / dim ** 0.5
@@ -168,14 +168,8 @@ def regression(num_samples: int = 4096, dim: int = 16, outputs: int = 1, noise: 
     return TensorPairDataset(x[train_idx], y[train_idx], spec), TensorPairDataset(x[eval_idx], y[eval_idx], spec)
 
 
-def _positive(key: str, value: Any) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise ConfigError(f"data.kwargs.{key}={value!r} is not allowed: it must be a positive integer.",
-                          key=f"data.kwargs.{key}")
-
-
-def tokens(path: str = "", block_size: int = 64, eval_windows: Optional[int] = None, eval_fraction: float = 0.2
-           ) -> Tuple[Dataset, Optional[Dataset]]:
+def tokens(path: str = "", block_size: BlockSize = 64, eval_windows: Annotated[Optional[int], Range(ge=1)] = None,
+           eval_fraction: float = 0.2) -> Tuple[Dataset, Optional[Dataset]]:
     """Memory-mapped token shards (``distrain data prepare``) in windows of block_size, targets shifted by one.
 
     The eval split is the shards' own (limited to eval_windows windows), else the tail eval_fraction of the windows.
@@ -185,9 +179,6 @@ def tokens(path: str = "", block_size: int = 64, eval_windows: Optional[int] = N
     if not path:
         raise ConfigError("data.name=tokens needs data.kwargs.path: a directory of token shards with an index.json "
                           "(make one with `distrain data prepare SRC --out DIR`).", key="data.kwargs.path")
-    _positive("block_size", block_size)
-    if eval_windows is not None:
-        _positive("eval_windows", eval_windows)
     train, evaluation, index = open_token_windows(path, block_size, eval_fraction, eval_windows)
     if len(train) < 1:
         held = sum(shard.tokens for shard in index.splits["train"])
@@ -201,8 +192,10 @@ def tokens(path: str = "", block_size: int = 64, eval_windows: Optional[int] = N
     return train, evaluation
 
 
-def images(path: str = "", size: int = 32, channels: int = 3, augment: Optional[Dict[str, Any]] = None,
-           eval_fraction: float = 0.2, split_seed: int = 1234) -> Tuple[Dataset, Optional[Dataset]]:
+def images(path: str = "", size: Annotated[int, Range(ge=1, note="pixels per side")] = 32,
+           channels: Annotated[int, Range(one_of=(1, 3), note="1 grayscale, 3 RGB")] = 3,
+           augment: Optional[Dict[str, Any]] = None, eval_fraction: float = 0.2, split_seed: Seed = 1234
+           ) -> Tuple[Dataset, Optional[Dataset]]:
     """Image files in one folder per class (PATH/<class>/*.png, or PATH/train/<class> and PATH/eval/<class>),
     decoded with Pillow, resized to size x size, augmented per sample (training split only)."""
     from distrain.data.images import EVAL_DIRS, Augment, ImageFolder, scan
@@ -214,10 +207,6 @@ def images(path: str = "", size: int = 32, channels: int = 3, augment: Optional[
     if not path or not root.is_dir():
         raise ConfigError(f"data.kwargs.path={path!r} is not a directory; data.name=images reads PATH/<class>/*.png "
                           f"(or PATH/train/<class>/... and PATH/eval/<class>/...).", key="data.kwargs.path")
-    _positive("size", size)
-    if channels not in (1, 3):
-        raise ConfigError(f"data.kwargs.channels={channels!r}; allowed: 1 (grayscale) or 3 (RGB).",
-                          key="data.kwargs.channels")
     aug = Augment.from_kwargs(augment)
     eval_root = next((root / d for d in EVAL_DIRS if (root / d).is_dir()), None)
     files, labels, classes = scan(root / "train" if (root / "train").is_dir() else root)
@@ -243,7 +232,7 @@ def images(path: str = "", size: int = 32, channels: int = 3, augment: Optional[
 
 def hf(path: str = "", split: str = "train", eval_split: Optional[str] = None, input: Optional[str] = None,
        target: Optional[str] = None, columns: Optional[List[str]] = None, task: Optional[str] = None,
-       num_classes: Optional[int] = None, eval_fraction: float = 0.2, split_seed: int = 1234
+       num_classes: Annotated[Optional[int], Range(ge=1, note="classes, or the vocabulary size")] = None, eval_fraction: float = 0.2, split_seed: Seed = 1234
        ) -> Tuple[Dataset, Optional[Dataset]]:
     """A Hugging Face dataset saved with save_to_disk: (input, target) column pairs, or rows as dicts of tensors.
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from distrain.data.datasets import DataSpec
-from distrain.models.registry import register_flops, register_model, require_sizes
+from distrain.config.options import Range
+from distrain.models.registry import Size, register_flops, register_model
 
 
 def _require_lm(spec: DataSpec, name: str) -> None:
@@ -30,9 +32,8 @@ class CharLSTM(nn.Module):
 
 
 @register_model("lstm")
-def lstm(spec: DataSpec, embed: int = 64, hidden: int = 128, layers: int = 1) -> nn.Module:
+def lstm(spec: DataSpec, embed: Size = 64, hidden: Size = 128, layers: Size = 1) -> nn.Module:
     _require_lm(spec, "lstm")
-    require_sizes("lstm", embed=embed, hidden=hidden, layers=layers)
     return CharLSTM(spec.num_classes, embed, hidden, layers)
 
 
@@ -118,11 +119,10 @@ class GPT(nn.Module):
 
 
 @register_model("gpt")
-def gpt(spec: DataSpec, embed: int = 64, heads: int = 4, layers: int = 2, block_size: int = 0) -> nn.Module:
+def gpt(spec: DataSpec, embed: Size = 64, heads: Size = 4, layers: Size = 2,
+        block_size: Annotated[int, Range(ge=0, note="0: the dataset's window")] = 0) -> nn.Module:
     """A nanoGPT-style decoder; block_size defaults to the dataset's window."""
     _require_lm(spec, "gpt")
-    require_sizes("gpt", embed=embed, heads=heads, layers=layers)
-    require_sizes("gpt", least=0, block_size=block_size)  # 0: the dataset's window
     return GPT(spec.num_classes, block_size or spec.extra.get("block_size", 64), embed, heads, layers)
 
 

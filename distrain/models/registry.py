@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Annotated, Any, Callable, Dict, Optional
 
 from torch import nn
 
 from distrain.data.datasets import DataSpec
-from distrain.config.options import parse_options
+from distrain.config.options import Range, parse_options
 from distrain.errors import ConfigError
+
+# A width, depth or count of a built-in model (model.kwargs), declared in its builder's signature.
+Size = Annotated[int, Range(ge=1)]
 
 ModelBuilder = Callable[..., nn.Module]
 MODELS: Dict[str, ModelBuilder] = {}
@@ -57,11 +60,3 @@ def build_model(name: str, kwargs: Dict[str, Any], spec: Optional[DataSpec]) -> 
     except ValueError as err:  # a builder's refusal of these kwargs or this data; anything else is its own bug
         raise ConfigError(f"model {name!r} cannot be built with model.kwargs={dict(kwargs)} on {spec.task} data: "
                           f"{err}", key="model.kwargs") from None
-
-
-def require_sizes(model: str, least: int = 1, **sizes: int) -> None:
-    """Refuse a size kwarg of a built-in model that is not an integer >= ``least``, naming model.kwargs.<name>."""
-    for key, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ConfigError(f"model.kwargs.{key}={value!r} is not allowed for model {model!r}: it must be an "
-                              f"integer of at least {least}.", key=f"model.kwargs.{key}")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 from torch import nn
 
 from distrain.data.datasets import DataSpec
-from distrain.models.registry import register_flops, register_model, require_sizes
+from distrain.config.options import Range
+from distrain.models.registry import Size, register_flops, register_model
 
 
 def _outputs(spec: DataSpec) -> int:
@@ -15,12 +17,11 @@ def _outputs(spec: DataSpec) -> int:
 
 
 @register_model("mlp")
-def mlp(spec: DataSpec, hidden: int = 128, depth: int = 2) -> nn.Module:
+def mlp(spec: DataSpec, hidden: Size = 128, depth: Annotated[int, Range(ge=0, note="0: a linear model")] = 2
+        ) -> nn.Module:
     """Flatten -> depth x (Linear, ReLU) -> Linear. Works on digits (classes) and regression (values)."""
     if spec.task not in ("classification", "regression"):
         raise ValueError("mlp needs classification or regression data (use lstm or gpt for text)")
-    require_sizes("mlp", hidden=hidden)
-    require_sizes("mlp", least=0, depth=depth)  # depth 0: a linear model
     layers = [nn.Flatten()]
     width = math.prod(spec.input_shape)
     for _ in range(depth):
@@ -31,11 +32,10 @@ def mlp(spec: DataSpec, hidden: int = 128, depth: int = 2) -> nn.Module:
 
 
 @register_model("cnn")
-def cnn(spec: DataSpec, channels: int = 32, hidden: int = 128) -> nn.Module:
+def cnn(spec: DataSpec, channels: Size = 32, hidden: Size = 128) -> nn.Module:
     """Two 3x3 conv layers, a 2x2 max-pool and two linear layers; sized for 1x8x8 digits."""
     if spec.task != "classification" or len(spec.input_shape) != 3:
         raise ValueError("cnn needs image classification data shaped (channels, height, width), e.g. digits")
-    require_sizes("cnn", channels=channels, hidden=hidden)
     c, h, w = spec.input_shape
     return nn.Sequential(
         nn.Conv2d(c, channels, 3, padding=1), nn.ReLU(),

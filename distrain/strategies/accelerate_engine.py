@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distrain.strategies.layout import Layout
 from distrain.strategies.base import Strategy, StrategyContext
-from distrain.strategies.comm_hooks import ByteCounter, register_comm_hook
+from distrain.strategies.comm_hooks import BucketCapMB, ByteCounter, register_comm_hook
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -38,7 +38,7 @@ class AccelerateStrategy(Strategy):
     def layouts(cls) -> List[Layout]:
         return [Layout("accelerate", cls.name, speed_rank=1)]
 
-    def __init__(self, ctx: StrategyContext, bucket_cap_mb: float = 25.0, find_unused_parameters: bool = False):
+    def __init__(self, ctx: StrategyContext, bucket_cap_mb: BucketCapMB = 25.0, find_unused_parameters: bool = False):
         super().__init__(ctx)
         self.ddp_kwargs = dict(bucket_cap_mb=bucket_cap_mb, find_unused_parameters=find_unused_parameters)
         self.grad_scaler = None  # Accelerate keeps its own GradScaler for fp16

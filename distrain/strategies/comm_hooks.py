@@ -2,16 +2,20 @@
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations at runtime (GradBucket, Future).
 
-from typing import Callable, Optional
+from typing import Annotated, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 
+from distrain.config.options import Range
 from distrain.errors import ConfigError
 
 HOOKS = ("fp16", "bf16", "powersgd")
+# The typed options of the strategies built on DDP's reducer (ddp, zero1, accelerate), declared once.
+BucketCapMB = Annotated[float, Range(gt=0, note="megabytes of gradients per all-reduce bucket")]
+PowerSGDRank = Annotated[int, Range(ge=1, note="the rank of PowerSGD's low-rank gradient approximation")]
 
 
 def sum_allreduce_hook(process_group: Optional[dist.ProcessGroup], bucket: dist.GradBucket

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from distrain.errors import ConfigError
 from distrain.strategies.layout import Layout
 from distrain.strategies.base import Strategy, StrategyContext
-from distrain.strategies.comm_hooks import ByteCounter, register_comm_hook
+from distrain.strategies.comm_hooks import BucketCapMB, ByteCounter, PowerSGDRank, register_comm_hook
 
 
 class DDPStrategy(Strategy):
@@ -30,8 +30,8 @@ class DDPStrategy(Strategy):
     def layouts(cls) -> List[Layout]:
         return [Layout("ddp", cls.name, speed_rank=0)]
 
-    def __init__(self, ctx: StrategyContext, bucket_cap_mb: float = 25.0, static_graph: bool = False,
-                 comm_hook: Optional[str] = None, powersgd_rank: int = 1, find_unused_parameters: bool = False,
+    def __init__(self, ctx: StrategyContext, bucket_cap_mb: BucketCapMB = 25.0, static_graph: bool = False,
+                 comm_hook: Optional[str] = None, powersgd_rank: PowerSGDRank = 1, find_unused_parameters: bool = False,
                  gradient_as_bucket_view: bool = True):
         super().__init__(ctx)
         self.ddp_kwargs = dict(bucket_cap_mb=bucket_cap_mb, static_graph=static_graph,

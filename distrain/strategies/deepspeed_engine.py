@@ -34,11 +34,12 @@ import contextlib
 import copy
 import os
 from pathlib import Path
-from typing import Any, ContextManager, Dict, List, Mapping, Optional, Union
+from typing import Annotated, Any, ContextManager, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
+from distrain.config.options import Range
 from distrain.env import ProcessInfo
 from distrain.checkpoint.layout import CONSOLIDATED, ENGINE_DIR
 from distrain.errors import CheckpointError, ConfigError
@@ -58,6 +59,7 @@ OWNED_KEYS = {
     "fp16": "train.precision", "gradient_allreduce_op": "(chosen per stage for exactness)",
 }
 CHECKPOINT_TAG = "deepspeed"
+ZERO_STAGES = "the ZeRO stage: 0 plain data parallel, 1 optimizer state sharded, 2 + gradients, 3 + parameters"
 
 
 def import_deepspeed() -> Any:
@@ -91,13 +93,10 @@ class DeepSpeedStrategy(Strategy):
                    **ds),
         ]
 
-    def __init__(self, ctx: StrategyContext, stage: int = 0, offload_optimizer: bool = False,
-                 offload_param: bool = False, config: Optional[Mapping[str, Any]] = None):
+    def __init__(self, ctx: StrategyContext, stage: Annotated[int, Range(one_of=(0, 1, 2, 3), note=ZERO_STAGES)] = 0,
+                 offload_optimizer: bool = False, offload_param: bool = False,
+                 config: Optional[Mapping[str, Any]] = None):
         super().__init__(ctx)
-        if stage not in (0, 1, 2, 3):
-            raise ConfigError(f"strategy.kwargs.stage={stage!r} is not a ZeRO stage. Allowed: 0 (plain data "
-                              f"parallel), 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters).",
-                              key="strategy.kwargs.stage")
         if offload_optimizer and stage == 0:
             raise ConfigError("strategy.kwargs.offload_optimizer=true needs ZeRO: set strategy.kwargs.stage to 1, 2 "
                               "or 3.", key="strategy.kwargs.offload_optimizer")

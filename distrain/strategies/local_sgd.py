@@ -14,13 +14,14 @@ The last step of the run always syncs, so the final model is the one every rank 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Dict, List
+from typing import Annotated, Any, ContextManager, Dict, List
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
+from distrain.config.options import Range
 from distrain.errors import CheckpointError, ConfigError
 from distrain.strategies.layout import Layout
 from distrain.strategies.base import Strategy, StrategyContext
@@ -40,18 +41,14 @@ class LocalSGDStrategy(Strategy):
         return [Layout(f"local_sgd (H={sync_every})", cls.name, {"sync_every": sync_every}, every=sync_every,
                        exact=False, speed_rank=0)]
 
-    def __init__(self, ctx: StrategyContext, sync_every: int = 8, outer: str = "average", outer_lr: float = 0.7,
-                 outer_momentum: float = 0.9):
+    def __init__(self, ctx: StrategyContext,
+                 sync_every: Annotated[int, Range(ge=1, note="steps between parameter averages, 1 = every step")] = 8,
+                 outer: str = "average", outer_lr: Annotated[float, Range(gt=0)] = 0.7,
+                 outer_momentum: Annotated[float, Range(ge=0, lt=1)] = 0.9):
         super().__init__(ctx)
-        if not isinstance(sync_every, int) or sync_every < 1:
-            raise ConfigError(f"strategy.kwargs.sync_every={sync_every!r} must be a positive number of steps "
-                              f"between parameter averages (1 = every step).", key="strategy.kwargs.sync_every")
         if outer not in OUTER:
             raise ConfigError(f"strategy.kwargs.outer={outer!r} is not an outer step. Allowed: average (plain "
                               f"parameter averaging) or nesterov (DiLoCo).", key="strategy.kwargs.outer")
-        if outer_lr <= 0 or not 0 <= outer_momentum < 1:
-            raise ConfigError(f"strategy.kwargs.outer_lr={outer_lr!r} must be positive and outer_momentum="
-                              f"{outer_momentum!r} in [0, 1).", key="strategy.kwargs.outer_lr")
         self.sync_every = sync_every
         self.last_step = int(ctx.train.steps)  # read once: sync() runs every step, an OmegaConf read costs ~10 us
         self.outer = outer

@@ -17,6 +17,7 @@ from distrain.training.optim import build_optimizer, param_groups
 from distrain.strategies.ddp import DDPStrategy
 from distrain.strategies.layout import SHARD, Layout
 from distrain.strategies.base import StrategyContext
+from distrain.strategies.comm_hooks import BucketCapMB, PowerSGDRank
 
 
 class ZeRO1Strategy(DDPStrategy):
@@ -27,8 +28,8 @@ class ZeRO1Strategy(DDPStrategy):
     def layouts(cls) -> List[Layout]:
         return [Layout("zero1", cls.name, optimizer=SHARD, gathers_per_step=1.0, speed_rank=2)]
 
-    def __init__(self, ctx: StrategyContext, bucket_cap_mb: float = 25.0, static_graph: bool = False,
-                 comm_hook: Optional[str] = None, powersgd_rank: int = 1, find_unused_parameters: bool = False,
+    def __init__(self, ctx: StrategyContext, bucket_cap_mb: BucketCapMB = 25.0, static_graph: bool = False,
+                 comm_hook: Optional[str] = None, powersgd_rank: PowerSGDRank = 1, find_unused_parameters: bool = False,
                  gradient_as_bucket_view: bool = True, parameters_as_bucket_view: bool = False):
         super().__init__(ctx, bucket_cap_mb=bucket_cap_mb, static_graph=static_graph, comm_hook=comm_hook,
                          powersgd_rank=powersgd_rank, find_unused_parameters=find_unused_parameters,

@@ -19,23 +19,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch.utils.checkpoint
 from torch import nn
 
+from distrain.config.validation import checkpoint_every
 from distrain.errors import ConfigError
 from distrain.models.blocks import find_blocks
-
-MODES = "none | full | every:N"
-
-
-def checkpoint_every(mode: str) -> int:
-    """0 for none, 1 for full, N for every:N; a ConfigError for anything else."""
-    text = str(mode).strip().lower()
-    if text == "none":
-        return 0
-    if text == "full":
-        return 1
-    if text.startswith("every:") and text[6:].isdigit() and int(text[6:]) >= 1:
-        return int(text[6:])
-    raise ConfigError(f"train.activation_checkpointing={mode!r} is not a mode. Allowed: {MODES} (N >= 1: "
-                      f"checkpoint every N-th block).", key="train.activation_checkpointing")
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, blocks: Optional[Sequence[str]]) -> int:

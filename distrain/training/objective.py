@@ -33,7 +33,7 @@ from torch import nn
 from distrain import dist
 from distrain.data import split_input_target
 from distrain.data.datasets import IGNORE_INDEX
-from distrain.errors import ConfigError
+from distrain.errors import ConfigError, DataError
 from distrain.telemetry.logs import get_logger
 
 ITEM_RULES = ("samples", "labels", "elements")
@@ -176,9 +176,9 @@ def _pair(batch: Any) -> Optional[tuple]:
     except TypeError:
         if isinstance(batch, Mapping):
             return None
-        raise TypeError("each sample must be an (input, target) pair, or a Mapping of a model's keyword arguments "
-                        f"(Hugging Face style: input_ids, attention_mask, labels, ...); got {_describe(batch)}") \
-            from None
+        raise DataError("each batch must be an (input, target) pair, or a Mapping of a model's keyword arguments "
+                        f"(Hugging Face style: input_ids, attention_mask, labels, ...); got {_describe(batch)} (the "
+                        f"collated samples, or what data.collate_fn returned when it is set)") from None
 
 
 def batch_size(batch: Any) -> int:
