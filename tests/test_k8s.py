@@ -187,7 +187,7 @@ def test_what_the_manifests_say():
 @pytest.mark.parametrize("flags, message", [
     (["--nodes", "2", "--gpus-per-node", "1"], "needs --pvc CLAIM"),
     (["--kind", "trainjob", "--nodes", "1:3", "--gpus-per-node", "1", "--pvc", "r"], "no elastic mode"),
-    (["--nodes", "2:3", "--gpus-per-node", "1", "--pvc", "r"], "world_size=3"),  # 64 does not divide by 3 workers
+    (["--nodes", "2:3", "--gpus-per-node", "1", "--pvc", "r"], "(2, 3 ranks): it fails at 3"),  # 64 / 3 workers
     (["--nodes", "1", "--gpus-per-node", "1", "--name", "Bad_Name"], "Pass --name"),
     (["--nodes", "0", "--gpus-per-node", "1"], "at least 1"),
 ])
