@@ -187,7 +187,7 @@ def test_what_the_manifests_say():
 @pytest.mark.parametrize("flags, message", [
     (["--nodes", "2", "--gpus-per-node", "1"], "needs --pvc CLAIM"),
     (["--kind", "trainjob", "--nodes", "1:3", "--gpus-per-node", "1", "--pvc", "r"], "no elastic mode"),
-    (["--nodes", "2:3", "--gpus-per-node", "1", "--pvc", "r"], "world_size=3"),  # 64 does not divide by 3 workers
+    (["--nodes", "2:3", "--gpus-per-node", "1", "--pvc", "r"], "(2, 3 ranks): it fails at 3"),  # 64 / 3 workers
     (["--nodes", "1", "--gpus-per-node", "1", "--name", "Bad_Name"], "Pass --name"),
     (["--nodes", "0", "--gpus-per-node", "1"], "at least 1"),
 ])
@@ -272,3 +272,43 @@ def test_distrain_launch_takes_torchruns_pet_variables(monkeypatch, environ, exp
     args.nproc_per_node = 5
     fill_from_environment(args)
     assert args.nproc_per_node == 5
+
+
+def test_an_elastic_range_is_checked_at_every_world_size_and_the_suggested_batch_fits_them_all():
+    """gpt.yaml (global 32, micro 16) on 2 to 4 pods of 8: 16, 24 and 32 ranks. Each size used to be checked alone,
+    so fixing the first error (16) led to the next (24); one paragraph now names every failing size and one global
+    batch that fits them all, and that batch renders."""
+    gpt = str(REPO / "configs" / "gpt.yaml")
+    flags = ["--nodes", "2:4", "--gpus-per-node", "8", "--image", "img", "--pvc", "runs"]
+    code, out, err = cli("k8s", "render", gpt, *flags)
+    message = " ".join(err.split())
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert "(16, 24, 32 ranks): it fails at 16, 24, 32" in message and "train.global_batch=1536" in message
+    code, out, err = cli("k8s", "render", gpt, *flags, "train.global_batch=1536")
+    assert code == 0, err
+    assert list(yaml.safe_load_all(out))[1]["spec"]["elasticPolicy"]["maxReplicas"] == 4
+
+
+@pytest.mark.parametrize("global_batch, micro_batch, sizes", [
+    (32, 16, [16, 24, 32]), (32, None, [16, 24, 32]), (64, 32, [1, 2, 3]), (100, 7, [2, 3, 4, 5]), (5, None, [4, 6]),
+])
+def test_the_suggested_global_batch_is_the_smallest_that_fits_every_world_size(global_batch, micro_batch, sizes):
+    from omegaconf import OmegaConf
+
+    from distrain.config import batch_plan, load_config
+    from distrain.config.validation import elastic_batch_plans
+    from distrain.errors import ConfigError
+
+    cfg = load_config(QUICKSTART, [f"train.global_batch={global_batch}", f"train.micro_batch={micro_batch or 'null'}"])
+    with pytest.raises(ConfigError) as refused:
+        elastic_batch_plans(cfg, sizes)
+    suggested = int(re.search(r"e\.g\. train\.global_batch=(\d+)", str(refused.value)).group(1))
+
+    def fits(g: int) -> bool:
+        OmegaConf.update(cfg, "train.global_batch", g)
+        try:
+            return all(batch_plan(cfg, w) for w in sizes)
+        except ConfigError:
+            return False
+    assert fits(suggested)
+    assert not any(fits(g) for g in range(global_batch, suggested))  # nothing smaller (from the configured one) fits

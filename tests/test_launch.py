@@ -131,3 +131,14 @@ def test_a_worker_killed_by_a_signal_with_an_error_file_still_counts(tmp_path):
     failures = {0: _failure(tmp_path, 0, -15, "RuntimeError: stuck", timestamp=100),
                 1: _failure(tmp_path, 1, 1, "RuntimeError: later", timestamp=101)}
     assert root_cause(failures)[0] == 0
+
+
+def test_an_elastic_nnodes_range_is_checked_at_every_world_size_not_only_the_largest():
+    """--nnodes 2:4 x 1 process: 2, 3 and 4 ranks. 64 samples in micro-batches of 16 split at 2 and 4 ranks but not
+    at 3, which only the largest size's check missed (the job then waited for nodes instead)."""
+    proc = run_cli(["launch", "--nnodes", "2:4", "--nproc-per-node", "1", "--rdzv-endpoint", "127.0.0.1:29999",
+                    "--join-timeout", "5", QUICK, "train.micro_batch=16"], timeout=120)
+    message = " ".join(proc.stderr.split())
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "(2, 3, 4 ranks): it fails at 3" in message and "train.global_batch=192" in message
+    assert "Traceback" not in proc.stderr

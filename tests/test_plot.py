@@ -48,7 +48,48 @@ def test_figure_labels_both_runs_and_draws_their_logged_values(two_runs):
         assert list(line.get_xdata()) == [r["step"] for r in records]
         assert list(line.get_ydata()) == [r["loss"] for r in records]
     assert list(loss_vs_samples.get_lines()[0].get_xdata()) == [640, 1280, 1920, 2560]  # 64 samples per step
-    assert [t.get_text() for t in evaluation.get_legend().get_texts()] == ["w1 (accuracy)", "w2 (accuracy)"]
+    assert [t.get_text() for t in evaluation.get_legend().get_texts()] == [
+        "w1 eval loss", "w2 eval loss", "w1 accuracy", "w2 accuracy"]
+
+
+def test_accuracy_has_its_own_axis_and_series_never_logged_have_no_legend_entry(two_runs, tmp_path):
+    """Accuracy (0.9x) and eval loss (0.0x) on one axis flattened both; compute_s and comm_s are null on every log
+    step of a run with one micro-step per step on several ranks (the quickstart), and their legend entries pointed
+    at lines that were not there. w2 without accumulation: w2's records with the split null, as such a run logs."""
+    import shutil
+
+    from distrain.tools.plotting import build_figure
+    from distrain.tools.runs import read_run
+
+    shutil.copytree(two_runs / "w2", tmp_path / "w2")
+    records = read_jsonl(tmp_path / "w2" / "metrics.jsonl")
+    (tmp_path / "w2" / "metrics.jsonl").write_text("".join(
+        json.dumps({**r, "compute_s": None, "comm_s": None} if "loss" in r else r) + "\n" for r in records))
+    runs = [read_run(two_runs / "w1"), read_run(tmp_path / "w2")]
+    fig = build_figure(runs, ["w1", "w2"])
+    evaluation, accuracy = fig.axes[2], fig.axes[6]
+    assert accuracy.get_shared_x_axes().joined(accuracy, evaluation) and accuracy.get_ylabel() == "eval accuracy"
+    for run, loss, acc in zip((two_runs / "w1", tmp_path / "w2"), evaluation.get_lines(), accuracy.get_lines()):
+        evals = [r for r in read_jsonl(run / "metrics.jsonl") if "eval_accuracy" in r]
+        assert list(loss.get_ydata()) == [r["eval_loss"] for r in evals]  # the eval losses, on the left
+        assert list(acc.get_ydata()) == [r["eval_accuracy"] for r in evals]  # the accuracies, on the right
+    names = {"compute_s": "compute", "comm_s": "exposed comm"}
+    never = [f"{run.name} {names[key]}" for run in (two_runs / "w1", tmp_path / "w2") for key in names
+             if all(r.get(key) is None for r in read_jsonl(run / "metrics.jsonl") if "loss" in r)]
+    assert never, "this test needs a series a run never logged"
+    labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert not set(never) & set(labels), labels
+    assert all(len(line.get_xdata()) for ax in fig.axes for line in ax.get_lines())
+
+
+def test_plot_without_out_writes_into_the_run_directory_not_the_current_one(two_runs, tmp_path):
+    proc = run_cli(["plot", str(two_runs / "w1")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {two_runs / 'w1' / 'plot.png'} " in proc.stdout
+    assert (two_runs / "w1" / "plot.png").stat().st_size > 0 and list(tmp_path.iterdir()) == []
+    both = run_cli(["plot", str(two_runs / "w1"), str(two_runs / "w2")], cwd=tmp_path)
+    assert both.returncode == 0 and f"wrote {two_runs / 'plot.png'} " in both.stdout
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_plot_accepts_a_directory_of_runs(two_runs, tmp_path):

@@ -285,3 +285,20 @@ def test_trainer_refuses_a_locked_run_dir_and_gives_it_back_on_every_exit(tmp_pa
         trainer.fit()
     assert not (tmp_path / "t" / LOCK_NAME).exists()
     assert "reclaimed the stale lock" in (tmp_path / "t" / "logs" / "rank0.log").read_text()
+
+
+def test_starting_a_finished_run_again_says_so_and_the_suggested_keys_work(tmp_path):
+    """A second start of a finished run resumed at its last step and exited 0 having trained nothing, silently.
+    It now says so in one line naming what to change; raising train.steps, as it suggests, continues the run."""
+    common = [MLP, f"run.dir={tmp_path}", "metrics.progress=plain", "train.eval_every=0", "train.log_every=1"]
+    first = run_cli(["train", *common, "train.steps=4"], timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_cli(["train", *common, "train.steps=4"], timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = again.stdout + again.stderr
+    assert ("run 'mlp-digits' already finished at step 4 of train.steps=4: nothing to train. To train again, use "
+            "another run.name (e.g. run.name=mlp-digits-2); to continue this run, raise train.steps (e.g. "
+            "train.steps=8).") in said
+    more = run_cli(["train", *common, "train.steps=8"], timeout=240)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "step 8/8" in more.stdout + more.stderr and "already finished" not in more.stdout + more.stderr

@@ -85,3 +85,13 @@ def test_runs_ls_tells_running_died_preempted_and_failed_apart(tmp_path):
     assert rows["failed"]["status"] == "failed" and rows["failed"]["step"] == 2  # steps completed before it failed
     table = run_cli(["runs", "ls", str(tmp_path)]).stdout
     assert sorted(line.split()[1] for line in table.splitlines()[1:]) == ["died", "failed", "preempted"]
+
+
+def test_runs_alone_lists_the_runs_in_runs_like_runs_ls(tmp_path):
+    """`distrain runs` with no action used to exit 2 asking for one; it lists runs/ of the current directory."""
+    proc = run_cli(["train", str(REPO / "configs" / "mlp.yaml"), "train.steps=2", "train.eval_every=0",
+                    "metrics.progress=none"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    alone, ls = run_cli(["runs"], cwd=tmp_path), run_cli(["runs", "ls", "runs"], cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    assert alone.stdout == ls.stdout and alone.stdout.splitlines()[1].split()[:3] == ["mlp-digits", "finished", "2/2"]

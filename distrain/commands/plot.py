@@ -1,4 +1,4 @@
-"""`distrain plot RUN_DIR [RUN_DIR ...] --out runs.png`: compare runs in one headless PNG (see distrain.tools.plotting)."""
+"""`distrain plot RUN_DIR [RUN_DIR ...] [--out FILE]`: compare runs in one headless PNG (see distrain.tools.plotting)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ def register(sub) -> None:
     p = sub.add_parser("plot", help="plot loss, eval, throughput and step time of one or more runs into one image")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run directories (run.dir/run.name), or a directory of runs such as runs/")
-    p.add_argument("--out", default="runs.png", help="image to write; the extension picks the format (default runs.png)")
+    p.add_argument("--out", default=None,
+                   help="image to write; the extension picks the format (default: plot.png in the run directory "
+                        "given, or in the directory holding all those given)")
     p.add_argument("--title", default=None, help="figure title (default: the run names)")
     p.set_defaults(handler=run)
 

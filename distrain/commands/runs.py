@@ -1,11 +1,9 @@
-"""`distrain runs ls [DIR]`: the runs in a run directory with status, steps, final loss, best eval and wall time."""
+"""`distrain runs [ls [DIR]]`: the runs in a run directory with status, steps, final loss, best eval and wall time."""
 
 from __future__ import annotations
 
 import argparse
 import json
-
-from distrain.commands import needs_action
 
 
 def register(sub) -> None:
@@ -17,8 +15,7 @@ def register(sub) -> None:
     ls.add_argument("dir", nargs="?", default="runs", metavar="DIR", help="a run.dir (default runs)")
     ls.add_argument("--json", action="store_true", help="print one JSON object per run instead of a table")
     ls.set_defaults(handler=run_ls)
-    p.set_defaults(handler=needs_action("distrain runs: choose an action: "
-                                        "`distrain runs ls [DIR]`."))
+    p.set_defaults(handler=run_ls, dir="runs", json=False)  # `distrain runs` alone: the runs in runs/, like ls
 
 
 def run_ls(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, get_type_hints
+from typing import Any, Iterator, List, Optional, Sequence, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -206,11 +206,42 @@ def _divisor_hint(n: int, near: int) -> int:
     return min(divisors, key=lambda d: (abs(d - near), -d))
 
 
-def check_job(cfg: DictConfig, world_size: int) -> BatchPlan:
+def elastic_batch_plans(cfg: DictConfig, world_sizes: Sequence[int]) -> List[BatchPlan]:
+    """The batch plan at every world size an elastic job may have (``--nnodes MIN:MAX``), or one paragraph naming
+    the world sizes that do not divide and one global batch that fits them all.
+
+    Every size W needs micro_batch x W to divide the global batch, so the global batches that fit all of them are
+    the multiples of micro_batch x lcm(W...) (of lcm(W...) alone when micro_batch is null: it is then G / W)."""
+    sizes = sorted({int(w) for w in world_sizes})
+    if len(sizes) == 1:
+        return [batch_plan(cfg, sizes[0])]
+    plans, failing = [], []
+    for w in sizes:
+        try:
+            plans.append(batch_plan(cfg, w))
+        except ConfigError:
+            failing.append(w)
+    if not failing:
+        return plans
+    g, m = int(cfg.train.global_batch), cfg.train.micro_batch
+    unit = math.lcm(*sizes) * (int(m) if m is not None else 1)
+    fit = unit * max(1, -(-g // unit))  # the smallest multiple of unit that is at least the configured batch
+    micro = f"train.micro_batch={m} x " if m is not None else ""
+    raise ConfigError(
+        f"train.global_batch={g} does not split over every world size this elastic job can have "
+        f"({', '.join(map(str, sizes))} ranks): it fails at {', '.join(map(str, failing))}. Each world size W needs "
+        f"a global batch divisible by {micro}W, so use a multiple of {micro}{math.lcm(*sizes)} (the least common "
+        f"multiple of the world sizes), e.g. train.global_batch={fit}, or a narrower node range.",
+        key="train.global_batch")
+
+
+def check_job(cfg: DictConfig, world_size: int | Sequence[int]) -> BatchPlan:
     """Everything checkable before any worker starts (launch, verify, config show, slurm submit): the batch plan
-    for ``world_size``, that the named strategy, dataset and model exist (each registry's own lookup, so the
-    message is the one a worker would give), and that data.collate_fn imports."""
-    plan = batch_plan(cfg, world_size)  # before the imports below pull in torch: batch mistakes fail in 0.3 s
+    for ``world_size`` (for a sequence of them, an elastic job's: each must divide; the largest's plan is returned),
+    that the named strategy, dataset and model exist (each registry's own lookup, so the message is the one a
+    worker would give), and that data.collate_fn imports."""
+    sizes = [world_size] if isinstance(world_size, int) else list(world_size)
+    plan = elastic_batch_plans(cfg, sizes)[-1]  # before the imports below pull in torch: batch mistakes fail fast
     from distrain.data.datasets import dataset_builder
     from distrain.models.registry import model_builder
     from distrain.strategies import strategy_class

@@ -87,8 +87,8 @@ def render(cfg: DictConfig, job: JobSpec) -> Tuple[str, List[str]]:
         raise UsageError(f"--nodes {job.nodes} needs --pvc CLAIM: every pod writes its shard of each checkpoint "
                          f"into one shared run directory, so it must be a ReadWriteMany PersistentVolumeClaim "
                          f"mounted in every pod.")
-    for nodes in range(least, most + 1):  # an elastic job may run at any of these sizes: the batch must divide
-        check_job(cfg, nodes * job.procs_per_node)
+    # an elastic job may run at any of these sizes: the batch must divide at each
+    check_job(cfg, [nodes * job.procs_per_node for nodes in range(least, most + 1)])
 
     cfg = copy.deepcopy(cfg)
     OmegaConf.update(cfg, "run.dir", f"{RUNS_MOUNT}/runs")  # on the claim: a restarted pod finds its checkpoints

@@ -18,16 +18,17 @@ from distrain.errors import DistrainError, DistributedError, UsageError
 from distrain.launch.rendezvous import WaitingForNodes, timeout_message
 
 
-def _world_size(args: argparse.Namespace) -> int:
-    """Workers in the whole job (the maximum, for an elastic MIN:MAX node range)."""
+def _world_sizes(args: argparse.Namespace) -> List[int]:
+    """Every number of workers the job may have (one, or one per node count of an elastic MIN:MAX range)."""
     nnodes = str(args.nnodes)
+    low, _, high = nnodes.partition(":")
     try:
-        max_nodes = int(nnodes.split(":")[-1])
+        min_nodes, max_nodes = int(low), int(high or low)
     except ValueError:
         raise UsageError(f"--nnodes {nnodes!r} is not a number or a MIN:MAX range (e.g. 2 or 1:4).") from None
-    if max_nodes < 1:
-        raise UsageError(f"--nnodes {nnodes} is not allowed: it must be at least 1.")
-    return max_nodes * args.nproc_per_node
+    if min_nodes < 1 or max_nodes < min_nodes:
+        raise UsageError(f"--nnodes {nnodes} is not allowed: it must be at least 1, and MIN <= MAX.")
+    return [nodes * args.nproc_per_node for nodes in range(min_nodes, max_nodes + 1)]
 
 
 def torchrun_args(args: argparse.Namespace) -> List[str]:
@@ -141,14 +142,14 @@ def launch(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-restarts {args.max_restarts} is not allowed: it must be 0 or more.")
     if args.join_timeout < 1:
         raise UsageError(f"--join-timeout {args.join_timeout} is not allowed: it must be at least 1 (seconds).")
-    world = _world_size(args)
+    worlds = _world_sizes(args)
     if args.rdzv_endpoint is not None:
         check_rdzv_endpoint(args.rdzv_endpoint)
     warning = cpu_oversubscription(args.nproc_per_node, available_cpus())
     if warning:
         print(f"distrain: warning: {warning}", file=sys.stderr)
     cfg = load_config(args.config, args.overrides)
-    check_job(cfg, world)  # fail here, once, not in every worker
+    check_job(cfg, worlds)  # fail here, once, not in every worker; an elastic range at each of its sizes
     import torch
 
     from distrain.dist import check_gpus_per_node

@@ -7,6 +7,7 @@ every panel and is labelled with its directory name, so ddp vs fsdp vs local_sgd
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -24,10 +25,21 @@ def _values(records: List[Dict[str, Any]], x: Callable[[Dict[str, Any]], Optiona
     return xs, ys
 
 
-def plot_runs(paths: Sequence[str], out: str, title: Optional[str] = None) -> Tuple[Path, List[str]]:
-    """Render the comparison of the runs in ``paths`` (run directories, or directories of runs) to ``out``;
-    returns the image's path and the run names its legends use."""
+def default_out(paths: Sequence[str]) -> Path:
+    """Where a plot goes without --out: into the run directory (or directory of runs) given, or the directory that
+    holds all those given; never the current directory by chance."""
+    try:
+        common = os.path.commonpath(list(paths))
+    except ValueError:  # absolute and relative paths mixed
+        common = os.path.commonpath([os.path.abspath(p) for p in paths])
+    return Path(common or paths[0]) / "plot.png"
+
+
+def plot_runs(paths: Sequence[str], out: Optional[str] = None, title: Optional[str] = None) -> Tuple[Path, List[str]]:
+    """Render the comparison of the runs in ``paths`` (run directories, or directories of runs) to ``out`` (default:
+    ``default_out``); returns the image's path and the run names its legends use."""
     run_dirs = expand_run_dirs(list(paths))
+    out = str(out or default_out(paths))
     runs = [read_run(p) for p in run_dirs]
     empty = [str(r.path) for r in runs if not r.steps]
     if empty:
@@ -70,51 +82,55 @@ def build_figure(runs: List[RunData], names: List[str], title: Optional[str] = N
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(18, 9.5), constrained_layout=True)
+    # Accuracy (a fraction) and loss (nats) share no scale: accuracy gets its own axis, on the right.
+    has_accuracy = any(_values(run.evals, lambda r: r.get("step"), "eval_accuracy")[0] for run in runs)
+    accuracy = axes[0, 2].twinx() if has_accuracy else None
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (run, name) in enumerate(zip(runs, names)):
         # Earlier runs draw wider, so a run that retraces another exactly (W=1 vs W=2) still shows underneath.
         with plt.rc_context({"lines.linewidth": max(1.0, 3.0 - 0.6 * i)}):
-            _plot_run(axes, run, name, colours[i % len(colours)])
-    _decorate(axes, runs)
+            _plot_run(axes, accuracy, run, name, colours[i % len(colours)])
+    _decorate(axes, accuracy, runs)
     fig.suptitle(title or f"distrain: {', '.join(names)}", fontsize=13)
     return fig
 
 
-def _plot_run(axes, run: RunData, name: str, colour: str) -> None:
+def _line(ax, points: Tuple[List[float], List[float]], **style: Any) -> None:
+    """One series, or nothing when it was never logged (every value null): no legend entry for an empty line."""
+    if points[0]:
+        ax.plot(*points, **style)
+
+
+def _plot_run(axes, accuracy, run: RunData, name: str, colour: str) -> None:
     batch = run.global_batch
     step_x = lambda r: r.get("step")  # noqa: E731
     samples_x = lambda r: r.get("samples") or (r["step"] * batch if batch else None)  # noqa: E731
     lm = any("tokens_per_s" in r for r in run.steps)
 
-    ax = axes[0, 0]
-    ax.plot(*_values(run.steps, step_x, "loss"), color=colour, label=f"{name} train")
-    ax.plot(*_values(run.evals, step_x, "eval_loss"), color=colour, linestyle="--", marker="o", markersize=4,
-            label=f"{name} eval")
-    ax = axes[0, 1]
-    ax.plot(*_values(run.steps, samples_x, "loss"), color=colour, label=f"{name} train")
-    ax.plot(*_values(run.evals, samples_x, "eval_loss"), color=colour, linestyle="--", marker="o", markersize=4,
-            label=f"{name} eval")
-    ax = axes[0, 2]
-    metric = "eval_accuracy" if any("eval_accuracy" in r for r in run.evals) else "eval_loss"
-    ax.plot(*_values(run.evals, step_x, metric), color=colour, marker="o", markersize=4,
-            label=f"{name} ({metric.removeprefix('eval_')})")
-    ax = axes[1, 0]
+    for ax, x in ((axes[0, 0], step_x), (axes[0, 1], samples_x)):
+        _line(ax, _values(run.steps, x, "loss"), color=colour, label=f"{name} train")
+        _line(ax, _values(run.evals, x, "eval_loss"), color=colour, linestyle="--", marker="o", markersize=4,
+              label=f"{name} eval")
+    _line(axes[0, 2], _values(run.evals, step_x, "eval_loss"), color=colour, linestyle="--", marker="o",
+          markersize=4, label=f"{name} eval loss")
+    if accuracy is not None:
+        _line(accuracy, _values(run.evals, step_x, "eval_accuracy"), color=colour, marker="s", markersize=4,
+              label=f"{name} accuracy")
     rate = "tokens_per_s" if lm else "samples_per_s"
-    ax.plot(*_values(run.steps, step_x, rate), color=colour, label=f"{name} ({rate.replace('_per_s', '/s')})")
+    _line(axes[1, 0], _values(run.steps, step_x, rate), color=colour, label=f"{name} ({rate.replace('_per_s', '/s')})")
     ax = axes[1, 1]
-    ax.plot(*_values(run.steps, step_x, "compute_s"), color=colour, label=f"{name} compute")
-    ax.plot(*_values(run.steps, step_x, "comm_s"), color=colour, linestyle=":", label=f"{name} exposed comm")
+    _line(ax, _values(run.steps, step_x, "compute_s"), color=colour, label=f"{name} compute")
+    _line(ax, _values(run.steps, step_x, "comm_s"), color=colour, linestyle=":", label=f"{name} exposed comm")
     if not any(isinstance(r.get("compute_s"), (int, float)) for r in run.steps):
-        ax.plot(*_values(run.steps, step_x, "step_time_s"), color=colour, label=f"{name} step time")
-    ax = axes[1, 2]
-    ax.plot(*_values(run.steps, step_x, "grad_norm"), color=colour, label=name)
+        _line(ax, _values(run.steps, step_x, "step_time_s"), color=colour, label=f"{name} step time")
+    _line(axes[1, 2], _values(run.steps, step_x, "grad_norm"), color=colour, label=name)
 
 
-def _decorate(axes, runs: List[RunData]) -> None:
+def _decorate(axes, accuracy, runs: List[RunData]) -> None:
     titles = [["loss vs step", "loss vs samples seen", "evaluation vs step"],
               ["throughput", "step time (measured on log steps)", "gradient norm"]]
     xlabels = [["step", "samples", "step"], ["step", "step", "step"]]
-    ylabels = [["loss", "loss", "eval accuracy / loss"], ["per second (global)", "seconds", "L2 norm"]]
+    ylabels = [["loss", "loss", "eval loss"], ["per second (global)", "seconds", "L2 norm"]]
     losses = [r["loss"] for run in runs for r in run.steps if isinstance(r.get("loss"), (int, float))]
     for row in range(2):
         for col in range(3):
@@ -124,10 +140,15 @@ def _decorate(axes, runs: List[RunData]) -> None:
             ax.set_ylabel(ylabels[row][col])
             ax.grid(True, alpha=0.3)
             handles, labels = ax.get_legend_handles_labels()
+            if accuracy is not None and ax is axes[0, 2]:  # one legend for both axes of the evaluation panel
+                more = accuracy.get_legend_handles_labels()
+                handles, labels = handles + more[0], labels + more[1]
             if handles:
-                ax.legend(fontsize=8)
+                ax.legend(handles, labels, fontsize=8)
             else:
                 ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", va="center", color="grey")
+    if accuracy is not None:
+        accuracy.set_ylabel("eval accuracy")
     if losses and min(losses) > 0 and max(losses) / min(losses) > 20:  # losses spanning decades read better in log
         axes[0, 0].set_yscale("log")
         axes[0, 1].set_yscale("log")

@@ -78,6 +78,17 @@ def refuse_fresh_start_over_checkpoints(run_dir: Path, cfg: DictConfig) -> None:
         key="train.resume")
 
 
+def finished_note(cfg: DictConfig, step: int) -> Optional[str]:
+    """One line for a resume that lands at or past ``train.steps`` (a finished run started again): nothing will
+    train, and the user learns why and which keys change that; None when there are steps left."""
+    steps = int(cfg.train.steps)
+    if step < steps:
+        return None
+    return (f"run '{cfg.run.name}' already finished at step {step} of train.steps={steps}: nothing to train. To "
+            f"train again, use another run.name (e.g. run.name={cfg.run.name}-2); to continue this run, raise "
+            f"train.steps (e.g. train.steps={2 * max(step, steps)}).")
+
+
 def _busy_message(run_dir: Path, busy: RunDirBusy, cfg: DictConfig) -> str:
     holder = describe_holder(busy.holder)
     if busy.verdict.kind == "wait":
@@ -94,4 +105,4 @@ def _busy_message(run_dir: Path, busy: RunDirBusy, cfg: DictConfig) -> str:
             f"({busy.verdict.reason}). {why}")
 
 
-__all__ = ["claim_run_dir", "refuse_fresh_start_over_checkpoints"]
+__all__ = ["claim_run_dir", "finished_note", "refuse_fresh_start_over_checkpoints"]

@@ -40,7 +40,7 @@ from distrain.telemetry.progress import Progress
 from distrain.models import build_model
 from distrain.models.meta_init import MetaBuildRefused, build_on_meta
 from distrain.training.optim import lr_at
-from distrain.training.run_dir import claim_run_dir
+from distrain.training.run_dir import claim_run_dir, finished_note
 from distrain.telemetry.perf import StepTimer, Throughput, memory_kind, peak_memory_bytes
 from distrain.telemetry.run_record import RunRecord
 from distrain.strategies import StrategyContext, build_strategy, strategy_class
@@ -183,6 +183,8 @@ class Trainer:
         resume_from = self.checkpointer.resolve(self.cfg.train.resume)  # auto | never | PATH, validated
         if resume_from is not None:
             self.step = self.checkpointer.load(resume_from).step
+            if self.info.is_main and finished_note(self.cfg, self.step):  # a finished run started again
+                self.log.warning(finished_note(self.cfg, self.step))
         self._record_config()
         self._resources.callback(self.faults.close)
         self.faults.start(self.log, self.cfg.dist.timeout_s, backend)  # preemption signals, hang watchdog
