@@ -96,7 +96,7 @@ def test_a_prepare_killed_half_way_leaves_nothing_training_accepts_and_a_rerun_s
     deadline = time.monotonic() + 240
     while not list(tmp_path.glob(f".shards{PARTIAL}*/train-000002.bin")):  # a few shards written
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.01)
+        time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert not out.exists() and not list(tmp_path.glob("*.bin"))

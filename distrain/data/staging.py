@@ -57,7 +57,9 @@ def refuse_existing(out: Path) -> None:
         return
     if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
         return
-    if (out / "index.json").exists():
+    if out.is_symlink():
+        what = "is a symbolic link (give the directory it should be, which must not exist yet)"
+    elif (out / "index.json").exists():
         what = "already holds token shards (index.json)"
     elif out.is_dir():
         names = sorted(p.name for p in out.iterdir())
