@@ -52,3 +52,8 @@ class DistributedError(DistrainError, exit_code=1):
 
 class DivergenceError(DistrainError, exit_code=1):
     """Training diverged: a non-finite loss, gradient norm or weights (``train.on_nonfinite``); a runtime failure."""
+
+
+class CorruptDataError(DataError, exit_code=1):
+    """Data files whose bytes no longer match the checksums written with them (``distrain data verify``): damaged
+    after they were written, a runtime failure of the storage rather than a mistake in the input."""

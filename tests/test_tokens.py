@@ -150,11 +150,11 @@ def test_an_id_outside_the_vocab_mid_shard_fails_the_read_naming_the_position(sh
     monkeypatch.setattr("distrain.data.tokens.SPOT_CHECK_TOKENS", 1000)  # as in a shard far larger than 65,536
     root = _copy(shards, tmp_path / "mid")
     data = np.fromfile(root / "train-000001.bin", dtype=np.uint16).copy()
-    data[20_000] = 999  # past the spot checks at both ends; the index's max_token is stale
+    data[40_000] = 999  # past the spot checks at both ends and the checksummed head; the index's max_token is stale
     data.tofile(root / "train-000001.bin")
     train, _ = build_datasets("tokens", {"path": str(root), "block_size": 100}, 0.2)
-    with pytest.raises(DataError, match="train-000001.bin holds token id 999 at position 20,000"):
-        train[(50_000 + 20_000) // 100]
+    with pytest.raises(DataError, match="train-000001.bin holds token id 999 at position 40,000"):
+        train[(50_000 + 40_000) // 100]
 
 
 def test_tokens_config_errors_name_the_key(tmp_path):

@@ -40,6 +40,7 @@ from torch import nn
 
 from distrain import dist
 from distrain.checkpoint.compat import check_resume_config
+from distrain.checkpoint.data_check import check_resume_data
 from distrain.checkpoint.discovery import PATH_HELP, checkpoints_dir_of, describe_fallback, describe_skipped
 from distrain.checkpoint.layout import (checkpoints_root, committed, fsync_dir, is_checkpoint_dir, kept_name,
                                         leftovers, parse_step, read_latest, step_name, temp_name, trash_name,
@@ -92,7 +93,8 @@ class Checkpointer:
     """Saves, commits, retains and loads the checkpoints of one run (``<run_dir>/checkpoints``)."""
 
     def __init__(self, run_dir: Path, cfg: DictConfig, strategy: Strategy, info: ProcessInfo,
-                 sampler: GlobalStepSampler, model_object: Optional[nn.Module] = None, data_spec: Any = None):
+                 sampler: GlobalStepSampler, model_object: Optional[nn.Module] = None, data_spec: Any = None,
+                 data_fingerprint: Optional[Dict[str, Any]] = None):
         self.root = checkpoints_root(run_dir)
         self.cfg = cfg
         self.strategy = strategy
@@ -100,6 +102,7 @@ class Checkpointer:
         self.sampler = sampler
         self.model_info = model_description(cfg, model_object)
         self.data_spec = _spec_dict(data_spec)
+        self.data_fingerprint = data_fingerprint  # recorded in every checkpoint; a resume compares it
         self.log = get_logger()
         self.last_saved_step: Optional[int] = None
         self.last_blocked_s = 0.0  # how long the latest save held the training loop (waiting for the previous one too)
@@ -237,7 +240,8 @@ class Checkpointer:
             step=step, data_epoch=int(epoch), data_offset=int(offset), world_size=self.info.world_size,
             strategy=self.strategy.name, engine_checkpoint=bool(self.strategy.engine_checkpoint),
             config=to_container(self.cfg), config_hash=config_hash(self.cfg), model=self.model_info,
-            data_spec=self.data_spec, versions=versions(), reason=reason, run_id=self.run_id)
+            data_spec=self.data_spec, versions=versions(), reason=reason, run_id=self.run_id,
+            data_fingerprint=self.data_fingerprint)
 
     def _commit(self, step: int, tmp: Path, final: Path, reason: str, started: float, gathered: List[tuple],
                 blocked_s: Optional[float], waited_s: float) -> None:
@@ -410,6 +414,8 @@ class Checkpointer:
         path = Path(path)
         state = TrainerState.read(path)
         notes = check_resume_config(state.config, to_container(self.cfg), str(path))
+        notes += check_resume_data(state.data_fingerprint, self.data_fingerprint, self.cfg.train.resume_data,
+                                   str(path), self.log)
         if state.engine_checkpoint != bool(self.strategy.engine_checkpoint):
             raise CheckpointError(f"Checkpoint {path} was written by strategy {state.strategy!r} "
                                   f"({'engine' if state.engine_checkpoint else 'DCP'} format); strategy "

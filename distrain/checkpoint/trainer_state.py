@@ -39,6 +39,8 @@ class TrainerState:
     reason: str = "manual"  # every | every_minutes | end | manual | preempt ...
     created: float = field(default_factory=time.time)
     run_id: Optional[str] = None  # the lineage of checkpoints this belongs to (None: written before lineages)
+    # {"train", "eval"} fingerprints of the data (distrain.data.fingerprint); None: written before fingerprints
+    data_fingerprint: Optional[Dict[str, Any]] = None
     # The fp16 grad scaler is strategy state: Strategy.checkpoint_state puts it beside model and optimizer in DCP.
 
     def write(self, directory: Path) -> None:

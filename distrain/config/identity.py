@@ -14,13 +14,15 @@ from typing import Any, Dict
 from omegaconf import DictConfig, OmegaConf
 
 # Dotted prefixes of keys a resumed run may set differently from the run that saved: how long to train, how often
-# to log, evaluate and save, the micro-batch (global_batch = micro x accum x world stays fixed, so only float
+# to log, evaluate and save, whether to accept other data (train.resume_data: the data themselves are compared
+# apart, by fingerprint), the micro-batch (global_batch = micro x accum x world stays fixed, so only float
 # rounding moves), the world size, how data is loaded (workers and prefetch change where a sample is fetched,
 # never which sample or its random draws), the process group settings and the run's location; and how the same
 # model is built and run (meta or eager build, torch.compile, activation checkpointing, the optimizer's kernel),
 # which change speed and memory, and the step at most by float rounding.
 RESUME_MAY_CHANGE = (
-    "run.name", "run.dir", "train.steps", "train.resume", "train.log_every", "train.eval_every", "train.micro_batch",
+    "run.name", "run.dir", "train.steps", "train.resume", "train.resume_data", "train.log_every", "train.eval_every",
+    "train.micro_batch",
     "data.eval_batch", "data.num_workers", "data.pin_memory", "data.prefetch_factor", "data.persistent_workers",
     "dist", "checkpoint", "metrics", "faults", "model.init", "train.compile", "train.compile_options",
     "train.activation_checkpointing", "train.blocks", "train.optimizer_impl",

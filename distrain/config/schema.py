@@ -82,6 +82,10 @@ class TrainConfig:
     # nn.ModuleList (the built-in gpt's blocks); or class names, e.g. [MyBlock]
     blocks: Optional[List[str]] = None
     resume: str = "auto"  # auto | never | PATH to a checkpoint
+    # A resume on data other than the checkpoint's (its length, token shard checksums or sampled items differ from
+    # the fingerprint the checkpoint records): check (refuse it, naming what differs) | accept (resume on the new
+    # data, with a warning)
+    resume_data: str = "check"
     # A non-finite loss or gradient norm: stop (exit 1, naming the step) | skip_step (drop that step's update,
     # on every rank alike) | warn (log it and go on). A checkpoint of non-finite weights is never committed.
     on_nonfinite: str = "stop"
@@ -179,6 +183,7 @@ CHOICES: Dict[str, Sequence[str]] = {
     "train.lr_schedule": ("constant", "cosine"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.on_nonfinite": ("stop", "skip_step", "warn"),
+    "train.resume_data": ("check", "accept"),
     "dist.backend": ("auto", "gloo", "nccl"),
     "dist.device": ("auto", "cpu", "cuda"),
     "metrics.progress": ("auto", "bar", "plain", "none"),

@@ -4,6 +4,10 @@ Every file is one document (followed by the tokenizer's end-of-document id, when
 at newlines so no file is ever held whole. The tail ``eval_fraction`` of the input bytes (cut at a newline) goes to
 the eval split, the rest to train. Tokenizers: ``bytes`` (UTF-8 bytes as ids 0..255, 256 = end of document) or a
 Hugging Face ``tokenizers`` JSON file (copied beside the shards).
+
+Everything is written into a temporary directory beside ``out`` and renamed to ``out`` at the end
+(``distrain.data.staging``): an interrupted or killed prepare leaves no ``out``, and ``out`` must not exist yet (an
+empty directory is accepted).
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ class Summary:
     bytes_read: int
     skipped: List[Path] = field(default_factory=list)
     seconds: float = 0.0
+    notes: List[str] = field(default_factory=list)  # what was cleaned up on the way in
 
     def describe(self) -> str:
         total = sum(self.tokens.values())
@@ -163,36 +168,48 @@ def prepare(sources: Sequence[str], out: Path, tokenizer: str = "bytes", eval_fr
     total = sum(sizes) if max_bytes is None else min(sum(sizes), max_bytes)
     cut = total - int(total * eval_fraction)  # byte position where the eval split starts
     writer = ShardWriter(out, tok.vocab_size, tok.describe(), shard_tokens)
-    if isinstance(tok, HFTokenizer):
-        shutil.copyfile(tok.path, Path(out) / "tokenizer.json")
-    started, position, documents = time.perf_counter(), 0, 0
+    started = time.perf_counter()
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=None if progress is None
                else not progress, dynamic_ncols=True)
     try:
-        for path in files:
-            if position >= total:
-                break
-            documents += 1
-            for chunk in _chunks(path):
-                chunk = chunk[:total - position]
-                head, tail = _split_at(chunk, cut - position)
-                if head:
-                    writer.add("train", tok.encode(head))
-                if tail:
-                    writer.add("eval", tok.encode(tail))
-                position += len(chunk)
-                bar.update(len(chunk))
-                if position >= total:
-                    break
-            if tok.eot is not None:
-                writer.add("train" if position <= cut else "eval", np.array([tok.eot]))
-    finally:
+        if isinstance(tok, HFTokenizer):
+            shutil.copyfile(tok.path, writer.dir / "tokenizer.json")
+        position, documents = _tokenize(files, tok, writer, total, cut, bar)
         bar.close()
         index = writer.close()
+    except BaseException:  # an error or Ctrl-C: nothing half-written ever appears at out
+        bar.close()
+        writer.abort()
+        raise
     return Summary(out=Path(out), tokens={name: writer.tokens(name) for name in index["splits"]},
                    shards=sum(len(s) for s in index["splits"].values()), vocab_size=tok.vocab_size,
                    dtype=index["dtype"], tokenizer=tok.name(), eot=tok.eot, documents=documents,
-                   bytes_read=position, skipped=skipped, seconds=time.perf_counter() - started)
+                   bytes_read=position, skipped=skipped, seconds=time.perf_counter() - started, notes=writer.notes)
+
+
+def _tokenize(files: Sequence[Path], tok: Any, writer: ShardWriter, total: int, cut: int, bar: Any
+              ) -> Tuple[int, int]:
+    """Feed the first ``total`` bytes of ``files`` to ``writer``: train before byte ``cut``, eval after; returns
+    (bytes read, documents)."""
+    position, documents = 0, 0
+    for path in files:
+        if position >= total:
+            break
+        documents += 1
+        for chunk in _chunks(path):
+            chunk = chunk[:total - position]
+            head, tail = _split_at(chunk, cut - position)
+            if head:
+                writer.add("train", tok.encode(head))
+            if tail:
+                writer.add("eval", tok.encode(tail))
+            position += len(chunk)
+            bar.update(len(chunk))
+            if position >= total:
+                break
+        if tok.eot is not None:
+            writer.add("train" if position <= cut else "eval", np.array([tok.eot]))
+    return position, documents
 
 
 def _split_at(chunk: bytes, at: int) -> Tuple[bytes, bytes]:

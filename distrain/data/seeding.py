@@ -73,7 +73,8 @@ def sample_rng(index: Optional[int] = None) -> torch.Generator:
     return torch.Generator().manual_seed(sample_seed(index))
 
 
-def _seed_globals(seed: int) -> None:
+def seed_globals(seed: int) -> None:
+    """Seed the global RNGs a dataset's own random code draws from: torch's CPU generator, Python's, numpy's."""
     torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's belongs to the training process
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -85,7 +86,7 @@ def fetching(seed: int, step: int, index: Optional[int] = None) -> Iterator[None
     token = _CONTEXT.set(FetchContext(seed, step, index))
     try:
         if index is not None:
-            _seed_globals(derive_seed(seed, step, index))
+            seed_globals(derive_seed(seed, step, index))
         yield
     finally:
         _CONTEXT.reset(token)

@@ -1,12 +1,14 @@
 """Token shards on disk, memory-mapped: the nanoGPT / llm.c layout with a small JSON index beside it.
 
 A shard directory holds ``index.json`` and flat binary files of uint16 or uint32 token ids (an optional header of
-``offset`` bytes, as llm.c writes, is skipped). The index names every shard of every split with its token count
-and largest id::
+``offset`` bytes, as llm.c writes, is skipped). The index names every shard of every split with its token count,
+largest id and (version 2, what ``distrain data prepare`` writes) the sha256 of the whole file and of its first
+``HEAD_BYTES`` bytes::
 
-    {"format": "distrain-tokens", "version": 1, "dtype": "uint16", "vocab_size": 257,
+    {"format": "distrain-tokens", "version": 2, "dtype": "uint16", "vocab_size": 257,
      "tokenizer": {"kind": "bytes", "eot": 256},
-     "splits": {"train": [{"file": "train-000000.bin", "tokens": 1000000, "max_token": 256}, ...],
+     "splits": {"train": [{"file": "train-000000.bin", "tokens": 1000000, "max_token": 256,
+                           "sha256": "9f2c...", "head_sha256": "41d0..."}, ...],
                 "eval": [...]}}
 
 ``TokenWindows`` reads one split as one stream (the shards in order) cut into windows of ``block_size + 1``
@@ -14,12 +16,15 @@ tokens: window i is input ``tokens[i*block_size : (i+1)*block_size]`` and the ta
 memory-mapped lazily in each process that reads (so DataLoader workers map them themselves and nothing is loaded
 up front); each read checks its tokens against the vocabulary. At open every shard is checked against the index:
 present, the size that its dtype and token count make, ids within the vocabulary by the index and by a spot
-check of its first and last tokens. Anything wrong is a DataError naming the file.
+check of its first and last tokens, and its first ``HEAD_BYTES`` against their checksum. Anything wrong is a
+DataError naming the file. The whole-file checksums are checked by ``distrain data verify`` (too slow for every
+open of a large corpus). Shards without checksums (written before version 2, or by hand) are read all the same.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -30,11 +35,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from distrain.data.staging import partial_dirs
 from distrain.errors import DataError
 
 INDEX = "index.json"
 FORMAT = "distrain-tokens"
-VERSION = 1
+VERSION = 2  # 2 added the checksums "sha256" and "head_sha256"; version 1 indexes are read as they are
+HEAD_BYTES = 1 << 16  # the bytes at a shard's start whose checksum every open checks
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 SPOT_CHECK_TOKENS = 65536  # tokens read (not mapped) from each end of a shard at open
 
@@ -50,6 +57,21 @@ class Shard:
     tokens: int
     offset: int = 0  # header bytes before the first token
     max_token: Optional[int] = None  # the largest id, as the index records it
+    sha256: Optional[str] = None  # of the whole file (None: an index written before checksums)
+    head_sha256: Optional[str] = None  # of its first HEAD_BYTES bytes after the header
+
+
+def head_digest(path: Path, offset: int = 0) -> str:
+    """The sha256 of the first ``HEAD_BYTES`` bytes of a shard file after its ``offset``-byte header."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return hashlib.sha256(f.read(HEAD_BYTES)).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of a whole file, read in blocks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @dataclass(frozen=True)
@@ -61,19 +83,27 @@ class TokenIndex:
     splits: Dict[str, List[Shard]]
 
     @property
+    def checksummed(self) -> bool:
+        """Whether the index records the checksums of every shard (written by a prepare of version 2 or later)."""
+        return all(s.sha256 and s.head_sha256 for shards in self.splits.values() for s in shards)
+
+    @property
     def itemsize(self) -> int:
         return np.dtype(DTYPES[self.dtype]).itemsize
 
     @classmethod
-    def read(cls, root: Path) -> "TokenIndex":
-        """The index of the shard directory ``root``, every shard checked; a DataError naming the file otherwise."""
+    def read(cls, root: Path, check: bool = True) -> "TokenIndex":
+        """The index of the shard directory ``root``, every shard checked (unless not ``check``); a DataError naming
+        the file otherwise."""
         root = Path(root)
         path = root / INDEX
         if not path.is_file():
             hint = (" It holds .bin files but no index: write index.json as described in the README (\"Token "
                     "shards\"), or create the shards with `distrain data prepare`." if any(root.glob("*.bin")) else
                     " Create token shards with `distrain data prepare SRC --out DIR`.")
-            where = f"{root} is not a directory" if not root.is_dir() else f"{root} has no {INDEX}"
+            where = f"{root} has no {INDEX}" if root.is_dir() else (
+                f"{root} is not a directory" if root.exists() else f"{root} does not exist")
+            hint += unfinished_prepare(root)
             raise DataError(f"Token shards: {where}.{hint}", key="data.kwargs.path")
         try:
             data = json.loads(path.read_text())
@@ -93,12 +123,13 @@ class TokenIndex:
         index = cls(root, dtype, vocab, dict(data.get("tokenizer") or {}),
                     {name: [_shard(root, path, name, entry) for entry in entries] for name, entries in splits.items()})
         for shards in index.splits.values():
-            for shard in shards:
-                index._check(shard)
+            for shard in shards if check else ():
+                index.check(shard)
         return index
 
-    def _check(self, shard: Shard) -> None:
-        """The shard's size against the index, then its ids against the vocabulary (recorded, and a spot check)."""
+    def check(self, shard: Shard) -> None:
+        """The shard's size against the index, its ids against the vocabulary (recorded, and a spot check), then
+        its head against its checksum."""
         if not shard.path.is_file():
             raise DataError(f"Token shard {shard.path} is missing: {self.root / INDEX} lists it with {shard.tokens:,} "
                             f"tokens. Restore the file, or prepare the shards again.")
@@ -121,6 +152,10 @@ class TokenIndex:
         for start in sorted({0, max(0, shard.tokens - SPOT_CHECK_TOKENS)}):
             ids = _read(shard, self.dtype, start, min(SPOT_CHECK_TOKENS, shard.tokens - start))
             self.check_ids(ids, shard, start)
+        if shard.head_sha256 and head_digest(shard.path, shard.offset) != shard.head_sha256:
+            raise DataError(f"Token shard {shard.path} does not match its checksum in {self.root / INDEX}: its first "
+                            f"{HEAD_BYTES:,} bytes changed since it was written (overwritten or corrupted). Prepare "
+                            f"the shards again; `distrain data verify {self.root}` checks every shard in full.")
 
     def check_ids(self, ids: np.ndarray, shard: Shard, start: int) -> None:
         """A DataError naming the shard and the position if any id in ``ids`` (read at ``start``) is outside the
@@ -140,7 +175,15 @@ def _shard(root: Path, path: Path, split: str, entry: Any) -> Shard:
                         f"{{\"file\": NAME, \"tokens\": COUNT}} (optionally \"offset\" and \"max_token\").")
     if Path(entry["file"]).name != entry["file"]:
         raise DataError(f"{path}: shard file {entry['file']!r} must be a plain file name inside {root}.")
-    return Shard(root / entry["file"], entry["tokens"], int(entry.get("offset", 0)), entry.get("max_token"))
+    return Shard(root / entry["file"], entry["tokens"], int(entry.get("offset", 0)), entry.get("max_token"),
+                 entry.get("sha256"), entry.get("head_sha256"))
+
+
+def unfinished_prepare(root: Path) -> str:
+    """A sentence about the temporary directory of a prepare into ``root`` that has not finished, or ''."""
+    partial = partial_dirs(root)
+    return (f" A `distrain data prepare` into it did not finish (or is still running): {partial[0]} holds its "
+            f"unpublished shards; run the prepare (again) and wait for it to end." if partial else "")
 
 
 def _read(shard: Shard, dtype: str, start: int, count: int) -> np.ndarray:

@@ -27,6 +27,7 @@ from distrain.data import (EVAL_STEP, EvalLoader, GlobalStepSampler, LoaderOptio
                            fetch_batch, resolve_collate_fn)
 from distrain.data.collate import CollateFn
 from distrain.data.fetching import BatchKey
+from distrain.data.fingerprint import fingerprint_data
 from distrain.env import detect
 from distrain.errors import ConfigError, DistributedError
 from distrain.faults import FaultTolerance
@@ -175,7 +176,8 @@ class Trainer:
         for line in surprises(self.cfg, has_eval_data=self.eval_data is not None):
             self.log.warning(line)
         self.checkpointer = Checkpointer(self.run_dir, self.cfg, self.strategy, self.info, self.sampler,
-                                         model_object=None if model is None else user_model, data_spec=spec)
+                                         model_object=None if model is None else user_model, data_spec=spec,
+                                         data_fingerprint=fingerprint_data(self.train_data, self.eval_data, self.log))
         self._resources.callback(self.checkpointer.close)  # before the engine and the group: an async save needs both
         self.divergence = DivergenceGuard(self.cfg.train.on_nonfinite, self.strategy, self.device,
                                           self.cfg.train.precision, self.checkpointer.root, self.log)
