@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from distrain import dist
 from distrain.checkpoint import Checkpointer
+from distrain.checkpoint.layout import checkpoints_root
 from distrain.config import ConfigSource, batch_plan, load_config, surprises, to_yaml
 from distrain.data import (EVAL_STEP, EvalLoader, GlobalStepSampler, LoaderOptions, StepLoader, build_datasets,
                            fetch_batch, resolve_collate_fn)
@@ -174,12 +175,12 @@ class Trainer:
                       f"world {self.plan.world_size}; {self.loader_options.describe()}")
         for line in surprises(self.cfg, has_eval_data=self.eval_data is not None):
             self.log.warning(line)
+        self.divergence = DivergenceGuard(self.cfg.train.on_nonfinite, self.strategy, self.device,
+                                          self.cfg.train.precision, checkpoints_root(self.run_dir), self.log)
         self.checkpointer = Checkpointer(self.run_dir, self.cfg, self.strategy, self.info, self.sampler,
+                                         before_save=self.divergence.check_before_save,  # nothing diverged is saved
                                          model_object=None if model is None else user_model, data_spec=spec)
         self._resources.callback(self.checkpointer.close)  # before the engine and the group: an async save needs both
-        self.divergence = DivergenceGuard(self.cfg.train.on_nonfinite, self.strategy, self.device,
-                                          self.cfg.train.precision, self.checkpointer.root, self.log)
-        self.checkpointer.before_save = self.divergence.settle  # a diverged step stops before any save
         resume_from = self.checkpointer.resolve(self.cfg.train.resume)  # auto | never | PATH, validated
         if resume_from is not None:
             self.step = self.checkpointer.load(resume_from).step
