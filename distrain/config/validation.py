@@ -114,7 +114,11 @@ def validate(cfg: DictConfig) -> None:
     trackers = list(cfg.metrics.trackers)
     _require(all(t in TRACKER_NAMES for t in trackers) and len(set(trackers)) == len(trackers), "metrics.trackers",
              trackers, f"list each of {', '.join(TRACKER_NAMES)} at most once, e.g. [tensorboard, mlflow]")
-    f = cfg.faults
+    _check_fault_signals(cfg.faults)
+
+
+def _check_fault_signals(f: DictConfig) -> None:
+    """faults.signals and faults.requeue_signals name known signals, and every requeue signal is also handled."""
     for key in ("signals", "requeue_signals"):
         names = [str(n).upper().removeprefix("SIG") for n in f[key]]
         _require(all(n in FAULT_SIGNALS for n in names), f"faults.{key}", list(f[key]),
