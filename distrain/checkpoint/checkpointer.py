@@ -42,9 +42,8 @@ from torch import nn
 from distrain import dist
 from distrain.checkpoint.compat import check_resume_config
 from distrain.checkpoint.discovery import PATH_HELP, describe_fallback, describe_skipped, resume_candidates
-from distrain.checkpoint.layout import (checkpoints_root, committed, fsync_dir, kept_name,
-                                        leftovers, parse_step, step_name, temp_name, trash_name,
-                                        write_latest)
+from distrain.checkpoint.layout import (checkpoints_root, committed, fsync_dir, kept_name, leftovers, parse_step,
+                                        step_name, temp_name, trash_name, write_latest)
 from distrain.checkpoint.manifest import (checksum_problem, own_digests, read_manifest, share_of, structure_problem,
                                           write_manifest)
 from distrain.checkpoint.retention import apply_retention

@@ -52,13 +52,15 @@ def peak_memory_mb(device: torch.device) -> List[float]:
 
 
 class StepRecorder:
-    """Builds the record of a log step from the step's numbers, the step timer and the throughput estimate."""
+    """Builds the record of a log step from the step's numbers, its step timer (``timer``: the loop times its
+    phases with it) and the throughput estimate. ``spec``: a built-in dataset's DataSpec (text: tokens/s too)."""
 
-    def __init__(self, device: torch.device, global_batch: int, world_size: int, timer: StepTimer,
-                 throughput: Throughput, tokens_per_sample: Optional[int] = None):
+    def __init__(self, device: torch.device, global_batch: int, world_size: int, throughput: Throughput,
+                 spec: Any = None):
         self.device, self.global_batch, self.world_size = device, global_batch, world_size
-        self.timer, self.throughput = timer, throughput
-        self.tokens_per_sample = tokens_per_sample  # text: tokens/s besides samples/s
+        self.timer, self.throughput = StepTimer(device), throughput
+        lm = getattr(spec, "task", None) == "lm"
+        self.tokens_per_sample: Optional[int] = spec.input_shape[0] if lm else None
 
     def build(self, step: int, loss_sum: torch.Tensor, lr: float, window: StepWindow,
               grad_norm: Optional[float], comm_bytes: Optional[int]) -> Dict[str, Any]:

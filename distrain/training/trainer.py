@@ -37,7 +37,7 @@ from distrain.models.source import MODEL_INIT, ModelSource, build_user_model
 from distrain.strategies import StrategyContext, build_strategy, strategy_class
 from distrain.telemetry.flops import flops_per_sample, peak_flops
 from distrain.telemetry.logs import close_logging, setup_logging
-from distrain.telemetry.perf import StepTimer, Throughput
+from distrain.telemetry.perf import Throughput
 from distrain.telemetry.run_report import RunReport
 from distrain.telemetry.step_record import StepRecorder, StepWindow
 from distrain.training.divergence import DivergenceGuard
@@ -95,8 +95,7 @@ class Trainer:
 
     # --- set-up steps ----------------------------------------------------------------------------------
     def _join_group(self, device: Optional[torch.device]) -> type:
-        """Who this process is, its device, and the process group (joined if the job has several ranks); returns
-        the strategy's class (its needs decide whether a group is created)."""
+        """Who this process is, its device and the process group (made if the strategy class, returned, needs one)."""
         self.info = detect()
         self.faults = FaultTolerance(self.cfg.faults, self.info)  # before the process group: flight recorder on
         self.plan = batch_plan(self.cfg, self.info.world_size)
@@ -137,7 +136,7 @@ class Trainer:
         return spec
 
     def _build_model(self, model: ModelSource, spec: Any, strategy_cls: type) -> Any:
-        """The model (distrain.models.source), its FLOPs per sample and the step timer."""
+        """The model (distrain.models.source), its FLOPs per sample, and the log steps' recorder."""
         torch.manual_seed(self.cfg.run.seed)  # identical initial weights on every rank, whatever the strategy
         built = build_user_model(model, self.cfg, spec, meta_capable=strategy_cls.meta_init,
                                  explain=self.info.is_main)
@@ -146,10 +145,8 @@ class Trainer:
                  else flops_per_sample(built.module, spec, sample=forward_sample(built.module, self._sample())))
         self.throughput = Throughput(flops, peak_flops(self.device, self.settings.precision,
                                                        self.cfg.metrics.peak_flops), self.info.world_size)
-        self.timer = StepTimer(self.device)
-        lm = getattr(spec, "task", None) == "lm"
-        self.recorder = StepRecorder(self.device, self.plan.global_batch, self.info.world_size, self.timer,
-                                     self.throughput, tokens_per_sample=spec.input_shape[0] if lm else None)
+        self.recorder = StepRecorder(self.device, self.plan.global_batch, self.info.world_size, self.throughput, spec)
+        self.timer = self.recorder.timer  # train_step times its phases on log steps
         return built
 
     def _open_run_dir(self, notes: List[str]) -> None:
@@ -282,7 +279,7 @@ class Trainer:
         window, first_step = StepWindow(warmup=self.settings.compile), self.step
         while self.step < self.settings.steps:
             self.faults.step_started(self.step)  # the watchdog's "last seen" for this rank
-            loss_sum = self.train_step(self.step)
+            loss_sum = self.train_step(self.step)  # split, train, update, sync
             self.step += 1
             window.step_done()
             if self.step == first_step + 1:  # the optimizer state now exists
