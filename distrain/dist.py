@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from typing import Any, Optional
+
 import torch
 import torch.distributed as torch_dist
 
@@ -22,6 +24,15 @@ def resolve_device(requested: str, info: ProcessInfo) -> torch.device:
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
+
+
+def device_of_run(dist_cfg: Any, info: ProcessInfo, given: Optional[torch.device] = None) -> torch.device:
+    """This process's device: ``given`` (an integration's own, e.g. Ray Train's), else ``dist.device`` resolved,
+    after checking the node has a GPU for each of its processes."""
+    if given is not None:
+        return torch.device(given)
+    check_gpus_per_node(info.local_world_size, torch.cuda.device_count(), dist_cfg.backend, dist_cfg.device)
+    return resolve_device(dist_cfg.device, info)
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:

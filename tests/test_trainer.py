@@ -12,7 +12,8 @@ import torch.distributed as torch_dist
 
 from conftest import REPO, run_torchrun
 from distrain.errors import CheckpointError, ConfigError
-from distrain.training.trainer import Trainer, eval_batches
+from distrain.training.evaluation import eval_batches
+from distrain.training.trainer import Trainer
 
 QUICK = str(REPO / "configs" / "quickstart.yaml")
 GPT = str(REPO / "configs" / "gpt.yaml")

@@ -1,7 +1,8 @@
 """The Checkpointer: when to save, how a save is committed atomically, and how a run resumes.
 
 A save, on every rank at the same step:
-    0. weights that are not finite (nan, inf) on any rank are never saved (``train.on_nonfinite``);
+    0. the check it was handed at construction (``before_save``: the trainer's divergence guard) settles the steps
+       since the last check and says whether the weights may be saved: non-finite ones never are;
     1. every rank writes its RNG states, rank 0 the trainer state, into ``step_XXXXXXXX.tmp-<id>/``;
     2. every rank writes its own shard of model and optimizer with DCP (``dcp.save``, or ``dcp.async_save`` in
        a background thread when ``checkpoint.async_save``) - or the engine saves itself (DeepSpeed): what a
@@ -30,7 +31,7 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -41,36 +42,31 @@ from torch import nn
 from distrain import dist
 from distrain.checkpoint.compat import check_resume_config
 from distrain.checkpoint.data_check import check_resume_data
-from distrain.checkpoint.discovery import PATH_HELP, checkpoints_dir_of, describe_fallback, describe_skipped
-from distrain.checkpoint.layout import (checkpoints_root, committed, fsync_dir, is_checkpoint_dir, kept_name,
-                                        leftovers, parse_step, read_latest, step_name, temp_name, trash_name,
-                                        write_latest)
+from distrain.checkpoint.discovery import PATH_HELP, describe_fallback, describe_skipped, resume_candidates
+from distrain.checkpoint.layout import (checkpoints_root, committed, fsync_dir, kept_name, leftovers, parse_step,
+                                        step_name, temp_name, trash_name, write_latest)
 from distrain.checkpoint.manifest import (checksum_problem, own_digests, read_manifest, share_of, structure_problem,
                                           write_manifest)
 from distrain.checkpoint.retention import apply_retention
 from distrain.checkpoint.safe_load import first_line
-from distrain.checkpoint.trainer_state import TrainerState, read_rng, restore_rng, write_rng
+from distrain.checkpoint.trainer_state import (TrainerState, model_description, read_rng, restore_rng, spec_dict,
+                                               write_rng)
 from distrain.config import config_hash, to_container
 from distrain.data import GlobalStepSampler
 from distrain.env import ProcessInfo
-from distrain.errors import CheckpointError, DivergenceError, StorageError
+from distrain.errors import CheckpointError, StorageError
 from distrain.telemetry.logs import get_logger
 from distrain.telemetry.run_record import versions
 from distrain.telemetry.units import format_bytes
 from distrain.strategies.base import Strategy
-from distrain.training.divergence import nonfinite_weight_ranks
 
 # Fault injection for tests: "STEP:SECONDS" makes every rank sleep inside the save of checkpoint STEP, after the
 # trainer state is written and before the shards are, so a test can kill a save in the middle.
 STALL_ENV = "DISTRAIN_CHECKPOINT_STALL"
 
-def model_description(cfg: DictConfig, model_object: Optional[nn.Module]) -> Dict[str, Any]:
-    """How to rebuild the model from a checkpoint: a registry name and kwargs, or (user object) its class."""
-    if model_object is None:
-        return {"source": "config", "name": cfg.model.name, "kwargs": to_container(cfg.model)["kwargs"]}
-    cls = type(model_object)
-    return {"source": "object", "class": f"{cls.__module__}.{cls.__qualname__}"}
-
+# The check a save runs first (every rank): (step, scheduled) -> whether the weights may be saved. It raises
+# (DivergenceError) rather than return False, except for a scheduled save the run's policy lets it skip.
+SaveCheck = Callable[[int, bool], bool]
 
 
 @dataclass
@@ -90,10 +86,15 @@ class _PendingSave:
 
 
 class Checkpointer:
-    """Saves, commits, retains and loads the checkpoints of one run (``<run_dir>/checkpoints``)."""
+    """Saves, commits, retains and loads the checkpoints of one run (``<run_dir>/checkpoints``).
+
+    It is handed what it saves (the strategy's model and optimizer state, the sampler's data position, how the
+    model and data were built) and ``before_save``, the check every save runs first; it knows nothing of the
+    trainer."""
 
     def __init__(self, run_dir: Path, cfg: DictConfig, strategy: Strategy, info: ProcessInfo,
-                 sampler: GlobalStepSampler, model_object: Optional[nn.Module] = None, data_spec: Any = None,
+                 sampler: GlobalStepSampler, *, before_save: SaveCheck, model_object: Optional[nn.Module] = None,
+                 data_spec: Any = None,
                  data_fingerprint: Optional[Dict[str, Any]] = None):
         self.root = checkpoints_root(run_dir)
         self.cfg = cfg
@@ -101,7 +102,7 @@ class Checkpointer:
         self.info = info
         self.sampler = sampler
         self.model_info = model_description(cfg, model_object)
-        self.data_spec = _spec_dict(data_spec)
+        self.data_spec = spec_dict(data_spec)
         self.data_fingerprint = data_fingerprint  # recorded in every checkpoint; a resume compares it
         self.log = get_logger()
         self.last_saved_step: Optional[int] = None
@@ -113,7 +114,7 @@ class Checkpointer:
         self._pending: Optional[_PendingSave] = None
         self.run_id = uuid.uuid4().hex[:12]  # this run's lineage of checkpoints; a resume carries on the checkpoint's
         self._owns_unnamed = False  # resumed from a checkpoint written before lineages were recorded
-        self.before_save: Callable[[], None] = lambda: None  # the trainer's divergence check, settled before a save
+        self.before_save = before_save
         self._group = self._async_group()
         if info.is_main:
             self._remove_leftovers()
@@ -131,36 +132,32 @@ class Checkpointer:
         return None
 
     def maybe_save(self, step: int) -> Optional[Path]:
-        """Save if the cadence says so (asynchronously when checkpoint.async_save); call on every rank.
-
-        With ``train.on_nonfinite=warn``, a save of non-finite weights is skipped with a warning instead of failing.
-        """
+        """Save if the cadence says so (asynchronously when checkpoint.async_save); call on every rank. Returns None
+        when not due, or when ``before_save`` lets the run skip this scheduled save."""
         reason = self.due(step)
         if reason is None:
             return None
-        return self._save(step, reason, blocking=not self.cfg.checkpoint.async_save,
-                          fatal=self.cfg.train.on_nonfinite != "warn")
+        return self._save(step, reason, blocking=not self.cfg.checkpoint.async_save, scheduled=True)
 
     # --- saving ------------------------------------------------------------------------------------
     def save(self, step: int, reason: str = "manual", blocking: bool = True) -> Path:
         """Save the state after ``step`` steps; returns the committed directory. Call on every rank at the same step.
 
         ``blocking=False`` (async) returns once the state is staged in memory; the write and the commit finish
-        in the background, and the next save, ``wait`` or ``close`` waits for them. Weights that are not finite
-        raise a DivergenceError: they are never committed.
+        in the background, and the next save, ``wait`` or ``close`` waits for them. Weights that ``before_save``
+        refuses are never committed: it raises.
         """
-        path = self._save(step, reason, blocking, fatal=True)
+        path = self._save(step, reason, blocking, scheduled=False)
         assert path is not None
         return path
 
-    def _save(self, step: int, reason: str, blocking: bool, fatal: bool) -> Optional[Path]:
+    def _save(self, step: int, reason: str, blocking: bool, scheduled: bool) -> Optional[Path]:
         loop_held = time.perf_counter()
         waited = self._wait_for_previous(step)
         final = self.root / step_name(step)
         if self.last_saved_step == step:  # e.g. a preemption save, then the end-of-training save
             return final
-        self.before_save()
-        if not self._weights_finite(step, fatal):
+        if not self.before_save(step, scheduled):  # e.g. non-finite weights: never saved
             return None
         started = time.perf_counter()
         save_began = time.monotonic()
@@ -209,23 +206,6 @@ class Checkpointer:
                           f"to finish before saving step {step} (saves come faster than they are written: space "
                           f"them out with checkpoint.every / every_minutes)")
         return waited
-
-    def _weights_finite(self, step: int, fatal: bool) -> bool:
-        """Collective: whether every rank's weights are finite. Non-finite ones are never saved: a DivergenceError
-        (``fatal``), else a warning and False."""
-        bad = nonfinite_weight_ranks(self.strategy.model, self.strategy.ctx.device)
-        if not bad:
-            return True
-        latest = read_latest(self.root)
-        message = (f"Not saving checkpoint step {step}: the weights are not finite (nan or inf) on rank(s) "
-                   f"{', '.join(map(str, bad))}: training has diverged. A checkpoint of non-finite weights is never "
-                   f"committed; " + (f"{self.root / latest} stays the latest." if latest else
-                                     "there is no earlier checkpoint."))
-        if fatal:
-            raise DivergenceError(f"{message} Lower train.lr or set train.grad_clip, and start again.")
-        if self.info.is_main:
-            self.log.warning(f"{message} Training goes on (train.on_nonfinite=warn).")
-        return False
 
     def _own_digests(self, tmp: Path) -> tuple:
         """(size + sha256 of the files this rank wrote, None) or ({}, what went wrong): for the gather to rank 0."""
@@ -350,7 +330,7 @@ class Checkpointer:
         plan: Any = None
         if self.info.is_main:
             try:
-                plan = ("ok", *self._candidates(resume))
+                plan = ("ok", *resume_candidates(resume, self.root))
             except CheckpointError as err:
                 plan = ("error", str(err), err.key)
         plan = dist.broadcast_object(plan)
@@ -383,18 +363,6 @@ class Checkpointer:
         if found is None:
             raise CheckpointError(f"{str(path)!r} is not a checkpoint path; give {PATH_HELP}.")
         return found
-
-    def _candidates(self, resume: str) -> tuple:
-        """Rank 0: (checkpoint paths to try, newest first; whether the first must be valid)."""
-        if resume == "auto":
-            return [str(p) for _, p in reversed(committed(self.root))], False
-        path = Path(resume)
-        if not path.exists():
-            raise CheckpointError(f"train.resume={resume!r} does not exist. Use auto, never, or {PATH_HELP}.",
-                                  key="train.resume")
-        if is_checkpoint_dir(path):
-            return [str(path)], True
-        return [str(p) for _, p in reversed(committed(checkpoints_dir_of(path)))], False
 
     def _verify(self, path: Path) -> Optional[str]:
         """Collective: why ``path`` is not an intact checkpoint, or None; every rank hashes its share of the files."""
@@ -474,14 +442,6 @@ def _commit_failure(err: OSError, step: int, tmp: Path, final: Path) -> str:
             + (f", because {hint}" if hint else "") + ". The previous checkpoint stays the latest.")
 
 
-def _spec_dict(spec: Any) -> Optional[Dict[str, Any]]:
-    if spec is None or not hasattr(spec, "__dataclass_fields__"):
-        return None
-    data = asdict(spec)
-    data["input_shape"] = list(data.get("input_shape", ()))
-    return data
-
-
 def _stall_for_tests(step: int) -> None:
     spec = os.environ.get(STALL_ENV, "")
     if ":" in spec:
@@ -490,4 +450,4 @@ def _stall_for_tests(step: int) -> None:
             time.sleep(float(seconds))
 
 
-__all__ = ["Checkpointer", "STALL_ENV", "model_description"]
+__all__ = ["Checkpointer", "STALL_ENV", "SaveCheck", "model_description"]

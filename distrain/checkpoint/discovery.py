@@ -32,6 +32,20 @@ def checkpoints_dir_of(path: Path) -> Path:
     return path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
 
 
+def resume_candidates(resume: str, root: Path) -> Tuple[List[str], bool]:
+    """Rank 0: the checkpoint paths ``train.resume`` may mean (``root``: this run's checkpoints), newest first, and
+    whether the first must be valid (a checkpoint directory named itself)."""
+    if resume == "auto":
+        return [str(p) for _, p in reversed(committed(root))], False
+    path = Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"train.resume={resume!r} does not exist. Use auto, never, or {PATH_HELP}.",
+                              key="train.resume")
+    if is_checkpoint_dir(path):
+        return [str(path)], True
+    return [str(p) for _, p in reversed(committed(checkpoints_dir_of(path)))], False
+
+
 def resolve_checkpoint(path: Path, what: str = "PATH") -> Path:
     """A validated checkpoint directory from a run dir, a checkpoints dir or a checkpoint dir; CheckpointError if
     there is none (``what`` names the argument in the message).

@@ -19,7 +19,11 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from omegaconf import DictConfig
+from torch import nn
+
 from distrain.checkpoint.layout import RNG_DIR, TRAINER_STATE
+from distrain.config import to_container
 from distrain.errors import CheckpointError
 
 
@@ -63,6 +67,23 @@ class TrainerState:
         if missing:
             raise CheckpointError(f"{path} is not a distrain trainer state (missing {', '.join(missing)}).")
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def model_description(cfg: DictConfig, model_object: Optional[nn.Module]) -> Dict[str, Any]:
+    """How to rebuild the model from a checkpoint: a registry name and kwargs, or (user object) its class."""
+    if model_object is None:
+        return {"source": "config", "name": cfg.model.name, "kwargs": to_container(cfg.model)["kwargs"]}
+    cls = type(model_object)
+    return {"source": "object", "class": f"{cls.__module__}.{cls.__qualname__}"}
+
+
+def spec_dict(spec: Any) -> Optional[Dict[str, Any]]:
+    """A built-in DataSpec as JSON (``TrainerState.data_spec``); None for a user's data set."""
+    if spec is None or not hasattr(spec, "__dataclass_fields__"):
+        return None
+    data = asdict(spec)
+    data["input_shape"] = list(data.get("input_shape", ()))
+    return data
 
 
 def _write_json(path: Path, data: Any) -> None:

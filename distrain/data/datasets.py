@@ -282,3 +282,17 @@ def build_datasets(name: str, kwargs: Dict[str, Any], eval_fraction: float
     kwargs["eval_fraction"] = eval_fraction
     train, evaluation = builder(**kwargs)  # the options fit its signature: whatever it raises is its own
     return train, (evaluation if evaluation is not None and len(evaluation) else None)
+
+
+def training_datasets(data: Any, train_data: Optional[Dataset], eval_data: Optional[Dataset]
+                      ) -> Tuple[Dataset, Optional[Dataset]]:
+    """The (train, eval) pair a Trainer uses: the caller's map-style datasets, checked, or else the built-in one
+    that ``data`` (the config's data section) names."""
+    if train_data is None:
+        return build_datasets(data.name, data.kwargs, data.eval_fraction)
+    if not hasattr(train_data, "__getitem__") or not hasattr(train_data, "__len__"):
+        raise ConfigError("train_data must be a map-style Dataset (with __getitem__ and __len__); got "
+                          f"{type(train_data).__name__}.", key="train_data")
+    if len(train_data) == 0:
+        raise ConfigError("train_data is empty.", key="train_data")
+    return train_data, eval_data

@@ -129,12 +129,8 @@ def fill_from_environment(args: argparse.Namespace) -> None:
             setattr(args, name, default if value is None else value)
 
 
-def launch(args: argparse.Namespace) -> int:
-    """Check the config against the job's world size, then run torchrun's agent in this process."""
-    from distrain.config import load_config
-    from distrain.config import check_job
-
-    fill_from_environment(args)
+def _check_args(args: argparse.Namespace) -> None:
+    """The launcher's own numbers, refused in one paragraph (a UsageError) when out of range."""
     if args.nproc_per_node < 1:
         raise UsageError(f"--nproc-per-node {args.nproc_per_node} is not allowed: it must be at least 1 "
                          f"(the number of worker processes on this node).")
@@ -142,6 +138,25 @@ def launch(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-restarts {args.max_restarts} is not allowed: it must be 0 or more.")
     if args.join_timeout < 1:
         raise UsageError(f"--join-timeout {args.join_timeout} is not allowed: it must be at least 1 (seconds).")
+
+
+def _set_worker_environment(nproc_per_node: int) -> None:
+    """Environment the agent's workers inherit (a caller's own settings win)."""
+    # The agent's rendezvous store outlives a restart, and with it the workers' process-group keys of the failed
+    # attempt: a restarted rank can read a dead peer's address and fail to connect (pytorch/pytorch#135712).
+    # Not sharing it gives every attempt a fresh store, hosted by the new rank 0.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # torchrun would warn and pin 1 thread; share this node's cores between its workers instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Check the config against the job's world size, then run torchrun's agent in this process."""
+    from distrain.config import load_config
+    from distrain.config import check_job
+
+    fill_from_environment(args)
+    _check_args(args)
     worlds = _world_sizes(args)
     if args.rdzv_endpoint is not None:
         check_rdzv_endpoint(args.rdzv_endpoint)
@@ -161,12 +176,7 @@ def launch(args: argparse.Namespace) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
 
-    # The agent's rendezvous store outlives a restart, and with it the workers' process-group keys of the failed
-    # attempt: a restarted rank can read a dead peer's address and fail to connect (pytorch/pytorch#135712).
-    # Not sharing it gives every attempt a fresh store, hosted by the new rank 0.
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    # torchrun would warn and pin 1 thread; share this node's cores between its workers instead.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc_per_node)))
+    _set_worker_environment(args.nproc_per_node)
     parsed = torchrun.get_args_parser().parse_args(torchrun_args(args))
     multi_node = parsed.rdzv_backend == "c10d" and not parsed.standalone
     waiting = WaitingForNodes(str(args.nnodes), args.rdzv_endpoint, args.join_timeout,

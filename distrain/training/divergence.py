@@ -15,7 +15,8 @@ price of asking for it). stop and warn cost no collective and no host sync per s
 non-finite step and a count on the device, and ``settle`` reduces them (one all-reduce of two numbers per rank) where
 the loop synchronises anyway: on log steps (the logged loss is reduced there), before a checkpoint is saved, and after
 the last step. So a run stops at most ``train.log_every`` steps after it diverged, naming the step it diverged at, and
-nothing non-finite is ever committed: checkpoints are guarded apart, at save time (``nonfinite_weight_ranks``).
+nothing non-finite is ever committed: the Checkpointer runs ``check_before_save`` first at every save, which settles
+and then checks the weights themselves (``nonfinite_weight_ranks``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from distrain import dist
+from distrain.checkpoint.layout import read_latest
 from distrain.errors import ConfigError, DivergenceError
 
 LOSS, GRAD_NORM = 1, 2  # the bits of a rank's code
@@ -116,6 +118,25 @@ class DivergenceGuard:
         later = int(max(count for _, count in per_rank)) - 1
         self._decide(step, codes, later)
 
+    def check_before_save(self, step: int, scheduled: bool) -> bool:
+        """The Checkpointer's ``before_save`` (collective, before every save): settle the steps noted since the last
+        settle, then whether the weights may be saved. Non-finite weights are never saved: a DivergenceError, or,
+        for a scheduled save under train.on_nonfinite=warn, a warning and False (training goes on)."""
+        self.settle()
+        bad = nonfinite_weight_ranks(self.strategy.model, self.device)
+        if not bad:
+            return True
+        latest = read_latest(self.checkpoints)
+        message = (f"Not saving checkpoint step {step}: the weights are not finite (nan or inf) on rank(s) "
+                   f"{', '.join(map(str, bad))}: training has diverged. A checkpoint of non-finite weights is never "
+                   f"committed; " + (f"{self.checkpoints / latest} stays the latest." if latest else
+                                     "there is no earlier checkpoint."))
+        if not scheduled or self.mode != "warn":
+            raise DivergenceError(f"{message} Lower train.lr or set train.grad_clip, and start again.")
+        if dist.rank() == 0:
+            self.log.warning(f"{message} Training goes on (train.on_nonfinite=warn).")
+        return False
+
     def _decide(self, step: int, codes: List[float], later: int = 0) -> bool:
         """Act on non-finite ``codes`` (per rank) of ``step``; ``later``: further non-finite steps noted since."""
         if not any(codes):
@@ -140,8 +161,6 @@ class DivergenceGuard:
         return False
 
     def _advice(self) -> str:
-        from distrain.checkpoint.layout import read_latest
-
         latest = read_latest(self.checkpoints)
         kept = (f"The latest checkpoint, {self.checkpoints / latest}, holds finite weights (a checkpoint of non-finite "
                 f"weights is never committed)." if latest else "No checkpoint was committed.")

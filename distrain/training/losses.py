@@ -7,17 +7,18 @@ stay means over their micro-batch, which distrain weights by micro/global (see d
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
+from distrain.errors import ConfigError
 from distrain.training.objective import IGNORE_INDEX, correct_and_count
 
 LossFn = Callable[..., torch.Tensor]
 
 __all__ = ["DEFAULT_ITEMS", "DEFAULT_LOSSES", "LossFn", "classification_cross_entropy", "correct_and_count",
-           "default_items", "default_loss", "mse", "sequence_cross_entropy"]
+           "default_items", "default_loss", "mse", "resolve_loss", "sequence_cross_entropy"]
 
 
 def sequence_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
@@ -58,3 +59,18 @@ def default_items(spec: Any) -> Optional[str]:
     if task == "lm" and spec.extra.get("min_length"):
         return "labels"
     return DEFAULT_ITEMS.get(task)
+
+
+def resolve_loss(loss_fn: Optional[LossFn], step_fn: Optional[Callable[..., Any]], task: Optional[str],
+                 sample: Callable[[], Any]) -> Optional[LossFn]:
+    """The loss the objective uses: the caller's (none with a ``step_fn``), else the built-in task's. None only for
+    Mapping batches a model computes its own loss from; a ConfigError when ``sample()`` (a batch of one) is not one."""
+    if loss_fn is not None or step_fn is not None:
+        return loss_fn
+    loss = default_loss(task)
+    if loss is None and not isinstance(sample(), Mapping):
+        raise ConfigError("No loss function: the training data has no built-in task and its samples are not "
+                          "Mappings a model could compute its own loss from (Hugging Face style, with "
+                          "'labels'), so pass loss_fn=... to distrain.Trainer (any callable (output, target) -> "
+                          "scalar), or step_fn=... .", key="loss_fn")
+    return loss
