@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_jsonl, run_cli
+from conftest import REPO, child_env, read_jsonl, run_cli
 from distrain.telemetry.trackers.base import flatten_params, numeric_metrics
 from wandb_offline import history, run_id
 
@@ -147,3 +150,28 @@ def test_an_unknown_tracker_is_a_config_error(tmp_path):
     err = " ".join(proc.stderr.split())
     assert "metrics.trackers" in err and "tensorboard, mlflow, wandb" in err
     assert "Traceback" not in proc.stderr
+
+
+def test_an_unreachable_tracker_costs_a_bounded_flush_and_the_run_still_finishes(tmp_path):
+    """2 ranks, MLflow at a closed port with its default retries (~2 min of backoff) and dist.timeout_s=30: the run
+    exits 0 within 30 s of its last step with one warning naming the tracker; no rank waits in the shutdown barrier
+    while rank 0 flushes; run.json says finished and the run directory's lock is released."""
+    run_dir = tmp_path / "runs" / "quickstart"
+    cmd = [sys.executable, "-m", "distrain", "launch", "--nproc-per-node", "2", QUICKSTART, "train.steps=6",
+           "train.log_every=2", "train.eval_every=0", "metrics.progress=plain", "dist.timeout_s=30",
+           f"run.dir={tmp_path / 'runs'}", "metrics.trackers=[mlflow]",
+           "metrics.mlflow.tracking_uri=http://127.0.0.1:9"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=child_env({}), cwd=tmp_path)
+    ended = time.time()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    last_step = (run_dir / "metrics.jsonl").stat().st_mtime  # the last record is the last step's
+    print(f"the job ended {ended - last_step:.1f} s after its last step")
+    assert ended - last_step <= 30, f"the job ended {ended - last_step:.1f} s after its last step"
+    assert max(r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")) == 6
+    warnings = [line for line in out.splitlines() if "warning" in line and "tracker mlflow" in line]
+    assert len(warnings) == 1, out[-3000:]
+    print(warnings[0])
+    assert "Traceback" not in out, out[-3000:]
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    assert not (run_dir / "run.lock").exists()

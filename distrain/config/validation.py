@@ -111,6 +111,8 @@ def validate(cfg: DictConfig) -> None:
              "it must be at least 60 seconds (the holder refreshes the lock every 10 s; a shorter grace could take "
              "the lock of a live run on another host)")
     _require(cfg.metrics.peak_flops >= 0, "metrics.peak_flops", cfg.metrics.peak_flops, "it must be zero or positive")
+    _require(0 < cfg.metrics.tracker_timeout_s <= 3600, "metrics.tracker_timeout_s", cfg.metrics.tracker_timeout_s,
+             "it must be a positive number of seconds, at most 3600")
     trackers = list(cfg.metrics.trackers)
     _require(all(t in TRACKER_NAMES for t in trackers) and len(set(trackers)) == len(trackers), "metrics.trackers",
              trackers, f"list each of {', '.join(TRACKER_NAMES)} at most once, e.g. [tensorboard, mlflow]")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig
 
@@ -37,10 +37,15 @@ class MetricsWriter:
 
     def close(self, status: str = "finished") -> None:
         """Close metrics.jsonl, then give the trackers the run's end: its status (finished | failed | preempted),
-        config.yaml and the newest committed checkpoint (the one `distrain ckpt export` exports)."""
+        config.yaml and the newest committed checkpoint (the one `distrain ckpt export` exports). Returns at once:
+        call ``wait`` after the last collective, so no other rank waits while the trackers flush."""
         self.file.close()
         self.trackers.close(RunEnd(status=status, config_file=self.run_dir / "config.yaml",
                                    checkpoint=_latest_checkpoint(self.run_dir)))
+
+    def wait(self) -> List[str]:
+        """Let the trackers flush, for at most metrics.tracker_timeout_s; the warnings of those left behind."""
+        return self.trackers.wait()
 
 
 def _latest_checkpoint(run_dir: Path) -> Optional[Path]:

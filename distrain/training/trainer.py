@@ -115,6 +115,7 @@ class Trainer:
         self._owns_group = dist.init_process_group(self.info, backend, self.device, self.cfg.dist.timeout_s,
                                                    local_group=strategy_cls.needs_process_group)
         self._resources.callback(self._leave_group)
+        self._writer: Optional[MetricsWriter] = None  # rank 0's, once fit runs: its trackers flush in _leave_group
 
         self.train_data, self.eval_data = self._datasets(train_data, eval_data)
         spec = getattr(self.train_data, "spec", None)
@@ -309,7 +310,7 @@ class Trainer:
         """Train to ``train.steps``; returns the final metrics (identical on every rank)."""
         cfg = self.cfg
         total = cfg.train.steps
-        writer = MetricsWriter(self.run_dir, cfg, fresh=self.step == 0) if self.info.is_main else None
+        writer = self._writer = MetricsWriter(self.run_dir, cfg, fresh=self.step == 0) if self.info.is_main else None
         record = RunRecord(self.run_dir) if self.info.is_main else None
         if record:
             record.start(self.info.world_size, vars(self.plan) | {"per_rank": self.plan.per_rank}, self.step)
@@ -513,17 +514,18 @@ class Trainer:
             self._eval_loader.close()
 
     def _leave_group(self) -> None:
-        if not self._owns_group:
-            return
-        if self._clean_exit:
-            dist.barrier()  # no rank tears the group down while a peer is still talking to it
-        # gloo's worker thread frees the last collective's work object (the barrier's; after a failure, e.g. the
-        # resume decision's broadcast) just after waking us, and needs the GIL for it; if we dropped the group (its
-        # destructor joins that thread, holding the GIL) in that window, both would wait forever. Seen about once
-        # in 12 runs on a loaded machine; a short GIL-free sleep lets the worker finish first.
-        time.sleep(0.2)
-        dist.destroy_process_group()
-        self._owns_group = False
+        if self._owns_group:
+            if self._clean_exit:
+                dist.barrier()  # no rank tears the group down while a peer is still talking to it
+            # gloo's worker thread frees the last collective's work object (the barrier's; after a failure, e.g. the
+            # resume decision's broadcast) just after waking us, and needs the GIL for it; if we dropped the group
+            # (its destructor joins that thread, holding the GIL) in that window, both would wait forever. Seen
+            # about once in 12 runs on a loaded machine; a short GIL-free sleep lets the worker finish first.
+            time.sleep(0.2)
+            dist.destroy_process_group()
+            self._owns_group = False
+        if self._writer is not None:  # after the last collective: no peer waits while the trackers flush (bounded)
+            self._writer.wait()
 
     def __enter__(self) -> "Trainer":
         return self
