@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, child_env, read_jsonl, run_cli
+from distrain.config import load_config
+from distrain.telemetry.trackers import RunEnd, Trackers
 from distrain.telemetry.trackers.base import flatten_params, numeric_metrics
 from wandb_offline import history, run_id
 
@@ -175,3 +177,15 @@ def test_an_unreachable_tracker_costs_a_bounded_flush_and_the_run_still_finishes
     assert "Traceback" not in out, out[-3000:]
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
     assert not (run_dir / "run.lock").exists()
+
+
+def test_a_fresh_start_never_replaces_the_tracker_ids_an_earlier_fresh_start_kept(tmp_path):
+    """Two fresh starts within one second: the second keeps its predecessor's trackers.json beside the first's."""
+    (tmp_path / "trackers.json").write_text('{"mlflow": "second"}\n')
+    stamp = int((tmp_path / "trackers.json").stat().st_mtime)
+    (tmp_path / f"trackers.{stamp}.json").write_text('{"mlflow": "first"}\n')  # kept by an earlier fresh start
+    Trackers.open(load_config(QUICKSTART), tmp_path, fresh=True).close(RunEnd("finished", tmp_path / "config.yaml"))
+    assert sorted(p.name for p in tmp_path.glob("trackers*.json")) == [f"trackers.{stamp}-1.json",
+                                                                         f"trackers.{stamp}.json"]
+    assert (tmp_path / f"trackers.{stamp}.json").read_text() == '{"mlflow": "first"}\n'
+    assert (tmp_path / f"trackers.{stamp}-1.json").read_text() == '{"mlflow": "second"}\n'

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig
 
 from distrain.checkpoint.layout import checkpoints_root, read_latest
+from distrain.telemetry.keep_aside import keep_aside
 from distrain.telemetry.logs import get_logger
 from distrain.telemetry.run_record import json_safe
 from distrain.telemetry.trackers import RunEnd, Trackers
@@ -24,7 +24,7 @@ class MetricsWriter:
         self.kept: Optional[Path] = None  # where an earlier run's metrics.jsonl was kept, when this run starts fresh
         self.path = run_dir / "metrics.jsonl"
         if fresh and self.path.exists():  # a new run from step 0 in an old run dir: keep, don't mix, the old log
-            self.kept = _keep_aside(self.path)
+            self.kept = keep_aside(self.path)
             get_logger().info(f"metrics: this run starts at step 0; the earlier run's metrics.jsonl is kept as "
                               f"{self.kept.name}")
         self.file = open(self.path, "a", buffering=1)
@@ -52,26 +52,3 @@ def _latest_checkpoint(run_dir: Path) -> Optional[Path]:
     root = checkpoints_root(run_dir)
     name = read_latest(root)
     return root / name if name and (root / name).is_dir() else None
-
-
-def _keep_aside(path: Path) -> Path:
-    """Rename an earlier run's metrics.jsonl to metrics.<mtime>[-N].jsonl, never over an existing file: returns it.
-
-    os.link refuses an existing name atomically (a plain rename would replace it: two fresh starts within one second
-    would lose the first one's metrics).
-    """
-    stamp = int(path.stat().st_mtime)
-    for n in range(1000):
-        target = path.with_name(f"metrics.{stamp}{f'-{n}' if n else ''}.jsonl")
-        try:
-            os.link(path, target)
-        except FileExistsError:
-            continue
-        except OSError:  # no hard links on this file system: the lock on the run directory rules out a race
-            if target.exists():
-                continue
-            os.rename(path, target)
-            return target
-        os.unlink(path)
-        return target
-    raise FileExistsError(f"no free name to keep {path} aside")

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from distrain.telemetry.keep_aside import keep_aside
 from distrain.telemetry.logs import console_warning
 from distrain.telemetry.trackers.base import (RunEnd, Tracker, TrackerRun, TrackerSink, flatten_params,
                                               numeric_metrics)
@@ -62,7 +63,7 @@ class Trackers:
         ids: Dict[str, str] = {}
         if ids_path.exists():
             if fresh:  # a new run from step 0 in an old run dir: keep the old ids aside, start new tracker runs
-                ids_path.rename(run_dir / f"trackers.{int(ids_path.stat().st_mtime)}.json")
+                keep_aside(ids_path)  # never over the ids an earlier fresh start kept aside
             else:
                 ids = json.loads(ids_path.read_text())
         config = OmegaConf.to_container(cfg, resolve=True)
