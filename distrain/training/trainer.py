@@ -310,7 +310,8 @@ class Trainer:
         """Train to ``train.steps``; returns the final metrics (identical on every rank)."""
         cfg = self.cfg
         total = cfg.train.steps
-        writer = self._writer = MetricsWriter(self.run_dir, cfg, fresh=self.step == 0) if self.info.is_main else None
+        writer = self._writer = MetricsWriter(self.run_dir, cfg, fresh=self.step == 0, start_step=self.step) \
+            if self.info.is_main else None
         record = RunRecord(self.run_dir) if self.info.is_main else None
         if record:
             record.start(self.info.world_size, vars(self.plan) | {"per_rank": self.plan.per_rank}, self.step)
