@@ -10,6 +10,7 @@ A new tracker is one file here and one entry in ``TRACKERS``.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
 import threading
@@ -93,6 +94,9 @@ class Trackers:
             sink.submit("finish", end)
             sink.stop()
         self._closed_at = time.monotonic()
+        # A script that never closes its Trainer still gets the bounded flush, at interpreter exit (the sinks'
+        # threads are daemons: without it their last calls would be cut off).
+        atexit.register(self.wait)
 
     def wait(self) -> List[str]:
         """Let the trackers finish, for at most ``timeout_s`` since ``close`` in all; one warning per tracker left
@@ -104,6 +108,7 @@ class Trackers:
         for note in late:
             console_warning(note)
         self.sinks, self._closed_at = [], None
+        atexit.unregister(self.wait)
         return late
 
     def _remember(self, name: str, run_id: str) -> None:
