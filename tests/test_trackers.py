@@ -15,6 +15,7 @@ import pytest
 
 from conftest import REPO, child_env, read_jsonl, run_cli
 from distrain.config import load_config
+from distrain.errors import ConfigError
 from distrain.telemetry.trackers import RunEnd, Trackers
 from distrain.telemetry.trackers.base import flatten_params, numeric_metrics
 from wandb_offline import history, run_id
@@ -34,7 +35,10 @@ def resumed_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("trackers")
     common = [QUICKSTART, *FAST, f"run.dir={root / 'runs'}", "metrics.trackers=[mlflow,wandb,tensorboard]",
               f"metrics.mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}", "metrics.mlflow.experiment=trackers-test",
-              "metrics.wandb.mode=offline", "metrics.wandb.project=distrain-test"]
+              "metrics.wandb.mode=offline", "metrics.wandb.project=distrain-test",
+              # these runs last seconds, while MLflow's first start on a new sqlite file (its schema migrations) took
+              # 13 s on this 2-core machine under load: let the trackers finish, as a user with a slow store would
+              "metrics.tracker_timeout_s=120"]
     env = {"WANDB_DIR": str(root), "WANDB_SILENT": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     outputs = []
     for steps in (10, 20):
@@ -189,3 +193,10 @@ def test_a_fresh_start_never_replaces_the_tracker_ids_an_earlier_fresh_start_kep
                                                                          f"trackers.{stamp}.json"]
     assert (tmp_path / f"trackers.{stamp}.json").read_text() == '{"mlflow": "first"}\n'
     assert (tmp_path / f"trackers.{stamp}-1.json").read_text() == '{"mlflow": "second"}\n'
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1e9"])
+def test_a_tracker_timeout_out_of_range_is_a_config_error(value):
+    with pytest.raises(ConfigError) as info:
+        load_config(QUICKSTART, [f"metrics.tracker_timeout_s={value}"])
+    assert info.value.key == "metrics.tracker_timeout_s" and "at most 3600" in str(info.value)
