@@ -168,3 +168,23 @@ def test_progress_bar_on_a_terminal_and_plain_lines_in_a_log_file(tmp_path):
     assert len(lines) == 2 and "step 8/8" in lines[-1] and "tok/s" in lines[-1] and "eta" in lines[-1]
     record = _steps(tmp_path / "piped")[-1]
     assert record["tokens_per_s"] == pytest.approx(record["samples_per_s"] * 64)
+
+
+def test_a_resume_after_a_crash_leaves_one_record_per_step(tmp_path):
+    """kill -9 of rank 1 in step 9 (steps 6-8 logged after the checkpoint at step 5), a restart of the group resumes
+    from step 5 and logs 6-8 again: metrics.jsonl, and `distrain runs` / `distrain plot` reading it, hold one record
+    per step (the attempt that continued); the abandoned attempt's steps are kept aside, not lost."""
+    from fault_helpers import KILL_ENV, launch_command, worker_env
+    from distrain.tools.runs import read_run
+
+    run_dir = tmp_path / "runs" / "quickstart"
+    proc = subprocess.run(launch_command(2, tmp_path / "runs", ["checkpoint.every=5", "train.steps=12"],
+                                         ["--max-restarts", "1"]),
+                          env=worker_env(tmp_path / "out", **{KILL_ENV: "1:9"}), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [r["step"] for r in read_run(run_dir).steps]
+    assert steps == list(range(1, 13)), steps  # once each, in order
+    abandoned = list(run_dir.glob("metrics.abandoned.*.jsonl"))
+    assert len(abandoned) == 1, sorted(p.name for p in run_dir.iterdir())
+    assert [r["step"] for r in read_jsonl(abandoned[0]) if "loss" in r] == [6, 7, 8]

@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_jsonl, run_cli
+from conftest import REPO, child_env, read_jsonl, run_cli
+from distrain.config import load_config
+from distrain.errors import ConfigError
+from distrain.telemetry.trackers import RunEnd, Trackers
 from distrain.telemetry.trackers.base import flatten_params, numeric_metrics
 from wandb_offline import history, run_id
 
@@ -29,7 +35,10 @@ def resumed_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("trackers")
     common = [QUICKSTART, *FAST, f"run.dir={root / 'runs'}", "metrics.trackers=[mlflow,wandb,tensorboard]",
               f"metrics.mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}", "metrics.mlflow.experiment=trackers-test",
-              "metrics.wandb.mode=offline", "metrics.wandb.project=distrain-test"]
+              "metrics.wandb.mode=offline", "metrics.wandb.project=distrain-test",
+              # these runs last seconds, while MLflow's first start on a new sqlite file (its schema migrations) took
+              # 13 s on this 2-core machine under load: let the trackers finish, as a user with a slow store would
+              "metrics.tracker_timeout_s=120"]
     env = {"WANDB_DIR": str(root), "WANDB_SILENT": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     outputs = []
     for steps in (10, 20):
@@ -147,3 +156,47 @@ def test_an_unknown_tracker_is_a_config_error(tmp_path):
     err = " ".join(proc.stderr.split())
     assert "metrics.trackers" in err and "tensorboard, mlflow, wandb" in err
     assert "Traceback" not in proc.stderr
+
+
+def test_an_unreachable_tracker_costs_a_bounded_flush_and_the_run_still_finishes(tmp_path):
+    """2 ranks, MLflow at a closed port with its default retries (~2 min of backoff) and dist.timeout_s=30: the run
+    exits 0 within 30 s of its last step with one warning naming the tracker; no rank waits in the shutdown barrier
+    while rank 0 flushes; run.json says finished and the run directory's lock is released."""
+    run_dir = tmp_path / "runs" / "quickstart"
+    cmd = [sys.executable, "-m", "distrain", "launch", "--nproc-per-node", "2", QUICKSTART, "train.steps=6",
+           "train.log_every=2", "train.eval_every=0", "metrics.progress=plain", "dist.timeout_s=30",
+           f"run.dir={tmp_path / 'runs'}", "metrics.trackers=[mlflow]",
+           "metrics.mlflow.tracking_uri=http://127.0.0.1:9"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=child_env({}), cwd=tmp_path)
+    ended = time.time()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    last_step = (run_dir / "metrics.jsonl").stat().st_mtime  # the last record is the last step's
+    print(f"the job ended {ended - last_step:.1f} s after its last step")
+    assert ended - last_step <= 30, f"the job ended {ended - last_step:.1f} s after its last step"
+    assert max(r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")) == 6
+    warnings = [line for line in out.splitlines() if "warning" in line and "tracker mlflow" in line]
+    assert len(warnings) == 1, out[-3000:]
+    print(warnings[0])
+    assert "Traceback" not in out, out[-3000:]
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    assert not (run_dir / "run.lock").exists()
+
+
+def test_a_fresh_start_never_replaces_the_tracker_ids_an_earlier_fresh_start_kept(tmp_path):
+    """Two fresh starts within one second: the second keeps its predecessor's trackers.json beside the first's."""
+    (tmp_path / "trackers.json").write_text('{"mlflow": "second"}\n')
+    stamp = int((tmp_path / "trackers.json").stat().st_mtime)
+    (tmp_path / f"trackers.{stamp}.json").write_text('{"mlflow": "first"}\n')  # kept by an earlier fresh start
+    Trackers.open(load_config(QUICKSTART), tmp_path, fresh=True).close(RunEnd("finished", tmp_path / "config.yaml"))
+    assert sorted(p.name for p in tmp_path.glob("trackers*.json")) == [f"trackers.{stamp}-1.json",
+                                                                         f"trackers.{stamp}.json"]
+    assert (tmp_path / f"trackers.{stamp}.json").read_text() == '{"mlflow": "first"}\n'
+    assert (tmp_path / f"trackers.{stamp}-1.json").read_text() == '{"mlflow": "second"}\n'
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1e9"])
+def test_a_tracker_timeout_out_of_range_is_a_config_error(value):
+    with pytest.raises(ConfigError) as info:
+        load_config(QUICKSTART, [f"metrics.tracker_timeout_s={value}"])
+    assert info.value.key == "metrics.tracker_timeout_s" and "at most 3600" in str(info.value)

@@ -6,12 +6,18 @@ the ones a real run cannot be steered into on demand (a store that stops answeri
 
 from __future__ import annotations
 
+import datetime
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
+import torch.distributed as torch_dist
 
+from distrain.faults.store import BoundedStore, StoreSilent
 from distrain.faults.watchdog import Heartbeat, _missing_ranks, explain, is_communication_error
 
 # The texts gloo raised in a real 2-rank job (torch 2.13): a peer that never entered all_reduce, a peer that died.
@@ -98,3 +104,46 @@ def test_every_rank_in_the_collective_blames_the_network_not_a_rank():
     beats = {0: beat(0, seq=5), 1: beat(1, seq=5)}
     message = explain(RuntimeError(GLOO_TIMEOUT), 0, beats, 2, timeout_s=3, interval_s=0.5, me=0)
     assert "although every rank entered it" in message and "did not arrive" not in message
+
+
+# --- a store whose owner is frozen ------------------------------------------------------------------------------
+def test_a_call_to_a_frozen_store_ends_at_its_deadline_and_later_calls_fail_at_once():
+    """A real TCPStore hosted by a child process, stopped with SIGSTOP: torch's own client timeout does not end a
+    get (it waits for the owner to wake up); the bounded client gives up after its deadline, then fails at once."""
+    from distrain.launch.ports import free_port
+
+    port = free_port()
+    owner = subprocess.Popen([sys.executable, "-c", "import time, torch.distributed as d; "
+                              f"s = d.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False); "
+                              "s.set('k', 'v'); time.sleep(600)"])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client = torch_dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False,
+                                             timeout=datetime.timedelta(seconds=2))
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "the store never came up"
+                time.sleep(0.2)
+        store = BoundedStore(client, deadline_s=1.0)
+        assert store.call("get", "k") == b"v"
+        os.kill(owner.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(StoreSilent):
+            store.call("get", "k")
+        assert time.monotonic() - started < 3
+        time.sleep(1.0)
+        started = time.monotonic()
+        with pytest.raises(StoreSilent) as info:
+            store.call("check", ["k"])
+        assert time.monotonic() - started < 0.5 and info.value.silent_s >= 2  # not queued behind the stuck call
+        os.kill(owner.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while store.silent_for() > 0 and time.monotonic() < deadline:  # the stuck get returns once it wakes
+            time.sleep(0.1)
+        assert store.call("get", "k") == b"v"
+    finally:
+        os.kill(owner.pid, signal.SIGCONT)
+        owner.kill()
+        owner.wait()

@@ -154,6 +154,9 @@ class MetricsConfig:
     tensorboard: bool = False  # the older spelling of trackers: [tensorboard] (event files in <run dir>/tensorboard)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)  # settings of the mlflow tracker
     wandb: WandbConfig = field(default_factory=WandbConfig)  # settings of the wandb tracker
+    # How long rank 0 lets the trackers flush at the run's end, after the last collective (no other rank waits);
+    # a tracker still busy then (a slow or unreachable server) is named in one warning and left behind.
+    tracker_timeout_s: float = 10.0
     progress: str = "auto"  # auto (bar on a TTY, plain lines otherwise) | bar | plain | none
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look up a table, or skip
 

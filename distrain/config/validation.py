@@ -135,6 +135,8 @@ def _validate_checkpoint_and_run(cfg: DictConfig) -> None:
 def _validate_metrics(m: DictConfig) -> None:
     _require(m.peak_flops >= 0, "metrics.peak_flops", m.peak_flops, "it must be zero or positive")
     trackers = list(m.trackers)
+    _require(0 < m.tracker_timeout_s <= 3600, "metrics.tracker_timeout_s", m.tracker_timeout_s,
+             "it must be a positive number of seconds, at most 3600")
     _require(all(t in TRACKER_NAMES for t in trackers) and len(set(trackers)) == len(trackers), "metrics.trackers",
              trackers, f"list each of {', '.join(TRACKER_NAMES)} at most once, e.g. [tensorboard, mlflow]")
 

@@ -13,11 +13,15 @@ Every other rank's thread sees that within one heartbeat and ends its own proces
 collective (asleep, deadlocked in Python, spinning) would otherwise wait to be SIGKILLed by the launcher. It
 waits until a second has passed since the failure so the failing rank's error file carries the earliest
 timestamp (torchelastic's "first failure" is decided by whole seconds).
+
+Every store call has a deadline (``distrain.faults.store``): the store lives in one process (rank 0, or the
+launcher's agent), and a frozen owner would otherwise block every reader forever. A store silent past
+``dist.timeout_s`` is itself the diagnosis: its owner is named, by the failing collective's report or, for a rank
+that is not in one, by the heartbeat thread, which then ends the rank.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from distrain.env import ProcessInfo
+from distrain.faults.store import BoundedStore, StoreSilent, open_store, silent_store_story, store_owner
 
 FLIGHT_RECORDER_ENV = "TORCH_FR_BUFFER_SIZE"
 FLIGHT_RECORDER_ENTRIES = 256  # only the newest entries matter here; a user's own setting wins
@@ -116,8 +121,7 @@ class Watchdog:
         self.interval_s = interval_s or min(5.0, max(0.25, timeout_s / 10))
         self._step = 0
         self._step_started = time.monotonic()
-        self._store: Any = None
-        self._lock = threading.Lock()  # the store client is shared by the thread and diagnose()
+        self._store: Optional[BoundedStore] = None  # one client, every call on its own thread, under a deadline
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._store_failures = 0
@@ -125,12 +129,15 @@ class Watchdog:
     # --- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> bool:
         """Connect to the job's store and start the heartbeat thread; False (and a log line) if there is no store."""
-        self._store = _open_store(self.info, self.timeout_s)
+        self._store = open_store(self.info, self.timeout_s)
         if self._store is None:
             self.log.warning("watchdog: no c10d store to publish heartbeats to; a stuck collective will be "
                              "reported without naming the ranks that did not arrive")
             return False
-        self._publish()  # before training starts, so every rank has a heartbeat from the start
+        try:
+            self._publish()  # before training starts, so every rank has a heartbeat from the start
+        except Exception as err:
+            self.log.warning(f"watchdog: the job's store does not answer ({type(err).__name__}: {err})")
         self._thread = threading.Thread(target=self._run, name="distrain-watchdog", daemon=True)
         self._thread.start()
         return True
@@ -162,12 +169,8 @@ class Watchdog:
                 self._publish()
                 abort = self._read_abort()
                 self._store_failures = 0
-            except Exception as err:  # the store's host (rank 0, or the agent) has gone: say so once, carry on.
-                # Not a reason to end this rank by itself: the launcher (srun --kill-on-bad-exit, torchrun's
-                # agent) ends a job whose rank died, and this rank may be doing useful work after training.
-                self._store_failures += 1
-                if self._store_failures == 1:
-                    self.log.warning(f"watchdog: the job's store does not answer ({type(err).__name__}: {err})")
+            except Exception as err:  # the store's host (rank 0, or the agent) has gone or is silent
+                self._store_trouble(err)
                 continue
             if abort and abort.get("rank") != self.info.rank:
                 self._acknowledge()
@@ -176,6 +179,18 @@ class Watchdog:
                 if self._stop.wait(max(0.0, float(abort.get("time", 0)) + 1.5 - time.time())):
                     return
                 self._exit(f"rank {abort.get('rank')} failed: {abort.get('message')}")
+
+    def _store_trouble(self, err: Exception) -> None:
+        """A store that refuses or drops the connection has gone (its owner ended): say so once and carry on - the
+        launcher ends a job whose rank died, and this rank may be doing useful work after training. A store that
+        stays *silent* past dist.timeout_s has a frozen owner: no collective can finish either, so end this rank
+        and name it (the main thread, if it is in a collective, names it first when that times out)."""
+        self._store_failures += 1
+        if self._store_failures == 1:
+            self.log.warning(f"watchdog: the job's store does not answer ({type(err).__name__}: {err})")
+        silent_s = self._store.silent_for() if self._store is not None else 0.0
+        if isinstance(err, StoreSilent) and silent_s > self.timeout_s and store_owner()[0] != self.info.rank:
+            self._exit(f"{silent_store_story(silent_s, self.timeout_s)} (this rank was in step {self._step + 1})")
 
     def _exit(self, reason: str) -> None:
         """End this process now: the job has failed elsewhere and this rank may be stuck where it cannot see it."""
@@ -195,14 +210,12 @@ class Watchdog:
 
     def _publish(self) -> None:
         beat = self._heartbeat()
-        with self._lock:
-            self._store.set(f"hb/{self.info.rank}", json.dumps(vars(beat)))
+        self._store.call("set", f"hb/{self.info.rank}", json.dumps(vars(beat)))
 
     def _read_abort(self) -> Optional[Dict[str, Any]]:
-        with self._lock:
-            if not self._store.check(["abort"]):
-                return None
-            return json.loads(self._store.get("abort"))
+        if not self._store.call("check", ["abort"]):
+            return None
+        return json.loads(self._store.call("get", "abort"))
 
     # --- the post-mortem ---------------------------------------------------------------------------
     def diagnose(self, err: BaseException, completed: int) -> Optional[str]:
@@ -216,8 +229,12 @@ class Watchdog:
         me.collectives = last_collectives()  # fresh, whatever the step's age
         beats = self._read_heartbeats()
         beats[self.info.rank] = me
-        message = explain(err, completed, beats, self.info.world_size, self.timeout_s, self.interval_s,
-                          me=self.info.rank)
+        silent_s = self._store.silent_for()
+        if silent_s > self._store.deadline_s and store_owner()[0] != self.info.rank:  # a frozen owner: it is the story
+            message = explain_silent_store(err, completed, silent_s, self.timeout_s)
+        else:
+            message = explain(err, completed, beats, self.info.world_size, self.timeout_s, self.interval_s,
+                              me=self.info.rank)
         self.post_abort(message, beats, wait=True)
         return message
 
@@ -231,11 +248,10 @@ class Watchdog:
         if self._store is None:
             return
         try:
-            with self._lock:
-                first = self._store.add("abort/count", 1) == 1
-                if first:
-                    self._store.set("abort", json.dumps({"rank": self.info.rank, "time": time.time(),
-                                                         "message": message}))
+            first = self._store.call("add", "abort/count", 1) == 1
+            if first:
+                self._store.call("set", "abort", json.dumps({"rank": self.info.rank, "time": time.time(),
+                                                             "message": message}))
             if wait and first and self.info.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
                 beats = beats if beats is not None else self._read_heartbeats()
                 alive = sum(1 for r, b in beats.items() if r != self.info.rank and not (b and _process_gone(b)))
@@ -246,13 +262,11 @@ class Watchdog:
             self.log.warning(f"watchdog: could not post the abort to the store: {store_err}")
 
     def _acknowledge(self) -> None:
-        with self._lock:
-            self._store.add("abort/acks", 1)
+        self._store.call("add", "abort/acks", 1)
 
     def _acknowledged(self) -> int:
         """Ranks that know of the abort: those that acknowledged it, and the other ranks that posted one."""
-        with self._lock:
-            return int(self._store.add("abort/acks", 0)) + int(self._store.add("abort/count", 0)) - 1
+        return int(self._store.call("add", "abort/acks", 0)) + int(self._store.call("add", "abort/count", 0)) - 1
 
     def _read_heartbeats(self) -> Dict[int, Optional[Heartbeat]]:
         """rank -> its heartbeat, or None when it never published one. A rank whose heartbeat could not be read
@@ -260,10 +274,9 @@ class Watchdog:
         beats: Dict[int, Optional[Heartbeat]] = {}
         for rank in range(self.info.world_size):
             try:
-                with self._lock:
-                    raw = self._store.get(f"hb/{rank}") if self._store.check([f"hb/{rank}"]) else None
+                raw = self._store.call("get", f"hb/{rank}") if self._store.call("check", [f"hb/{rank}"]) else None
             except Exception:
-                break  # the store itself is gone: waiting on it once per rank would only delay the report
+                break  # the store itself is gone or silent: waiting on it once per rank would only delay the report
             beats[rank] = Heartbeat(**json.loads(raw)) if raw else None
         return beats
 
@@ -277,10 +290,7 @@ def explain(err: BaseException, completed: int, beats: Dict[int, Optional[Heartb
     """
     now = time.time()
     stale_after = 3 * interval_s + 2.0
-    timed_out = re.search(r"timed out|timeout", str(err), re.IGNORECASE) is not None
-    what = f"timed out after dist.timeout_s={timeout_s:g}" if timed_out else "failed"
-    cause = " ".join(str(err).split())
-    cause = cause if len(cause) <= 240 else cause[:240] + "..."
+    what, cause = _what_failed(err, timeout_s)
 
     def where(rank: int) -> str:
         beat = beats.get(rank)
@@ -328,6 +338,20 @@ def explain(err: BaseException, completed: int, beats: Dict[int, Optional[Heartb
     return (f"{name} {what} in step {completed + 1}, although every rank entered it "
             f"({'; '.join(where(r) for r in sorted(known))}): the network between the ranks, or the "
             f"communication backend, is stuck. ({cause})")
+
+
+def explain_silent_store(err: BaseException, completed: int, silent_s: float, timeout_s: float) -> str:
+    """The paragraph for a collective that failed while the job's store (its owner: rank 0) was silent."""
+    what, cause = _what_failed(err, timeout_s)
+    return f"A collective {what} in step {completed + 1}: {silent_store_story(silent_s, timeout_s)}. ({cause})"
+
+
+def _what_failed(err: BaseException, timeout_s: float) -> tuple:
+    """("timed out after dist.timeout_s=N" or "failed", the error's text on one line, at most 240 characters)."""
+    timed_out = re.search(r"timed out|timeout", str(err), re.IGNORECASE) is not None
+    cause = " ".join(str(err).split())
+    return (f"timed out after dist.timeout_s={timeout_s:g}" if timed_out else "failed",
+            cause if len(cause) <= 240 else cause[:240] + "...")
 
 
 def _process_gone(beat: Heartbeat) -> bool:
@@ -379,30 +403,6 @@ def _missing_ranks(beats: Dict[int, Optional[Heartbeat]], world_size: int):
 
 def _ranks(ranks: List[int]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
-
-
-def _open_store(info: ProcessInfo, timeout_s: float) -> Any:
-    """A client of the job's own c10d TCPStore (torchrun's agent, or rank 0 under srun), namespaced per attempt.
-
-    A separate client with a short timeout: a dead store must not block the watchdog for dist.timeout_s.
-    """
-    import torch.distributed as torch_dist
-
-    attempt = "-".join(os.environ.get(k, "0") for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID") or "local"
-    prefix = f"distrain/watchdog/{run_id}/{attempt}/"  # a restarted group must not read the last attempt's abort
-    timeout = datetime.timedelta(seconds=min(30.0, max(5.0, timeout_s)))
-    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    try:
-        if host and port:
-            store = torch_dist.TCPStore(host, int(port), is_master=False, timeout=timeout, wait_for_workers=False)
-        else:
-            from torch.distributed.distributed_c10d import _get_default_store
-
-            store = _get_default_store()
-        return torch_dist.PrefixStore(prefix, store)
-    except Exception:
-        return None
 
 
 def _record_error_file(message: str) -> None:

@@ -49,3 +49,14 @@ def close_logging(logger: logging.Logger) -> None:
 
 def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
+
+
+def console_warning(message: str) -> None:
+    """A warning through the run's log; after the log is closed (the very end of a run), on stderr as the console
+    shows it - never into logging's last-resort handler without its prefix."""
+    logger = get_logger()
+    if logger.handlers:
+        logger.warning(message)
+    else:
+        print(_ConsoleFormatter().format(logging.makeLogRecord({"msg": message, "levelno": logging.WARNING,
+                                                                 "levelname": "WARNING"})), file=sys.stderr)

@@ -29,7 +29,7 @@ class RunReport:
         """``record_attempt(record, start_step)``: adds this attempt of the job (restart counts) to run.json."""
         self.log = log
         main = info.is_main
-        self.writer = MetricsWriter(run_dir, cfg, fresh=start_step == 0) if main else None
+        self.writer = MetricsWriter(run_dir, cfg, fresh=start_step == 0, start_step=start_step) if main else None
         self.record = RunRecord(run_dir) if main else None
         if self.record:
             self.record.start(info.world_size, vars(plan) | {"per_rank": plan.per_rank}, start_step)

@@ -39,6 +39,7 @@ from distrain.strategies import StrategyContext, build_strategy, strategy_class
 from distrain.telemetry.flops import flops_per_sample, peak_flops
 from distrain.telemetry.logs import close_logging, setup_logging
 from distrain.telemetry.perf import Throughput
+from distrain.telemetry.metrics import MetricsWriter
 from distrain.telemetry.run_report import RunReport
 from distrain.telemetry.step_record import StepRecorder, StepWindow
 from distrain.training.divergence import DivergenceGuard
@@ -110,6 +111,7 @@ class Trainer:
         self._owns_group = dist.init_process_group(self.info, self._backend, self.device, self.cfg.dist.timeout_s,
                                                    local_group=strategy_cls.needs_process_group)
         self._resources.callback(self._leave_group)
+        self._writer: Optional[MetricsWriter] = None  # rank 0's, once fit runs: its trackers flush in _leave_group
         return strategy_cls
 
     def _build_data(self, train_data: Optional[Dataset], eval_data: Optional[Dataset], loss_fn: Optional[LossFn],
@@ -261,6 +263,7 @@ class Trainer:
         """Train to ``train.steps``; returns the final metrics (identical on every rank)."""
         report = RunReport(self.run_dir, self.cfg, self.info, self.plan, self.step, self.throughput, self.device,
                            self.log, record_attempt=self.faults.record_attempt)  # run.json, metrics, progress
+        self._writer = report.writer
         started = time.perf_counter()
         try:
             final = self._loop(report)
@@ -382,17 +385,18 @@ class Trainer:
             self.evaluator.close()
 
     def _leave_group(self) -> None:
-        if not self._owns_group:
-            return
-        if self._clean_exit:
-            dist.barrier()  # no rank tears the group down while a peer is still talking to it
-        # gloo's worker thread frees the last collective's work object (the barrier's; after a failure, e.g. the
-        # resume decision's broadcast) just after waking us, and needs the GIL for it; if we dropped the group (its
-        # destructor joins that thread, holding the GIL) in that window, both would wait forever. Seen about once
-        # in 12 runs on a loaded machine; a short GIL-free sleep lets the worker finish first.
-        time.sleep(0.2)
-        dist.destroy_process_group()
-        self._owns_group = False
+        if self._owns_group:
+            if self._clean_exit:
+                dist.barrier()  # no rank tears the group down while a peer is still talking to it
+            # gloo's worker thread frees the last collective's work object (the barrier's; after a failure, e.g. the
+            # resume decision's broadcast) just after waking us, and needs the GIL for it; if we dropped the group
+            # (its destructor joins that thread, holding the GIL) in that window, both would wait forever. Seen
+            # about once in 12 runs on a loaded machine; a short GIL-free sleep lets the worker finish first.
+            time.sleep(0.2)
+            dist.destroy_process_group()
+            self._owns_group = False
+        if self._writer is not None:  # after the last collective: no peer waits while the trackers flush (bounded)
+            self._writer.wait()
 
     def __enter__(self) -> "Trainer":
         return self

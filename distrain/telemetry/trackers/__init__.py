@@ -1,21 +1,27 @@
 """Experiment trackers (TensorBoard, MLflow, W&B) as sinks of the metrics writer on rank 0.
 
 ``Trackers.open`` starts the ones ``metrics.trackers`` names (plus ``metrics.tensorboard: true``, the older key),
-each behind a ``TrackerSink``; ``log`` hands every record to all of them and ``close`` finishes them. Each
+each behind a ``TrackerSink``; ``log`` hands every record to all of them, ``close`` hands them the run's end and
+returns at once, and ``wait`` lets them flush for at most ``metrics.tracker_timeout_s`` (rank 0 calls it after the
+last collective: no other rank waits on a tracker, and a tracker never fails a finished run). Each
 tracker's run id is kept in <run dir>/trackers.json, so a requeued or resumed run continues the same tracker run.
 A new tracker is one file here and one entry in ``TRACKERS``.
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from distrain.telemetry.keep_aside import keep_aside
+from distrain.telemetry.logs import console_warning
 from distrain.telemetry.trackers.base import (RunEnd, Tracker, TrackerRun, TrackerSink, flatten_params,
                                               numeric_metrics)
 
@@ -25,7 +31,6 @@ TRACKERS = {
     "wandb": "distrain.telemetry.trackers.wandb:WandbTracker",
 }
 IDS_FILE = "trackers.json"
-CLOSE_TIMEOUT_S = 120.0  # how long the end of a run waits for a tracker to flush (a slow server, a big upload)
 
 
 def tracker_names(cfg: DictConfig) -> List[str]:
@@ -44,11 +49,13 @@ def build_tracker(name: str) -> Tracker:
 class Trackers:
     """The trackers of one run on rank 0; every call returns at once (the work happens on each sink's thread)."""
 
-    def __init__(self, run_dir: Path, sinks: List[TrackerSink], ids: Dict[str, str]):
+    def __init__(self, run_dir: Path, sinks: List[TrackerSink], ids: Dict[str, str], timeout_s: float = 10.0):
         self.run_dir = run_dir
         self.sinks = sinks
+        self.timeout_s = timeout_s  # metrics.tracker_timeout_s: the most the run's end waits for them
         self._ids = ids
         self._lock = threading.Lock()
+        self._closed_at: Optional[float] = None
 
     @classmethod
     def open(cls, cfg: DictConfig, run_dir: Path, fresh: bool) -> "Trackers":
@@ -57,11 +64,11 @@ class Trackers:
         ids: Dict[str, str] = {}
         if ids_path.exists():
             if fresh:  # a new run from step 0 in an old run dir: keep the old ids aside, start new tracker runs
-                ids_path.rename(run_dir / f"trackers.{int(ids_path.stat().st_mtime)}.json")
+                keep_aside(ids_path)  # never over the ids an earlier fresh start kept aside
             else:
                 ids = json.loads(ids_path.read_text())
         config = OmegaConf.to_container(cfg, resolve=True)
-        group = cls(run_dir, [], ids)
+        group = cls(run_dir, [], ids, float(cfg.metrics.tracker_timeout_s))
         params = flatten_params(config)
         for name in tracker_names(cfg):
             settings = OmegaConf.to_container(cfg.metrics[name]) if name in cfg.metrics and \
@@ -82,10 +89,27 @@ class Trackers:
                 sink.submit("log_metrics", metrics, step)
 
     def close(self, end: RunEnd) -> None:
+        """Hand every tracker the run's end; returns at once (``wait`` bounds the flush)."""
         for sink in self.sinks:
             sink.submit("finish", end)
-        for sink in self.sinks:
-            sink.close(CLOSE_TIMEOUT_S)
+            sink.stop()
+        self._closed_at = time.monotonic()
+        # A script that never closes its Trainer still gets the bounded flush, at interpreter exit (the sinks'
+        # threads are daemons: without it their last calls would be cut off).
+        atexit.register(self.wait)
+
+    def wait(self) -> List[str]:
+        """Let the trackers finish, for at most ``timeout_s`` since ``close`` in all; one warning per tracker left
+        behind (logged, and returned)."""
+        if self._closed_at is None:
+            return []
+        deadline = self._closed_at + self.timeout_s
+        late = [note for sink in self.sinks if (note := sink.join(deadline - time.monotonic(), self.timeout_s))]
+        for note in late:
+            console_warning(note)
+        self.sinks, self._closed_at = [], None
+        atexit.unregister(self.wait)
+        return late
 
     def _remember(self, name: str, run_id: str) -> None:
         """Keep a tracker's run id in the run directory (from the sink's thread), for the next attempt."""

@@ -3,7 +3,9 @@
 A tracker is one small class (``tensorboard.py``, ``mlflow.py``, ``wandb.py``) with four calls: ``start`` (open or
 continue a tracker run; returns its id, which rank 0 keeps in the run directory), ``log_params``, ``log_metrics``
 and ``finish``. ``TrackerSink`` runs them on a thread of their own: a slow or unreachable server never holds up a
-step, and the first failure is reported once, after which that tracker is dropped and training goes on.
+step, and the first failure is reported once, after which that tracker is dropped and training goes on. At the
+run's end ``stop`` returns at once and ``join`` bounds the flush, so rank 0 flushes after the last collective and no
+other rank ever waits on a tracker.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class TrackerSink:
         self._on_started = on_started
         self._queue: "queue.Queue[Any]" = queue.Queue()
         self._failed = False
+        self._doing: Optional[str] = None  # the call in progress, for the warning when it does not finish
         self._thread = threading.Thread(target=self._work, name=f"distrain-tracker-{tracker.name}", daemon=True)
         self._thread.start()
 
@@ -79,14 +82,19 @@ class TrackerSink:
         if not self._failed:
             self._queue.put((method, args))
 
-    def close(self, timeout_s: float) -> None:
-        """Let the queued calls finish (up to ``timeout_s``), then stop the thread."""
+    def stop(self) -> None:
+        """No more calls: the thread ends once the queued ones are done (returns at once)."""
         self._queue.put(_STOP)
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            get_logger().warning(f"tracker {self.tracker.name} did not finish within {timeout_s:.0f} s (a slow or "
-                                 f"unreachable server?); its last records may be missing there. metrics.jsonl has "
-                                 f"every record.")
+
+    def join(self, timeout_s: float, limit_s: float) -> Optional[str]:
+        """Wait up to ``timeout_s`` for the queued calls; None when done, else a warning naming this tracker
+        (``limit_s``: metrics.tracker_timeout_s, for the warning)."""
+        self._thread.join(max(0.0, timeout_s))
+        if not self._thread.is_alive():
+            return None
+        return (f"tracker {self.tracker.name} did not finish within metrics.tracker_timeout_s={limit_s:g} (still in "
+                f"{self._doing or 'its queue'}: a slow or unreachable server?); it is left behind, so its last "
+                f"records may be missing there. The run itself is complete, and metrics.jsonl has every record.")
 
     def _work(self) -> None:
         while True:
@@ -96,6 +104,7 @@ class TrackerSink:
             if self._failed:
                 continue
             method, args = item
+            self._doing = method
             try:
                 result = getattr(self.tracker, method)(*args)
                 if method == "start" and result:
