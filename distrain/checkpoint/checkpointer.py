@@ -57,7 +57,6 @@ from distrain.telemetry.logs import get_logger
 from distrain.telemetry.run_record import versions
 from distrain.telemetry.units import format_bytes
 from distrain.strategies.base import Strategy
-from distrain.training.divergence import nonfinite_weight_ranks
 
 # Fault injection for tests: "STEP:SECONDS" makes every rank sleep inside the save of checkpoint STEP, after the
 # trainer state is written and before the shards are, so a test can kill a save in the middle.
@@ -210,7 +209,7 @@ class Checkpointer:
     def _weights_finite(self, step: int, fatal: bool) -> bool:
         """Collective: whether every rank's weights are finite. Non-finite ones are never saved: a DivergenceError
         (``fatal``), else a warning and False."""
-        bad = nonfinite_weight_ranks(self.strategy.model, self.strategy.ctx.device)
+        bad = self.strategy.nonfinite_weight_ranks()
         if not bad:
             return True
         latest = read_latest(self.root)

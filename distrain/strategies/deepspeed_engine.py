@@ -42,7 +42,7 @@ from torch import nn
 from distrain.env import ProcessInfo
 from distrain.checkpoint.layout import CONSOLIDATED, ENGINE_DIR
 from distrain.errors import CheckpointError, ConfigError
-from distrain.models.host_memory import freed_memory_returned
+from distrain.strategies.host_memory import freed_memory_returned
 from distrain.models.meta_init import is_meta, meta_init_of
 from distrain.strategies.layout import FULL, SHARD, Layout
 from distrain.training.activation_checkpointing import apply_activation_checkpointing
@@ -168,7 +168,7 @@ class DeepSpeedStrategy(Strategy):
         else:
             model = self._on_device(model)
         apply_activation_checkpointing(model, train.activation_checkpointing, train.blocks)
-        groups = param_groups(model, train)  # every strategy's weight-decay groups; DeepSpeed partitions each
+        groups = param_groups(model, train, shape=self.param_shape)  # every strategy's groups, partitioned
         client_optimizer = None if "optimizer" in config else build_optimizer(groups, train, self.ctx.device)
         # Past the config check, a failure is the engine's (a runtime error with DeepSpeed's own traceback).
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -244,6 +244,14 @@ class DeepSpeedStrategy(Strategy):
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:  # the basic optimizer's groups, behind ZeRO's wrapper
             group["lr"] = lr
+
+    # --- an engine's tensors, seen from outside ----------------------------------------------------
+    def local_tensor(self, param: torch.Tensor) -> torch.Tensor:
+        local = getattr(param, "ds_tensor", None)  # ZeRO-3 keeps the shard apart, the parameter itself empty
+        return local if local is not None else param
+
+    def param_shape(self, param: torch.Tensor) -> torch.Size:
+        return getattr(param, "ds_shape", param.shape)  # ZeRO-3 keeps the real shape apart
 
     # --- state -------------------------------------------------------------------------------------
     @property

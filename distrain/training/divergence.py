@@ -15,7 +15,7 @@ price of asking for it). stop and warn cost no collective and no host sync per s
 non-finite step and a count on the device, and ``settle`` reduces them (one all-reduce of two numbers per rank) where
 the loop synchronises anyway: on log steps (the logged loss is reduced there), before a checkpoint is saved, and after
 the last step. So a run stops at most ``train.log_every`` steps after it diverged, naming the step it diverged at, and
-nothing non-finite is ever committed: checkpoints are guarded apart, at save time (``nonfinite_weight_ranks``).
+nothing non-finite is ever committed: checkpoints are guarded apart, at save time (``Strategy.nonfinite_weight_ranks``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import torch
-from torch import nn
 
 from distrain import dist
 from distrain.errors import ConfigError, DivergenceError
@@ -47,18 +46,6 @@ def _describe(codes: List[float]) -> str:
         parts.append("the gradient norm is not finite" + (f" on rank(s) {', '.join(map(str, norm))}"
                                                            if len(norm) < len(codes) else ""))
     return " and ".join(parts)
-
-
-def nonfinite_weight_ranks(model: nn.Module, device: torch.device) -> List[int]:
-    """The ranks whose weights (their local shards) hold a nan or inf; the same list on every rank (collective)."""
-    flags = []
-    for p in model.parameters():
-        local = getattr(p, "ds_tensor", None)  # DeepSpeed ZeRO-3 keeps the shard apart, the parameter empty
-        local = local if local is not None else (p.to_local() if hasattr(p, "to_local") else p)  # FSDP2 DTensor
-        if local.numel():
-            flags.append(torch.isfinite(local.detach()).all().logical_not())
-    bad = torch.stack([f.to(device) for f in flags]).any().float() if flags else torch.zeros((), device=device)
-    return [r for r, v in enumerate(dist.per_rank(bad.to(device))) if v]
 
 
 class DivergenceGuard:
@@ -131,7 +118,7 @@ class DivergenceGuard:
                 self.log.warning(f"step {step}: {what}; going on (train.on_nonfinite=warn)")
             self._streak = True
             return True
-        broken = nonfinite_weight_ranks(self.strategy.model, self.device)
+        broken = self.strategy.nonfinite_weight_ranks()
         if broken:
             raise DivergenceError(f"Training diverged at step {step}: {what}, and the weights themselves are no longer "
                                   f"finite on rank(s) {', '.join(map(str, broken))} (an earlier update had non-finite "
@@ -149,4 +136,4 @@ class DivergenceGuard:
                 f"train.on_nonfinite=skip_step skips such steps instead.")
 
 
-__all__ = ["DivergenceGuard", "nonfinite_weight_ranks"]
+__all__ = ["DivergenceGuard"]

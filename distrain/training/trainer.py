@@ -403,8 +403,7 @@ class Trainer:
             record.update(self.timer.split(self.info.world_size))
             record.update(self.throughput.record(record["samples_per_s"]))
         if self._grad_norm is not None:
-            norm = self._grad_norm
-            record["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            record["grad_norm"] = self.strategy.scalar(self._grad_norm)
         if self.strategy.comm_bytes is not None:  # payload this rank sent for sync since it started (DDP, local SGD)
             record["comm_bytes"] = self.strategy.comm_bytes
         memory = self._peak_memory_mb()
