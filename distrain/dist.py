@@ -10,6 +10,7 @@ import torch.distributed as torch_dist
 
 from distrain.env import ProcessInfo
 from distrain.errors import ConfigError, DistributedError
+from distrain.ports import describe_owner
 
 
 def resolve_device(requested: str, info: ProcessInfo) -> torch.device:
@@ -86,8 +87,6 @@ def _rendezvous_error(err: Exception, info: ProcessInfo, timeout_s: float) -> Di
     detail = " ".join(str(err).split())
     where = f"Rank {info.rank} of {info.world_size} on {socket.gethostname()}"
     if "EADDRINUSE" in detail or "address already in use" in detail.lower():
-        from distrain.launch.ports import describe_owner
-
         return DistributedError(
             f"{where} could not open the rendezvous at MASTER_ADDR:MASTER_PORT = {addr}:{port}: the port is already in "
             f"use by {describe_owner(int(port))}. Start the job with a free port (MASTER_PORT=<port>, or "

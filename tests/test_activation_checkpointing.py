@@ -12,7 +12,7 @@ import torch
 from distrain.data import build_datasets, fetch_batch
 from distrain.errors import ConfigError
 from distrain.models import build_model
-from distrain.training.activation_checkpointing import apply_activation_checkpointing, checkpoint_every
+from distrain.models.activation_checkpointing import apply_activation_checkpointing, checkpoint_every
 
 MODES = ("none", "every:2", "full")
 pytestmark = pytest.mark.usefixtures("one_thread")

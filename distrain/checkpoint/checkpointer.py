@@ -32,7 +32,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import torch.distributed as torch_dist
 from omegaconf import DictConfig
@@ -41,7 +41,7 @@ from torch import nn
 from distrain import dist
 from distrain.checkpoint.compat import check_resume_config
 from distrain.checkpoint.discovery import PATH_HELP, checkpoints_dir_of, describe_fallback, describe_skipped
-from distrain.checkpoint.layout import (checkpoints_root, committed, fsync_dir, is_checkpoint_dir, kept_name,
+from distrain.checkpoint.paths import (checkpoints_root, committed, fsync_dir, is_checkpoint_dir, kept_name,
                                         leftovers, parse_step, read_latest, step_name, temp_name, trash_name,
                                         write_latest)
 from distrain.checkpoint.manifest import (checksum_problem, own_digests, read_manifest, share_of, structure_problem,
@@ -53,10 +53,13 @@ from distrain.config import config_hash, to_container
 from distrain.data import GlobalStepSampler
 from distrain.env import ProcessInfo
 from distrain.errors import CheckpointError, DivergenceError, StorageError
+from distrain.storage_errors import write_failure_hint
 from distrain.telemetry.logs import get_logger
 from distrain.telemetry.run_record import versions
 from distrain.telemetry.units import format_bytes
-from distrain.strategies.base import Strategy
+
+if TYPE_CHECKING:  # annotations only: strategies write into checkpoints, so they import this folder, not it them
+    from distrain.strategies.base import Strategy
 
 # Fault injection for tests: "STEP:SECONDS" makes every rank sleep inside the save of checkpoint STEP, after the
 # trainer state is written and before the shards are, so a test can kill a save in the middle.
@@ -460,8 +463,6 @@ class Checkpointer:
 
 def _commit_failure(err: OSError, step: int, tmp: Path, final: Path) -> str:
     """What to say when the commit's own writes (manifest, rename, ``latest``) fail: the storage's reason first."""
-    from distrain.storage import write_failure_hint
-
     hint = write_failure_hint(tmp)
     return (f"Committing checkpoint step {step} ({tmp} -> {final}) failed: {err}"
             + (f", because {hint}" if hint else "") + ". The previous checkpoint stays the latest.")

@@ -179,21 +179,3 @@ def batch_plan(cfg: DictConfig, world_size: int) -> BatchPlan:
 def _divisor_hint(n: int, near: int) -> int:
     divisors = [d for d in range(1, n + 1) if n % d == 0]
     return min(divisors, key=lambda d: (abs(d - near), -d))
-
-
-def check_job(cfg: DictConfig, world_size: int) -> BatchPlan:
-    """Everything checkable before any worker starts (launch, verify, config show, slurm submit): the batch plan
-    for ``world_size``, that the named strategy, dataset and model exist (each registry's own lookup, so the
-    message is the one a worker would give), and that data.collate_fn imports."""
-    plan = batch_plan(cfg, world_size)  # before the imports below pull in torch: batch mistakes fail in 0.3 s
-    from distrain.data.datasets import dataset_builder
-    from distrain.models.registry import model_builder
-    from distrain.strategies import strategy_class
-
-    from distrain.data.collate import resolve_collate_fn
-
-    strategy_class(cfg.strategy.name)
-    dataset_builder(cfg.data.name)
-    model_builder(cfg.model.name)
-    resolve_collate_fn(cfg.data.collate_fn)  # a path that does not import fails here, not on every rank
-    return plan

@@ -19,7 +19,10 @@ import torch
 from torch.utils.data import Dataset
 
 from distrain.config.options import parse_options
-from distrain.errors import ConfigError
+from distrain.data.hf import HFRows, check_columns, infer_task, load, splits
+from distrain.data.images import EVAL_DIRS, Augment, ImageFolder, scan
+from distrain.data.tokens import open_token_windows
+from distrain.errors import ConfigError, UsageError
 
 
 @dataclass(frozen=True)
@@ -180,8 +183,6 @@ def tokens(path: str = "", block_size: int = 64, eval_windows: Optional[int] = N
 
     The eval split is the shards' own (limited to eval_windows windows), else the tail eval_fraction of the windows.
     """
-    from distrain.data.tokens import open_token_windows
-
     if not path:
         raise ConfigError("data.name=tokens needs data.kwargs.path: a directory of token shards with an index.json "
                           "(make one with `distrain data prepare SRC --out DIR`).", key="data.kwargs.path")
@@ -205,8 +206,6 @@ def images(path: str = "", size: int = 32, channels: int = 3, augment: Optional[
            eval_fraction: float = 0.2, split_seed: int = 1234) -> Tuple[Dataset, Optional[Dataset]]:
     """Image files in one folder per class (PATH/<class>/*.png, or PATH/train/<class> and PATH/eval/<class>),
     decoded with Pillow, resized to size x size, augmented per sample (training split only)."""
-    from distrain.data.images import EVAL_DIRS, Augment, ImageFolder, scan
-
     if importlib.util.find_spec("PIL") is None:
         raise ConfigError("data.name=images needs Pillow to decode images: pip install 'distrain[data]'.",
                           key="data.name")
@@ -249,8 +248,6 @@ def hf(path: str = "", split: str = "train", eval_split: Optional[str] = None, i
 
     The eval split is eval_split (or the DatasetDict's validation/eval/test), else a seeded eval_fraction held out.
     """
-    from distrain.data.hf import HFRows, check_columns, infer_task, load, splits
-
     train_ds, eval_ds = splits(load(path), split, eval_split)
     check_columns(train_ds, input, target, columns)
     if eval_ds is None and eval_fraction > 0:
@@ -293,3 +290,23 @@ def build_datasets(name: str, kwargs: Dict[str, Any], eval_fraction: float
     kwargs["eval_fraction"] = eval_fraction
     train, evaluation = builder(**kwargs)  # the options fit its signature: whatever it raises is its own
     return train, (evaluation if evaluation is not None and len(evaluation) else None)
+
+
+def render_digits(out: Path, size: int = 64, limit: int = 0) -> int:
+    """Write scikit-learn's handwritten digits as PNG files: ``out/train/<digit>/<n>.png`` and ``out/eval/...`` (the
+    built-in digits' own 80/20 split), each 8x8 scan upscaled to size x size with bicubic interpolation; at most
+    ``limit`` per split (0: all). Real images on disk for examples, tests and benchmarks. Returns how many."""
+    from PIL import Image  # lazy: Pillow is optional (distrain[data])
+
+    if any(Path(out).glob("*/*/*.png")):
+        raise UsageError(f"{out} already holds rendered digits; nothing is overwritten. Choose another directory.")
+    train, evaluation = build_datasets("digits", {}, 0.2)
+    written = 0
+    for split, data in (("train", train), ("eval", evaluation)):
+        for i in range(len(data) if not limit else min(limit, len(data))):
+            pixels = (data.inputs[i, 0].numpy() * 255).astype(np.uint8)  # type: ignore[attr-defined]
+            folder = Path(out) / split / str(int(data.targets[i]))  # type: ignore[attr-defined]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC).save(folder / f"{i:05d}.png")
+            written += 1
+    return written

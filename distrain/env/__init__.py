@@ -10,6 +10,7 @@ from distrain.env.kubeflow import KubeflowEnvironment
 from distrain.env.single import single_process
 from distrain.env.slurm import SlurmEnvironment
 from distrain.env.torchelastic import TorchElasticEnvironment
+from distrain.errors import ConfigError
 
 # Order matters: torchrun started by srun (one per node) sets both, and torchrun's variables are the truth. A
 # PyTorchJob pod sets RANK and WORLD_SIZE without LOCAL_RANK, so Kubeflow answers before torchrun (and steps aside
@@ -28,9 +29,12 @@ def detect(environ: Optional[Mapping[str, str]] = None) -> ProcessInfo:
     return single_process(environ)
 
 
-def _check(info: ProcessInfo) -> None:
-    from distrain.errors import ConfigError
+def preempted_exit_code(info: ProcessInfo) -> int:
+    """What this process exits with once its preemption checkpoint is committed: its environment's code."""
+    return next((env.preempted_exit_code for env in ENVIRONMENTS if env.name == info.source), 0)
 
+
+def _check(info: ProcessInfo) -> None:
     if info.world_size < 1 or not 0 <= info.rank < info.world_size:
         names = {"slurm": "SLURM_PROCID/SLURM_NTASKS",
                  "kubeflow": "RANK/WORLD_SIZE or PET_NODE_RANK/PET_NNODES"}.get(info.source, "RANK/WORLD_SIZE")
@@ -40,4 +44,4 @@ def _check(info: ProcessInfo) -> None:
                           key="RANK")
 
 
-__all__ = ["ClusterEnvironment", "ProcessInfo", "detect", "ENVIRONMENTS"]
+__all__ = ["ClusterEnvironment", "ProcessInfo", "detect", "ENVIRONMENTS", "preempted_exit_code"]

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
+from distrain.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ProcessInfo:
@@ -30,6 +32,9 @@ class ClusterEnvironment:
     """One cluster environment: ``detect`` says whether it applies, ``info`` reads it."""
 
     name = "base"
+    # What the process exits with once a preemption's checkpoint is committed: 0 (the job ends as it should), or a
+    # code the platform restarts on (a Kubeflow pod).
+    preempted_exit_code = 0
 
     @staticmethod
     def detect(environ: Mapping[str, str]) -> bool:
@@ -44,8 +49,6 @@ class ClusterEnvironment:
 
 def int_var(environ: Mapping[str, str], name: str, source: str) -> int:
     """Read an integer environment variable, or raise a ConfigError naming it."""
-    from distrain.errors import ConfigError
-
     value = environ.get(name)
     if value is None:
         raise ConfigError(f"Environment variable {name} is not set, but the other {source} variables are: the "

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from distrain.env import ProcessInfo
+from distrain.errors import DistributedError
 
 FLIGHT_RECORDER_ENV = "TORCH_FR_BUFFER_SIZE"
 FLIGHT_RECORDER_ENTRIES = 256  # only the newest entries matter here; a user's own setting wins
@@ -51,6 +52,7 @@ def enable_flight_recorder() -> None:
 def last_collectives() -> Optional[Dict[str, Dict[str, Any]]]:
     """The newest flight-recorder entry per process group: {pg: {seq, op, ranks}}, or None without a recorder."""
     try:
+        # lazy: start-up: torch takes seconds to import
         from torch._C._distributed_c10d import _dump_fr_trace  # private, hence the broad guard
 
         dump = pickle.loads(_dump_fr_trace(True, False, False))
@@ -386,7 +388,7 @@ def _open_store(info: ProcessInfo, timeout_s: float) -> Any:
 
     A separate client with a short timeout: a dead store must not block the watchdog for dist.timeout_s.
     """
-    import torch.distributed as torch_dist
+    import torch.distributed as torch_dist  # lazy: start-up: torch takes seconds to import
 
     attempt = "-".join(os.environ.get(k, "0") for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
     run_id = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID") or "local"
@@ -397,6 +399,7 @@ def _open_store(info: ProcessInfo, timeout_s: float) -> Any:
         if host and port:
             store = torch_dist.TCPStore(host, int(port), is_master=False, timeout=timeout, wait_for_workers=False)
         else:
+            # lazy: start-up: torch takes seconds to import
             from torch.distributed.distributed_c10d import _get_default_store
 
             store = _get_default_store()
@@ -410,9 +413,9 @@ def _record_error_file(message: str) -> None:
     if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
         return
     try:
+        # lazy: start-up: torch takes seconds to import
         from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-        from distrain.errors import DistributedError
 
         ErrorHandler().record_exception(DistributedError(message))
     except Exception:

@@ -27,17 +27,19 @@ from omegaconf import DictConfig
 from torch import nn
 
 from distrain import dist
+from distrain.checkpoint import dcp_io
+from distrain.checkpoint.paths import DCP_DIR
 from distrain.config import BatchPlan
 from distrain.config.options import parse_options
 from distrain.env import ProcessInfo
 from distrain.models.meta_init import is_meta, materialise
 from distrain.strategies import precision
-from distrain.training.activation_checkpointing import apply_activation_checkpointing
-from distrain.training.compile import apply_compile
-from distrain.training.optim import build_optimizer, param_groups
+from distrain.models.activation_checkpointing import apply_activation_checkpointing
+from distrain.models.compile import apply_compile
+from distrain.optim import build_optimizer, param_groups
 
 if TYPE_CHECKING:
-    from distrain.strategies.layout import Layout
+    from distrain.strategies.placement import Layout
 
 
 @dataclass
@@ -111,7 +113,7 @@ class Strategy(abc.ABC):
 
     def _build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """train.optimizer over ``model``'s parameters (after wrapping/sharding), in the weight-decay groups every
-        strategy uses (distrain.training.optim.param_groups)."""
+        strategy uses (distrain.optim.param_groups)."""
         groups = param_groups(model, self.ctx.train, shape=self.param_shape)
         return build_optimizer(groups, self.ctx.train, self.ctx.device)
 
@@ -235,16 +237,10 @@ class Strategy(abc.ABC):
                         group: Optional[Any] = None) -> Optional[Any]:
         """Write this rank's model and optimizer state into checkpoint ``directory`` (dcp/); ``asynchronous``: in
         DCP's background thread, collectives on ``group``, returning its future."""
-        from distrain.checkpoint import dcp_io
-        from distrain.checkpoint.layout import DCP_DIR
-
         return dcp_io.save_state(self.checkpoint_state(), directory / DCP_DIR, step, asynchronous, group)
 
     def load_checkpoint(self, directory: Path) -> None:
         """Load this rank's model and optimizer state from checkpoint ``directory`` (what save_checkpoint wrote)."""
-        from distrain.checkpoint import dcp_io
-        from distrain.checkpoint.layout import DCP_DIR
-
         target = self.checkpoint_state()
         dcp_io.load_state(target, directory / DCP_DIR)
         self.load_checkpoint_state(target)
@@ -254,6 +250,7 @@ class Strategy(abc.ABC):
 
         torch's state_dict helpers see through DDP and FSDP2 wrappers and give DCP the keys it reshards by.
         """
+        # lazy: start-up: DCP takes ~2 s to import, only saves and loads need it
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
@@ -261,6 +258,7 @@ class Strategy(abc.ABC):
 
     def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
         """Load what ``checkpoint_state`` produced (after DCP filled it in place)."""
+        # lazy: start-up: DCP takes ~2 s to import, only saves and loads need it
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
 from distrain.errors import CheckpointError, ConfigError
-from distrain.strategies.layout import Layout
+from distrain.strategies.placement import Layout
 from distrain.strategies.base import Strategy, StrategyContext
 
 OUTER = ("average", "nesterov")
@@ -113,6 +113,7 @@ class LocalSGDStrategy(Strategy):
 
         A resume therefore needs the same world size; the outer (DiLoCo) state is shared and saved once.
         """
+        # lazy: start-up: DCP takes ~2 s to import, only saves and loads need it
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
@@ -132,6 +133,7 @@ class LocalSGDStrategy(Strategy):
         return buffer
 
     def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
+        # lazy: start-up: DCP takes ~2 s to import, only saves and loads need it
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         rank = f"rank{self.ctx.info.rank}of{self.ctx.info.world_size}"

@@ -9,7 +9,6 @@ from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig
 
-from distrain.checkpoint.layout import checkpoints_root, read_latest
 from distrain.telemetry.logs import get_logger
 from distrain.telemetry.run_record import json_safe
 from distrain.telemetry.trackers import RunEnd, Trackers
@@ -35,18 +34,11 @@ class MetricsWriter:
         self.file.write(json.dumps(clean, allow_nan=False) + "\n")
         self.trackers.log(clean)
 
-    def close(self, status: str = "finished") -> None:
+    def close(self, status: str = "finished", checkpoint: Optional[Path] = None) -> None:
         """Close metrics.jsonl, then give the trackers the run's end: its status (finished | failed | preempted),
-        config.yaml and the newest committed checkpoint (the one `distrain ckpt export` exports)."""
+        config.yaml and ``checkpoint``, the newest committed one (the one `distrain ckpt export` exports)."""
         self.file.close()
-        self.trackers.close(RunEnd(status=status, config_file=self.run_dir / "config.yaml",
-                                   checkpoint=_latest_checkpoint(self.run_dir)))
-
-
-def _latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    root = checkpoints_root(run_dir)
-    name = read_latest(root)
-    return root / name if name and (root / name).is_dir() else None
+        self.trackers.close(RunEnd(status=status, config_file=self.run_dir / "config.yaml", checkpoint=checkpoint))
 
 
 def _keep_aside(path: Path) -> Path:

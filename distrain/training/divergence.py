@@ -28,6 +28,7 @@ from typing import Any, List, Optional
 import torch
 
 from distrain import dist
+from distrain.checkpoint.paths import read_latest
 from distrain.errors import ConfigError, DivergenceError
 
 LOSS, GRAD_NORM = 1, 2  # the bits of a rank's code
@@ -127,8 +128,6 @@ class DivergenceGuard:
         return False
 
     def _advice(self) -> str:
-        from distrain.checkpoint.layout import read_latest
-
         latest = read_latest(self.checkpoints)
         kept = (f"The latest checkpoint, {self.checkpoints / latest}, holds finite weights (a checkpoint of non-finite "
                 f"weights is never committed)." if latest else "No checkpoint was committed.")

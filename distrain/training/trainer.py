@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from distrain import dist
 from distrain.checkpoint import Checkpointer
+from distrain.checkpoint.paths import latest_checkpoint
 from distrain.config import ConfigSource, batch_plan, load_config, surprises, to_yaml
 from distrain.data import (EVAL_STEP, EvalLoader, GlobalStepSampler, LoaderOptions, StepLoader, build_datasets,
                            fetch_batch, resolve_collate_fn)
@@ -39,7 +40,7 @@ from distrain.telemetry.metrics import MetricsWriter
 from distrain.telemetry.progress import Progress
 from distrain.models import build_model
 from distrain.models.meta_init import MetaBuildRefused, build_on_meta
-from distrain.training.optim import lr_at
+from distrain.optim import lr_at
 from distrain.training.run_dir import claim_run_dir
 from distrain.telemetry.perf import StepTimer, Throughput, memory_kind, peak_memory_bytes
 from distrain.telemetry.run_record import RunRecord
@@ -374,7 +375,8 @@ class Trainer:
         finally:
             progress.close()
             if writer:  # the trackers learn how the run ended: an exception in flight means it failed
-                writer.close("failed" if sys.exc_info()[0] else "preempted" if self.faults.preempted else "finished")
+                status = "failed" if sys.exc_info()[0] else "preempted" if self.faults.preempted else "finished"
+                writer.close(status, latest_checkpoint(self.run_dir))
         final["wall_s"] = time.perf_counter() - started
         if record:
             record.update(status="preempted" if self.faults.preempted else "finished", step=self.step, final=final,

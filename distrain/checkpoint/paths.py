@@ -112,3 +112,10 @@ def fsync_dir(path: Path) -> None:
 def is_checkpoint_dir(path: Path) -> bool:
     """Whether ``path`` looks like one checkpoint (committed or not), rather than a run or checkpoints dir."""
     return path.is_dir() and any((path / name).exists() for name in (MANIFEST, TRAINER_STATE, DCP_DIR, ENGINE_DIR))
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest committed checkpoint of the run in ``run_dir`` (what ``latest`` names), or None."""
+    root = checkpoints_root(run_dir)
+    name = read_latest(root)
+    return root / name if name and (root / name).is_dir() else None
