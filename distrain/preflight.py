@@ -1,6 +1,6 @@
 """Everything checkable about a job before any worker starts (launch, verify, config show, slurm submit, k8s).
 
-It sits above config/ and the registries (strategies, datasets, models) so that neither imports the other: config
+It sits above config/ and the registries (strategies, datasets, models, trackers) so that neither imports the other: config
 knows the schema, the registries know their builders, and this module asks both.
 """
 
@@ -13,17 +13,21 @@ from distrain.config import BatchPlan, batch_plan
 
 def check_job(cfg: DictConfig, world_size: int) -> BatchPlan:
     """Everything checkable before any worker starts (launch, verify, config show, slurm submit): the batch plan
-    for ``world_size``, that the named strategy, dataset and model exist (each registry's own lookup, so the
-    message is the one a worker would give), and that data.collate_fn imports."""
+    for ``world_size``, that the named strategy, dataset, model and trackers exist (each registry's own
+    lookup, so the message is the one a worker would give), and that data.collate_fn imports."""
     plan = batch_plan(cfg, world_size)  # before the imports below pull in torch: batch mistakes fail in 0.3 s
     # lazy: start-up (torch, ~2 s): a batch that does not divide is refused before they load
     from distrain.data.collate import resolve_collate_fn
     from distrain.data.datasets import dataset_builder
     from distrain.models.registry import model_builder
     from distrain.strategies import strategy_class
+    from distrain.telemetry.trackers import TRACKERS
 
     strategy_class(cfg.strategy.name)
     dataset_builder(cfg.data.name)
     model_builder(cfg.model.name)
+    for tracker in cfg.metrics.trackers:
+        if tracker not in TRACKERS:
+            TRACKERS.resolve(tracker)  # a user's own Tracker subclass: it imports here, not only on rank 0
     resolve_collate_fn(cfg.data.collate_fn)  # a path that does not import fails here, not on every rank
     return plan

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distrain.config.schema import CHOICES, COMPILE_OPTIONS, FAULT_SIGNALS, TRACKER_NAMES, Config
 from distrain.errors import ConfigError
+from distrain.registry import is_import_path
 
 
 def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
@@ -112,8 +113,9 @@ def validate(cfg: DictConfig) -> None:
              "the lock of a live run on another host)")
     _require(cfg.metrics.peak_flops >= 0, "metrics.peak_flops", cfg.metrics.peak_flops, "it must be zero or positive")
     trackers = list(cfg.metrics.trackers)
-    _require(all(t in TRACKER_NAMES for t in trackers) and len(set(trackers)) == len(trackers), "metrics.trackers",
-             trackers, f"list each of {', '.join(TRACKER_NAMES)} at most once, e.g. [tensorboard, mlflow]")
+    _require(all(t in TRACKER_NAMES or is_import_path(t) for t in trackers) and len(set(trackers)) == len(trackers),
+             "metrics.trackers", trackers, f"list each of {', '.join(TRACKER_NAMES)} (or your own Tracker subclass as "
+             f"'package.module:Class') at most once, e.g. [tensorboard, mlflow]")
     f = cfg.faults
     for key in ("signals", "requeue_signals"):
         names = [str(n).upper().removeprefix("SIG") for n in f[key]]

@@ -23,6 +23,7 @@ from distrain.data.hf import HFRows, check_columns, infer_task, load, splits
 from distrain.data.images import EVAL_DIRS, Augment, ImageFolder, scan
 from distrain.data.tokens import open_token_windows
 from distrain.errors import ConfigError, UsageError
+from distrain.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -263,22 +264,16 @@ def hf(path: str = "", split: str = "train", eval_split: Optional[str] = None, i
     return make(train_ds), (make(eval_ds) if eval_ds is not None and len(eval_ds) else None)
 
 
-DATASETS: Dict[str, Callable[..., Tuple[Dataset, Optional[Dataset]]]] = {
-    "digits": digits,
-    "text": text,
-    "regression": regression,
-    "tokens": tokens,
-    "images": images,
-    "hf": hf,
-}
+# data.name -> builder(eval_fraction, **data.kwargs) -> (train, eval or None); a user's own by its import path.
+DATASETS = Registry("dataset", "data.name", "builder(eval_fraction=..., **kwargs) -> (train, eval)", check=callable,
+                    hint=", or a map-style Dataset passed to distrain.Trainer(train_data=...)", entries={
+                        "digits": digits, "text": text, "regression": regression, "tokens": tokens,
+                        "images": images, "hf": hf})
 
 
 def dataset_builder(name: str) -> Callable[..., Tuple[Dataset, Optional[Dataset]]]:
-    """The builder registered as ``data.name``, or a ConfigError listing the built-ins."""
-    if name not in DATASETS:
-        raise ConfigError(f"Unknown dataset data.name={name!r}. Built-in datasets: {', '.join(DATASETS)}; "
-                          f"or pass your own map-style Dataset to distrain.Trainer(train_data=...).", key="data.name")
-    return DATASETS[name]
+    """The builder registered as ``data.name`` (or a user's ``package.module:function``), else a ConfigError."""
+    return DATASETS.resolve(name)
 
 
 def build_datasets(name: str, kwargs: Dict[str, Any], eval_fraction: float

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import os
 from dataclasses import dataclass
 from typing import Mapping
@@ -28,8 +29,8 @@ class ProcessInfo:
         return self.world_size > 1
 
 
-class ClusterEnvironment:
-    """One cluster environment: ``detect`` says whether it applies, ``info`` reads it."""
+class ClusterEnvironment(abc.ABC):
+    """One cluster environment: ``detect`` says whether it applies, ``info`` reads it (both abstract)."""
 
     name = "base"
     # What the process exits with once a preemption's checkpoint is committed: 0 (the job ends as it should), or a
@@ -37,14 +38,14 @@ class ClusterEnvironment:
     preempted_exit_code = 0
 
     @staticmethod
+    @abc.abstractmethod
     def detect(environ: Mapping[str, str]) -> bool:
         """Whether ``environ`` is this environment's (its launcher's variables are set)."""
-        raise NotImplementedError
 
     @staticmethod
+    @abc.abstractmethod
     def info(environ: Mapping[str, str]) -> ProcessInfo:
         """This process's rank, local rank, world size and master address, read from ``environ``."""
-        raise NotImplementedError
 
 
 def int_var(environ: Mapping[str, str], name: str, source: str) -> int:

@@ -3,12 +3,11 @@
 ``Trackers.open`` starts the ones ``metrics.trackers`` names (plus ``metrics.tensorboard: true``, the older key),
 each behind a ``TrackerSink``; ``log`` hands every record to all of them and ``close`` finishes them. Each
 tracker's run id is kept in <run dir>/trackers.json, so a requeued or resumed run continues the same tracker run.
-A new tracker is one file here and one entry in ``TRACKERS``.
+A new tracker is one file here and one entry in ``TRACKERS``; a user's own is named by its import path.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import threading
 from pathlib import Path
@@ -16,14 +15,17 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from distrain.registry import Registry
 from distrain.telemetry.trackers.base import (RunEnd, Tracker, TrackerRun, TrackerSink, flatten_params,
                                               numeric_metrics)
 
-TRACKERS = {
-    "tensorboard": "distrain.telemetry.trackers.tensorboard:TensorBoardTracker",
-    "mlflow": "distrain.telemetry.trackers.mlflow:MLflowTracker",
-    "wandb": "distrain.telemetry.trackers.wandb:WandbTracker",
-}
+# metrics.trackers entries: built-ins imported on use (each is a pip extra), or a user's Tracker subclass by path.
+TRACKERS = Registry("tracker", "metrics.trackers", "Tracker subclass",
+                    check=lambda cls: isinstance(cls, type) and issubclass(cls, Tracker), entries={
+                        "tensorboard": "distrain.telemetry.trackers.tensorboard:TensorBoardTracker",
+                        "mlflow": "distrain.telemetry.trackers.mlflow:MLflowTracker",
+                        "wandb": "distrain.telemetry.trackers.wandb:WandbTracker",
+                    })
 IDS_FILE = "trackers.json"
 CLOSE_TIMEOUT_S = 120.0  # how long the end of a run waits for a tracker to flush (a slow server, a big upload)
 
@@ -37,8 +39,7 @@ def tracker_names(cfg: DictConfig) -> List[str]:
 
 
 def build_tracker(name: str) -> Tracker:
-    module, _, cls = TRACKERS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)()
+    return TRACKERS.resolve(name)()
 
 
 class Trackers:
@@ -64,6 +65,8 @@ class Trackers:
         group = cls(run_dir, [], ids)
         params = flatten_params(config)
         for name in tracker_names(cfg):
+            if name not in TRACKERS:  # a user's own: a bad path is refused here, not warned about on the sink's thread
+                TRACKERS.resolve(name)
             settings = OmegaConf.to_container(cfg.metrics[name]) if name in cfg.metrics and \
                 OmegaConf.is_dict(cfg.metrics[name]) else {}
             sink = TrackerSink(_LazyTracker(name), group._remember)
