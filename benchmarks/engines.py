@@ -30,7 +30,7 @@ from typing import Any, Dict, List
 
 
 from benchmarks.workload import REPO, Workload
-from distrain.training.optim import build_optimizer, lr_at
+from distrain.optim import build_optimizer, lr_at
 
 TARGET = 1.02
 

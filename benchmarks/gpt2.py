@@ -104,7 +104,7 @@ class HandWritten:
     def __init__(self, s: Shape, data: RandomTokens, device: torch.device, compile: str, fused: bool, seed: int = 0):
         from omegaconf import OmegaConf
 
-        from distrain.training.optim import param_groups
+        from distrain.optim import param_groups
 
         torch.manual_seed(seed)
         self.model = GPT2(s).to(device)

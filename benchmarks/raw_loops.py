@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks.workload import Workload
-from distrain.training.optim import build_optimizer, lr_at
+from distrain.optim import build_optimizer, lr_at
 
 
 class RawLoop:

@@ -1,31 +1,34 @@
 """distrain: distributed data-parallel training for PyTorch — one config, one loop, proven equal across scale."""
 
-__version__ = "0.1.0"
+from distrain.version import __version__
 
 
 def __getattr__(name):  # lazy: `import distrain` stays cheap for the CLI's error paths
     if name == "Trainer":
+        # lazy: start-up: `import distrain` loads nothing until a name is used
         from distrain.training.trainer import Trainer
 
         return Trainer
     if name in ("Config", "load_config"):
-        from distrain import config
+        from distrain import config  # lazy: start-up: `import distrain` loads nothing until a name is used
 
         return getattr(config, name)
     if name in ("load_model", "load_weights", "classify", "generate_text"):
-        from distrain import inference
+        from distrain import inference  # lazy: start-up: `import distrain` loads nothing until a name is used
 
         return getattr(inference, name)
     if name == "evaluate_checkpoint":
+        # lazy: start-up: `import distrain` loads nothing until a name is used
         from distrain.inference.evaluate import evaluate_checkpoint
 
         return evaluate_checkpoint
     if name == "export_checkpoint":
+        # lazy: start-up: `import distrain` loads nothing until a name is used
         from distrain.checkpoint.export import export_checkpoint
 
         return export_checkpoint
     if name in ("ConfigError", "DistrainError", "CheckpointError"):
-        from distrain import errors
+        from distrain import errors  # lazy: start-up: `import distrain` loads nothing until a name is used
 
         return getattr(errors, name)
     raise AttributeError(f"module 'distrain' has no attribute {name!r}")

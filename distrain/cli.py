@@ -8,6 +8,7 @@ failures exit 1. No tracebacks for things the user can fix.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -98,7 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("distrain: interrupted", file=sys.stderr)
         return 130
     except OSError as err:
-        from distrain.storage import is_storage_error
+        # lazy: start-up: the CLI parser loads every command, the work loads on use
+        from distrain.storage_errors import is_storage_error
 
         if not is_storage_error(err):
             _record_for_launcher(err)
@@ -114,9 +116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _storage_error(err: OSError) -> StorageError:
     """A write the disk refused (full, quota, file-size limit, read-only), as one paragraph with what to do."""
-    import errno
-
-    from distrain.storage import write_failure_hint
+    # lazy: start-up: the CLI parser loads every command, the work loads on use
+    from distrain.storage_errors import write_failure_hint
 
     where = f"'{err.filename}'" if err.filename else "a file"
     hint = write_failure_hint(err.filename or os.getcwd())
@@ -129,6 +130,7 @@ def _storage_error(err: OSError) -> StorageError:
 def _record_for_launcher(err: BaseException) -> None:
     """Under torchrun, write this worker's error file: the launcher then reports which rank failed first, and why."""
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        # lazy: start-up: the CLI parser loads every command, the work loads on use
         from distrain.faults import record_error_file
 
         record_error_file(err)

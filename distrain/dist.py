@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 from typing import Any, Optional
 
 import torch
@@ -12,6 +13,7 @@ import torch.distributed as torch_dist
 
 from distrain.env import ProcessInfo
 from distrain.errors import ConfigError, DistributedError
+from distrain.ports import describe_owner
 
 
 def resolve_device(requested: str, info: ProcessInfo) -> torch.device:
@@ -97,8 +99,6 @@ def _rendezvous_error(err: Exception, info: ProcessInfo, timeout_s: float) -> Di
     detail = " ".join(str(err).split())
     where = f"Rank {info.rank} of {info.world_size} on {socket.gethostname()}"
     if "EADDRINUSE" in detail or "address already in use" in detail.lower():
-        from distrain.launch.ports import describe_owner
-
         return DistributedError(
             f"{where} could not open the rendezvous at MASTER_ADDR:MASTER_PORT = {addr}:{port}: the port is already in "
             f"use by {describe_owner(int(port))}. Start the job with a free port (MASTER_PORT=<port>, or "
@@ -117,6 +117,19 @@ def _rendezvous_error(err: Exception, info: ProcessInfo, timeout_s: float) -> Di
 def destroy_process_group() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+def leave_process_group(wait_for_peers: bool) -> None:
+    """Tear down the group this process made; ``wait_for_peers`` (a clean exit): a barrier first, so no rank tears
+    the group down while a peer is still talking to it (after a failure a peer may be gone: no barrier)."""
+    if wait_for_peers:
+        barrier()
+    # gloo's worker thread frees the last collective's work object (the barrier's; after a failure, e.g. the resume
+    # decision's broadcast) just after waking us, and needs the GIL for it; if we dropped the group (its destructor
+    # joins that thread, holding the GIL) in that window, both would wait forever. Seen about once in 12 runs on a
+    # loaded machine; a short GIL-free sleep lets the worker finish first.
+    time.sleep(0.2)
+    destroy_process_group()
 
 
 def world_size() -> int:

@@ -79,7 +79,7 @@ def main(out: Path) -> None:
     except ConfigError as err:
         agree["refused"] = str(err)
     (out / f"agree-rank{rank}.json").write_text(json.dumps(agree))
-    # As Trainer._leave_group does for a group it owns: gloo's worker thread frees the last collective's tensors
+    # As dist.leave_process_group does for a group it owns: gloo's worker thread frees the last collective's tensors
     # just after waking us and needs the GIL for it; destroying the group (here, the DDP reducer that still holds
     # it, freed on return) inside that window deadlocks both threads.
     torch_dist.barrier()

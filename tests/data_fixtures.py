@@ -11,7 +11,7 @@ AUGMENT = "{rotate: 12, translate: 0.1, scale: 0.1, flip: true, brightness: 0.1,
 
 def render_digits(out: Path, size: int = 16, limit: int = 0) -> Path:
     """The digits as PNG files under ``out`` (what examples/images/render_digits.py writes)."""
-    from distrain.data.images import render_digits as render
+    from distrain.data.datasets import render_digits as render
 
     render(out, size=size, limit=limit)
     return out

@@ -47,7 +47,7 @@ def main(config: str, run_dir: str) -> None:
     checks["faults_groups_made"] = process_groups() - before
     faults.close()
     checks["faults_groups_left"] = process_groups() - before
-    time.sleep(0.2)  # let gloo's worker thread finish the last collective first (see Trainer._leave_group)
+    time.sleep(0.2)  # let gloo's worker thread finish the last collective first (see dist.leave_process_group)
     torch_dist.destroy_process_group()
     print(json.dumps({"rank": detect().rank, "checks": checks}), flush=True)
 

@@ -14,8 +14,8 @@ from distrain.errors import ConfigError
 from distrain.models import build_model
 from distrain.config import load_config
 from distrain.config.validation import checkpoint_every
-from distrain.training import activation_checkpointing
-from distrain.training.activation_checkpointing import apply_activation_checkpointing
+from distrain.models import activation_checkpointing
+from distrain.models.activation_checkpointing import apply_activation_checkpointing
 
 MODES = ("none", "every:2", "full")
 pytestmark = pytest.mark.usefixtures("one_thread")

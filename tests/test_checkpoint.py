@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli_here
-from distrain.checkpoint.layout import committed, read_latest, step_name
+from distrain.checkpoint.paths import committed, read_latest, step_name
 from distrain.checkpoint.manifest import problem
 from distrain.checkpoint.retention import steps_to_keep
 from distrain.config import load_config

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli_here
-from distrain.checkpoint.layout import step_name
+from distrain.checkpoint.paths import step_name
 from distrain.checkpoint.manifest import write_manifest
 from distrain.checkpoint.safe_load import load_full_state
 from distrain.errors import CheckpointError

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset, default_collate
 
 from conftest import REPO, read_jsonl, run_cli_here
 from distrain.data.datasets import build_datasets
-from distrain.data.loading import fetch_batch
+from distrain.data.batches import fetch_batch
 from distrain.errors import DataError
 
 INDICES = [3, 1, 4, 1, 5]

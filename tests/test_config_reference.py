@@ -5,7 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from distrain.config import Config
-from distrain.config.reference import OUTPUT, main, render, sections
+from distrain.tools.config_reference import OUTPUT, main, render, sections
 
 
 def _schema_keys(node: DictConfig, prefix: str = "") -> list:
@@ -22,7 +22,7 @@ def _schema_keys(node: DictConfig, prefix: str = "") -> list:
 
 
 def test_docs_config_reference_is_up_to_date():
-    assert OUTPUT.read_text() == render(), "docs/config-reference.md is stale: run `python -m distrain.config.reference`"
+    assert OUTPUT.read_text() == render(), "docs/config-reference.md is stale: run `python -m distrain.tools.config_reference`"
 
 
 def test_every_schema_key_is_documented_with_type_default_and_meaning():

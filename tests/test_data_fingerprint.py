@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from conftest import run_cli
 from data_fixtures import token_shards
-from distrain.checkpoint.layout import read_latest
+from distrain.checkpoint.paths import read_latest
 from distrain.checkpoint.manifest import read_manifest, write_manifest
 from distrain.data.fingerprint import fingerprint, fingerprint_data, sample_indices
 from distrain.errors import ConfigError

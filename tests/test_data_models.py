@@ -119,7 +119,7 @@ def test_builtin_model_sizes_out_of_range_name_the_key(model, kwargs, key):
 
 
 def test_a_dict_sample_error_lists_every_accepted_key_pair():
-    from distrain.data.loading import SAMPLE_KEYS, split_input_target
+    from distrain.data.batches import SAMPLE_KEYS, split_input_target
 
     assert split_input_target({"x": 1, "y": 2}) == (1, 2) and split_input_target({"inputs": 1, "labels": 2}) == (1, 2)
     with pytest.raises(TypeError) as err:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from conftest import REPO, run_cli
 from distrain.checkpoint.export import read_checkpoint_weights
-from distrain.checkpoint.layout import committed, read_latest
+from distrain.checkpoint.paths import committed, read_latest
 from distrain.config import load_config
 from distrain.config.validation import FLOAT_KEYS
 from distrain.errors import ConfigError, DivergenceError

@@ -62,7 +62,7 @@ def test_deepspeed_stage3_builds_inside_zero_init(tmp_path):
         build = r["growth_until_deepspeed_initialize"] / r["param_bytes"]
         print(f"deepspeed stage 3: model built (zero.Init) {build:.3f} x, then deepspeed.initialize "
               f"{r['ratio'] - build:.3f} x (ZeRO-3's gradient partitions and Adam state, allocated up front)")
-        # zero.Init allocates each module whole and frees it once partitioned; distrain.models.host_memory makes
+        # zero.Init allocates each module whole and frees it once partitioned; distrain.strategies.host_memory makes
         # glibc give that back (without it: 0.58-0.63x here).
         assert build <= 0.5, build
         assert math.isfinite(r["loss"])

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from distrain.config import load_config
-from distrain.training.optim import lr_at
+from distrain.optim import lr_at
 
 
 def train(*overrides: str):

@@ -15,7 +15,7 @@ from torch import nn
 from distrain.config import load_config
 from distrain.data import build_datasets
 from distrain.models import build_model
-from distrain.training.optim import build_optimizer, implementation_kwargs, param_groups
+from distrain.optim import build_optimizer, implementation_kwargs, param_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import run_cli_here
 from distrain.config.options import Range, numeric_options, option_ranges, options_schema, parse_options
-from distrain.config.reference import registered_builders
+from distrain.tools.config_reference import registered_builders
 from distrain.errors import ConfigError
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import REPO, child_env, run_cli
 from distrain.checkpoint.checkpointer import STALL_ENV
-from distrain.checkpoint.layout import committed, leftovers, read_latest, step_name
+from distrain.checkpoint.paths import committed, leftovers, read_latest, step_name
 from distrain.strategies import STRATEGIES
 from distrain.verify import run_world
 

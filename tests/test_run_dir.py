@@ -20,7 +20,7 @@ from typing import Dict, Tuple
 import pytest
 
 from conftest import REPO, child_env, read_jsonl, run_cli
-from distrain.checkpoint.layout import committed, read_latest, step_name
+from distrain.checkpoint.paths import committed, read_latest, step_name
 from distrain.checkpoint.manifest import problem
 from distrain.config import load_config
 from distrain.errors import CheckpointError, ConfigError

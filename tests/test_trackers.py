@@ -140,7 +140,7 @@ def test_missing_tracker_packages_warn_once_each_and_training_finishes(tmp_path)
 
 
 def test_a_dead_mlflow_server_warns_once_and_training_finishes(tmp_path):
-    from distrain.launch.ports import free_port
+    from distrain.ports import free_port
 
     # A port nobody listens on; no HTTP retries, so the failure comes at once instead of after MLflow's backoff.
     out = _train_small(tmp_path, ["mlflow"],

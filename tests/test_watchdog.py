@@ -110,7 +110,7 @@ def test_every_rank_in_the_collective_blames_the_network_not_a_rank():
 def test_a_call_to_a_frozen_store_ends_at_its_deadline_and_later_calls_fail_at_once():
     """A real TCPStore hosted by a child process, stopped with SIGSTOP: torch's own client timeout does not end a
     get (it waits for the owner to wake up); the bounded client gives up after its deadline, then fails at once."""
-    from distrain.launch.ports import free_port
+    from distrain.ports import free_port
 
     port = free_port()
     owner = subprocess.Popen([sys.executable, "-c", "import time, torch.distributed as d; "

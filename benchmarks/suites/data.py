@@ -27,7 +27,7 @@ from benchmarks import stats
 from benchmarks.jobs import run_job
 from benchmarks.options import Check, Options, Section, check
 from benchmarks.workload import QUIET
-from distrain.data.images import render_digits
+from distrain.data.datasets import render_digits
 from distrain.data.shard_writer import random_shards
 from distrain.env import ProcessInfo
 

@@ -33,7 +33,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import torch.distributed as torch_dist
 from omegaconf import DictConfig
@@ -43,8 +43,8 @@ from distrain import dist
 from distrain.checkpoint.compat import check_resume_config
 from distrain.checkpoint.data_check import check_resume_data
 from distrain.checkpoint.discovery import PATH_HELP, describe_fallback, describe_skipped, resume_candidates
-from distrain.checkpoint.layout import (checkpoints_root, committed, fsync_dir, kept_name, leftovers, parse_step,
-                                        step_name, temp_name, trash_name, write_latest)
+from distrain.checkpoint.paths import (checkpoints_root, committed, fsync_dir, kept_name, parse_step,
+                                       remove_leftovers, step_name, temp_name, trash_name, write_latest)
 from distrain.checkpoint.manifest import (checksum_problem, own_digests, read_manifest, share_of, structure_problem,
                                           write_manifest)
 from distrain.checkpoint.retention import apply_retention
@@ -55,10 +55,13 @@ from distrain.config import config_hash, to_container
 from distrain.data import GlobalStepSampler
 from distrain.env import ProcessInfo
 from distrain.errors import CheckpointError, StorageError
+from distrain.storage_errors import write_failure_hint
 from distrain.telemetry.logs import get_logger
 from distrain.telemetry.run_record import versions
 from distrain.telemetry.units import format_bytes
-from distrain.strategies.base import Strategy
+
+if TYPE_CHECKING:  # annotations only: strategies write into checkpoints, so they import this folder, not it them
+    from distrain.strategies.base import Strategy
 
 # Fault injection for tests: "STEP:SECONDS" makes every rank sleep inside the save of checkpoint STEP, after the
 # trainer state is written and before the shards are, so a test can kill a save in the middle.
@@ -116,8 +119,9 @@ class Checkpointer:
         self._owns_unnamed = False  # resumed from a checkpoint written before lineages were recorded
         self.before_save = before_save
         self._group = self._async_group()
-        if info.is_main:
-            self._remove_leftovers()
+        if info.is_main and (stale := remove_leftovers(self.root)):
+            self.log.info(f"checkpoint: removed {len(stale)} uncommitted leftover(s) of an earlier run: "
+                          f"{', '.join(stale)}")
 
     # --- cadence -----------------------------------------------------------------------------------
     def due(self, step: int) -> Optional[str]:
@@ -424,19 +428,9 @@ class Checkpointer:
         return torch_dist.new_group(backend="gloo",
                                     timeout=datetime.timedelta(seconds=float(self.cfg.dist.timeout_s)))
 
-    def _remove_leftovers(self) -> None:
-        stale = leftovers(self.root)
-        for path in stale:
-            shutil.rmtree(path, ignore_errors=True)
-        if stale:
-            self.log.info(f"checkpoint: removed {len(stale)} uncommitted leftover(s) of an earlier run: "
-                          f"{', '.join(p.name for p in stale)}")
-
 
 def _commit_failure(err: OSError, step: int, tmp: Path, final: Path) -> str:
     """What to say when the commit's own writes (manifest, rename, ``latest``) fail: the storage's reason first."""
-    from distrain.storage import write_failure_hint
-
     hint = write_failure_hint(tmp)
     return (f"Committing checkpoint step {step} ({tmp} -> {final}) failed: {err}"
             + (f", because {hint}" if hint else "") + ". The previous checkpoint stays the latest.")

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
-from distrain.config.identity import RESUME_MAY_CHANGE, flatten, may_change_on_resume
+from omegaconf import OmegaConf
+
+from distrain.config.schema import Config
+from distrain.config.trajectory import RESUME_MAY_CHANGE, flatten, may_change_on_resume
 from distrain.errors import CheckpointError
 
 
 def _flat_pair(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """Both configs flattened, the saved one completed with the schema's defaults for keys added since."""
-    from omegaconf import OmegaConf
-
-    from distrain.config.schema import Config
 
     defaults = flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
     a, b = flatten(saved), flatten(current)

@@ -17,6 +17,7 @@ import torch.distributed as torch_dist
 from distrain.checkpoint.safe_load import (SafeFileSystemReader, SafeLoadPlanner, explain_dcp_error, first_line,
                                           read_metadata)
 from distrain.errors import CheckpointError, StorageError
+from distrain.storage_errors import write_failure_hint
 
 # DCP warns on every save/load without a process group even when asked for one with no_dist=True (strategy
 # single); async saves warn from DCP's own thread, where a catch_warnings() context would not reach.
@@ -28,7 +29,7 @@ def save_state(state: Dict[str, Any], directory: Path, step: int, asynchronous: 
                group: Optional[Any] = None) -> Optional[Any]:
     """Write ``state`` (this rank's shards) into ``directory``; ``asynchronous``: in DCP's background thread,
     collectives on ``group``, returning its future (else None, once written)."""
-    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint as dcp  # lazy: start-up: DCP takes ~2 s to import, only saves and loads need it
 
     writer = dcp.FileSystemWriter(str(directory))
     try:
@@ -39,7 +40,6 @@ def save_state(state: Dict[str, Any], directory: Path, step: int, asynchronous: 
     except BaseException as err:  # DCP raises CheckpointException, a BaseException, on every rank
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
-        from distrain.storage import write_failure_hint
 
         checkpoint = directory.parent
         hint = write_failure_hint(checkpoint)
@@ -52,7 +52,7 @@ def save_state(state: Dict[str, Any], directory: Path, step: int, asynchronous: 
 
 def load_state(target: Dict[str, Any], directory: Path) -> None:
     """Fill ``target`` (the shapes of this rank's shards) in place from ``directory``."""
-    import torch.distributed.checkpoint as dcp
+    import torch.distributed.checkpoint as dcp  # lazy: start-up: DCP takes ~2 s to import, only saves and loads need it
 
     read_metadata(directory)  # refuse a tampered metadata file with a clear message, on every rank
     try:

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from distrain.checkpoint.layout import CHECKPOINTS, committed, is_checkpoint_dir, leftovers, read_latest
+from distrain.checkpoint.paths import CHECKPOINTS, committed, is_checkpoint_dir, leftovers, read_latest
 from distrain.checkpoint.manifest import problem, read_manifest
+from distrain.env import detect
 from distrain.errors import CheckpointError
 
 PATH_HELP = ("a run directory (runs/NAME), its checkpoints/ directory, a checkpoint directory "
@@ -85,8 +86,6 @@ def describe_fallback(skipped: List[Tuple[str, str]], used: Optional[Path]) -> s
 def _note(message: str) -> None:
     """One line on stderr, from rank 0 only (a tool may run on every rank of a torchrun job)."""
     try:
-        from distrain.env import detect
-
         speaks = detect().is_main
     except Exception:  # a half-set launcher environment: say it rather than not
         speaks = True

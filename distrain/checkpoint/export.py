@@ -16,13 +16,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 import torch
 
 from distrain.checkpoint.discovery import resolve_checkpoint
-from distrain.checkpoint.layout import CONSOLIDATED, DCP_DIR
+from distrain.checkpoint.paths import CONSOLIDATED, DCP_DIR
 from distrain.checkpoint.safe_load import load_full_state
 from distrain.checkpoint.trainer_state import TrainerState
-from distrain.errors import CheckpointError
+from distrain.errors import CheckpointError, StorageError, UsageError
+from distrain.storage_errors import is_storage_error, write_failure_hint
 
 EXPORT_FORMAT = "distrain-export/1"
 METADATA_KEY = "distrain"
@@ -52,8 +55,6 @@ def read_checkpoint_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[s
 def checkpoint_weights(ckpt: Path, state: TrainerState) -> Dict[str, torch.Tensor]:
     """Full model weights of a checkpoint directory already validated (``resolve_checkpoint``)."""
     if state.engine_checkpoint:
-        from safetensors.torch import load_file
-
         weights = load_file(str(ckpt / CONSOLIDATED))
     else:
         weights = load_full_state(ckpt / DCP_DIR, keys={"model"}).get("model", {})
@@ -64,9 +65,6 @@ def checkpoint_weights(ckpt: Path, state: TrainerState) -> Dict[str, torch.Tenso
 
 def read_export(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Weights and description of an exported ``.safetensors`` file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     meta = read_export_description(path)
     try:
         return load_file(str(path)), meta
@@ -76,8 +74,6 @@ def read_export(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
 
 def read_export_description(path: Path) -> Dict[str, Any]:
     """The description of an exported file: from its own metadata, or else the JSON beside it."""
-    from safetensors import SafetensorError, safe_open
-
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist (or is not a file).")
     try:
@@ -101,9 +97,6 @@ def read_export_description(path: Path) -> Dict[str, Any]:
 def export_checkpoint(source: Path, out: Path) -> Tuple[Path, Path]:
     """Write the consolidated weights of ``source`` (checkpoint or run dir) to ``out`` (.safetensors) and the
     description to ``out`` with a .json suffix; returns both paths."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.suffix != ".safetensors":
         raise CheckpointError(f"--out {str(out)!r} must end in .safetensors (the export format).", key="--out")
@@ -116,8 +109,6 @@ def export_checkpoint(source: Path, out: Path) -> Tuple[Path, Path]:
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}, str(out),
                   metadata={METADATA_KEY: text})
     except SafetensorError as err:  # its Rust writer reports I/O failures without an errno
-        from distrain.errors import StorageError
-        from distrain.storage import write_failure_hint
 
         hint = write_failure_hint(out)
         raise StorageError(f"Writing the export {out} failed: {err}" + (f", because {hint}" if hint else "") + ".") \
@@ -129,9 +120,6 @@ def export_checkpoint(source: Path, out: Path) -> Tuple[Path, Path]:
 
 def check_writable(out: Path) -> None:
     """Refuse an --out that cannot be written (under a file, a directory itself, no permission) before any work."""
-    from distrain.errors import UsageError
-    from distrain.storage import is_storage_error
-
     try:
         if out.is_dir():
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(out))

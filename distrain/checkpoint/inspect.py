@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from distrain.checkpoint.discovery import resolve_checkpoint
-from distrain.checkpoint.layout import CONSOLIDATED, DCP_DIR
+from distrain.checkpoint.export import read_export_description
+from distrain.checkpoint.paths import CONSOLIDATED, DCP_DIR
 from distrain.checkpoint.manifest import read_manifest
 from distrain.checkpoint.safe_load import read_metadata
 from distrain.checkpoint.trainer_state import TrainerState
@@ -44,7 +45,7 @@ def describe(path: Path) -> Dict[str, Any]:
 
 
 def _safetensors_header(path: Path, prefix: str = "") -> List[Dict[str, Any]]:
-    from safetensors import safe_open
+    from safetensors import safe_open  # lazy: start-up: safetensors.torch pulls in torch
 
     with safe_open(str(path), framework="pt") as f:
         out = []
@@ -60,8 +61,6 @@ def _dtype_name(code: str) -> str:
 
 
 def _describe_export(path: Path) -> Dict[str, Any]:
-    from distrain.checkpoint.export import read_export_description
-
     meta = read_export_description(path)
     summary = {k: meta.get(k) for k in ("format", "step", "model", "data", "config_hash", "source", "versions")}
     return {"path": str(path), "summary": summary, "tensors": _safetensors_header(path), "values": [],

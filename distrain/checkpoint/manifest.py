@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from distrain.checkpoint.layout import DCP_DIR, ENGINE_DIR, MANIFEST, TRAINER_STATE
+from distrain.checkpoint.paths import DCP_DIR, ENGINE_DIR, MANIFEST, TRAINER_STATE
 
 FORMAT = "distrain-checkpoint/1"
 _CHUNK = 1 << 20

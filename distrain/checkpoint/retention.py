@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable, List, Set
 
-from distrain.checkpoint.layout import committed, trash_name
+from distrain.checkpoint.paths import committed, trash_name
 
 
 def steps_to_keep(steps: Iterable[int], keep_last: int, keep_every: int) -> Set[int]:

@@ -117,6 +117,7 @@ class _SafeBytesMixin:
     """Non-tensor values (optimizer hyper-parameters, step counters) loaded with weights_only=True."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        # lazy: start-up: DCP takes ~2 s to import, only saves and loads need it
         from torch.distributed.checkpoint._traverse import set_element
 
         obj = safe_torch_load(value, f"checkpoint value {read_item.dest_index.fqn!r}")
@@ -139,6 +140,7 @@ def load_full_state(dcp_dir: Path, keys: Optional[Set[str]] = None) -> Dict[str,
 
     ``keys`` limits it to top-level entries (e.g. {"model"}), so exporting weights skips the optimizer.
     """
+    # lazy: start-up: DCP takes ~2 s to import, only saves and loads need it
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: Dict[str, Any] = {}

@@ -1,6 +1,6 @@
 """What a checkpoint records besides model and optimizer: the trainer's own state, as JSON (never pickle).
 
-The LR schedule is a pure function of the step (distrain.training.optim.lr_at) and the data position a pure function
+The LR schedule is a pure function of the step (distrain.optim.lr_at) and the data position a pure function
 of the global step (GlobalStepSampler), so the step alone restores both; epoch and offset are recorded for
 humans and `distrain ckpt inspect`. RNG states are per rank, in rng/rank<r>.json.
 """
@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from distrain.checkpoint.layout import RNG_DIR, TRAINER_STATE
+from distrain.checkpoint.paths import RNG_DIR, TRAINER_STATE
 from distrain.config import to_container
 from distrain.errors import CheckpointError
 

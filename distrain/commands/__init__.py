@@ -13,6 +13,7 @@ def add_config_arguments(parser) -> None:
 def needs_action(message: str):
     """The handler of a command group called without its action (``distrain ckpt``): a UsageError saying which."""
     def handler(args) -> int:
+        # lazy: start-up: the CLI parser loads every command, the work loads on use
         from distrain.errors import UsageError
 
         raise UsageError(message)

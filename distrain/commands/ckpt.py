@@ -13,7 +13,7 @@ from distrain.telemetry.units import format_bytes
 
 
 def register(sub) -> None:
-    from distrain.cli import Parser
+    from distrain.cli import Parser  # lazy: start-up: the CLI parser loads every command, the work loads on use
 
     p = sub.add_parser("ckpt", help="list, inspect and export checkpoints")
     actions = p.add_subparsers(dest="ckpt_command", metavar="ACTION", parser_class=Parser)
@@ -34,6 +34,7 @@ def register(sub) -> None:
 
 
 def run_ls(args: argparse.Namespace) -> int:
+    # lazy: start-up: the CLI parser loads every command, the work loads on use
     from distrain.checkpoint.discovery import checkpoints_dir_of, list_checkpoints
 
     path = Path(args.run_dir)
@@ -54,6 +55,7 @@ def run_ls(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    # lazy: start-up: the CLI parser loads every command, the work loads on use
     from distrain.checkpoint.inspect import describe
 
     info = describe(Path(args.path))
@@ -74,6 +76,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    # lazy: start-up: the CLI parser loads every command, the work loads on use
     from distrain.checkpoint.export import export_checkpoint
 
     out, sidecar = export_checkpoint(Path(args.path), Path(args.out))

@@ -9,7 +9,7 @@ from distrain.errors import UsageError
 
 
 def register(sub) -> None:
-    from distrain.cli import Parser
+    from distrain.cli import Parser  # lazy: start-up: the CLI parser loads every command, the work loads on use
 
     p = sub.add_parser("config", help="inspect configs")
     actions = p.add_subparsers(dest="config_command", metavar="ACTION", parser_class=Parser)
@@ -22,8 +22,9 @@ def register(sub) -> None:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    # lazy: start-up: the CLI parser loads every command, the work loads on use
     from distrain.config import load_config, to_yaml
-    from distrain.config import check_job
+    from distrain.preflight import check_job
 
     if args.world_size < 1:
         raise UsageError(f"--world-size {args.world_size} is not allowed: it must be at least 1.")

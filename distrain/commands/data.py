@@ -12,7 +12,7 @@ from distrain.errors import UsageError
 
 
 def register(sub) -> None:
-    from distrain.cli import Parser
+    from distrain.cli import Parser  # lazy: start-up: the CLI parser loads every command, the work loads on use
 
     p = sub.add_parser("data", help="prepare data: tokenize text into memory-mapped token shards")
     actions = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=Parser)
@@ -45,6 +45,7 @@ def register(sub) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    # lazy: start-up: the CLI parser loads every command, the work loads on use
     from distrain.data.prepare import prepare
 
     if args.max_bytes is not None and args.max_bytes < 1:

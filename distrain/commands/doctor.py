@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def register(sub) -> None:
@@ -13,12 +14,11 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: start-up: the CLI parser loads every command, the work loads on use
     from distrain.tools.doctor import format_report, run_checks
 
     checks = run_checks(smoke_test=not args.no_smoke_test)
     if args.json:
-        import json
-
         print(json.dumps([c.as_dict() for c in checks], indent=2))
     else:
         print(format_report(checks))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from distrain.commands import OVERRIDES_HELP
 
@@ -19,9 +20,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from distrain.env import detect
+    from distrain.env import detect  # lazy: start-up: the CLI parser loads every command, the work loads on use
     from distrain.inference.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(Path(args.path), args.overrides)

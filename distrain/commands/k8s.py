@@ -16,7 +16,7 @@ from distrain.errors import UsageError
 
 
 def register(sub) -> None:
-    from distrain.cli import Parser
+    from distrain.cli import Parser  # lazy: start-up: the CLI parser loads every command, the work loads on use
 
     p = sub.add_parser("k8s", help="Kubernetes: render a Kubeflow PyTorchJob or TrainJob for a config")
     actions = p.add_subparsers(dest="k8s_command", metavar="ACTION", parser_class=Parser)
@@ -48,7 +48,7 @@ def register(sub) -> None:
 
 
 def run_render(args: argparse.Namespace) -> int:
-    from distrain.config import load_config
+    from distrain.config import load_config  # lazy: start-up: the CLI parser loads every command, the work loads on use
     from distrain.launch.k8s import JobSpec, render
 
     if args.grace_period is not None and args.grace_period < 1:
@@ -62,6 +62,7 @@ def run_render(args: argparse.Namespace) -> int:
                   template=Path(args.template) if args.template else None)
     text, warnings = render(cfg, job)
     if args.check:
+        # lazy: start-up: the CLI parser loads every command, the work loads on use
         from distrain.launch.k8s import check_with_sdk
 
         check_with_sdk(text)

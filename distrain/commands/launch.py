@@ -33,6 +33,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: start-up: the CLI parser loads every command, the work loads on use
     from distrain.launch.torchrun import launch
 
     return launch(args)

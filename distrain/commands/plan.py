@@ -18,7 +18,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distrain.config import load_config
+    from distrain.config import load_config  # lazy: start-up: the CLI parser loads every command, the work loads on use
     from distrain.tools.planner import format_plan, make_plan
 
     if args.world < 1:

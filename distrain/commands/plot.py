@@ -17,6 +17,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: start-up: the CLI parser loads every command, the work loads on use
     from distrain.tools.plotting import plot_runs
 
     out, names = plot_runs(args.runs, args.out, title=args.title)

@@ -23,7 +23,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distrain.env import detect
+    from distrain.env import detect  # lazy: start-up: the CLI parser loads every command, the work loads on use
     from distrain.errors import UsageError
     from distrain.inference import generate_text, load, predict_samples, unknown_characters
 

@@ -27,6 +27,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: start-up: the CLI parser loads every command, the work loads on use
     from distrain.integrations.ray import fit
 
     if args.max_failures < 0:

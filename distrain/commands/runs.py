@@ -7,7 +7,7 @@ import json
 
 
 def register(sub) -> None:
-    from distrain.cli import Parser
+    from distrain.cli import Parser  # lazy: start-up: the CLI parser loads every command, the work loads on use
 
     p = sub.add_parser("runs", help="list runs and their status")
     actions = p.add_subparsers(dest="runs_command", metavar="ACTION", parser_class=Parser)
@@ -19,6 +19,7 @@ def register(sub) -> None:
 
 
 def run_ls(args: argparse.Namespace) -> int:
+    # lazy: start-up: the CLI parser loads every command, the work loads on use
     from distrain.tools.runs import format_runs, list_runs
 
     rows = list_runs(args.dir)

@@ -29,7 +29,7 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # train.steps=50, not --account=x
 
 
 def register(sub) -> None:
-    from distrain.cli import Parser
+    from distrain.cli import Parser  # lazy: start-up: the CLI parser loads every command, the work loads on use
 
     p = sub.add_parser("slurm", help="submit a training job to SLURM")
     actions = p.add_subparsers(dest="slurm_command", metavar="ACTION", parser_class=Parser)
@@ -100,8 +100,8 @@ def render(template: str, options: Dict[str, Optional[str]], exports: Dict[str, 
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from distrain.config import load_config
-    from distrain.config import check_job
+    from distrain.config import load_config  # lazy: start-up: the CLI parser loads every command, the work loads on use
+    from distrain.preflight import check_job
 
     for flag, value in (("--nodes", args.nodes), ("--nproc-per-node", args.nproc_per_node)):
         if value < 1:

@@ -14,19 +14,19 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # lazy: start-up: the CLI parser loads every command, the work loads on use
     from distrain.config import batch_plan, load_config
-    from distrain.env import detect
+    from distrain.env import detect, preempted_exit_code
 
     # Config mistakes, half-set launcher variables and a batch that does not divide fail here, in 0.3 s, before
     # torch is imported (the Trainer checks all of it again, for the Python API).
     cfg = load_config(args.config, args.overrides)
     batch_plan(cfg, detect().world_size)
+    # lazy: start-up: the CLI parser loads every command, the work loads on use
     from distrain.training.trainer import Trainer
 
     with Trainer(cfg) as trainer:
         final = trainer.fit()
-    if final.get("preempted") and trainer.info.source == "kubeflow":
-        from distrain.env.kubeflow import PREEMPTED_EXIT_CODE
-
-        return PREEMPTED_EXIT_CODE  # checkpoint committed; non-zero: Kubernetes restarts the pod, not "Succeeded"
-    return 0
+    # The checkpoint is committed; the environment says how a preempted process ends (Kubeflow: non-zero, so
+    # Kubernetes restarts the pod instead of marking the job "Succeeded").
+    return preempted_exit_code(trainer.info) if final.get("preempted") else 0

@@ -24,7 +24,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distrain.config import load_config
+    from distrain.config import load_config  # lazy: start-up: the CLI parser loads every command, the work loads on use
     from distrain.strategies import strategy_class
     from distrain.verify import format_table, parse_worlds, verify
 

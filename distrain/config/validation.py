@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distrain.config.schema import CHOICES, COMPILE_OPTIONS, FAULT_SIGNALS, TRACKER_NAMES, Config
 from distrain.errors import ConfigError
+from distrain.registry import is_import_path
 
 
 def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
@@ -134,11 +135,12 @@ def _validate_checkpoint_and_run(cfg: DictConfig) -> None:
 
 def _validate_metrics(m: DictConfig) -> None:
     _require(m.peak_flops >= 0, "metrics.peak_flops", m.peak_flops, "it must be zero or positive")
-    trackers = list(m.trackers)
     _require(0 < m.tracker_timeout_s <= 3600, "metrics.tracker_timeout_s", m.tracker_timeout_s,
              "it must be a positive number of seconds, at most 3600")
-    _require(all(t in TRACKER_NAMES for t in trackers) and len(set(trackers)) == len(trackers), "metrics.trackers",
-             trackers, f"list each of {', '.join(TRACKER_NAMES)} at most once, e.g. [tensorboard, mlflow]")
+    trackers = list(m.trackers)
+    _require(all(t in TRACKER_NAMES or is_import_path(t) for t in trackers) and len(set(trackers)) == len(trackers),
+             "metrics.trackers", trackers, f"list each of {', '.join(TRACKER_NAMES)} (or your own Tracker subclass as "
+             f"'package.module:Class') at most once, e.g. [tensorboard, mlflow]")
 
 
 def _validate_faults(f: DictConfig) -> None:
@@ -235,23 +237,3 @@ def elastic_batch_plans(cfg: DictConfig, world_sizes: Sequence[int]) -> List[Bat
         f"a global batch divisible by {micro}W, so use a multiple of {micro}{math.lcm(*sizes)} (the least common "
         f"multiple of the world sizes), e.g. train.global_batch={fit}, or a narrower node range.",
         key="train.global_batch")
-
-
-def check_job(cfg: DictConfig, world_size: int | Sequence[int]) -> BatchPlan:
-    """Everything checkable before any worker starts (launch, verify, config show, slurm submit): the batch plan
-    for ``world_size`` (for a sequence of them, an elastic job's: each must divide; the largest's plan is returned),
-    that the named strategy, dataset and model exist (each registry's own lookup, so the message is the one a
-    worker would give), and that data.collate_fn imports."""
-    sizes = [world_size] if isinstance(world_size, int) else list(world_size)
-    plan = elastic_batch_plans(cfg, sizes)[-1]  # before the imports below pull in torch: batch mistakes fail fast
-    from distrain.data.datasets import dataset_builder
-    from distrain.models.registry import model_builder
-    from distrain.strategies import strategy_class
-
-    from distrain.data.collate import resolve_collate_fn
-
-    strategy_class(cfg.strategy.name)
-    dataset_builder(cfg.data.name)
-    model_builder(cfg.model.name)
-    resolve_collate_fn(cfg.data.collate_fn)  # a path that does not import fails here, not on every rank
-    return plan

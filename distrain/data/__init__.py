@@ -3,7 +3,7 @@
 from distrain.data.collate import collate_samples, resolve_collate_fn
 from distrain.data.datasets import DATASETS, DataSpec, TensorPairDataset, build_datasets, decode, encode
 from distrain.data.loader import EvalLoader, LoaderOptions, StepLoader, auto_num_workers
-from distrain.data.loading import fetch_batch, move_to, split_input_target
+from distrain.data.batches import fetch_batch, move_to, split_input_target
 from distrain.data.sampler import GlobalStepSampler
 from distrain.data.seeding import EVAL_STEP, FetchContext, fetch_context, sample_rng, sample_seed
 

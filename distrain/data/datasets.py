@@ -19,7 +19,11 @@ import torch
 from torch.utils.data import Dataset
 
 from distrain.config.options import Range, parse_options
-from distrain.errors import ConfigError
+from distrain.data.hf import HFRows, check_columns, infer_task, load, splits
+from distrain.data.images import EVAL_DIRS, Augment, ImageFolder, scan
+from distrain.data.tokens import open_token_windows
+from distrain.errors import ConfigError, UsageError
+from distrain.registry import Registry
 
 # Typed options (data.kwargs) shared by several built-ins; each builder's signature declares the rest.
 Seed = Annotated[int, Range(ge=0, lt=2**32)]
@@ -174,8 +178,6 @@ def tokens(path: str = "", block_size: BlockSize = 64, eval_windows: Annotated[O
 
     The eval split is the shards' own (limited to eval_windows windows), else the tail eval_fraction of the windows.
     """
-    from distrain.data.tokens import open_token_windows
-
     if not path:
         raise ConfigError("data.name=tokens needs data.kwargs.path: a directory of token shards with an index.json "
                           "(make one with `distrain data prepare SRC --out DIR`).", key="data.kwargs.path")
@@ -198,8 +200,6 @@ def images(path: str = "", size: Annotated[int, Range(ge=1, note="pixels per sid
            ) -> Tuple[Dataset, Optional[Dataset]]:
     """Image files in one folder per class (PATH/<class>/*.png, or PATH/train/<class> and PATH/eval/<class>),
     decoded with Pillow, resized to size x size, augmented per sample (training split only)."""
-    from distrain.data.images import EVAL_DIRS, Augment, ImageFolder, scan
-
     if importlib.util.find_spec("PIL") is None:
         raise ConfigError("data.name=images needs Pillow to decode images: pip install 'distrain[data]'.",
                           key="data.name")
@@ -238,8 +238,6 @@ def hf(path: str = "", split: str = "train", eval_split: Optional[str] = None, i
 
     The eval split is eval_split (or the DatasetDict's validation/eval/test), else a seeded eval_fraction held out.
     """
-    from distrain.data.hf import HFRows, check_columns, infer_task, load, splits
-
     train_ds, eval_ds = splits(load(path), split, eval_split)
     check_columns(train_ds, input, target, columns)
     if eval_ds is None and eval_fraction > 0:
@@ -255,22 +253,16 @@ def hf(path: str = "", split: str = "train", eval_split: Optional[str] = None, i
     return make(train_ds), (make(eval_ds) if eval_ds is not None and len(eval_ds) else None)
 
 
-DATASETS: Dict[str, Callable[..., Tuple[Dataset, Optional[Dataset]]]] = {
-    "digits": digits,
-    "text": text,
-    "regression": regression,
-    "tokens": tokens,
-    "images": images,
-    "hf": hf,
-}
+# data.name -> builder(eval_fraction, **data.kwargs) -> (train, eval or None); a user's own by its import path.
+DATASETS = Registry("dataset", "data.name", "builder(eval_fraction=..., **kwargs) -> (train, eval)", check=callable,
+                    hint=", or a map-style Dataset passed to distrain.Trainer(train_data=...)", entries={
+                        "digits": digits, "text": text, "regression": regression, "tokens": tokens,
+                        "images": images, "hf": hf})
 
 
 def dataset_builder(name: str) -> Callable[..., Tuple[Dataset, Optional[Dataset]]]:
-    """The builder registered as ``data.name``, or a ConfigError listing the built-ins."""
-    if name not in DATASETS:
-        raise ConfigError(f"Unknown dataset data.name={name!r}. Built-in datasets: {', '.join(DATASETS)}; "
-                          f"or pass your own map-style Dataset to distrain.Trainer(train_data=...).", key="data.name")
-    return DATASETS[name]
+    """The builder registered as ``data.name`` (or a user's ``package.module:function``), else a ConfigError."""
+    return DATASETS.resolve(name)
 
 
 def build_datasets(name: str, kwargs: Dict[str, Any], eval_fraction: float
@@ -296,3 +288,23 @@ def training_datasets(data: Any, train_data: Optional[Dataset], eval_data: Optio
     if len(train_data) == 0:
         raise ConfigError("train_data is empty.", key="train_data")
     return train_data, eval_data
+
+
+def render_digits(out: Path, size: int = 64, limit: int = 0) -> int:
+    """Write scikit-learn's handwritten digits as PNG files: ``out/train/<digit>/<n>.png`` and ``out/eval/...`` (the
+    built-in digits' own 80/20 split), each 8x8 scan upscaled to size x size with bicubic interpolation; at most
+    ``limit`` per split (0: all). Real images on disk for examples, tests and benchmarks. Returns how many."""
+    from PIL import Image  # lazy: Pillow is optional (distrain[data])
+
+    if any(Path(out).glob("*/*/*.png")):
+        raise UsageError(f"{out} already holds rendered digits; nothing is overwritten. Choose another directory.")
+    train, evaluation = build_datasets("digits", {}, 0.2)
+    written = 0
+    for split, data in (("train", train), ("eval", evaluation)):
+        for i in range(len(data) if not limit else min(limit, len(data))):
+            pixels = (data.inputs[i, 0].numpy() * 255).astype(np.uint8)  # type: ignore[attr-defined]
+            folder = Path(out) / split / str(int(data.targets[i]))  # type: ignore[attr-defined]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC).save(folder / f"{i:05d}.png")
+            written += 1
+    return written

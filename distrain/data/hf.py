@@ -46,7 +46,7 @@ class HFRows(Dataset):
 def load(path: str) -> Any:
     """``datasets.load_from_disk(path)``, with the errors a config user can act on."""
     try:
-        import datasets
+        import datasets  # lazy: optional: Hugging Face datasets is optional (distrain[data])
     except ImportError:
         raise ConfigError("data.name=hf needs the Hugging Face datasets package: pip install 'distrain[data]'.",
                           key="data.name") from None

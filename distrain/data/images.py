@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from distrain.data.seeding import fetch_context, sample_rng
 from distrain.errors import ConfigError
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -68,7 +69,7 @@ class Augment:
 
 def decode(path: Path, size: int, channels: int) -> torch.Tensor:
     """The image at ``path`` as a float tensor (channels, size, size) in [0, 1]."""
-    from PIL import Image
+    from PIL import Image  # lazy: optional: Pillow is optional (distrain[data])
 
     with Image.open(path) as img:
         img = img.convert("L" if channels == 1 else "RGB")
@@ -91,8 +92,6 @@ class ImageFolder(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
-        from distrain.data.seeding import fetch_context, sample_rng
-
         image = decode(self.files[i], self.size, self.channels)
         if self.augment is not None:
             # outside the loader (an inference, a FLOP count) there is no step to seed from: no augmentation
@@ -113,26 +112,3 @@ def scan(root: Path) -> Tuple[List[Path], List[int], List[str]]:
                 files.append(f)
                 labels.append(label)
     return files, labels, classes
-
-
-def render_digits(out: Path, size: int = 64, limit: int = 0) -> int:
-    """Write scikit-learn's handwritten digits as PNG files: ``out/train/<digit>/<n>.png`` and ``out/eval/...`` (the
-    built-in digits' own 80/20 split), each 8x8 scan upscaled to size x size with bicubic interpolation; at most
-    ``limit`` per split (0: all). Real images on disk for examples, tests and benchmarks. Returns how many."""
-    from PIL import Image
-
-    from distrain.data.datasets import build_datasets
-    from distrain.errors import UsageError
-
-    if any(Path(out).glob("*/*/*.png")):
-        raise UsageError(f"{out} already holds rendered digits; nothing is overwritten. Choose another directory.")
-    train, evaluation = build_datasets("digits", {}, 0.2)
-    written = 0
-    for split, data in (("train", train), ("eval", evaluation)):
-        for i in range(len(data) if not limit else min(limit, len(data))):
-            pixels = (data.inputs[i, 0].numpy() * 255).astype(np.uint8)  # type: ignore[attr-defined]
-            folder = Path(out) / split / str(int(data.targets[i]))  # type: ignore[attr-defined]
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels, mode="L").resize((size, size), Image.BICUBIC).save(folder / f"{i:05d}.png")
-            written += 1
-    return written

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distrain.data.collate import CollateFn
 from distrain.data.fetching import BatchKey, Fetched, FetchFailure, KeyedDataset, identity, ignore_stop_signals
-from distrain.data.loading import move_to
+from distrain.data.batches import move_to
 from distrain.data.sampler import GlobalStepSampler
 from distrain.env.base import available_cpus
 from distrain.errors import ConfigError, DataLoadingError

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+from tqdm import tqdm
 
 from distrain.data.shard_writer import ShardWriter
 from distrain.errors import UsageError
@@ -50,7 +51,7 @@ class HFTokenizer:
 
     def __init__(self, path: Path, eot: Optional[str] = None):
         try:
-            from tokenizers import Tokenizer
+            from tokenizers import Tokenizer  # lazy: optional: tokenizers is optional (distrain[data])
         except ImportError:
             raise UsageError("--tokenizer FILE needs the Hugging Face tokenizers package: "
                              "pip install 'distrain[data]'.") from None
@@ -156,8 +157,6 @@ def prepare(sources: Sequence[str], out: Path, tokenizer: str = "bytes", eval_fr
             shard_tokens: int = 100_000_000, eot: Optional[str] = None, max_bytes: Optional[int] = None,
             progress: Optional[bool] = None) -> Summary:
     """Tokenize ``sources`` into shards in ``out``; ``progress`` None shows a bar on a terminal only."""
-    from tqdm import tqdm
-
     if not 0 <= eval_fraction < 1:
         raise UsageError(f"--eval-fraction {eval_fraction} must be in [0, 1).")
     tok = ByteTokenizer() if tokenizer == "bytes" else HFTokenizer(Path(tokenizer), eot)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import abc
 import os
 from dataclasses import dataclass
 from typing import Mapping
+
+from distrain.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -26,26 +29,27 @@ class ProcessInfo:
         return self.world_size > 1
 
 
-class ClusterEnvironment:
-    """One cluster environment: ``detect`` says whether it applies, ``info`` reads it."""
+class ClusterEnvironment(abc.ABC):
+    """One cluster environment: ``detect`` says whether it applies, ``info`` reads it (both abstract)."""
 
     name = "base"
+    # What the process exits with once a preemption's checkpoint is committed: 0 (the job ends as it should), or a
+    # code the platform restarts on (a Kubeflow pod).
+    preempted_exit_code = 0
 
     @staticmethod
+    @abc.abstractmethod
     def detect(environ: Mapping[str, str]) -> bool:
         """Whether ``environ`` is this environment's (its launcher's variables are set)."""
-        raise NotImplementedError
 
     @staticmethod
+    @abc.abstractmethod
     def info(environ: Mapping[str, str]) -> ProcessInfo:
         """This process's rank, local rank, world size and master address, read from ``environ``."""
-        raise NotImplementedError
 
 
 def int_var(environ: Mapping[str, str], name: str, source: str) -> int:
     """Read an integer environment variable, or raise a ConfigError naming it."""
-    from distrain.errors import ConfigError
-
     value = environ.get(name)
     if value is None:
         raise ConfigError(f"Environment variable {name} is not set, but the other {source} variables are: the "

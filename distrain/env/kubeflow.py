@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from distrain.env.base import ClusterEnvironment, ProcessInfo, int_var
+from distrain.errors import ConfigError
 
 PET_VARIABLES = ("PET_NNODES", "PET_NODE_RANK", "PET_NPROC_PER_NODE", "PET_MASTER_ADDR", "PET_RDZV_ENDPOINT")
 # A pod stopped for preemption exits with 128 + SIGTERM once its checkpoint is committed: not 0, which would
@@ -39,6 +40,7 @@ def _under_torchrun(environ: Mapping[str, str]) -> bool:
 
 class KubeflowEnvironment(ClusterEnvironment):
     name = "kubeflow"
+    preempted_exit_code = PREEMPTED_EXIT_CODE
 
     @staticmethod
     def detect(environ: Mapping[str, str]) -> bool:
@@ -74,8 +76,6 @@ def _one_process_per_pod(environ: Mapping[str, str], rank: str, world: str, addr
 
 
 def _needs_torchrun(why: str):
-    from distrain.errors import ConfigError
-
     return ConfigError(f"This Kubernetes pod cannot run as one `distrain train` process ({why}). Start the pod's "
                        f"workers with `distrain launch CONFIG`, which reads the PET_* variables the operator set "
                        f"(as torchrun does), or with torchrun itself; `distrain k8s render` writes such a command.",
@@ -83,8 +83,6 @@ def _needs_torchrun(why: str):
 
 
 def _half_set(name: str):
-    from distrain.errors import ConfigError
-
     return ConfigError(f"Environment variable {name} is not set, but the other Kubeflow variables are: the pod's "
                        f"environment is half set, so the master is unknown. The operator sets it for a PyTorchJob "
                        f"with a Master replica or a TrainJob; for an elastic job start `distrain launch CONFIG`.",
@@ -106,8 +104,6 @@ class TorchrunSettings:
 def torchrun_settings(environ: Optional[Mapping[str, str]] = None) -> TorchrunSettings:
     """torchrun's own PET_* defaults, read the way torch.distributed.run reads them (an ``--x-y`` flag's default
     is ``PET_X_Y``); ``PET_NPROC_PER_NODE`` may be auto, gpu or cpu, resolved here as torchrun does."""
-    from distrain.errors import ConfigError
-
     environ = os.environ if environ is None else environ
 
     def number(name: str) -> Optional[int]:
@@ -132,12 +128,10 @@ def torchrun_settings(environ: Optional[Mapping[str, str]] = None) -> TorchrunSe
 
 def _resolve_nproc(value: str) -> int:
     """auto: one per GPU, else one per CPU; gpu / cpu: one per GPU / CPU (torch.distributed.run's rules)."""
-    from distrain.errors import ConfigError
-
     if value.isdigit():
         return int(value)
     if value in ("auto", "gpu", "cpu"):
-        import torch
+        import torch  # lazy: start-up: torch takes seconds to import
 
         if value != "cpu" and torch.cuda.is_available():
             return torch.cuda.device_count()

@@ -10,6 +10,7 @@ from typing import Mapping
 
 from distrain.env.base import ClusterEnvironment, ProcessInfo, int_var
 from distrain.env.hostlist import first_host
+from distrain.errors import ConfigError
 
 
 def port_for_job(job_id: str) -> int:
@@ -31,8 +32,6 @@ class SlurmEnvironment(ClusterEnvironment):
         src = "SLURM"
         nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
         if not nodelist:
-            from distrain.errors import ConfigError
-
             raise ConfigError("SLURM_PROCID is set but SLURM_JOB_NODELIST is not: the SLURM environment is half set, "
                               "so the master host is unknown. Start the workers with srun inside an allocation.",
                               key="SLURM_JOB_NODELIST")

@@ -11,6 +11,7 @@ def record_error_file(err: BaseException) -> None:
     """
     if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
         return
+    # lazy: start-up: torch takes seconds to import
     from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
     ErrorHandler().record_exception(err)

@@ -21,6 +21,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Optional, Tuple
 
 import torch.distributed as torch_dist
+from torch.distributed.distributed_c10d import _get_default_store
 
 from distrain.env import ProcessInfo
 
@@ -117,9 +118,7 @@ def open_store(info: ProcessInfo, timeout_s: float) -> Optional[BoundedStore]:
         if host and port:
             store = torch_dist.TCPStore(host, int(port), is_master=False, timeout=timeout, wait_for_workers=False)
         else:
-            from torch.distributed.distributed_c10d import _get_default_store  # private: only without MASTER_*
-
-            store = _get_default_store()
+            store = _get_default_store()  # private, but the only way to the group's own store without MASTER_*
         return BoundedStore(torch_dist.PrefixStore(prefix, store), call_deadline(timeout_s))
     except Exception:
         return None

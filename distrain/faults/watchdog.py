@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional
 
 from distrain.env import ProcessInfo
 from distrain.faults.store import BoundedStore, StoreSilent, open_store, silent_store_story, store_owner
+from distrain.errors import DistributedError
 
 FLIGHT_RECORDER_ENV = "TORCH_FR_BUFFER_SIZE"
 FLIGHT_RECORDER_ENTRIES = 256  # only the newest entries matter here; a user's own setting wins
@@ -56,6 +57,7 @@ def enable_flight_recorder() -> None:
 def last_collectives() -> Optional[Dict[str, Dict[str, Any]]]:
     """The newest flight-recorder entry per process group: {pg: {seq, op, ranks}}, or None without a recorder."""
     try:
+        # lazy: start-up: torch takes seconds to import
         from torch._C._distributed_c10d import _dump_fr_trace  # private, hence the broad guard
 
         dump = pickle.loads(_dump_fr_trace(True, False, False))
@@ -410,9 +412,9 @@ def _record_error_file(message: str) -> None:
     if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
         return
     try:
+        # lazy: start-up: torch takes seconds to import
         from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-        from distrain.errors import DistributedError
 
         ErrorHandler().record_exception(DistributedError(message))
     except Exception:

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any, Dict, Sequence, Tuple
 
 from distrain.checkpoint.discovery import resolve_checkpoint
-from distrain.checkpoint.export import read_export_description
+from distrain.checkpoint.export import checkpoint_weights, read_export, read_export_description
 from distrain.checkpoint.trainer_state import TrainerState
+from distrain.env import detect
 from distrain.errors import CheckpointError
+from distrain.training.trainer import Trainer
 
 
 def _source(path: Path) -> Tuple[Dict[str, Any], Path, int, Dict[str, Any], str]:
@@ -35,10 +37,6 @@ def evaluate_checkpoint(path: Path, overrides: Sequence[str] = ()) -> Dict[str, 
     strategy trained the model; the precision is the run's. Returns {"step", "checkpoint", "eval_loss",
     ["eval_accuracy"]}.
     """
-    from distrain.checkpoint.export import checkpoint_weights, read_export
-    from distrain.env import detect
-    from distrain.training.trainer import Trainer
-
     path = Path(path)
     config, run_dir, step, model_info, name = _source(path)
     if model_info.get("source") != "config":
@@ -66,6 +64,7 @@ def evaluate_checkpoint(path: Path, overrides: Sequence[str] = ()) -> Dict[str, 
 
 def _load_full_weights(trainer: Any, weights: Dict[str, Any]) -> None:
     """Full weights into the strategy's (wrapped) model."""
+    # lazy: start-up: DCP takes ~2 s to import, only saves and loads need it
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(trainer.strategy.model, weights, options=StateDictOptions(full_state_dict=True))

@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from distrain.checkpoint.export import read_checkpoint_weights
+from distrain.data import build_datasets, fetch_batch, split_input_target
 from distrain.data.datasets import VOCAB, DataSpec, decode, encode
 from distrain.errors import CheckpointError, UsageError
+from distrain.models import build_model
 
 PathLike = Union[str, Path]
 
@@ -49,8 +51,6 @@ def spec_from_dict(data: Dict[str, Any]) -> DataSpec:
 
 def load(path: PathLike) -> LoadedModel:
     """The built-in model saved at ``path`` (a run dir, a checkpoint dir or an exported .safetensors file)."""
-    from distrain.models import build_model
-
     weights, meta = read_checkpoint_weights(Path(path))
     info = meta.get("model", {})
     if info.get("source") != "config":
@@ -132,8 +132,6 @@ def generate_text(model: nn.Module, prompt: str, tokens: int = 200, temperature:
 
 def predict_samples(loaded: LoadedModel, indices: Sequence[int], split: str = "eval") -> List[Dict[str, Any]]:
     """Predictions for samples of the model's own built-in dataset: class (or values) predicted vs true."""
-    from distrain.data import build_datasets, fetch_batch, split_input_target
-
     data = loaded.meta.get("data", {})
     train, evaluation = build_datasets(data["name"], data.get("kwargs") or {}, data.get("eval_fraction", 0.2))
     dataset = evaluation if split == "eval" else train

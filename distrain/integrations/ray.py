@@ -28,7 +28,7 @@ TrainerKwargs = Callable[[], Dict[str, Any]]  # returns Trainer keyword argument
 
 def _import_ray():
     try:
-        import ray
+        import ray  # lazy: optional: Ray is optional (distrain[ray])
         import ray.train
         import ray.train.torch
     except ImportError:
@@ -65,7 +65,7 @@ class _ReportingCheckpointer:
         return path
 
     def _report(self, step: int, path: Path) -> None:
-        import ray.train
+        import ray.train  # lazy: optional: Ray is optional (distrain[ray])
 
         if path == self._reported:  # saving a step twice returns the same checkpoint: report it once
             return
@@ -77,10 +77,10 @@ class _ReportingCheckpointer:
 def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     """What each Ray worker runs: build the Trainer on Ray's process group and device, resume from Ray's latest
     checkpoint when there is one, train, and report the final metrics."""
-    import ray.train
+    import ray.train  # lazy: optional: Ray is optional (distrain[ray])
     import ray.train.torch
 
-    from distrain.training.trainer import Trainer
+    from distrain.training.trainer import Trainer  # lazy: start-up: pulls in torch, which this module does without
 
     overrides = list(loop_config.get("overrides", ()))
     # Ray registers a reported checkpoint asynchronously: a worker group that fails within moments of a report may
@@ -103,7 +103,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
 
 def _remote(checkpoint: Any) -> bool:
     """Whether Ray keeps the checkpoint somewhere other than this machine's file system (then download it)."""
-    import pyarrow.fs
+    import pyarrow.fs  # lazy: optional: pyarrow comes with Ray, optional (distrain[ray])
 
     return not isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem)
 
@@ -119,12 +119,13 @@ def fit(config: ConfigSource, overrides: Sequence[str] = (), *, num_workers: int
     returns your own ``model``, ``train_data``, ``loss_fn``, ``eval_data`` for ``distrain.Trainer``.
     """
     ray = _import_ray()
+    # lazy: optional: Ray is optional (distrain[ray])
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if num_workers < 1:
         raise UsageError(f"num_workers={num_workers} is not allowed: it must be at least 1.")
-    from distrain.config import check_job
+    from distrain.preflight import check_job  # lazy: start-up: pulls in torch, which this module does without
 
     cfg = load_config(config, overrides)
     check_job(cfg, num_workers)  # fail here, once, before any worker starts

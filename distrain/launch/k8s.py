@@ -9,14 +9,17 @@ resolved config itself. Everything else in the template (node selectors, tolerat
 from __future__ import annotations
 
 import copy
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from distrain.config import to_yaml
 from distrain.errors import UsageError
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "launch" / "k8s"
@@ -67,7 +70,7 @@ def grace_period(cfg: DictConfig) -> int:
 
 def render(cfg: DictConfig, job: JobSpec) -> Tuple[str, List[str]]:
     """(the manifests as one multi-document YAML, warnings for the user) for the resolved config ``cfg``."""
-    from distrain.config import check_job, to_yaml
+    from distrain.preflight import check_job  # lazy: start-up: pulls in torch, which this module does without
 
     least, most = job.node_range()
     elastic = job.elastic or least != most
@@ -206,20 +209,18 @@ def check_with_sdk(text: str) -> None:
     """Read each rendered job with the operator's own Python SDK model and require it to write back exactly the
     same document: a field the operator does not know, or a value of the wrong type, would be dropped or changed.
     Needs the Kubeflow SDKs (``pip install 'distrain[k8s]'``)."""
-    import json
-    from types import SimpleNamespace
-
     for doc in yaml.safe_load_all(text):
         if not doc or doc.get("kind") not in ("PyTorchJob", "TrainJob"):
             continue
         try:
             if doc["kind"] == "PyTorchJob":
-                from kubeflow.training import ApiClient
+                from kubeflow.training import ApiClient  # lazy: optional: the Kubeflow SDK is optional (distrain[k8s])
 
                 client = ApiClient()
                 back = client.sanitize_for_serialization(
                     client.deserialize(SimpleNamespace(data=json.dumps(doc)), "KubeflowOrgV1PyTorchJob"))
             else:
+                # lazy: optional: the Kubeflow SDK is optional (distrain[k8s])
                 from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
 
                 back = TrainerV1alpha1TrainJob.from_dict(doc).to_dict()

@@ -13,9 +13,12 @@ import signal
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
+from distrain.config import load_config
 from distrain.env.base import available_cpus
+from distrain.env.kubeflow import torchrun_settings
 from distrain.errors import DistrainError, DistributedError, UsageError
 from distrain.launch.rendezvous import WaitingForNodes, timeout_message
+from distrain.ports import describe_owner, free_port, is_local_host, port_in_use, port_owner
 
 
 def _world_sizes(args: argparse.Namespace) -> List[int]:
@@ -93,8 +96,6 @@ def check_rdzv_endpoint(endpoint: str) -> None:
     A port on this machine held by a program other than a distrain/torchrun agent (which is node 0's rendezvous
     when two "nodes" share a host) would make the agent retry a store that never answers.
     """
-    from distrain.launch.ports import describe_owner, free_port, is_local_host, port_in_use, port_owner
-
     host, _, port_text = endpoint.rpartition(":")
     if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise UsageError(f"--rdzv-endpoint {endpoint!r} must be HOST:PORT, e.g. node0:29400 (the same on every node).")
@@ -119,8 +120,6 @@ def _is_launcher(cmdline: str) -> bool:
 def fill_from_environment(args: argparse.Namespace) -> None:
     """Flags the user left out take torchrun's PET_* variables (what a Kubeflow operator sets in a pod, and what
     torchrun itself would read), then the built-in defaults."""
-    from distrain.env.kubeflow import torchrun_settings
-
     pet = torchrun_settings()
     for name, default in (("nnodes", "1"), ("nproc_per_node", 1), ("node_rank", None), ("rdzv_endpoint", None),
                           ("rdzv_id", "distrain"), ("max_restarts", 0)):
@@ -152,8 +151,7 @@ def _set_worker_environment(nproc_per_node: int) -> None:
 
 def launch(args: argparse.Namespace) -> int:
     """Check the config against the job's world size, then run torchrun's agent in this process."""
-    from distrain.config import load_config
-    from distrain.config import check_job
+    from distrain.preflight import check_job  # lazy: start-up: pulls in torch, which this module does without
 
     fill_from_environment(args)
     _check_args(args)
@@ -165,13 +163,13 @@ def launch(args: argparse.Namespace) -> int:
         print(f"distrain: warning: {warning}", file=sys.stderr)
     cfg = load_config(args.config, args.overrides)
     check_job(cfg, worlds)  # fail here, once, not in every worker; an elastic range at each of its sizes
-    import torch
+    import torch  # lazy: start-up: torch takes seconds to import
 
-    from distrain.dist import check_gpus_per_node
+    from distrain.dist import check_gpus_per_node  # lazy: start-up: pulls in torch, which this module does without
 
     check_gpus_per_node(args.nproc_per_node, torch.cuda.device_count(), cfg.dist.backend, cfg.dist.device)
 
-    from torch.distributed import run as torchrun
+    from torch.distributed import run as torchrun  # lazy: start-up: torch takes seconds to import
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError

@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -403,8 +404,6 @@ def _retie(slots: List[Tuple[nn.Module, str, int]]) -> None:
 
 def _place(param: torch.Tensor, full: torch.Tensor) -> None:
     """Write a parameter's full value into its storage: all of it, or this rank's shard of a DTensor."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     full = full.detach()
     if isinstance(param, DTensor):
         # src_data_rank=None: every rank has the full value already; each just cuts out its own shard.

@@ -9,12 +9,15 @@ from torch import nn
 from distrain.data.datasets import DataSpec
 from distrain.config.options import Range, parse_options
 from distrain.errors import ConfigError
+from distrain.registry import Registry
 
 # A width, depth or count of a built-in model (model.kwargs), declared in its builder's signature.
 Size = Annotated[int, Range(ge=1)]
 
 ModelBuilder = Callable[..., nn.Module]
-MODELS: Dict[str, ModelBuilder] = {}
+# model.name -> builder(spec, **model.kwargs) -> nn.Module; a user's own by its import path.
+MODELS = Registry("model", "model.name", "builder(spec=..., **kwargs) -> nn.Module", check=callable,
+                  hint=", or an nn.Module passed to distrain.Trainer(model=...)")
 # name -> (built model, data spec) -> training FLOPs per sample (forward + backward), for throughput and MFU.
 FlopsFn = Callable[[nn.Module, DataSpec], float]
 MODEL_FLOPS: Dict[str, FlopsFn] = {}
@@ -23,11 +26,7 @@ MODEL_FLOPS: Dict[str, FlopsFn] = {}
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     """Register ``builder(spec: DataSpec, **kwargs) -> nn.Module`` under ``name`` (usable as model.name)."""
 
-    def deco(builder: ModelBuilder) -> ModelBuilder:
-        MODELS[name] = builder
-        return builder
-
-    return deco
+    return MODELS.register(name)
 
 
 def register_flops(name: str) -> Callable[[FlopsFn], FlopsFn]:
@@ -41,11 +40,8 @@ def register_flops(name: str) -> Callable[[FlopsFn], FlopsFn]:
 
 
 def model_builder(name: str) -> ModelBuilder:
-    """The builder registered as ``model.name``, or a ConfigError listing the built-ins."""
-    if name not in MODELS:
-        raise ConfigError(f"Unknown model model.name={name!r}. Built-in models: {', '.join(sorted(MODELS))}; "
-                          f"or pass your own nn.Module to distrain.Trainer(model=...).", key="model.name")
-    return MODELS[name]
+    """The builder registered as ``model.name`` (or a user's ``package.module:function``), else a ConfigError."""
+    return MODELS.resolve(name)
 
 
 def build_model(name: str, kwargs: Dict[str, Any], spec: Optional[DataSpec]) -> nn.Module:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distrain.strategies.layout import Layout
+from distrain.strategies.placement import Layout
 from distrain.strategies.base import Strategy, StrategyContext
 from distrain.strategies.comm_hooks import BucketCapMB, ByteCounter, register_comm_hook
 
@@ -46,7 +46,7 @@ class AccelerateStrategy(Strategy):
         self._sent = ByteCounter()
 
     def setup(self, model: nn.Module) -> None:
-        from accelerate import Accelerator
+        from accelerate import Accelerator  # lazy: start-up: Accelerate takes seconds to import
         from accelerate.utils import DistributedDataParallelKwargs
 
         self.accelerator = Accelerator(gradient_accumulation_steps=self.ctx.plan.grad_accum,
@@ -99,6 +99,7 @@ class AccelerateStrategy(Strategy):
         return self.accelerator.unwrap_model(self.model)
 
     def checkpoint_state(self) -> Dict[str, Any]:
+        # lazy: start-up: DCP takes ~2 s to import, only saves and loads need it
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         # The plain torch optimizer inside Accelerate's wrapper is what torch's state_dict helpers understand.
@@ -106,6 +107,7 @@ class AccelerateStrategy(Strategy):
         return {"model": model_state, "optim": optim_state, **self._accelerate_scaler_state()}
 
     def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
+        # lazy: start-up: DCP takes ~2 s to import, only saves and loads need it
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         set_state_dict(self.model, self.optimizer.optimizer, model_state_dict=state["model"],
@@ -125,6 +127,7 @@ class AccelerateStrategy(Strategy):
 
     def teardown(self) -> None:
         if self.accelerator is not None:
+            # lazy: start-up: Accelerate takes seconds to import
             from accelerate.state import AcceleratorState, GradientState
 
             self.accelerator.free_memory()

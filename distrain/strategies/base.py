@@ -1,12 +1,22 @@
-"""The one small interface every strategy implements; the trainer calls nothing else.
+"""The strategy contract: the one abstract class every strategy implements; nothing outside strategies/ calls more.
 
 A strategy owns what differs between DDP, ZeRO, FSDP, DeepSpeed, Accelerate and local SGD: how the model
 and optimizer are wrapped, how backward accumulates (and when gradients are synchronised), clipping, the
-optimizer step, parameter synchronisation, and how the state is gathered or saved.
+optimizer step, parameter synchronisation, and how the state is gathered or saved. Read top to bottom:
+
+1. capability flags (class attributes): what the trainer, the checkpointer and the planner may expect;
+2. ``setup`` (the one abstract method): wrap the model, build the optimizer;
+3. the step: forward context, accumulation, backward, clipping, norms, the update;
+4. an engine's tensors seen from outside (``local_tensor``, ``param_shape``, ``scalar``): the only way code
+   outside strategies/ reads a sharded parameter or an engine's result, so DTensor and DeepSpeed details stay here;
+5. state and checkpoints.
+
+What differs per engine lives in the engine's file only.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +26,20 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from distrain import dist
+from distrain.checkpoint import dcp_io
+from distrain.checkpoint.paths import DCP_DIR
 from distrain.config import BatchPlan
 from distrain.config.options import parse_options
 from distrain.env import ProcessInfo
 from distrain.models.meta_init import is_meta, materialise
 from distrain.strategies import precision
-from distrain.training.activation_checkpointing import apply_activation_checkpointing
-from distrain.training.compile import apply_compile
-from distrain.training.optim import build_optimizer, param_groups
+from distrain.models.activation_checkpointing import apply_activation_checkpointing
+from distrain.models.compile import apply_compile
+from distrain.optim import build_optimizer, param_groups
 
 if TYPE_CHECKING:
-    from distrain.strategies.layout import Layout
+    from distrain.strategies.placement import Layout
 
 
 @dataclass
@@ -40,13 +53,31 @@ class StrategyContext:
     seed: int
 
 
-class Strategy:
-    name = "base"
-    exact = True  # W ranks reproduce 1 rank with accumulation, to float rounding (`distrain verify` checks it)
+class Strategy(abc.ABC):
+    """What a strategy is; a subclass sets the flags that differ and implements ``setup``."""
+
+    # --- capability flags ----------------------------------------------------------------------------
+    name = "base"  # the registry name (strategy.name), for messages
+    # W ranks reproduce 1 rank with accumulation, to float rounding (`distrain verify` checks it); see exact_for.
+    exact = True
+    # Whether it needs torch.distributed's process group when W > 1 (False: it brings its own, or runs alone).
     needs_process_group = True
     # Whether setup() accepts a model still on the meta device (distrain.models.meta_init) and brings it to life
     # itself, after wrapping or sharding it. The built-in strategies do; a user's own strategy gets a built model.
     meta_init = False
+    # How the engine combines gradients across ranks: "sum" (the default: what keeps W ranks equal to one rank) or
+    # "mean" (the engine divides by the world size, and backward multiplies it back; see loss_factor).
+    grad_reduction = "sum"
+    # True where the engine clips, measures the gradient norm and applies the update in one call (DeepSpeed): the
+    # norm is known only after step(), and a step cannot be skipped from outside (train.on_nonfinite=skip_step).
+    opaque_step = False
+    # The Checkpointer owns a save's temporary folder, its hashes, commit and retention; the strategy writes its
+    # model and optimizer state into it. By default that is DCP shards (every rank its own, resharded on load at
+    # any world size). A strategy whose engine has a format of its own (DeepSpeed) sets engine_checkpoint and
+    # overrides save_checkpoint and load_checkpoint; its saves are synchronous.
+    engine_checkpoint = False
+    # Payload bytes this rank has handed to collectives for gradient/parameter sync so far (None: not counted).
+    comm_bytes: Optional[int] = None
 
     def __init__(self, ctx: StrategyContext):
         self.ctx = ctx
@@ -58,6 +89,7 @@ class Strategy:
         self.grad_scaler: Optional[torch.amp.GradScaler] = precision.grad_scaler(ctx.train.precision, ctx.device)
 
     # --- setup -------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def setup(self, model: nn.Module) -> None:
         """Place and wrap ``model``, then build the optimizer over the (possibly sharded) parameters."""
         raise NotImplementedError
@@ -81,8 +113,9 @@ class Strategy:
 
     def _build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """train.optimizer over ``model``'s parameters (after wrapping/sharding), in the weight-decay groups every
-        strategy uses (distrain.training.optim.param_groups)."""
-        return build_optimizer(param_groups(model, self.ctx.train), self.ctx.train, self.ctx.device)
+        strategy uses (distrain.optim.param_groups)."""
+        groups = param_groups(model, self.ctx.train, shape=self.param_shape)
+        return build_optimizer(groups, self.ctx.train, self.ctx.device)
 
     # --- the step ----------------------------------------------------------------------------------
     def forward_context(self) -> ContextManager:
@@ -92,10 +125,6 @@ class Strategy:
     def accumulate(self, last_micro_step: bool) -> ContextManager:
         """Context around one micro-step's forward+backward; gradients sync only on the last one."""
         return contextlib.nullcontext()
-
-    # How the engine combines gradients across ranks: "sum" (the default: what keeps W ranks equal to one rank) or
-    # "mean" (the engine divides by the world size, and backward multiplies it back).
-    grad_reduction = "sum"
 
     def loss_factor(self) -> int:
         """What the engine's own reductions divide a micro-batch's gradient by, so ``backward`` multiplies it back.
@@ -140,12 +169,10 @@ class Strategy:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if not grads:
             return 0.0
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        if hasattr(norm, "full_tensor"):  # DTensor: the partial norms of the shards, reduced over the mesh
-            norm = norm.full_tensor()
+        norm = self.scalar(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
         if self.grad_scaler:
             norm = norm / self.grad_scaler.get_scale()
-        return float(norm)
+        return norm
 
     def step(self) -> None:
         """Apply the optimizer update and clear the gradients."""
@@ -155,10 +182,6 @@ class Strategy:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    # True where the engine clips, measures the gradient norm and applies the update in one call (DeepSpeed): the
-    # norm is known only after step(), and a step cannot be skipped from outside (train.on_nonfinite=skip_step).
-    opaque_step = False
 
     def skip_step(self) -> None:
         """Drop this step's gradients without an update (train.on_nonfinite=skip_step); called on every rank alike."""
@@ -174,6 +197,31 @@ class Strategy:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    # --- an engine's tensors, seen from outside ----------------------------------------------------
+    def local_tensor(self, param: torch.Tensor) -> torch.Tensor:
+        """The part of ``param`` this rank holds: the shard of a DTensor (FSDP2), else the tensor itself. Engines
+        that keep the shard apart from the parameter (DeepSpeed ZeRO-3) override it."""
+        return param.to_local() if hasattr(param, "to_local") else param
+
+    def param_shape(self, param: torch.Tensor) -> torch.Size:
+        """The shape of the whole parameter (as the model declares it), whatever this rank holds of it."""
+        return param.shape
+
+    def scalar(self, value: Union[float, torch.Tensor]) -> float:
+        """A scalar the engine returned (a gradient norm) as a float; a DTensor's partial value is reduced over
+        the mesh first (a collective: call it on every rank)."""
+        if hasattr(value, "full_tensor"):  # DTensor: the partial values of the shards, reduced over the mesh
+            value = value.full_tensor()
+        return float(value)
+
+    def nonfinite_weight_ranks(self) -> List[int]:
+        """The ranks whose weights (their local shards) hold a nan or inf; the same list on every rank (collective)."""
+        device = self.ctx.device
+        flags = [torch.isfinite(local.detach()).all().logical_not()
+                 for local in map(self.local_tensor, self.model.parameters()) if local.numel()]
+        bad = torch.stack([f.to(device) for f in flags]).any().float() if flags else torch.zeros((), device=device)
+        return [r for r, v in enumerate(dist.per_rank(bad.to(device))) if v]
+
     # --- state -------------------------------------------------------------------------------------
     @property
     def module(self) -> nn.Module:
@@ -185,26 +233,14 @@ class Strategy:
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
     # --- checkpoints -------------------------------------------------------------------------------
-    # The Checkpointer owns a save's temporary folder, its hashes, commit and retention; the strategy writes its
-    # model and optimizer state into it. By default that is DCP shards (every rank its own, resharded on load at
-    # any world size). A strategy whose engine has a format of its own (DeepSpeed) sets engine_checkpoint and
-    # overrides save_checkpoint and load_checkpoint; its saves are synchronous.
-    engine_checkpoint = False
-
     def save_checkpoint(self, directory: Path, step: int, asynchronous: bool = False,
                         group: Optional[Any] = None) -> Optional[Any]:
         """Write this rank's model and optimizer state into checkpoint ``directory`` (dcp/); ``asynchronous``: in
         DCP's background thread, collectives on ``group``, returning its future."""
-        from distrain.checkpoint import dcp_io
-        from distrain.checkpoint.layout import DCP_DIR
-
         return dcp_io.save_state(self.checkpoint_state(), directory / DCP_DIR, step, asynchronous, group)
 
     def load_checkpoint(self, directory: Path) -> None:
         """Load this rank's model and optimizer state from checkpoint ``directory`` (what save_checkpoint wrote)."""
-        from distrain.checkpoint import dcp_io
-        from distrain.checkpoint.layout import DCP_DIR
-
         target = self.checkpoint_state()
         dcp_io.load_state(target, directory / DCP_DIR)
         self.load_checkpoint_state(target)
@@ -214,6 +250,7 @@ class Strategy:
 
         torch's state_dict helpers see through DDP and FSDP2 wrappers and give DCP the keys it reshards by.
         """
+        # lazy: start-up: DCP takes ~2 s to import, only saves and loads need it
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
@@ -221,6 +258,7 @@ class Strategy:
 
     def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
         """Load what ``checkpoint_state`` produced (after DCP filled it in place)."""
+        # lazy: start-up: DCP takes ~2 s to import, only saves and loads need it
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -251,9 +289,6 @@ class Strategy:
     def memory_report(self) -> Dict[str, int]:
         """Bytes of parameters, gradients and optimizer state held by this rank (shards count as local)."""
         return {kind: sum(_local_bytes(t) for t in tensors) for kind, tensors in self.state_tensors().items()}
-
-    # Payload bytes this rank has handed to collectives for gradient/parameter sync so far (None: not counted).
-    comm_bytes: Optional[int] = None
 
     @classmethod
     def layouts(cls) -> List["Layout"]:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distrain.errors import ConfigError
-from distrain.strategies.layout import Layout
+from distrain.strategies.placement import Layout
 from distrain.strategies.base import Strategy, StrategyContext
 from distrain.strategies.comm_hooks import BucketCapMB, ByteCounter, PowerSGDRank, register_comm_hook
 
@@ -62,7 +62,7 @@ class DDPStrategy(Strategy):
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model on the device, checkpointed and compiled per train.*, in DDP (the model itself at W=1)."""
         model = self._on_device(model)
-        self._checkpoint_and_compile(model)  # per block, before DDP (see distrain.training.compile)
+        self._checkpoint_and_compile(model)  # per block, before DDP (see distrain.models.compile)
         if self.ctx.info.world_size == 1:
             return model
         device_ids = [self.ctx.device] if self.ctx.device.type == "cuda" else None

@@ -36,19 +36,21 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, ContextManager, Dict, List, Mapping, Optional, Union
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from safetensors.torch import save_file
 import torch
 from torch import nn
 
 from distrain.config.options import Range
 from distrain.env import ProcessInfo
-from distrain.checkpoint.layout import CONSOLIDATED, ENGINE_DIR
+from distrain.checkpoint.paths import CONSOLIDATED, ENGINE_DIR
 from distrain.errors import CheckpointError, ConfigError
-from distrain.models.host_memory import freed_memory_returned
+from distrain.strategies.host_memory import freed_memory_returned
 from distrain.models.meta_init import is_meta, meta_init_of
-from distrain.strategies.layout import FULL, SHARD, Layout
-from distrain.training.activation_checkpointing import apply_activation_checkpointing
-from distrain.training.compile import apply_compile
-from distrain.training.optim import build_optimizer, optimizer_kwargs, param_groups
+from distrain.strategies.placement import FULL, SHARD, Layout
+from distrain.models.activation_checkpointing import apply_activation_checkpointing
+from distrain.models.compile import apply_compile
+from distrain.optim import build_optimizer, optimizer_kwargs, param_groups
 from distrain.strategies.base import Strategy, StrategyContext, _local_bytes
 
 # Keys that our config owns: set them through train.* / strategy.kwargs, never twice.
@@ -66,7 +68,7 @@ def import_deepspeed() -> Any:
     """Import DeepSpeed, telling it to run on the CPU when there is no CUDA (it decides at import time)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    import deepspeed  # lazy: start-up: DeepSpeed takes seconds to import
 
     return deepspeed
 
@@ -167,7 +169,7 @@ class DeepSpeedStrategy(Strategy):
         else:
             model = self._on_device(model)
         apply_activation_checkpointing(model, train.activation_checkpointing, train.blocks)
-        groups = param_groups(model, train)  # every strategy's weight-decay groups; DeepSpeed partitions each
+        groups = param_groups(model, train, shape=self.param_shape)  # every strategy's groups, partitioned
         client_optimizer = None if "optimizer" in config else build_optimizer(groups, train, self.ctx.device)
         # Past the config check, a failure is the engine's (a runtime error with DeepSpeed's own traceback).
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -179,7 +181,7 @@ class DeepSpeedStrategy(Strategy):
 
     def _check_config(self, deepspeed: Any, config: Dict[str, Any]) -> None:
         """DeepSpeed's own config parser, run on its own so that only its complaints become a ConfigError."""
-        from deepspeed.runtime.config import DeepSpeedConfig
+        from deepspeed.runtime.config import DeepSpeedConfig  # lazy: start-up: DeepSpeed takes seconds to import
 
         # What deepspeed.initialize does first: wrap the existing process group (the parser reads its world size).
         deepspeed.comm.init_distributed(dist_init_required=False, verbose=False)
@@ -244,6 +246,14 @@ class DeepSpeedStrategy(Strategy):
         for group in self.engine.optimizer.param_groups:  # the basic optimizer's groups, behind ZeRO's wrapper
             group["lr"] = lr
 
+    # --- an engine's tensors, seen from outside ----------------------------------------------------
+    def local_tensor(self, param: torch.Tensor) -> torch.Tensor:
+        local = getattr(param, "ds_tensor", None)  # ZeRO-3 keeps the shard apart, the parameter itself empty
+        return local if local is not None else param
+
+    def param_shape(self, param: torch.Tensor) -> torch.Size:
+        return getattr(param, "ds_shape", param.shape)  # ZeRO-3 keeps the real shape apart
+
     # --- state -------------------------------------------------------------------------------------
     @property
     def module(self) -> nn.Module:
@@ -252,7 +262,7 @@ class DeepSpeedStrategy(Strategy):
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """Full weights on rank 0: the fp32 master values where DeepSpeed keeps a low-precision model copy."""
         deepspeed = import_deepspeed()
-        from deepspeed.utils import safe_get_full_fp32_param
+        from deepspeed.utils import safe_get_full_fp32_param  # lazy: start-up: DeepSpeed takes seconds to import
 
         rank0 = torch.distributed.get_rank() == 0
         module = self.module
@@ -312,8 +322,6 @@ class DeepSpeedStrategy(Strategy):
                         group: Optional[Any] = None) -> None:
         """``engine.save_checkpoint`` into ``directory/engine`` (every rank writes its ZeRO partition), plus the
         consolidated weights in our portable format (``model.safetensors``, for export and inference)."""
-        from safetensors.torch import save_file
-
         self.engine.save_checkpoint(str(directory / ENGINE_DIR), tag=CHECKPOINT_TAG, save_latest=False)
         weights = self.full_state_dict()  # collective; complete on rank 0
         if self.ctx.info.is_main:
@@ -368,6 +376,7 @@ def refuse_pickled_code(directory: Path) -> None:
     checkpoints hold (loss scaler, ZeRO stage, fragment address); anything else raises CheckpointError.
     """
     import_deepspeed()
+    # lazy: start-up: DeepSpeed takes seconds to import
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -396,8 +405,6 @@ def _master_partitions(wrapper: Any) -> List[torch.Tensor]:
 
 def _plain(value: Any) -> Any:
     """OmegaConf containers -> plain dicts/lists (DeepSpeed's config parser wants JSON types)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     return copy.deepcopy(dict(value)) if isinstance(value, Mapping) else value

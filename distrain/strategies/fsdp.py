@@ -30,7 +30,7 @@ from distrain.errors import ConfigError
 from distrain.models.blocks import AUTO, find_blocks
 from distrain.models.meta_init import is_meta, materialise
 from distrain.strategies import precision
-from distrain.strategies.layout import SHARD, Layout
+from distrain.strategies.placement import SHARD, Layout
 from distrain.strategies.base import Strategy, StrategyContext
 
 
@@ -68,7 +68,7 @@ class FSDPStrategy(Strategy):
         sharded_from_birth = is_meta(model)
         if not sharded_from_birth:
             model = model.to(self.ctx.device)
-        self._checkpoint_and_compile(model)  # per block, before fully_shard (see distrain.training.compile)
+        self._checkpoint_and_compile(model)  # per block, before fully_shard (see distrain.models.compile)
         mesh = init_device_mesh(self.ctx.device.type, (self.ctx.info.world_size,))
         kwargs: Dict[str, Any] = dict(mesh=mesh, reshard_after_forward=self.reshard_after_forward,
                                       offload_policy=CPUOffloadPolicy() if self.offload else OffloadPolicy())
@@ -130,6 +130,7 @@ class FSDPStrategy(Strategy):
         return self.model  # fully_shard changes the module's class in place; there is no wrapper to look through
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        # lazy: start-up: DCP takes ~2 s to import, only saves and loads need it
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         # All-gathers shard by shard onto rank 0's CPU memory; other ranks get an empty dict.

@@ -23,7 +23,7 @@ from torch.distributed.algorithms.model_averaging.utils import average_parameter
 
 from distrain.config.options import Range
 from distrain.errors import CheckpointError, ConfigError
-from distrain.strategies.layout import Layout
+from distrain.strategies.placement import Layout
 from distrain.strategies.base import Strategy, StrategyContext
 
 OUTER = ("average", "nesterov")
@@ -110,6 +110,7 @@ class LocalSGDStrategy(Strategy):
 
         A resume therefore needs the same world size; the outer (DiLoCo) state is shared and saved once.
         """
+        # lazy: start-up: DCP takes ~2 s to import, only saves and loads need it
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
@@ -129,6 +130,7 @@ class LocalSGDStrategy(Strategy):
         return buffer
 
     def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
+        # lazy: start-up: DCP takes ~2 s to import, only saves and loads need it
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         rank = f"rank{self.ctx.info.rank}of{self.ctx.info.world_size}"

@@ -12,6 +12,7 @@ import contextlib
 from typing import ContextManager, Optional
 
 import torch
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from distrain.errors import ConfigError
 
@@ -47,7 +48,5 @@ def grad_scaler(precision: str, device: torch.device, sharded: bool = False) -> 
     if precision != "fp16":
         return None
     if sharded:
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
         return ShardedGradScaler(device.type)
     return torch.amp.GradScaler(device.type)

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from distrain.training.optim import build_optimizer, param_groups
+from distrain.optim import build_optimizer, param_groups
 from distrain.strategies.ddp import DDPStrategy
-from distrain.strategies.layout import SHARD, Layout
+from distrain.strategies.placement import SHARD, Layout
 from distrain.strategies.base import StrategyContext
 from distrain.strategies.comm_hooks import BucketCapMB, PowerSGDRank
 
@@ -75,6 +75,7 @@ class ZeRO1Strategy(DDPStrategy):
         partition. DCP writes each rank's entries; at load, every rank asks for the names it owns under the *new*
         partition (any world size), and a ddp checkpoint loads into zero1 and back, since the layout is the same.
         """
+        # lazy: start-up: DCP takes ~2 s to import, only saves and loads need it
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         local = self.optimizer.optim
@@ -89,6 +90,7 @@ class ZeRO1Strategy(DDPStrategy):
                 **self._scaler_state()}
 
     def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
+        # lazy: start-up: DCP takes ~2 s to import, only saves and loads need it
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
         set_model_state_dict(self.model, state["model"])

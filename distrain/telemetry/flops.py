@@ -15,6 +15,9 @@ from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from distrain.models import MODEL_FLOPS
 
 # Dense (no sparsity) peak FLOP/s per device from the vendors' datasheets, by training precision. fp32 means
 # plain FP32 (PyTorch does not use TF32 for matmuls unless asked). First match on the device name wins, so
@@ -86,8 +89,6 @@ def flops_per_sample(model: nn.Module, spec: Any, builtin: Optional[str] = None,
     (meta tensors for a meta-built model, fake tensors for a built one), so counting costs no memory and no
     time, whatever the model's size.
     """
-    from distrain.models import MODEL_FLOPS
-
     if builtin is not None and builtin in MODEL_FLOPS and spec is not None:
         return FlopsEstimate(float(MODEL_FLOPS[builtin](model, spec)), f"formula for built-in model {builtin!r}")
     own = getattr(model, "flops_per_sample", None)
@@ -99,8 +100,6 @@ def flops_per_sample(model: nn.Module, spec: Any, builtin: Optional[str] = None,
 
 
 def _count(model: nn.Module, sample: Any) -> FlopsEstimate:
-    from torch.utils.flop_counter import FlopCounterMode
-
     was_training = model.training
     model.eval()  # no dropout, no BatchNorm statistics update
     try:
@@ -132,6 +131,7 @@ def _shapes_only(model: nn.Module, sample: Any) -> Iterator[Any]:
             for m, name, b in buffers:
                 m._buffers[name] = b
         return
+    # lazy: optional: a private torch API, looked up where used
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:

@@ -16,7 +16,6 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig
 
-from distrain.checkpoint.layout import checkpoints_root, read_latest
 from distrain.telemetry.keep_aside import keep_aside
 from distrain.telemetry.logs import get_logger
 from distrain.telemetry.run_record import json_safe
@@ -46,13 +45,13 @@ class MetricsWriter:
         self.file.write(json.dumps(clean, allow_nan=False) + "\n")
         self.trackers.log(clean)
 
-    def close(self, status: str = "finished") -> None:
+    def close(self, status: str = "finished", checkpoint: Optional[Path] = None) -> None:
         """Close metrics.jsonl, then give the trackers the run's end: its status (finished | failed | preempted),
-        config.yaml and the newest committed checkpoint (the one `distrain ckpt export` exports). Returns at once:
+        config.yaml and ``checkpoint``, the newest committed one (the one `distrain ckpt export` exports). Returns at once:
         call ``wait`` after the last collective, so no other rank waits while the trackers flush."""
         self.file.close()
         self.trackers.close(RunEnd(status=status, config_file=self.run_dir / "config.yaml",
-                                   checkpoint=_latest_checkpoint(self.run_dir)))
+                                   checkpoint=checkpoint))
 
     def wait(self) -> List[str]:
         """Let the trackers flush, for at most metrics.tracker_timeout_s; the warnings of those left behind."""
@@ -91,8 +90,3 @@ def _step_of(line: str) -> float:
     except (ValueError, TypeError):
         return math.inf
 
-
-def _latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    root = checkpoints_root(run_dir)
-    name = read_latest(root)
-    return root / name if name and (root / name).is_dir() else None

@@ -7,6 +7,9 @@ import sys
 import time
 from typing import Any, Dict, Optional
 
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from distrain.telemetry.logs import get_logger
 from distrain.telemetry.units import format_duration
 
@@ -24,9 +27,6 @@ class Progress:
         self.bar = None
         self._redirect = None
         if self.mode == "bar":
-            from tqdm.auto import tqdm
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
             self.bar = tqdm(total=total, initial=initial, desc=description, unit="step", dynamic_ncols=True,
                             file=sys.stderr)
             self._redirect = logging_redirect_tqdm(loggers=[get_logger()])  # log lines print above the bar

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict
 
-from distrain import __version__
+from distrain.version import __version__
 
 
 def json_safe(value: Any) -> Any:
@@ -25,7 +25,7 @@ def json_safe(value: Any) -> Any:
 
 
 def versions() -> Dict[str, str]:
-    import torch
+    import torch  # lazy: start-up: torch takes seconds to import
 
     return {"distrain": __version__, "torch": torch.__version__}
 

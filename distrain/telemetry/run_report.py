@@ -66,11 +66,12 @@ class RunReport:
         except OSError as record_err:  # e.g. the same full disk: the run's own error is the one to raise
             self.log.error(f"run.json could not record the failure: {record_err}")
 
-    def close(self, outcome: str) -> None:
-        """The console stops and the trackers learn how the run ended (finished | preempted | failed)."""
+    def close(self, outcome: str, checkpoint: Optional[Path] = None) -> None:
+        """The console stops and the trackers learn how the run ended (finished | preempted | failed) and its newest
+        committed checkpoint."""
         self.progress.close()
         if self.writer:
-            self.writer.close(outcome)
+            self.writer.close(outcome, checkpoint)
 
     def finished(self, preempted: bool, step: int, final: Dict[str, Any], nonfinite_steps: int) -> None:
         if self.record:

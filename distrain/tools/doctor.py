@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import platform
+import queue
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from distrain.env import detect
+from distrain.errors import ConfigError
 from distrain.extras import install_hint
+from distrain.ports import describe_owner, free_port, port_in_use
+from distrain.version import __version__
 
 SMOKE_SIZES = (64 * 1024, 4 * 2**20, 16 * 2**20)  # bytes per all_reduce: latency-bound to bandwidth-bound
 SMOKE_ITERS = 5
@@ -77,7 +82,7 @@ def _allreduce_worker(rank: int, world: int, port: int, results: Any) -> None:
     """One rank of the smoke test: all_reduce a few sizes over gloo, check the sum, time it."""
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        import torch
+        import torch  # lazy: start-up: torch takes seconds to import
         import torch.distributed as dist
 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -106,8 +111,6 @@ class _SmokeTest:
     world = 2
 
     def __init__(self) -> None:
-        from distrain.launch.ports import free_port
-
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter, as torchrun's workers are
         self.results = ctx.Queue()
         self.port = free_port()
@@ -118,8 +121,6 @@ class _SmokeTest:
             proc.start()
 
     def collect(self) -> Check:
-        import queue
-
         outcomes: Dict[int, Any] = {}
         deadline = self.started + SMOKE_TIMEOUT_S + 10
         while len(outcomes) < self.world and time.perf_counter() < deadline:
@@ -156,9 +157,8 @@ class _SmokeTest:
 # --- the cheap checks ------------------------------------------------------------------------------------------
 
 def _versions() -> List[Check]:
-    import torch
+    import torch  # lazy: start-up: torch takes seconds to import
 
-    from distrain import __version__
 
     cuda_build = torch.version.cuda or "none (CPU build)"
     checks = [Check("python", "ok", f"{platform.python_version()} ({sys.executable})"),
@@ -179,7 +179,7 @@ def _versions() -> List[Check]:
 
 
 def _backends(cuda_devices: int) -> List[Check]:
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: start-up: torch takes seconds to import
 
     if not dist.is_available():
         return [Check("torch.distributed", "fail", "this torch build has no torch.distributed",
@@ -199,7 +199,7 @@ def _backends(cuda_devices: int) -> List[Check]:
 
 
 def _cuda() -> List[Check]:
-    import torch
+    import torch  # lazy: start-up: torch takes seconds to import
 
     if not torch.cuda.is_available():
         gpu_present = shutil.which("nvidia-smi") is not None
@@ -260,9 +260,6 @@ def _deepspeed(proc: Optional[subprocess.Popen]) -> List[Check]:
 
 
 def _launch_environment() -> List[Check]:
-    from distrain.env import detect
-    from distrain.errors import ConfigError
-
     checks = []
     try:
         info = detect()
@@ -282,8 +279,6 @@ def _launch_environment() -> List[Check]:
 
 
 def _ports() -> List[Check]:
-    from distrain.launch.ports import describe_owner, free_port, port_in_use
-
     checks = []
     wanted = {29500: "torchrun's default MASTER_PORT / rendezvous port"}
     if os.environ.get("MASTER_PORT", "").isdigit():
@@ -322,7 +317,7 @@ def _shm_and_disk() -> List[Check]:
 
 
 def _cpu() -> List[Check]:
-    import torch
+    import torch  # lazy: start-up: torch takes seconds to import
 
     threads = os.environ.get("OMP_NUM_THREADS")
     return [Check("CPU", "ok", f"{os.cpu_count()} cores; torch uses {torch.get_num_threads()} threads"
@@ -332,7 +327,7 @@ def _cpu() -> List[Check]:
 
 def run_checks(smoke_test: bool = True) -> List[Check]:
     """Run every check; slow probes (DeepSpeed ops, the 2-process all_reduce) overlap with the cheap ones."""
-    import torch
+    import torch  # lazy: start-up: torch takes seconds to import
 
     cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     smoke = _SmokeTest() if smoke_test else None

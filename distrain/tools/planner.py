@@ -23,7 +23,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig
 
-from distrain.strategies.layout import FULL, SHARD, Layout
+from distrain.config import batch_plan
+from distrain.data import build_datasets
+from distrain.errors import DistrainError
+from distrain.models import build_model
+from distrain.models.blocks import find_blocks
+from distrain.strategies import STRATEGIES, strategy_class
+from distrain.strategies.placement import FULL, SHARD, Layout
 from distrain.telemetry.units import format_bytes
 
 
@@ -34,9 +40,6 @@ def layouts() -> List[Layout]:
 
 def declared_layouts() -> Tuple[List[Layout], Dict[str, str]]:
     """(every importable strategy's layouts, {strategy whose module does not import here: why})."""
-    from distrain.errors import DistrainError
-    from distrain.strategies import STRATEGIES, strategy_class
-
     found: List[Layout] = []
     unavailable: Dict[str, str] = {}
     for name in STRATEGIES:
@@ -137,11 +140,8 @@ class Plan:
 
 def count_parameters(cfg: DictConfig) -> tuple:
     """(parameters, parameters of the largest shardable unit) of the config's model, built on the meta device."""
-    import torch
+    import torch  # lazy: start-up: torch takes seconds to import
 
-    from distrain.data import build_datasets
-    from distrain.models import build_model
-    from distrain.models.blocks import find_blocks
 
     train, _ = build_datasets(cfg.data.name, cfg.data.kwargs, cfg.data.eval_fraction)
     with torch.device("meta"):
@@ -157,7 +157,7 @@ def plan_backend(cfg: DictConfig) -> str:
     """The collective backend the run would use: dist.backend, or for auto nccl with CUDA and gloo without."""
     if cfg.dist.backend != "auto":
         return str(cfg.dist.backend)
-    import torch
+    import torch  # lazy: start-up: torch takes seconds to import
 
     cuda = cfg.dist.device == "cuda" or (cfg.dist.device == "auto" and torch.cuda.is_available())
     return "nccl" if cuda else "gloo"
@@ -170,8 +170,6 @@ def make_plan(cfg: DictConfig, world_size: int, mem_per_rank_gb: Optional[float]
 
     Raises ConfigError when the config's global batch does not split over ``world_size`` ranks.
     """
-    from distrain.config import batch_plan
-
     accum = batch_plan(cfg, world_size).grad_accum
     backend = backend or plan_backend(cfg)
     if n_params is None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from distrain.errors import UsageError
+from distrain.extras import import_optional
 from distrain.tools.runs import RunData, display_names, expand_run_dirs, read_run
 
 
@@ -51,10 +52,9 @@ def plot_runs(paths: Sequence[str], out: Optional[str] = None, title: Optional[s
         raise UsageError(f"--out {out}: the directory '{out_path.parent}' does not exist. Create it or choose "
                          f"another path.")
 
-    from distrain.extras import import_optional
 
     import_optional("matplotlib", "distrain plot").use("Agg")  # headless: never needs a display
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: optional: matplotlib is optional (distrain[viz])
 
     supported = plt.figure().canvas.get_supported_filetypes()
     plt.close("all")
@@ -76,10 +76,10 @@ def plot_runs(paths: Sequence[str], out: Optional[str] = None, title: Optional[s
 
 def build_figure(runs: List[RunData], names: List[str], title: Optional[str] = None):
     """The 2x3 comparison figure (a matplotlib Figure; the caller saves and closes it)."""
-    import matplotlib
+    import matplotlib  # lazy: optional: matplotlib is optional (distrain[viz])
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: optional: matplotlib is optional (distrain[viz])
 
     fig, axes = plt.subplots(2, 3, figsize=(18, 9.5), constrained_layout=True)
     # Accuracy (a fraction) and loss (nats) share no scale: accuracy gets its own axis, on the right.

@@ -7,10 +7,13 @@ a run that is still training is safe.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
 
 from distrain.errors import UsageError
 from distrain.training.run_lock import process_alive
@@ -128,8 +131,6 @@ class RunSummary:
 def _config_value(path: Path, dotted: str) -> Any:
     """A value from the run's resolved config.yaml (None when it is missing or unreadable)."""
     try:
-        from omegaconf import OmegaConf
-
         return OmegaConf.select(OmegaConf.load(path / "config.yaml"), dotted)
     except Exception:  # a half-written or hand-edited file: the listing goes on without it
         return None
@@ -137,8 +138,6 @@ def _config_value(path: Path, dotted: str) -> Any:
 
 def summarize(run: RunData, name: str, hostname: Optional[str] = None) -> RunSummary:
     """One row of `distrain runs ls` from a run's files."""
-    import socket
-
     info = run.info
     status = str(info.get("status") or ("unknown" if run.steps else "empty"))
     started = info.get("started")

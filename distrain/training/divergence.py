@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import torch
-from torch import nn
 
 from distrain import dist
-from distrain.checkpoint.layout import read_latest
+from distrain.checkpoint.paths import read_latest
 from distrain.errors import ConfigError, DivergenceError
 
 LOSS, GRAD_NORM = 1, 2  # the bits of a rank's code
@@ -49,18 +48,6 @@ def _describe(codes: List[float]) -> str:
         parts.append("the gradient norm is not finite" + (f" on rank(s) {', '.join(map(str, norm))}"
                                                            if len(norm) < len(codes) else ""))
     return " and ".join(parts)
-
-
-def nonfinite_weight_ranks(model: nn.Module, device: torch.device) -> List[int]:
-    """The ranks whose weights (their local shards) hold a nan or inf; the same list on every rank (collective)."""
-    flags = []
-    for p in model.parameters():
-        local = getattr(p, "ds_tensor", None)  # DeepSpeed ZeRO-3 keeps the shard apart, the parameter empty
-        local = local if local is not None else (p.to_local() if hasattr(p, "to_local") else p)  # FSDP2 DTensor
-        if local.numel():
-            flags.append(torch.isfinite(local.detach()).all().logical_not())
-    bad = torch.stack([f.to(device) for f in flags]).any().float() if flags else torch.zeros((), device=device)
-    return [r for r, v in enumerate(dist.per_rank(bad.to(device))) if v]
 
 
 class DivergenceGuard:
@@ -123,7 +110,7 @@ class DivergenceGuard:
         settle, then whether the weights may be saved. Non-finite weights are never saved: a DivergenceError, or,
         for a scheduled save under train.on_nonfinite=warn, a warning and False (training goes on)."""
         self.settle()
-        bad = nonfinite_weight_ranks(self.strategy.model, self.device)
+        bad = self.strategy.nonfinite_weight_ranks()
         if not bad:
             return True
         latest = read_latest(self.checkpoints)
@@ -152,7 +139,7 @@ class DivergenceGuard:
                 self.log.warning(f"step {step}: {what}; going on (train.on_nonfinite=warn)")
             self._streak = True
             return True
-        broken = nonfinite_weight_ranks(self.strategy.model, self.device)
+        broken = self.strategy.nonfinite_weight_ranks()
         if broken:
             raise DivergenceError(f"Training diverged at step {step}: {what}, and the weights themselves are no longer "
                                   f"finite on rank(s) {', '.join(map(str, broken))} (an earlier update had non-finite "
@@ -168,4 +155,4 @@ class DivergenceGuard:
                 f"train.on_nonfinite=skip_step skips such steps instead.")
 
 
-__all__ = ["DivergenceGuard", "nonfinite_weight_ranks"]
+__all__ = ["DivergenceGuard"]

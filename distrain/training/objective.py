@@ -138,6 +138,7 @@ def shifts_labels(module: nn.Module) -> bool:
     if getattr(getattr(module, "config", None), "is_encoder_decoder", False):
         return False  # their decoder inputs are shifted instead: every label is an item
     try:
+        # lazy: optional: transformers is optional (distrain[hf])
         from transformers.loss.loss_utils import ForCausalLMLoss
     except ImportError:
         return False

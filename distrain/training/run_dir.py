@@ -14,6 +14,7 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from distrain import dist
+from distrain.checkpoint.paths import checkpoints_root, committed, read_latest
 from distrain.env import ProcessInfo
 from distrain.errors import ConfigError
 from distrain.training.run_lock import HEARTBEAT_S, MAX_WAIT_S, SILENT_BEATS, RunDirBusy, RunLock, describe_holder
@@ -59,8 +60,6 @@ def refuse_fresh_start_over_checkpoints(run_dir: Path, cfg: DictConfig) -> None:
     Starting over there would let the new run's retention delete the old checkpoints and its ``latest`` replace the
     old one; moving them aside silently would surprise as much. The user chooses: a new run.name, or resume.
     """
-    from distrain.checkpoint.layout import checkpoints_root, committed, read_latest
-
     if cfg.train.resume != "never":
         return
     root = checkpoints_root(run_dir)

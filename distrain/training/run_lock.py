@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from distrain.telemetry.logs import get_logger
+
 LOCK_NAME = "run.lock"
 HEARTBEAT_S = 10.0  # how often the holder refreshes the lock
 SILENT_BEATS = 3  # heartbeats an earlier attempt of the same job (or a rebooted host) must have missed
@@ -236,8 +238,6 @@ class RunLock:
                 pass  # a storage hiccup: the next beat tries again
 
     def _report_lost(self, holder: Optional[Dict[str, Any]]) -> None:
-        from distrain.telemetry.logs import get_logger
-
         who = f"now held by {describe_holder(holder)}" if holder else "removed"
         get_logger().error(f"run directory: the lock {self.path} is no longer this run's ({who}); another run may be "
                            f"writing into this run directory")

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from distrain import dist
 from distrain.checkpoint import Checkpointer
-from distrain.checkpoint.layout import checkpoints_root
+from distrain.checkpoint.paths import checkpoints_root, latest_checkpoint
 from distrain.config import ConfigSource, TrainConfig, batch_plan, load_config, surprises, to_yaml
 from distrain.data import GlobalStepSampler, LoaderOptions, StepLoader, fetch_batch, resolve_collate_fn
 from distrain.data.datasets import training_datasets
@@ -46,7 +46,7 @@ from distrain.training.divergence import DivergenceGuard
 from distrain.training.evaluation import Evaluator
 from distrain.training.losses import LossFn, default_items, resolve_loss
 from distrain.training.objective import ItemsRule, MetricFn, Objective, forward_sample
-from distrain.training.optim import lr_at
+from distrain.optim import lr_at
 from distrain.training.run_dir import claim_run_dir, finished_note
 
 
@@ -276,7 +276,8 @@ class Trainer:
             self.faults.abort_peers(err)
             raise
         finally:  # the trackers learn how the run ended: an exception in flight means it failed
-            report.close("failed" if sys.exc_info()[0] else "preempted" if self.faults.preempted else "finished")
+            report.close("failed" if sys.exc_info()[0] else "preempted" if self.faults.preempted else "finished",
+                         latest_checkpoint(self.run_dir))
         final["wall_s"] = time.perf_counter() - started
         return self._finish(report, final)
 
@@ -307,8 +308,7 @@ class Trainer:
     def _log_step(self, loss_sum: torch.Tensor, window: StepWindow, report: RunReport) -> Dict[str, Any]:
         """Collective: the step's record (loss reduced over the global batch; distrain.telemetry.step_record),
         written out on rank 0; then the steps since the last log step are checked for non-finite values."""
-        norm = self._grad_norm
-        grad_norm = None if norm is None else float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        grad_norm = None if self._grad_norm is None else self.strategy.scalar(self._grad_norm)
         record = self.recorder.build(self.step, loss_sum, lr_at(self.step - 1, self.settings), window, grad_norm,
                                      self.strategy.comm_bytes)
         if not math.isfinite(record["loss"]):
@@ -386,14 +386,7 @@ class Trainer:
 
     def _leave_group(self) -> None:
         if self._owns_group:
-            if self._clean_exit:
-                dist.barrier()  # no rank tears the group down while a peer is still talking to it
-            # gloo's worker thread frees the last collective's work object (the barrier's; after a failure, e.g. the
-            # resume decision's broadcast) just after waking us, and needs the GIL for it; if we dropped the group
-            # (its destructor joins that thread, holding the GIL) in that window, both would wait forever. Seen
-            # about once in 12 runs on a loaded machine; a short GIL-free sleep lets the worker finish first.
-            time.sleep(0.2)
-            dist.destroy_process_group()
+            dist.leave_process_group(wait_for_peers=self._clean_exit)
             self._owns_group = False
         if self._writer is not None:  # after the last collective: no peer waits while the trackers flush (bounded)
             self._writer.wait()

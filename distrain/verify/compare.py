@@ -16,9 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from safetensors.torch import load_file
 import torch
 
+from distrain.config import load_config
 from distrain.errors import DistrainError, UsageError
+from distrain.preflight import check_job
+from distrain.verify.user_objects import FLAG, load_function
 
 
 @dataclass
@@ -55,8 +59,6 @@ def run_world(config: str, world_size: int, out_dir: Path, overrides: Sequence[s
               trainer_args: Optional[str] = None) -> WorldResult:
     """Train ``config`` with ``world_size`` gloo workers under torchrun and collect what the workers wrote;
     ``trainer_args`` names the user's function returning Trainer arguments (see distrain.verify.user_objects)."""
-    from distrain.verify.user_objects import FLAG
-
     out_dir.mkdir(parents=True, exist_ok=True)
     user = [f"{FLAG}={trainer_args}"] if trainer_args else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size),
@@ -74,8 +76,6 @@ def run_world(config: str, world_size: int, out_dir: Path, overrides: Sequence[s
 def read_world(out_dir: Path, world_size: int) -> WorldResult:
     """What the workers of one world size wrote to ``out_dir``: result.json, weights.safetensors (rank 0) and
     every rank's indices.rank<R>.json."""
-    from safetensors.torch import load_file
-
     result = json.loads((out_dir / "result.json").read_text())
     indices: List[int] = []
     for rank in range(world_size):
@@ -121,10 +121,6 @@ def verify(config: str, worlds: Sequence[int], overrides: Sequence[str] = (), st
     with micro_batch (a mean of per-micro-batch means), which W=1 with accumulation shares with every W.
     ``trainer_args``: ``MODULE:FUNCTION`` returning the Trainer's keyword arguments (your model, data, loss).
     """
-    from distrain.config import load_config
-    from distrain.config import check_job
-    from distrain.verify.user_objects import load_function
-
     if trainer_args:
         load_function(trainer_args)  # a wrong name fails here, before any worker starts
     overrides = list(overrides) + ([f"train.steps={steps}"] if steps else [])

@@ -9,10 +9,15 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from distrain import dist
+from distrain.config import load_config
+from distrain.data import build_datasets
 from distrain.data.seeding import fetch_context
+from distrain.training.trainer import Trainer
+from distrain.verify.user_objects import FLAG, trainer_args
 
 
 class RecordingDataset(Dataset):
@@ -74,12 +79,6 @@ class RecordingDataset(Dataset):
 
 
 def main(argv: List[str]) -> int:
-    from safetensors.torch import save_file
-
-    from distrain.config import load_config
-    from distrain.data import build_datasets
-    from distrain.training.trainer import Trainer
-    from distrain.verify.user_objects import FLAG, trainer_args
 
     config, out_dir, rest = argv[0], Path(argv[1]), argv[2:]
     args = trainer_args(rest.pop(0).split("=", 1)[1]) if rest and rest[0].startswith(FLAG + "=") else {}

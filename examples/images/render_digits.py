@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from distrain.data.images import render_digits
+from distrain.data.datasets import render_digits
 
 
 def main() -> None:

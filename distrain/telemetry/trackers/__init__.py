@@ -5,7 +5,7 @@ each behind a ``TrackerSink``; ``log`` hands every record to all of them, ``clos
 returns at once, and ``wait`` lets them flush for at most ``metrics.tracker_timeout_s`` (rank 0 calls it after the
 last collective: no other rank waits on a tracker, and a tracker never fails a finished run). Each
 tracker's run id is kept in <run dir>/trackers.json, so a requeued or resumed run continues the same tracker run.
-A new tracker is one file here and one entry in ``TRACKERS``.
+A new tracker is one file here and one entry in ``TRACKERS``; a user's own is named by its import path.
 """
 
 from __future__ import annotations
@@ -22,14 +22,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from distrain.telemetry.keep_aside import keep_aside
 from distrain.telemetry.logs import console_warning
+from distrain.registry import Registry
 from distrain.telemetry.trackers.base import (RunEnd, Tracker, TrackerRun, TrackerSink, flatten_params,
                                               numeric_metrics)
 
-TRACKERS = {
-    "tensorboard": "distrain.telemetry.trackers.tensorboard:TensorBoardTracker",
-    "mlflow": "distrain.telemetry.trackers.mlflow:MLflowTracker",
-    "wandb": "distrain.telemetry.trackers.wandb:WandbTracker",
-}
+# metrics.trackers entries: built-ins imported on use (each is a pip extra), or a user's Tracker subclass by path.
+TRACKERS = Registry("tracker", "metrics.trackers", "Tracker subclass",
+                    check=lambda cls: isinstance(cls, type) and issubclass(cls, Tracker), entries={
+                        "tensorboard": "distrain.telemetry.trackers.tensorboard:TensorBoardTracker",
+                        "mlflow": "distrain.telemetry.trackers.mlflow:MLflowTracker",
+                        "wandb": "distrain.telemetry.trackers.wandb:WandbTracker",
+                    })
 IDS_FILE = "trackers.json"
 
 
@@ -42,8 +45,7 @@ def tracker_names(cfg: DictConfig) -> List[str]:
 
 
 def build_tracker(name: str) -> Tracker:
-    module, _, cls = TRACKERS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)()
+    return TRACKERS.resolve(name)()
 
 
 class Trackers:
@@ -71,6 +73,8 @@ class Trackers:
         group = cls(run_dir, [], ids, float(cfg.metrics.tracker_timeout_s))
         params = flatten_params(config)
         for name in tracker_names(cfg):
+            if name not in TRACKERS:  # a user's own: a bad path is refused here, not warned about on the sink's thread
+                TRACKERS.resolve(name)
             settings = OmegaConf.to_container(cfg.metrics[name]) if name in cfg.metrics and \
                 OmegaConf.is_dict(cfg.metrics[name]) else {}
             sink = TrackerSink(_LazyTracker(name), group._remember)

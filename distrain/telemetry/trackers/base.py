@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from distrain.config.trajectory import flatten
 from distrain.extras import install_hint
 from distrain.telemetry.logs import get_logger
 
@@ -127,8 +128,6 @@ def failure_message(tracker: Tracker, method: str, err: BaseException) -> str:
 
 def flatten_params(tree: Dict[str, Any]) -> Dict[str, str]:
     """{"train": {"lr": 0.1}} -> {"train.lr": "0.1"}: the resolved config as tracker parameters."""
-    from distrain.config.identity import flatten
-
     return {key: str(value) for key, value in flatten(tree).items()}
 
 

@@ -21,7 +21,7 @@ class MLflowTracker(Tracker):
     package = "mlflow"
 
     def start(self, run: TrackerRun) -> Optional[str]:
-        from mlflow import MlflowClient
+        from mlflow import MlflowClient  # lazy: optional: mlflow is optional (distrain[mlflow])
 
         self.client = MlflowClient(tracking_uri=run.settings.get("tracking_uri") or None)
         self.existing: Dict[str, str] = {}
@@ -39,7 +39,7 @@ class MLflowTracker(Tracker):
         return self.run_id
 
     def log_params(self, params: Dict[str, str]) -> None:
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param, RunTag  # lazy: optional: mlflow is optional (distrain[mlflow])
 
         new = [Param(k, v) for k, v in params.items() if k not in self.existing]
         changed = [RunTag(f"resumed.{k}", v) for k, v in params.items() if k in self.existing and self.existing[k] != v]
@@ -49,7 +49,7 @@ class MLflowTracker(Tracker):
             self.client.log_batch(self.run_id, tags=changed[i:i + _BATCH])
 
     def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: optional: mlflow is optional (distrain[mlflow])
 
         now = int(time.time() * 1000)
         batch: List[Metric] = [Metric(key, value, now, step) for key, value in metrics.items()]

@@ -12,6 +12,7 @@ class TensorBoardTracker(Tracker):
     package = "tensorboard"
 
     def start(self, run: TrackerRun) -> Optional[str]:
+        # lazy: optional: tensorboard is optional (distrain[tensorboard])
         from torch.utils.tensorboard import SummaryWriter
 
         # The log directory is the run's identity: a resumed run appends to the same event files' directory.

@@ -20,7 +20,7 @@ class WandbTracker(Tracker):
     package = "wandb"
 
     def start(self, run: TrackerRun) -> Optional[str]:
-        import wandb
+        import wandb  # lazy: optional: wandb is optional (distrain[wandb])
 
         settings = run.settings
         run_id = run.resume_id or uuid.uuid4().hex[:12]

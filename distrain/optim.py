@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set
 
 import torch
 from omegaconf import DictConfig
@@ -20,7 +20,10 @@ from torch import nn
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
 
 
-def param_groups(model: nn.Module, train: DictConfig) -> List[Dict[str, Any]]:
+ShapeOf = Callable[[torch.Tensor], Sequence[int]]  # a parameter's whole shape (Strategy.param_shape)
+
+
+def param_groups(model: nn.Module, train: DictConfig, shape: ShapeOf = lambda p: p.shape) -> List[Dict[str, Any]]:
     """The model's parameters as optimizer groups: those weight decay applies to, then those it does not.
 
     With ``train.weight_decay > 0``, parameters matching ``train.decay_exclude`` go into a second group with
@@ -32,19 +35,20 @@ def param_groups(model: nn.Module, train: DictConfig) -> List[Dict[str, Any]]:
     is excluded when any of its holders is. Without weight decay there is one group, as without the option.
 
     Every strategy builds its optimizer from these groups (ZeRO and DeepSpeed partition each group), so the groups
-    and their order are the same under every strategy and in every checkpoint.
+    and their order are the same under every strategy and in every checkpoint. ``shape`` gives a parameter's
+    whole shape where the engine holds only a shard (``Strategy.param_shape``), for the ``1d`` rule.
     """
     named = list(model.named_parameters())
     rules = [str(r) for r in (getattr(train, "decay_exclude", None) or [])]
     if float(train.weight_decay) == 0 or not rules:
         return [{"params": [p for _, p in named]}]
-    excluded = excluded_from_decay(model, rules)
+    excluded = excluded_from_decay(model, rules, shape)
     decay = [p for name, p in named if name not in excluded]
     no_decay = [p for name, p in named if name in excluded]
     return [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
-def excluded_from_decay(model: nn.Module, rules: Sequence[str]) -> Set[str]:
+def excluded_from_decay(model: nn.Module, rules: Sequence[str], shape: ShapeOf = lambda p: p.shape) -> Set[str]:
     """Names (as ``model.named_parameters()`` gives them) of the parameters ``rules`` exclude from weight decay."""
     canonical = {id(p): name for name, p in model.named_parameters()}
     out: Set[str] = set()
@@ -53,12 +57,12 @@ def excluded_from_decay(model: nn.Module, rules: Sequence[str]) -> Set[str]:
             if p is None or id(p) not in canonical:
                 continue
             full = f"{module_name}.{attr}" if module_name else attr
-            if any(_matches(rule, full, attr, module, p) for rule in rules):
+            if any(_matches(rule, full, attr, module, shape(p)) for rule in rules):
                 out.add(canonical[id(p)])
     return out
 
 
-def _matches(rule: str, name: str, attr: str, module: nn.Module, param: torch.Tensor) -> bool:
+def _matches(rule: str, name: str, attr: str, module: nn.Module, shape: Sequence[int]) -> bool:
     if rule == "bias":
         return attr == "bias"
     if rule == "norm":
@@ -66,7 +70,7 @@ def _matches(rule: str, name: str, attr: str, module: nn.Module, param: torch.Te
     if rule == "embedding":
         return isinstance(module, (nn.Embedding, nn.EmbeddingBag))
     if rule == "1d":
-        return len(getattr(param, "ds_shape", param.shape)) < 2  # DeepSpeed ZeRO-3 keeps the real shape apart
+        return len(shape) < 2
     return fnmatch.fnmatchcase(name, rule)
 
 

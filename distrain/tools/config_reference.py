@@ -1,7 +1,7 @@
 """The config reference, generated from the schema in distrain/config/schema.py: every key, its type, default and comment.
 
-    python -m distrain.config.reference          # (re)write docs/config-reference.md
-    python -m distrain.config.reference --check  # exit 1 when docs/config-reference.md is out of date
+    python -m distrain.tools.config_reference          # (re)write docs/config-reference.md
+    python -m distrain.tools.config_reference --check  # exit 1 when docs/config-reference.md is out of date
 
 Types and defaults come from the dataclasses themselves; the descriptions are the comments next to (or right
 above) each field in the source, so the schema stays the single place where a knob is documented.
@@ -21,6 +21,9 @@ from typing import Any, Dict, List, Optional
 
 from distrain.config import schema as config_module
 from distrain.config.options import describe_options
+from distrain.data.datasets import DATASETS
+from distrain.models import MODELS
+from distrain.strategies import STRATEGIES, strategy_class
 
 REPO = Path(__file__).resolve().parents[2]
 OUTPUT = REPO / "docs" / "config-reference.md"
@@ -118,11 +121,6 @@ def registered_builders() -> List[Dict[str, Any]]:
     """[{section, what, builders: [(name, builder, skip)]}] for strategy.kwargs, model.kwargs and data.kwargs: every
     registered builder whose signature is the typed options of its section (see distrain/config/options.py), with
     the parameters that are not options."""
-    # here, not at the top: the registries import torch, which rendering the config keys does not need
-    from distrain.data.datasets import DATASETS
-    from distrain.models import MODELS
-    from distrain.strategies import STRATEGIES, strategy_class
-
     return [{"section": "strategy.kwargs", "what": "strategy.name",
              "builders": [(name, strategy_class(name).__init__, ("self", "ctx")) for name in STRATEGIES]},
             {"section": "model.kwargs", "what": "model.name",
@@ -143,7 +141,7 @@ def render() -> str:
     lines = [
         "# Config reference",
         "",
-        "<!-- Generated from distrain/config/schema.py by `python -m distrain.config.reference`; do not edit by hand. "
+        "<!-- Generated from distrain/config/schema.py by `python -m distrain.tools.config_reference`; do not edit by hand. "
         "tests/test_config_reference.py fails when this file and the schema drift apart. -->",
         "",
         "Every key of a distrain config, with its type, default and meaning. Set them in the YAML file",
@@ -173,7 +171,7 @@ def render() -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distrain.config.reference", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m distrain.tools.config_reference", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the file is out of date instead of writing")
     parser.add_argument("--out", default=str(OUTPUT), help=f"output file (default {OUTPUT.relative_to(REPO)})")
     args = parser.parse_args(argv)
@@ -182,7 +180,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.check:
         current = out.read_text() if out.exists() else ""
         if current != text:
-            print(f"{out} is out of date: run `python -m distrain.config.reference`", file=sys.stderr)
+            print(f"{out} is out of date: run `python -m distrain.tools.config_reference`", file=sys.stderr)
             return 1
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -76,6 +77,14 @@ def leftovers(root: Path) -> List[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and _TEMPORARY.match(p.name))
 
 
+def remove_leftovers(root: Path) -> List[str]:
+    """Delete the ``leftovers`` of ``root``; returns their names."""
+    stale = leftovers(root)
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return [path.name for path in stale]
+
+
 def read_latest(root: Path) -> Optional[str]:
     """The checkpoint name the ``latest`` pointer names, or None when there is no pointer."""
     try:
@@ -112,3 +121,10 @@ def fsync_dir(path: Path) -> None:
 def is_checkpoint_dir(path: Path) -> bool:
     """Whether ``path`` looks like one checkpoint (committed or not), rather than a run or checkpoints dir."""
     return path.is_dir() and any((path / name).exists() for name in (MANIFEST, TRAINER_STATE, DCP_DIR, ENGINE_DIR))
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest committed checkpoint of the run in ``run_dir`` (what ``latest`` names), or None."""
+    root = checkpoints_root(run_dir)
+    name = read_latest(root)
+    return root / name if name and (root / name).is_dir() else None
