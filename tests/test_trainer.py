@@ -57,7 +57,7 @@ def test_a_failed_init_in_a_2_rank_job_leaves_no_group_and_faults_close_their_gr
 
 
 def test_a_failed_build_leaves_no_run_directory(tmp_path):
-    with pytest.raises(ConfigError, match="model.kwargs.hidden=-5"):
+    with pytest.raises(ConfigError, match="'model.kwargs.hidden' has value -5"):
         Trainer(QUICK, overrides=[f"run.dir={tmp_path}", "run.name=neg", "model.kwargs.hidden=-5"])
     assert not (tmp_path / "neg").exists()
 
