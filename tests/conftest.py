@@ -13,6 +13,11 @@ from typing import Dict, Optional, Sequence
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Helper modules and torchrun worker scripts live in tests/workers/ and are imported by bare name: by the tests
+# (this path on sys.path) and by child processes as `module:object` (e.g. strategy.name=fault_helpers:FaultDDP),
+# for which child_env puts it on PYTHONPATH.
+WORKERS_DIR = REPO / "tests" / "workers"
+sys.path.insert(0, str(WORKERS_DIR))
 
 # The test suite runs on the CPU with gloo on every machine, unless a test is about CUDA (marker `gpu`): with GPUs
 # visible, dist.device=auto would put every rank of a multi-rank test on NCCL, two of them on one GPU of a 1-GPU
@@ -22,13 +27,14 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def child_env(extra: Optional[Dict[str, str]] = None, gpu: bool = False) -> Dict[str, str]:
-    """The environment for a child process: no inherited launcher variables, one thread per process, and no GPU
-    unless ``gpu`` (then the GPUs this test session was started with)."""
+    """The environment for a child process: no inherited launcher variables, one thread per process, this
+    checkout and tests/workers/ on PYTHONPATH, and no GPU unless ``gpu`` (then the GPUs this test session was
+    started with)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in
            ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(WORKERS_DIR), env.get("PYTHONPATH", "")])
     if gpu:
         env.pop("CUDA_VISIBLE_DEVICES")
         if VISIBLE_GPUS is not None:

@@ -25,7 +25,7 @@ def test_each_rank_hashes_its_own_files_and_all_ranks_agree(tmp_path):
     locked.mkdir()
     (locked / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                                  "started": time.time(), "token": "pytest"}))
-    proc = run_torchrun(2, ["tests/checkpoint_hash_worker.py", str(tmp_path)], timeout=300)
+    proc = run_torchrun(2, ["tests/workers/checkpoint_hash_worker.py", str(tmp_path)], timeout=300)
     written = [tmp_path / f"hashes-rank{r}.json" for r in (0, 1)]
     assert all(path.is_file() for path in written), proc.stderr[-4000:]
     hashes = [json.loads(path.read_text()) for path in written]

@@ -67,13 +67,12 @@ def test_config_show_prints_the_plan():
     assert "global_batch=64 = micro_batch 8 x grad_accum 2 x world_size 4" in proc.stdout
 
 
-def test_verify_passes_for_ddp_and_catches_a_strategy_that_skips_gradient_sync(repo):
+def test_verify_passes_for_ddp_and_catches_a_strategy_that_skips_gradient_sync():
     common = ["configs/mlp.yaml", "--worlds", "1,2", "--steps", "10", "train.global_batch=16", "train.micro_batch=4"]
     good = run_cli(["verify", *common])
     assert good.returncode == 0, good.stdout + good.stderr
     assert "OK" in good.stdout
-    bad = run_cli(["verify", *common, "strategy.name=broken_strategy:NoSyncDDP"],
-                  env={"PYTHONPATH": str(repo / "tests")})
+    bad = run_cli(["verify", *common, "strategy.name=broken_strategy:NoSyncDDP"])  # tests/workers/broken_strategy.py
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "MISMATCH" in bad.stdout and "FAILED" in bad.stdout
 

@@ -92,7 +92,7 @@ def test_compiled_training_agrees_across_world_sizes(tmp_path):
             for name, extra in RUNS.items()]
     (tmp_path / "runs.json").write_text(json.dumps(runs))
     for world in (1, 2, 3):
-        proc = run_torchrun(world, ["tests/strategy_worker.py", str(tmp_path), str(tmp_path / "runs.json")],
+        proc = run_torchrun(world, ["tests/workers/strategy_worker.py", str(tmp_path), str(tmp_path / "runs.json")],
                             timeout=3000)
         assert proc.returncode == 0, f"W={world}:\n" + (proc.stdout + proc.stderr)[-3000:]
     worst = {}

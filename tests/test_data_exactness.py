@@ -1,8 +1,8 @@
 """The data position is the step, with torch's DataLoader, at any world size and any number of workers.
 
-One torchrun launch per world size trains every case (tests/data_worker.py): the built-in digits, token shards, PNG
-images with random augmentation (seeded per sample) and a Hugging Face dataset, each with data.num_workers 0 and
-2; and, for builtin, tokens and images, the first half of a run resumed at W=3 with the other worker count. Same
+One torchrun launch per world size trains every case (tests/workers/data_worker.py): the built-in digits, token
+shards, PNG images with random augmentation (seeded per sample) and a Hugging Face dataset, each with
+data.num_workers 0 and 2; and, for builtin, tokens and images, the first half of a run resumed at W=3 with the other worker count. Same
 global batch (24 = micro 4 x accum 6/3/2 x W 1/2/3), 12 constant-lr steps.
 
 Two matrices: the default run launches W=1 and W=3 (the resume goes 1 -> 3); the ``slow`` one launches W=1, 2
@@ -58,7 +58,7 @@ def _launch(out: Path, worlds: List[int], first_world: int) -> Dict[str, Dict[in
     runs = _runs(configs(out / "data"), worlds, first_world)
     (out / "runs.json").write_text(json.dumps(runs))
     for world in worlds:
-        proc = run_torchrun(world, ["tests/data_worker.py", str(out), str(out / "runs.json")], timeout=900)
+        proc = run_torchrun(world, ["tests/workers/data_worker.py", str(out), str(out / "runs.json")], timeout=900)
         errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error:" in line]
         assert proc.returncode == 0, f"W={world} failed:\n" + "\n".join(errors[:10] or proc.stderr[-3000:].splitlines())
     collected: Dict[str, Dict[int, dict]] = {"worlds": worlds, "first_world": first_world}  # type: ignore[dict-item]

@@ -30,7 +30,7 @@ def test_a_gigabyte_corpus_trains_without_loading_it(tmp_path):
                           f"num_workers: 2}}\n"
                           f"train: {{global_batch: 32, micro_batch: 8, steps: 40, eval_every: 0, log_every: 20}}\n"
                           f"metrics: {{progress: none}}\ncheckpoint: {{at_end: false}}\n")
-        proc = run_torchrun(2, ["tests/rss_worker.py", str(config), str(tmp_path)], timeout=600)
+        proc = run_torchrun(2, ["tests/workers/rss_worker.py", str(config), str(tmp_path)], timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         for rank in (0, 1):
             r = json.loads((tmp_path / f"rss.rank{rank}.json").read_text())

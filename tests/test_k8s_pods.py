@@ -22,12 +22,11 @@ import pytest
 import yaml
 
 from netns import veth_pair
-from fault_helpers import (FAST, PYTHON, QUICKSTART, launch_command, load_weights, max_rel_diff,
-                           processes_mentioning, steps_logged, wait_until, worker_env)
+from fault_helpers import (FAST, PYTHON, QUICKSTART, STEPS, load_weights, max_rel_diff, processes_mentioning,
+                           reference_weights, steps_logged, wait_until, worker_env)
 
 pytestmark = pytest.mark.multinode
 
-STEPS = 20
 SUBNET = "10.232.0"  # exists only inside this test's namespaces
 RENDER = ["--gpus-per-node", "1", "--image", "distrain:test", "--pvc", "runs"]
 CONFIG = [*FAST, "checkpoint.every=5"]  # the config travels in the ConfigMap, overrides included
@@ -57,11 +56,7 @@ def two_pods():
 
 @pytest.fixture(scope="module")
 def torchrun_weights(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("torchrun")
-    proc = subprocess.run(launch_command(2, root / "runs", ["checkpoint.every=5"]), env=worker_env(root / "out"),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return load_weights(root / "out", STEPS)
+    return reference_weights(tmp_path_factory.mktemp("torchrun"), ["checkpoint.every=5"])
 
 
 def rendered(tmp_path: Path, *flags: str) -> tuple:

@@ -22,7 +22,7 @@ FREE_FOR_DEEPSPEED = 16 * 2**30
 
 
 def _launch(case: str, out: Path) -> list:
-    proc = run_torchrun(3, ["tests/large_model_worker.py", case, str(out)], timeout=1800)
+    proc = run_torchrun(3, ["tests/workers/large_model_worker.py", case, str(out)], timeout=1800)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     ranks = [json.loads((out / f"{case}.rank{r}.json").read_text()) for r in range(3)]
     for r in ranks:

@@ -189,7 +189,7 @@ def test_world_size_3_starts_every_strategy_from_the_eager_weights(tmp_path):
     """One launch of 3 ranks: fsdp (uneven shards of a 98-row embedding) and DeepSpeed stage 3
     (zero.Init) build the gpt on the meta device; fsdp also a user's factory. Their first full_state_dict() equals
     ``torch.manual_seed(seed); build()`` in this process, bit for bit."""
-    proc = run_torchrun(3, ["tests/meta_init_worker.py", str(tmp_path)], timeout=600)
+    proc = run_torchrun(3, ["tests/workers/meta_init_worker.py", str(tmp_path)], timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     from safetensors.torch import load_file
 

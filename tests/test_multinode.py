@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 
 from netns import ip, veth_pair
-from fault_helpers import (FAST, PYTHON, QUICKSTART, REPO, launch_command, load_weights, max_rel_diff,
-                           processes_mentioning, worker_env)
+from fault_helpers import (FAST, PYTHON, QUICKSTART, REPO, STEPS, load_weights, max_rel_diff, processes_mentioning,
+                           reference_weights, worker_env)
 
 pytestmark = pytest.mark.multinode
 
-STEPS = 20
 SUBNET = "10.231.0"  # addresses exist only inside the test's own namespaces
 PORT = 29400
 
@@ -41,11 +40,7 @@ def tx_bytes(ns: str, veth: str) -> int:
 @pytest.fixture(scope="module")
 def single_node(tmp_path_factory) -> dict:
     """Final weights of the same run on one node with the same world size (2)."""
-    root = tmp_path_factory.mktemp("single")
-    proc = subprocess.run(launch_command(2, root / "runs"), env=worker_env(root / "out"), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return load_weights(root / "out", STEPS)
+    return reference_weights(tmp_path_factory.mktemp("single"))
 
 
 def distrain_launch_node(rank: int, addr: str, run_dir: Path) -> list:

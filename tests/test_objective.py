@@ -1,6 +1,6 @@
 """The objective is the global-batch mean over valid items, for any model, loss and step, at any scale.
 
-One torchrun launch per world size (1, 2, 3) trains every case (tests/objective_worker.py): a transformers GPT-2
+One torchrun launch per world size (1, 2, 3) trains every case (tests/workers/objective_worker.py): a transformers GPT-2
 (tiny, random init) on padded variable-length dict samples with its own ``.loss``, and the built-in gpt on padded
 text with the built-in loss, each 10 SGD steps of a global batch of 12 in micro-batches of 2 (W=1 accumulates 6,
 W=2 3, W=3 2). Every world size must land on the parameters of plain full-batch training (one forward over all 12
@@ -59,7 +59,7 @@ def results(tmp_path_factory) -> Dict[str, Dict[int, dict]]:
     out = tmp_path_factory.mktemp("objective")
     (out / "runs.json").write_text(json.dumps(RUNS))
     for world in (1, 2, 3):
-        proc = run_torchrun(world, ["tests/objective_worker.py", str(out), str(out / "runs.json")], timeout=900)
+        proc = run_torchrun(world, ["tests/workers/objective_worker.py", str(out), str(out / "runs.json")], timeout=900)
         errors = [line for line in proc.stderr.splitlines() if "Error" in line and "Warning" not in line]
         assert proc.returncode == 0, f"W={world} failed:\n" + "\n".join(errors[-10:] or proc.stderr.splitlines()[-30:])
     collected: Dict[str, Dict[int, dict]] = {}
@@ -383,26 +383,23 @@ VERIFY = ["verify", "configs/mlp.yaml", "--steps", "10", "--full-batch", "train.
           "train.micro_batch=2", "train.optimizer=sgd", "train.lr=0.5", "train.warmup_steps=0", "train.grad_clip=0"]
 
 
-def test_verify_proves_a_users_model_and_loss_against_full_batch_training(repo):
-    proc = run_cli([*VERIFY, "--worlds", "2", "--trainer-args", "objective_cases:user_lm_args"],
-                   env={"PYTHONPATH": f"{repo}:{repo / 'tests'}"})
+def test_verify_proves_a_users_model_and_loss_against_full_batch_training():
+    proc = run_cli([*VERIFY, "--worlds", "2", "--trainer-args", "objective_cases:user_lm_args"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "against one rank on the whole global batch" in proc.stdout and "OK" in proc.stdout
     assert proc.stdout.count(" ok") == 2  # the full-batch reference and W=2 (accumulating 3 micro-batches)
 
 
 @pytest.mark.slow  # two more launches; the acceptance tests above already fail on such an objective
-def test_verify_catches_a_loss_whose_objective_changes_with_micro_batch(repo):
+def test_verify_catches_a_loss_whose_objective_changes_with_micro_batch():
     """A per-micro-batch token mean declared per-sample: every world size agrees, full-batch training does not."""
-    proc = run_cli([*VERIFY, "--worlds", "1", "--trainer-args", "objective_cases:user_lm_per_sample_args"],
-                   env={"PYTHONPATH": f"{repo}:{repo / 'tests'}"})
+    proc = run_cli([*VERIFY, "--worlds", "1", "--trainer-args", "objective_cases:user_lm_per_sample_args"])
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "MISMATCH" in proc.stdout and "FAILED" in proc.stdout
 
 
-def test_verify_names_a_trainer_args_function_that_does_not_exist(repo):
-    proc = run_cli([*VERIFY, "--worlds", "1", "--trainer-args", "objective_cases:nope"],
-                   env={"PYTHONPATH": f"{repo}:{repo / 'tests'}"})
+def test_verify_names_a_trainer_args_function_that_does_not_exist():
+    proc = run_cli([*VERIFY, "--worlds", "1", "--trainer-args", "objective_cases:nope"])
     assert proc.returncode == 2 and "has no function 'nope'" in proc.stderr and "Traceback" not in proc.stderr
 
 

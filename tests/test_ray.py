@@ -11,22 +11,18 @@ import subprocess
 
 import pytest
 
-from fault_helpers import FAST, PYTHON, QUICKSTART, REPO, launch_command, load_weights, max_rel_diff, worker_env
+from fault_helpers import (FAST, PYTHON, QUICKSTART, REPO, STEPS, load_weights, max_rel_diff, reference_weights,
+                           worker_env)
 
 pytestmark = pytest.mark.ray
 pytest.importorskip("ray.train.torch")
 
-STEPS = 20
 CHECKPOINTS = ["checkpoint.every=10"]
 
 
 @pytest.fixture(scope="module")
 def torchrun_weights(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("torchrun")
-    proc = subprocess.run(launch_command(2, root / "runs", CHECKPOINTS), env=worker_env(root / "out"),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return load_weights(root / "out", STEPS)
+    return reference_weights(tmp_path_factory.mktemp("torchrun"), CHECKPOINTS)
 
 
 def distrain_ray(root, *extra, **env) -> subprocess.CompletedProcess:

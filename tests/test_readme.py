@@ -46,7 +46,7 @@ def test_the_constraints_pin_satisfies_the_packages_own_torch_requirement():
     assert needed.specifier.contains(pinned), f"constraints.txt pins torch=={pinned}, pyproject.toml needs {needed}"
 
 
-# --- every example command of the README runs as written (tests/readme_commands.py says how each is checked) ------
+# --- every example command of the README runs as written (tests/workers/readme_commands.py says how each is checked) --
 README = REPO / "README.md"
 
 

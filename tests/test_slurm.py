@@ -25,11 +25,10 @@ from typing import Dict
 import pytest
 
 from conftest import REPO, run_cli
-from fault_helpers import (DELAY_ENV, FAST, PYTHON, QUICKSTART, launch_command, load_weights, max_rel_diff,
+from fault_helpers import (DELAY_ENV, FAST, PYTHON, QUICKSTART, STEPS, load_weights, max_rel_diff, reference_weights,
                            run_json, steps_logged, wait_until, worker_env)
 
 START, STOP = REPO / "launch" / "slurm-local" / "start.sh", REPO / "launch" / "slurm-local" / "stop.sh"
-STEPS = 20
 TOLERANCE = 1e-5
 
 
@@ -164,11 +163,7 @@ def test_submit_in_torchrun_mode_trains_to_completion(slurm_cluster, tmp_path):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
     """Final weights of an uninterrupted 2-worker run (plain `distrain launch`, no SLURM)."""
-    root = tmp_path_factory.mktemp("reference")
-    proc = subprocess.run(launch_command(2, root / "runs"), env=worker_env(root / "out"), capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return load_weights(root / "out", STEPS)
+    return reference_weights(tmp_path_factory.mktemp("reference"))
 
 
 @pytest.mark.slurm

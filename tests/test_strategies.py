@@ -1,6 +1,6 @@
 """Every strategy against one rank, with real gloo processes (torchrun), plus memory, comm bytes and precision.
 
-One torchrun launch per world size (1, 2, 3) trains every strategy in turn (tests/strategy_worker.py), so the
+One torchrun launch per world size (1, 2, 3) trains every strategy in turn (tests/workers/strategy_worker.py), so the
 engines' start-up is paid once per world size. Same fixed global batch (24) as tests/test_equivalence.py:
 W=1 accumulates 6 micro-batches, W=2 3, W=3 2; after 30 fp32 steps of the gpt example with AdamW, W=2 and
 W=3 must end at W=1's parameters within 1e-5 relative and consume exactly the same samples.
@@ -80,7 +80,7 @@ def results(tmp_path_factory) -> Dict[str, Dict[int, dict]]:
     (out / "runs.json").write_text(json.dumps(runs))
     launch_failure: Dict[int, str] = {}
     for world in ALL_WORLDS:
-        proc = run_torchrun(world, ["tests/strategy_worker.py", str(out), str(out / "runs.json")], timeout=900)
+        proc = run_torchrun(world, ["tests/workers/strategy_worker.py", str(out), str(out / "runs.json")], timeout=900)
         if proc.returncode != 0:
             errors = [line for line in proc.stderr.splitlines() if "Error" in line and "Warning" not in line]
             launch_failure[world] = f"the W={world} launch failed:\n" + "\n".join(errors[:10] or

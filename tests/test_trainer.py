@@ -47,7 +47,7 @@ def test_a_failed_init_releases_the_deepspeed_engine(tmp_path):
 
 
 def test_a_failed_init_in_a_2_rank_job_leaves_no_group_and_faults_close_their_group(tmp_path):
-    proc = run_torchrun(2, ["tests/release_worker.py", QUICK, str(tmp_path)], timeout=300)
+    proc = run_torchrun(2, ["tests/workers/release_worker.py", QUICK, str(tmp_path)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert sorted(r["rank"] for r in reports) == [0, 1]

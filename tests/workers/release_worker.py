@@ -1,7 +1,7 @@
 """One rank of tests/test_trainer.py's release check: what a failing Trainer.__init__ and FaultTolerance.close
 leave behind in a real 2-rank job. Prints one JSON line per rank: {"rank", "checks": {name: value}}.
 
-    torchrun --nproc-per-node 2 tests/release_worker.py CONFIG RUN_DIR
+    torchrun --nproc-per-node 2 tests/workers/release_worker.py CONFIG RUN_DIR
 
 The job's process group is made here, once (re-making a default group in one process is not reliable), so the
 Trainer reuses it; what is counted is every other group: the async-save group, the stop agreement's group.

@@ -1,6 +1,6 @@
 """torchrun worker for test_checkpoint_hashing.py: who hashes which checkpoint files, and decisions all ranks share.
 
-    torchrun --nproc-per-node 2 tests/checkpoint_hash_worker.py OUT_DIR
+    torchrun --nproc-per-node 2 tests/workers/checkpoint_hash_worker.py OUT_DIR
 
 Each rank records every file ``sha256_file`` reads, writes ``OUT_DIR/hashes-rank<r>.json`` after
   1. a synchronous save (checkpoint.every), 2. an async save, 3. a resume (train.resume=auto verifies the newest),
@@ -36,7 +36,7 @@ def main(out: Path) -> None:
 
     torch_dist.init_process_group("gloo")  # every Trainer below reuses it
     rank = torch_dist.get_rank()
-    config = str(Path(__file__).resolve().parents[1] / "configs" / "mlp.yaml")
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "mlp.yaml")
     common = [f"run.dir={out}", "metrics.progress=none", "train.eval_every=0", "data.eval_fraction=0",
               "train.optimizer=adamw", "train.lr=0.003"]
 

@@ -1,8 +1,9 @@
 """Test-only fault injection: a DDP strategy that sleeps, stalls or kills itself at a chosen step, on cue.
 
-Loaded by real workers as ``strategy.name=fault_helpers:FaultDDP`` (with ``tests/`` on PYTHONPATH), so the
-production loop, launcher and SLURM scripts run unchanged. Cues come from environment variables, because
-`distrain launch`, torchrun, sbatch and srun all pass the environment through to every worker:
+Loaded by real workers as ``strategy.name=fault_helpers:FaultDDP`` (with ``tests/workers/`` on PYTHONPATH, as
+``conftest.child_env`` puts it), so the production loop, launcher and SLURM scripts run unchanged. Cues come from
+environment variables, because `distrain launch`, torchrun, sbatch and srun all pass the environment through to
+every worker:
 
     DISTRAIN_TEST_STEP_DELAY=S       sleep S seconds in every step (so a signal lands mid-run)
     DISTRAIN_TEST_STALL=RANK:STEP    rank RANK sleeps forever inside step STEP (1-based)
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, ContextManager, Optional, Tuple
+from typing import Any, ContextManager, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -116,19 +117,20 @@ def max_rel_diff(a: Any, b: Any) -> float:
 
 
 # --- the test process's side: launch jobs, watch their progress, check nothing is left behind ----------------
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+STEPS = 20
 # The quickstart, shortened: numerics are the quickstart's; logs every step so a test can watch progress.
-FAST = ["train.steps=20", "train.eval_every=0", "train.log_every=1", "metrics.progress=none",
+FAST = [f"train.steps={STEPS}", "train.eval_every=0", "train.log_every=1", "metrics.progress=none",
         "strategy.name=fault_helpers:FaultDDP"]
 
 
 def worker_env(out: Path, **extra: str) -> dict:
-    """Environment for a job whose workers load this module (tests/ on PYTHONPATH) and write to ``out``."""
+    """Environment for a job whose workers load this module (tests/workers/ on PYTHONPATH) and write to ``out``."""
     from conftest import child_env
 
-    env = child_env({"PYTHONPATH": f"{REPO / 'tests'}{os.pathsep}{REPO}", OUT_ENV: str(out)})
+    env = child_env({OUT_ENV: str(out)})
     env.update(extra)
     return env
 
@@ -164,6 +166,15 @@ def load_weights(out: Path, step: int) -> dict:
     path = out / f"weights-step{step}.safetensors"
     assert path.exists(), f"no final weights at {path}: {sorted(p.name for p in out.iterdir())}"
     return load_file(str(path))
+
+
+def reference_weights(root: Path, overrides: Sequence[str] = ()) -> dict:
+    """Final weights of an uninterrupted 2-worker run of FAST (plain `distrain launch` on this machine, files under
+    ``root``): the reference that the multi-node, SLURM, Kubernetes-pod and Ray runs must end on."""
+    proc = subprocess.run(launch_command(2, root / "runs", overrides), env=worker_env(root / "out"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_weights(root / "out", STEPS)
 
 
 def processes_mentioning(text: str) -> list:

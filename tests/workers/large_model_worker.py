@@ -1,6 +1,6 @@
 """One rank of tests/test_large_models.py: peak resident memory of building a ~1.2 GB model, then two steps.
 
-    torchrun --nproc-per-node 3 tests/large_model_worker.py CASE OUT_DIR
+    torchrun --nproc-per-node 3 tests/workers/large_model_worker.py CASE OUT_DIR
 
 Each case runs in fresh processes, since the peak (``ru_maxrss``) only ever grows. Every rank writes
 ``CASE.rank<R>.json``: its peak resident memory before and after ``Trainer(...)``, the full model's parameter

@@ -1,6 +1,6 @@
 """One rank of tests/test_meta_init.py's world-size-3 launch: every strategy's initial weights, before any step.
 
-    torchrun --nproc-per-node 3 tests/meta_init_worker.py OUT_DIR
+    torchrun --nproc-per-node 3 tests/workers/meta_init_worker.py OUT_DIR
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One rank of the memory test: train on token shards, and report this rank's resident memory before the data is
 opened and after training, plus each DataLoader worker's unique memory.
 
-    torchrun --nproc-per-node W tests/rss_worker.py CONFIG OUT_DIR [key=value ...]
+    torchrun --nproc-per-node W tests/workers/rss_worker.py CONFIG OUT_DIR [key=value ...]
 """
 
 from __future__ import annotations

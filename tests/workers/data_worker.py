@@ -1,10 +1,10 @@
 """One rank of a data-loading test launch: train several data configs one after another in one process group.
 
-Like tests/strategy_worker.py, but the runs differ in their data (built-in, token shards, images, Hugging Face)
+Like tests/workers/strategy_worker.py, but the runs differ in their data (built-in, token shards, images, Hugging Face)
 and in data.num_workers. For each run this writes the final full weights, the final train and eval loss, and
 every (step, sample index) the rank's DataLoader fetched (recorded inside the fetching process, worker or not).
 
-    torchrun --nproc-per-node W tests/data_worker.py OUT_DIR RUNS_JSON
+    torchrun --nproc-per-node W tests/workers/data_worker.py OUT_DIR RUNS_JSON
 RUNS_JSON: [{"name": ..., "config": path, "overrides": [...], "worlds": [1, 2, 3]}, ...]; a run with
 "continues": NAME shares NAME's run directory (at NAME's first world size) and resumes from its latest checkpoint,
 at this launch's world size.

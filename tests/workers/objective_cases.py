@@ -1,4 +1,4 @@
-"""Models, data and steps shared by tests/test_objective.py and its torchrun worker (tests/objective_worker.py).
+"""Models, data and steps shared by tests/test_objective.py and its torchrun worker (tests/workers/objective_worker.py).
 
 A tiny transformers GPT-2 (random init, built locally: no hub), padded variable-length dict samples whose padding
 labels are -100, a frozen-teacher distillation step, and the plain full-batch reference loops the distributed runs

@@ -1,6 +1,6 @@
 """One rank of tests/test_objective.py's launch: train every case of this world size in one process group.
 
-    torchrun --nproc-per-node W tests/objective_worker.py OUT_DIR RUNS_JSON
+    torchrun --nproc-per-node W tests/workers/objective_worker.py OUT_DIR RUNS_JSON
 RUNS_JSON: [{"name", "kind": hf | gpt | distill, "overrides": [...], "worlds": [...], "continues": NAME?,
 "probe": bool?}, ...]. For each run this writes what `distrain verify` writes (final full weights, final loss,
 every rank's sample indices), plus eval scores and, with "probe", what the run did with its frozen teacher and

@@ -5,7 +5,7 @@ launches each world size once and runs every strategy inside it. For each run th
 `distrain verify` writes (final full weights, final loss, the sample indices every rank consumed) plus every
 rank's memory report and comm byte count.
 
-    torchrun --nproc-per-node W tests/strategy_worker.py OUT_DIR RUNS_JSON
+    torchrun --nproc-per-node W tests/workers/strategy_worker.py OUT_DIR RUNS_JSON
 RUNS_JSON: [{"name": ..., "config": path, "overrides": [...], "worlds": [1, 2, 3]}, ...]; a run with
 "continues": NAME shares NAME's run directory and resumes from its latest checkpoint; one with "model":
 "module:function" trains that factory's model (a module on this script's path, e.g. meta_models:user_model).
