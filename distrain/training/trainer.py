@@ -33,6 +33,7 @@ from distrain.faults import FaultTolerance
 from distrain.telemetry.flops import FlopsEstimate, flops_per_sample, peak_flops
 from distrain.telemetry.logs import close_logging, setup_logging
 from distrain.training.divergence import DivergenceGuard
+from distrain.training.lifetime import close_at_exit
 from distrain.training.losses import LossFn, default_items, default_loss
 from distrain.training.objective import ItemsRule, MetricFn, Objective, forward_sample
 from distrain.telemetry.metrics import MetricsWriter
@@ -80,6 +81,7 @@ class Trainer:
         # failing __init__.
         self._resources = contextlib.ExitStack()
         self._clean_exit = False  # set by close(): only a clean exit waits for the peers before leaving the group
+        close_at_exit(self)  # a script that never calls close() still exits (distrain.training.lifetime)
         try:
             self._set_up(config, overrides, model=model, train_data=train_data, eval_data=eval_data, loss_fn=loss_fn,
                          collate_fn=collate_fn, step_fn=step_fn, frozen=frozen, items=items, metrics=metrics,
@@ -325,6 +327,7 @@ class Trainer:
         window_start, window_steps = time.perf_counter(), 0
         started = time.perf_counter()
         first_step = self.step
+        self.faults.training(True)  # stop signals stop at a step boundary, until fit ends
         try:
             while self.step < total:
                 self.faults.step_started(self.step)  # the watchdog's "last seen" for this rank
@@ -372,6 +375,7 @@ class Trainer:
             self.faults.abort_peers(err)
             raise
         finally:
+            self.faults.training(False)
             progress.close()
             if writer:  # the trackers learn how the run ended: an exception in flight means it failed
                 writer.close("failed" if sys.exc_info()[0] else "preempted" if self.faults.preempted else "finished")
