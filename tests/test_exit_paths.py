@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import ConcatDataset, Subset, TensorDataset
 
 from conftest import REPO, child_env
+from fault_helpers import processes_mentioning
 from distrain.data import auto_num_workers
 
 SCRIPT = str(REPO / "tests" / "exit_script.py")
@@ -169,3 +170,29 @@ def test_a_child_whose_parent_is_already_gone_ends_at_once():
             "die_with_parent(os.getppid() + 10**6); time.sleep(30)")  # a parent pid that is not its parent
     proc = subprocess.run([sys.executable, "-c", code], env=child_env(), timeout=60)
     assert proc.returncode == -signal.SIGKILL
+
+
+# --- `distrain launch` killed with -9 ----------------------------------------------------------------------------
+def test_kill_9_of_distrain_launch_ends_its_workers(tmp_path):
+    """The agent runs in the launcher's process: its workers end with it (SIGTERM: checkpoint and stop)."""
+    run_dir = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "distrain", "launch", "--nproc-per-node", "2",
+                             str(REPO / "configs" / "quickstart.yaml"), f"run.dir={run_dir}", "train.steps=100000",
+                             "train.log_every=1", "train.eval_every=0", "metrics.progress=none"],
+                            env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    metrics = run_dir / "quickstart" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and '"loss"' in metrics.read_text()):  # training has started on every rank
+        assert proc.poll() is None and time.monotonic() < deadline, f"the launch ended or stalled ({proc.poll()})"
+        time.sleep(0.2)
+    workers = [pid for pid in processes_mentioning(str(run_dir)) if pid != proc.pid]
+    try:
+        assert len(workers) == 2, workers
+        proc.kill()
+        proc.wait()
+        assert not wait_gone(workers), "workers of a killed `distrain launch` trained on as orphans"
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -15,10 +15,12 @@ import signal
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Mapping, Optional
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 WATCH_INTERVAL_S = 1.0
+# Set by `distrain launch` for the workers torchrun's agent (running in the launcher's process) spawns.
+LAUNCHER_PID_ENV = "DISTRAIN_LAUNCHER_PID"
 
 
 def _prctl_pdeathsig(sig: int) -> bool:
@@ -52,3 +54,14 @@ def die_with_parent(parent_pid: Optional[int] = None, sig: int = signal.SIGKILL)
         threading.Thread(target=_watch_parent, args=(parent_pid, sig), name="distrain-parent-watch",
                          daemon=True).start()
     return how
+
+
+def end_with_launcher(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """In a worker of `distrain launch`: receive SIGTERM when the launcher dies (``kill -9`` of it included), so
+    no worker trains on as an orphan. SIGTERM, not SIGKILL: the rank handles it like a preemption (every rank stops
+    after the same step and commits a checkpoint), or, outside training, ends. None when not launched that way."""
+    environ = os.environ if environ is None else environ
+    launcher = environ.get(LAUNCHER_PID_ENV, "")
+    if not launcher.isdigit():
+        return None
+    return die_with_parent(int(launcher), signal.SIGTERM)

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from distrain.env.base import available_cpus
 from distrain.errors import DistrainError, DistributedError, UsageError
+from distrain.env.parent_death import LAUNCHER_PID_ENV
 from distrain.launch.rendezvous import WaitingForNodes, timeout_message
 
 
@@ -128,12 +129,8 @@ def fill_from_environment(args: argparse.Namespace) -> None:
             setattr(args, name, default if value is None else value)
 
 
-def launch(args: argparse.Namespace) -> int:
-    """Check the config against the job's world size, then run torchrun's agent in this process."""
-    from distrain.config import load_config
-    from distrain.config import check_job
-
-    fill_from_environment(args)
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that cannot work, before the config is read."""
     if args.nproc_per_node < 1:
         raise UsageError(f"--nproc-per-node {args.nproc_per_node} is not allowed: it must be at least 1 "
                          f"(the number of worker processes on this node).")
@@ -141,32 +138,61 @@ def launch(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-restarts {args.max_restarts} is not allowed: it must be 0 or more.")
     if args.join_timeout < 1:
         raise UsageError(f"--join-timeout {args.join_timeout} is not allowed: it must be at least 1 (seconds).")
-    world = _world_size(args)
+    _world_size(args)  # a malformed --nnodes
     if args.rdzv_endpoint is not None:
         check_rdzv_endpoint(args.rdzv_endpoint)
     warning = cpu_oversubscription(args.nproc_per_node, available_cpus())
     if warning:
         print(f"distrain: warning: {warning}", file=sys.stderr)
+
+
+def _check_job(args: argparse.Namespace) -> None:
+    """The config against the job's world size and this node's GPUs: fail here, once, not in every worker."""
+    from distrain.config import check_job, load_config
+
+    world = _world_size(args)
     cfg = load_config(args.config, args.overrides)
-    check_job(cfg, world)  # fail here, once, not in every worker
-    import torch
+    check_job(cfg, world)
+    import torch  # only now: the checks above answer a mistake without torch's start-up time
 
     from distrain.dist import check_gpus_per_node
 
     check_gpus_per_node(args.nproc_per_node, torch.cuda.device_count(), cfg.dist.backend, cfg.dist.device)
 
-    from torch.distributed import run as torchrun
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
 
+def _worker_environment(nproc_per_node: int) -> None:
+    """Variables the agent's workers inherit from this process."""
     # The agent's rendezvous store outlives a restart, and with it the workers' process-group keys of the failed
     # attempt: a restarted rank can read a dead peer's address and fail to connect (pytorch/pytorch#135712).
     # Not sharing it gives every attempt a fresh store, hosted by the new rank 0.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # torchrun would warn and pin 1 thread; share this node's cores between its workers instead.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc_per_node)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    # The agent runs in this process and spawns the workers: each ends with it (distrain train reads this), so a
+    # launcher killed with -9 leaves no worker training on as an orphan.
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Check the config against the job's world size, then run torchrun's agent in this process."""
+    fill_from_environment(args)
+    _check_flags(args)
+    _check_job(args)
+    from torch.distributed import run as torchrun  # after the checks: torch's start-up time only for a real job
+
+    _worker_environment(args.nproc_per_node)
     parsed = torchrun.get_args_parser().parse_args(torchrun_args(args))
+    return _run_agent(args, parsed)
+
+
+def _run_agent(args: argparse.Namespace, parsed: argparse.Namespace) -> int:
+    """torchrun's agent, its failures as one paragraph; the exit code of `distrain launch`."""
+    # torch's modules are imported here, as in launch(): `distrain --help` and the other commands load without them
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
+
     multi_node = parsed.rdzv_backend == "c10d" and not parsed.standalone
     waiting = WaitingForNodes(str(args.nnodes), args.rdzv_endpoint, args.join_timeout,
                               hosts_store=args.node_rank in (None, 0)) if multi_node else None
