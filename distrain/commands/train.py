@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from distrain.commands import add_config_arguments
+from distrain.env.parent_death import end_with_launcher
 
 
 def register(sub) -> None:
@@ -18,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
     from distrain.config import batch_plan, load_config
     from distrain.env import detect, preempted_exit_code
 
+    end_with_launcher()  # a worker of `distrain launch` ends with it, even when it is killed with -9
     # Config mistakes, half-set launcher variables and a batch that does not divide fail here, in 0.3 s, before
     # torch is imported (the Trainer checks all of it again, for the Python API).
     cfg = load_config(args.config, args.overrides)

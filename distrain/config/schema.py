@@ -42,7 +42,7 @@ class DataConfig:
     eval_fraction: float = 0.2  # share of the samples held out for evaluation (when the data has no eval split)
     eval_batch: int = 256  # per-rank batch size during evaluation
     # DataLoader worker processes per rank; 0 loads in the training process; null = 0 for in-memory tensor data
-    # (digits, text, regression), else the CPUs per rank minus one, at most 8
+    # (digits, text, regression, a TensorDataset), else the CPUs per rank minus one, at most 8
     num_workers: Optional[int] = None
     pin_memory: Optional[bool] = None  # page-locked batches for asynchronous copies; null = on when training on CUDA
     prefetch_factor: Optional[int] = None  # micro-batches each worker loads ahead; null = enough for the next step

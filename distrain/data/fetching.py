@@ -9,14 +9,12 @@ and the error in one paragraph (torch would re-raise a bare copy of the exceptio
 
 from __future__ import annotations
 
-import signal
 import traceback
 from dataclasses import dataclass
 from typing import Any, List, NamedTuple, Optional, Tuple
 
 from torch.utils.data import Dataset, Subset, get_worker_info
 
-from distrain.config.schema import FAULT_SIGNALS
 from distrain.data.collate import CollateFn, check_same_keys, collate
 from distrain.data.seeding import EVAL_STEP, fetching, preserved_global_rng
 from distrain.errors import DataError, DataLoadingError, DistrainError
@@ -61,19 +59,6 @@ class FetchFailure:
     def error(self, dataset_name: str, rank: int) -> DistrainError:
         message = self.describe(dataset_name, rank)
         return DataError(message) if self.data_error else DataLoadingError(message)
-
-
-# The signals distrain.faults may handle in the training process ("checkpoint and stop"). torchrun's agent and
-# SLURM signal the whole process group, DataLoader workers included: a worker must neither run the training
-# process's handler (whose state is a stale copy from the fork) nor die of the signal mid-step, or the rank's
-# orderly stop would fail for want of its data. The training process stops its workers itself; they also exit
-# when it is gone.
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker_init_fn: ignore the stop signals whose handler came from the training process."""
-    for name in FAULT_SIGNALS:  # the signals distrain.faults may handle (faults.stop_signals and friends)
-        sig = getattr(signal, f"SIG{name}", None)
-        if sig is not None and callable(signal.getsignal(sig)):
-            signal.signal(sig, signal.SIG_IGN)
 
 
 def identity(batch: Any) -> Any:
@@ -137,5 +122,4 @@ class KeyedDataset(Dataset):
                                 data_error=isinstance(err, DataError))
 
 
-__all__: List[str] = ["BatchKey", "Fetched", "FetchFailure", "KeyedDataset", "identity", "ignore_stop_signals",
-                      "EVAL_STEP"]
+__all__: List[str] = ["BatchKey", "Fetched", "FetchFailure", "KeyedDataset", "identity", "EVAL_STEP"]

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from distrain.data.collate import CollateFn
-from distrain.data.fetching import BatchKey, Fetched, FetchFailure, KeyedDataset, identity, ignore_stop_signals
+from distrain.data.fetching import BatchKey, Fetched, FetchFailure, KeyedDataset, identity
 from distrain.data.batches import move_to
 from distrain.data.sampler import GlobalStepSampler
+from distrain.data.workers import WorkerInit, stop_workers
 from distrain.env.base import available_cpus
 from distrain.errors import ConfigError, DataLoadingError
 from distrain.telemetry.logs import FILE_ONLY
@@ -31,10 +32,22 @@ log = logging.getLogger("distrain")
 MAX_AUTO_WORKERS = 8
 
 
+def in_memory(dataset: Any) -> bool:
+    """Whether the data is already in memory as tensors: a built-in in-memory set, torch's TensorDataset, a tensor,
+    or a Subset / ConcatDataset of those."""
+    if getattr(dataset, "in_memory", False) or isinstance(dataset, (TensorDataset, torch.Tensor)):
+        return True
+    if isinstance(dataset, Subset):
+        return in_memory(dataset.dataset)
+    if isinstance(dataset, ConcatDataset):
+        return all(in_memory(part) for part in dataset.datasets)
+    return False
+
+
 def auto_num_workers(dataset: Dataset, local_world_size: int, cpus: Optional[int] = None) -> int:
     """``data.num_workers: null``: 0 for data already in memory as tensors (a batch is one gather; a worker would
-    only add a copy), else the CPUs left per rank after its own training process, at most 8."""
-    if getattr(dataset, "in_memory", False):
+    only add a copy and a process), else the CPUs left per rank after its own training process, at most 8."""
+    if in_memory(dataset):
         return 0
     per_rank = (cpus or available_cpus()) // max(1, local_world_size)
     return max(0, min(MAX_AUTO_WORKERS, per_rank - 1))
@@ -103,7 +116,7 @@ class _KeyedLoader:
             num_workers=options.num_workers, collate_fn=identity, pin_memory=options.pin_memory,
             prefetch_factor=options.prefetch_factor, persistent_workers=options.persistent_workers,
             generator=torch.Generator(),  # the iterator's base seed comes from here, not from the global RNG
-            worker_init_fn=ignore_stop_signals,  # preemption signals are the training process's to handle
+            worker_init_fn=WorkerInit(),  # they end with this process; its stop signals are its own to handle
         )
         self._iterator: Optional[Iterator[Any]] = None
 
@@ -139,15 +152,13 @@ class _KeyedLoader:
 
     def _stop(self) -> None:
         iterator, self._iterator = self._iterator, None
-        shutdown = getattr(iterator, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        stop_workers(iterator)
 
     def close(self) -> None:
         """Stop the workers (also persistent ones)."""
         self._stop()
         if getattr(self.loader, "_iterator", None) is not None:
-            self.loader._iterator._shutdown_workers()  # type: ignore[union-attr]
+            stop_workers(self.loader._iterator)
             self.loader._iterator = None
 
 

@@ -49,6 +49,10 @@ class PreemptionHandler:
             return False
         return True
 
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
     def uninstall(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)

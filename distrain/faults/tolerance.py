@@ -118,6 +118,16 @@ class FaultTolerance:
         if self.watchdog is not None and not isinstance(err, (KeyboardInterrupt, SystemExit)):
             self.watchdog.post_abort(f"{type(err).__name__}: {err}")
 
+    def training(self, active: bool) -> None:
+        """``fit`` starts (True) or has ended (False). Outside ``fit`` there is no step left to stop at, so a stop
+        signal takes its default action again: a SIGTERM after training ends the process, as the sender meant."""
+        if not self.handling_signals or self.preemption is None:
+            return
+        if active and not self.preemption.installed:
+            self.preemption.install()
+        elif not active:
+            self.preemption.uninstall()
+
     def close(self) -> None:
         if self.watchdog is not None:
             self.watchdog.stop()

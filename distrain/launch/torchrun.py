@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from distrain.config import load_config
 from distrain.env.base import available_cpus
 from distrain.env.kubeflow import torchrun_settings
+from distrain.env.parent_death import LAUNCHER_PID_ENV
 from distrain.errors import DistrainError, DistributedError, UsageError
 from distrain.launch.rendezvous import WaitingForNodes, timeout_message
 from distrain.ports import describe_owner, free_port, is_local_host, port_in_use, port_owner
@@ -147,6 +148,9 @@ def _set_worker_environment(nproc_per_node: int) -> None:
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # torchrun would warn and pin 1 thread; share this node's cores between its workers instead.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    # The agent runs in this process and spawns the workers: each ends with it (distrain train reads this), so a
+    # launcher killed with -9 leaves no worker training on as an orphan.
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
 
 
 def launch(args: argparse.Namespace) -> int:

@@ -93,6 +93,12 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(maxrss if sys.platform == "darwin" else maxrss * 1024)  # Linux reports KiB, macOS bytes
 
 
+def describe_holdings(rank: int, report: Dict[str, int], strategy: str) -> str:
+    """One log line of what a rank holds (``Strategy.memory_report``: parameters, gradients, optimizer state)."""
+    held = ", ".join(f"{kind} {size / 2**20:.2f} MiB" for kind, size in report.items())
+    return f"rank {rank} holds {held} ({strategy})"
+
+
 def memory_kind(device: torch.device) -> str:
     return "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS of the process (getrusage)"
 

@@ -38,12 +38,13 @@ from distrain.models.source import MODEL_INIT, ModelSource, build_user_model
 from distrain.strategies import StrategyContext, build_strategy, strategy_class
 from distrain.telemetry.flops import flops_per_sample, peak_flops
 from distrain.telemetry.logs import close_logging, setup_logging
-from distrain.telemetry.perf import Throughput
+from distrain.telemetry.perf import Throughput, describe_holdings
 from distrain.telemetry.metrics import MetricsWriter
 from distrain.telemetry.run_report import RunReport
 from distrain.telemetry.step_record import StepRecorder, StepWindow
 from distrain.training.divergence import DivergenceGuard
 from distrain.training.evaluation import Evaluator
+from distrain.training.lifetime import close_at_exit
 from distrain.training.losses import LossFn, default_items, resolve_loss
 from distrain.training.objective import ItemsRule, MetricFn, Objective, forward_sample
 from distrain.optim import lr_at
@@ -64,11 +65,11 @@ class Trainer:
         ``collate_fn``: how a micro-batch's samples become one batch (else data.collate_fn, else torch's default).
         ``device``: an integration's own device (Ray Train); else dist.device decides.
         See distrain.training.objective."""
-        # What this Trainer acquires (process group, run-dir lock, log file, loaders, engine, checkpoint group,
-        # threads) registers its release here as it is acquired; close() releases them newest first, and so does a
-        # failing __init__.
+        # What it acquires (group, run-dir lock, log, loaders, engine, checkpoint group, threads) registers its
+        # release here as it is acquired; close() releases them newest first, and so does a failing __init__.
         self._resources = contextlib.ExitStack()
         self._clean_exit = False  # set by close(): only a clean exit waits for the peers before leaving the group
+        close_at_exit(self)  # a script that never calls close() still exits (distrain.training.lifetime)
         try:
             self._set_up(config, overrides, model=model, train_data=train_data, eval_data=eval_data, loss_fn=loss_fn,
                          collate_fn=collate_fn, step_fn=step_fn, frozen=frozen, items=items, metrics=metrics,
@@ -265,6 +266,7 @@ class Trainer:
                            self.log, record_attempt=self.faults.record_attempt)  # run.json, metrics, progress
         self._writer = report.writer
         started = time.perf_counter()
+        self.faults.training(True)  # stop signals stop at a step boundary, until fit ends
         try:
             final = self._loop(report)
             self._save_at_end()
@@ -275,7 +277,8 @@ class Trainer:
                 raise DistributedError(failure) from err
             self.faults.abort_peers(err)
             raise
-        finally:  # the trackers learn how the run ended: an exception in flight means it failed
+        finally:  # stop signals end the process again; the trackers learn how the run ended (an exception: failed)
+            self.faults.training(False)
             report.close("failed" if sys.exc_info()[0] else "preempted" if self.faults.preempted else "finished",
                          latest_checkpoint(self.run_dir))
         final["wall_s"] = time.perf_counter() - started
@@ -292,7 +295,7 @@ class Trainer:
             self.step += 1
             window.step_done()
             if self.step == first_step + 1:  # the optimizer state now exists
-                self._log_memory()
+                self.log.info(describe_holdings(self.info.rank, self.memory_report(), self.strategy.name))
             report.advance(self.step)
             if self._is_log_step(self.step):
                 final = self._log_step(loss_sum, window, report)
@@ -366,10 +369,6 @@ class Trainer:
     def memory_report(self) -> Dict[str, int]:
         """Bytes of parameters, gradients and optimizer state this rank holds."""
         return self.strategy.memory_report()
-
-    def _log_memory(self) -> None:
-        report = ", ".join(f"{kind} {size / 2**20:.2f} MiB" for kind, size in self.memory_report().items())
-        self.log.info(f"rank {self.info.rank} holds {report} ({self.strategy.name})")
 
     # --- close -----------------------------------------------------------------------------------------
     def close(self, failed: bool = False) -> None:
