@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from distrain.commands import needs_action
-from distrain.errors import UsageError
 
 
 def register(sub) -> None:
@@ -48,8 +47,6 @@ def run_prepare(args: argparse.Namespace) -> int:
     # lazy: start-up: the CLI parser loads every command, the work loads on use
     from distrain.data.prepare import prepare
 
-    if args.max_bytes is not None and args.max_bytes < 1:
-        raise UsageError(f"--max-bytes {args.max_bytes} must be a positive number of bytes.")
     summary = prepare(args.sources, args.out, tokenizer=args.tokenizer, eval_fraction=args.eval_fraction,
                       shard_tokens=args.shard_tokens, eot=args.eot, max_bytes=args.max_bytes)
     for note in summary.notes:

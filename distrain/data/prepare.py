@@ -159,6 +159,8 @@ def prepare(sources: Sequence[str], out: Path, tokenizer: str = "bytes", eval_fr
     """Tokenize ``sources`` into shards in ``out``; ``progress`` None shows a bar on a terminal only."""
     if not 0 <= eval_fraction < 1:
         raise UsageError(f"--eval-fraction {eval_fraction} must be in [0, 1).")
+    if max_bytes is not None and max_bytes < 1:
+        raise UsageError(f"--max-bytes {max_bytes} must be a positive number of bytes.")
     tok = ByteTokenizer() if tokenizer == "bytes" else HFTokenizer(Path(tokenizer), eot)
     if eot is not None and tokenizer == "bytes":
         raise UsageError("--eot names a token of a --tokenizer FILE; the byte-level tokenizer's is always 256.")

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distrain.config import to_yaml
 from distrain.errors import UsageError
+from distrain.launch.rendezvous import node_range
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "launch" / "k8s"
 KINDS = ("pytorchjob", "trainjob")
@@ -52,14 +53,7 @@ class JobSpec:
         return max(1, self.gpus_per_node)
 
     def node_range(self) -> Tuple[int, int]:
-        low, _, high = self.nodes.partition(":")
-        try:
-            least, most = int(low), int(high or low)
-        except ValueError:
-            raise UsageError(f"--nodes {self.nodes!r} is not a number or a MIN:MAX range (e.g. 2 or 1:4).") from None
-        if least < 1 or most < least:
-            raise UsageError(f"--nodes {self.nodes} is not allowed: it must be at least 1, and MIN <= MAX.")
-        return least, most
+        return node_range(self.nodes, "--nodes")
 
 
 def grace_period(cfg: DictConfig) -> int:

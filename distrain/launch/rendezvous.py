@@ -11,11 +11,25 @@ import logging
 import sys
 import threading
 import time
-from typing import Optional, TextIO
+from typing import Optional, TextIO, Tuple
+
+from distrain.errors import UsageError
 
 # torch's dynamic rendezvous logs "The node ... has joined round N of the rendezvous ..." (INFO) on success.
 RENDEZVOUS_LOGGER = "torch.distributed.elastic.rendezvous.dynamic_rendezvous"
 DEFAULT_JOIN_TIMEOUT_S = 600  # torch's own default
+
+
+def node_range(nodes: str, flag: str) -> Tuple[int, int]:
+    """``N`` or an elastic ``MIN:MAX`` node count (``flag``: the option it came from) as (least, most)."""
+    low, _, high = nodes.partition(":")
+    try:
+        least, most = int(low), int(high or low)
+    except ValueError:
+        raise UsageError(f"{flag} {nodes!r} is not a number or a MIN:MAX range (e.g. 2 or 1:4).") from None
+    if least < 1 or most < least:
+        raise UsageError(f"{flag} {nodes} is not allowed: it must be at least 1, and MIN <= MAX.")
+    return least, most
 
 
 def progress_interval(join_timeout_s: float) -> float:

@@ -18,20 +18,13 @@ from distrain.env.base import available_cpus
 from distrain.env.kubeflow import torchrun_settings
 from distrain.env.parent_death import LAUNCHER_PID_ENV
 from distrain.errors import DistrainError, DistributedError, UsageError
-from distrain.launch.rendezvous import WaitingForNodes, timeout_message
+from distrain.launch.rendezvous import WaitingForNodes, node_range, timeout_message
 from distrain.ports import describe_owner, free_port, is_local_host, port_in_use, port_owner
 
 
 def _world_sizes(args: argparse.Namespace) -> List[int]:
     """Every number of workers the job may have (one, or one per node count of an elastic MIN:MAX range)."""
-    nnodes = str(args.nnodes)
-    low, _, high = nnodes.partition(":")
-    try:
-        min_nodes, max_nodes = int(low), int(high or low)
-    except ValueError:
-        raise UsageError(f"--nnodes {nnodes!r} is not a number or a MIN:MAX range (e.g. 2 or 1:4).") from None
-    if min_nodes < 1 or max_nodes < min_nodes:
-        raise UsageError(f"--nnodes {nnodes} is not allowed: it must be at least 1, and MIN <= MAX.")
+    min_nodes, max_nodes = node_range(str(args.nnodes), "--nnodes")
     return [nodes * args.nproc_per_node for nodes in range(min_nodes, max_nodes + 1)]
 
 
