@@ -169,7 +169,8 @@ def test_a_killed_worker_is_an_error_not_a_hang():
             os.kill(os.getpid(), signal.SIGKILL)
 
     loader = _loader(Dies(), 1)
-    with pytest.raises(DataLoadingError, match="killed"):
+    with pytest.raises(DataLoadingError, match=r"DataLoader worker 0 \(pid \d+\) loading the training data \(Dies\) "
+                                               r"on rank 0 was killed by signal SIGKILL \(Killed\) in training step 1 "):
         loader.micro_batches(0)
     loader.close()
 

@@ -22,7 +22,7 @@ from distrain.data.collate import CollateFn
 from distrain.data.fetching import BatchKey, Fetched, FetchFailure, KeyedDataset, identity
 from distrain.data.batches import move_to
 from distrain.data.sampler import GlobalStepSampler
-from distrain.data.workers import WorkerInit, stop_workers
+from distrain.data.workers import WorkerDeath, WorkerInit, report_worker_deaths, stop_workers, worker_ids
 from distrain.env.base import available_cpus
 from distrain.errors import ConfigError, DataLoadingError
 from distrain.telemetry.logs import FILE_ONLY
@@ -119,11 +119,14 @@ class _KeyedLoader:
             worker_init_fn=WorkerInit(),  # they end with this process; its stop signals are its own to handle
         )
         self._iterator: Optional[Iterator[Any]] = None
+        self.step: Optional[int] = None  # the training step whose batches were asked for last (None: evaluation)
 
     def start(self) -> None:
         if self._iterator is not None and not self.options.persistent_workers:
             self._stop()
         self._iterator = iter(self.loader)  # persistent workers: the same workers, the sampler from its new start
+        if self.options.num_workers:
+            report_worker_deaths(self)  # a worker killed outright is this loader's error, wherever torch says so
 
     def next(self) -> Fetched:
         assert self._iterator is not None
@@ -133,17 +136,40 @@ class _KeyedLoader:
             raise DataLoadingError(f"rank {self.rank}: the {self.name} loader ran out of batches (a distrain bug: "
                                    f"the step sampler has no end while training continues).") from None
         except RuntimeError as err:
-            if "DataLoader worker" not in str(err):
+            if isinstance(err.__cause__, DataLoadingError):  # ours, from the SIGCHLD handler, wrapped by torch's wait
+                raise err.__cause__ from None
+            death = WorkerDeath.parse(err)
+            if death is None:
                 raise
+            error = self.worker_died(death) or DataLoadingError(
+                f"Loading {self.dataset_name} failed on rank {self.rank}: DataLoader worker(s) {death.how} "
+                f"(pid(s) {', '.join(map(str, death.pids))}). {self._death_hint()}")
+            log.error(str(error), exc_info=err, extra=FILE_ONLY)
             self._iterator = None  # torch has shut the workers down
-            raise DataLoadingError(f"Loading {self.dataset_name} failed on rank {self.rank}: "
-                                   f"{str(err).rstrip('. ')}. A worker that "
-                                   f"dies without a Python error was killed (often for memory: lower "
-                                   f"data.num_workers or data.prefetch_factor) or crashed in native code.") from None
+            raise error from None
         if isinstance(item, FetchFailure):
             log.error(f"rank {self.rank}: loading {self.name} data failed:\n{item.details}", extra=FILE_ONLY)
             raise item.error(self.dataset_name, self.rank)
         return item
+
+    def worker_died(self, death: WorkerDeath) -> Optional[DataLoadingError]:
+        """One paragraph for the death of one of this loader's workers (None: not one of them): which worker, which
+        step, and what to try."""
+        ids = worker_ids(self._iterator)
+        pid = next((p for p in death.pids if p in ids), None)
+        if pid is None:
+            return None
+        when = "during an evaluation" if self.step is None else f"in training step {self.step + 1} (counting from 1)"
+        return DataLoadingError(
+            f"DataLoader worker {ids[pid]} (pid {pid}) loading {self.dataset_name} on rank {self.rank} "
+            f"{death.how} {when}. {self._death_hint()}")
+
+    def _death_hint(self) -> str:
+        return (f"A worker that dies without a Python error was most often killed by the kernel's out-of-memory "
+                f"killer (see `dmesg`), else crashed in native code. If it was memory, lower data.num_workers (now "
+                f"{self.options.num_workers}) or data.prefetch_factor (now {self.options.prefetch_factor}), or give "
+                f"the job more host memory; then start the run again (train.resume=auto continues from its latest "
+                f"checkpoint). The traceback is in this rank's log.")
 
     def finish(self) -> None:
         """A pass is over: without persistent workers, let them go now rather than at the next pass."""
@@ -178,6 +204,7 @@ class StepLoader:
         pinned memory when pin_memory is on). The DataLoader keeps loading the next steps meanwhile."""
         if step != self._next_step:
             self._restart(step)
+        self.keyed.step = step  # named if a worker dies while this step trains
         out = []
         for micro in range(self.grad_accum):
             fetched = self.keyed.next()

@@ -234,15 +234,18 @@ class Watchdog:
         silent_s = self._store.silent_for()
         if silent_s > self._store.deadline_s and store_owner()[0] != self.info.rank:  # a frozen owner: it is the story
             message = explain_silent_store(err, completed, silent_s, self.timeout_s)
+        elif (failed := self._peer_failure()) is not None:  # a rank failed by itself and said why: in its words
+            message = explain_peer_failure(err, self.info.rank, failed, self.timeout_s)
         else:
             message = explain(err, completed, beats, self.info.world_size, self.timeout_s, self.interval_s,
                               me=self.info.rank)
-        self.post_abort(message, beats, wait=True)
+        self.post_abort(message, beats, wait=True, own_failure=False)
         return message
 
     def post_abort(self, message: str, beats: Optional[Dict[int, Optional[Heartbeat]]] = None,
-                   wait: bool = False) -> None:
-        """Tell every rank's watchdog that this job has failed (first poster wins).
+                   wait: bool = False, own_failure: bool = True) -> None:
+        """Tell every rank's watchdog that this job has failed (first poster wins): this rank's own error
+        (``own_failure``), or a failed collective's diagnosis.
 
         With ``wait``, a rank whose process hosts the store (rank 0 under srun, or under torchrun without the
         agent's store) then waits, briefly, until the live ranks have read it: the store ends with this process.
@@ -250,10 +253,11 @@ class Watchdog:
         if self._store is None:
             return
         try:
+            self._publish()  # this rank's step as of now: a peer's post-mortem reads it (the last beat may be old)
             first = self._store.call("add", "abort/count", 1) == 1
             if first:
                 self._store.call("set", "abort", json.dumps({"rank": self.info.rank, "time": time.time(),
-                                                             "message": message}))
+                                                             "message": message, "own": own_failure}))
             if wait and first and self.info.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
                 beats = beats if beats is not None else self._read_heartbeats()
                 alive = sum(1 for r, b in beats.items() if r != self.info.rank and not (b and _process_gone(b)))
@@ -262,6 +266,14 @@ class Watchdog:
                     time.sleep(0.05)
         except Exception as store_err:  # the store may be what failed
             self.log.warning(f"watchdog: could not post the abort to the store: {store_err}")
+
+    def _peer_failure(self) -> Optional[Dict[str, Any]]:
+        """The abort another rank posted for an error of its own (not a collective it saw fail), if any."""
+        try:
+            abort = self._read_abort()
+        except Exception:  # the store is gone or silent: the heartbeats (or their absence) tell the rest
+            return None
+        return abort if abort and abort.get("own") and abort.get("rank") != self.info.rank else None
 
     def _acknowledge(self) -> None:
         self._store.call("add", "abort/acks", 1)
@@ -346,6 +358,13 @@ def explain_silent_store(err: BaseException, completed: int, silent_s: float, ti
     """The paragraph for a collective that failed while the job's store (its owner: rank 0) was silent."""
     what, cause = _what_failed(err, timeout_s)
     return f"A collective {what} in step {completed + 1}: {silent_store_story(silent_s, timeout_s)}. ({cause})"
+
+
+def explain_peer_failure(err: BaseException, me: int, abort: Dict[str, Any], timeout_s: float) -> str:
+    """The paragraph for a collective that failed because another rank had failed by itself and posted why: in that
+    rank's words, whose step is the one that counts (this rank may already be a collective further)."""
+    what, _ = _what_failed(err, timeout_s)
+    return f"Rank {me}'s collective {what} because rank {abort.get('rank')} failed: {abort.get('message')}"
 
 
 def _what_failed(err: BaseException, timeout_s: float) -> tuple:
