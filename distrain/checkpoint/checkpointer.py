@@ -111,6 +111,7 @@ class Checkpointer:
         self.run_id = uuid.uuid4().hex[:12]  # this run's lineage of checkpoints; a resume carries on the checkpoint's
         self._owns_unnamed = False  # resumed from a checkpoint written before lineages were recorded
         self.before_save: Callable[[], None] = lambda: None  # the trainer's divergence check, settled before a save
+        self.extra_state: Optional[Any] = None  # per-rank state saved beside the RNG (distrain.compression.state)
         self._group = self._async_group()
         if info.is_main:
             self._remove_leftovers()
@@ -165,6 +166,8 @@ class Checkpointer:
         tmp = self.root / temp_name(step, str(token))
         tmp.mkdir(parents=True, exist_ok=True)
         write_rng(tmp, self.info.rank)
+        if self.extra_state is not None:
+            self.extra_state.write(tmp, self.info.rank)
         if self.info.is_main:
             self._trainer_state(step, reason).write(tmp)
         _stall_for_tests(step)
@@ -433,6 +436,8 @@ class Checkpointer:
             restore_rng(rng)
         else:
             notes.append("RNG states not restored (saved at another world size; each rank keeps its seeded state)")
+        if self.extra_state is not None:
+            notes += self.extra_state.load(path, self.info.rank, state.world_size, self.info.world_size, state.step)
         return notes
 
     # --- housekeeping ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any, Iterator, List, Optional, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
+from distrain.compression.checks import check_compression
 from distrain.config.schema import CHOICES, COMPILE_OPTIONS, FAULT_SIGNALS, TRACKER_NAMES, Config
 from distrain.errors import ConfigError
 
@@ -91,6 +92,7 @@ def validate(cfg: DictConfig) -> None:
              "each entry is bias, norm, embedding, 1d or a glob on parameter names")
     _require(t.blocks is None or (len(t.blocks) > 0 and all(isinstance(b, str) and b for b in t.blocks)),
              "train.blocks", t.blocks, "use null (every child of an nn.ModuleList) or a list of module class names")
+    check_compression(cfg)
     d = cfg.data
     _require(0 <= d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "it must be in [0, 1)")
     _require(d.eval_batch >= 1, "data.eval_batch", d.eval_batch, "it must be a positive integer")

@@ -2,7 +2,7 @@
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations at runtime (GradBucket, Future).
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -58,15 +58,17 @@ def _counted_powersgd(counter: ByteCounter) -> Callable:
 
 
 def register_comm_hook(ddp: DistributedDataParallel, name: Optional[str], powersgd_rank: int = 1,
-                       counter: Optional[ByteCounter] = None) -> str:
-    """Attach the named hook (None = plain all-reduce); returns how it reduces: "sum" or "mean".
+                       counter: Optional[ByteCounter] = None) -> Tuple[str, Optional[object]]:
+    """Attach the named hook (None = plain all-reduce); returns how it reduces ("sum" or "mean") and the hook's
+    state that outlives a step (PowerSGD's error feedback and warm start: distrain.compression.powersgd saves it).
 
     ``counter``, when given, accumulates the payload bytes every bucket puts on the wire.
     """
     counter = counter if counter is not None else ByteCounter()
     if name is None:
         ddp.register_comm_hook(None, _counted(sum_allreduce_hook, counter, None))
-        return "sum"
+        return "sum", None
+    state = None
     if name == "fp16":
         ddp.register_comm_hook(None, _counted(default_hooks.fp16_compress_hook, counter, 2))
     elif name == "bf16":
@@ -80,4 +82,4 @@ def register_comm_hook(ddp: DistributedDataParallel, name: Optional[str], powers
     else:
         raise ConfigError(f"strategy.kwargs.comm_hook={name!r} is not a known DDP comm hook. Allowed: "
                           f"{', '.join(HOOKS)} (or null for plain all-reduce).", key="strategy.kwargs.comm_hook")
-    return "mean"  # torch's compression hooks divide by the world size themselves
+    return "mean", state  # torch's compression hooks divide by the world size themselves

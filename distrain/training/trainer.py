@@ -22,6 +22,8 @@ from torch.utils.data import Dataset
 
 from distrain import dist
 from distrain.checkpoint import Checkpointer
+from distrain.compression.qat import prepare_qat
+from distrain.compression.state import Compression
 from distrain.config import ConfigSource, batch_plan, load_config, surprises, to_yaml
 from distrain.data import (EVAL_STEP, EvalLoader, GlobalStepSampler, LoaderOptions, StepLoader, build_datasets,
                            fetch_batch, resolve_collate_fn)
@@ -143,7 +145,7 @@ class Trainer:
 
         torch.manual_seed(self.cfg.run.seed)  # identical initial weights on every rank, whatever the strategy
         self._setup_notes: List[str] = []  # warnings from before the log exists (it lives in the run directory)
-        user_model = self._model(model, spec, strategy_cls)
+        user_model = prepare_qat(self._model(model, spec, strategy_cls), self.cfg.train)  # train.qat: torchao
         self.throughput = Throughput(self._flops(user_model, spec, builtin=model is None),
                                      peak_flops(self.device, self.cfg.train.precision, self.cfg.metrics.peak_flops),
                                      self.info.world_size)
@@ -165,6 +167,7 @@ class Trainer:
                                    sample=self._sample)
         self._resources.callback(self.strategy.teardown)  # before setup: a half-built engine is released too
         self.strategy.setup(user_model)
+        self.compression = Compression(self.cfg.train, self.strategy)  # pruning masks, QAT switch, PowerSGD state
         self.step = 0  # optimizer steps completed
         self._warmup_s: Optional[float] = None  # the compile warm-up step's seconds, until logged
         self._grad_norm: Optional[torch.Tensor] = None
@@ -177,6 +180,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, self.cfg, self.strategy, self.info, self.sampler,
                                          model_object=None if model is None else user_model, data_spec=spec)
         self._resources.callback(self.checkpointer.close)  # before the engine and the group: an async save needs both
+        self.checkpointer.extra_state = self.compression
         self.divergence = DivergenceGuard(self.cfg.train.on_nonfinite, self.strategy, self.device,
                                           self.cfg.train.precision, self.checkpointer.root, self.log)
         self.checkpointer.before_save = self.divergence.settle  # a diverged step stops before any save
@@ -282,6 +286,7 @@ class Trainer:
                 self.strategy.skip_step()  # train.on_nonfinite=skip_step
         with self.timer.phase("sync"):
             self.strategy.sync(step)  # sync: parameter averaging, for strategies that skip gradient sync
+        self.compression.on_step(step + 1)  # pruned weights stay zero; masks and QAT on their schedule
         return loss
 
     def _step_batches(self, step: int) -> List[Any]:

@@ -1,0 +1,43 @@
+"""The few torchao names distrain uses, imported in one place: a missing or changed torchao is one paragraph.
+
+torchao's API moves between releases; pyproject.toml's ``compress`` extra pins the range tested here.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+from distrain.errors import ConfigError
+from distrain.extras import install_hint
+
+TESTED = ">=0.18,<0.19"
+# Loggers that speak at import on a CPU machine: torchao's CUDA kernels that cannot load, and torch's pytree note on
+# torchao's enums. Neither matters on the CPU, and each would print on every rank.
+QUIET = ("torchao", "torch.utils._pytree")
+
+
+def torchao_api(purpose: str, key: str) -> SimpleNamespace:
+    """quantize_, Int8WeightOnlyConfig, QATConfig and IntxFakeQuantizeConfig; ``purpose`` and ``key`` name what
+    needs them when torchao is missing or lacks them."""
+    levels = {name: logging.getLogger(name).level for name in QUIET}
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import torchao  # noqa: F401 - imported on use only: it takes seconds and most runs never need it
+    except ImportError:
+        raise ConfigError(f"{purpose} needs torchao, which is not installed in this environment. Install it with "
+                          f"`{install_hint('torchao')}` (torchao{TESTED}, tested with this torch), or leave "
+                          f"{key} out.", key=key) from None
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+    except ImportError as err:
+        raise ConfigError(f"{purpose} needs torchao{TESTED}; the installed torchao "
+                          f"{getattr(torchao, '__version__', '?')} lacks what distrain calls ({err}). Install the "
+                          f"tested range with `{install_hint('torchao')}`.", key=key) from None
+    return SimpleNamespace(quantize_=quantize_, Int8WeightOnlyConfig=Int8WeightOnlyConfig, QATConfig=QATConfig,
+                           IntxFakeQuantizeConfig=IntxFakeQuantizeConfig, version=torchao.__version__)

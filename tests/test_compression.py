@@ -1,0 +1,100 @@
+"""Compression (distrain.compression): pruning masks at every world size and across a resume, int8 export and its
+evaluation, QAT under `distrain verify`, PowerSGD state across a resume, and the bad inputs of each.
+
+Multi-rank behaviour runs in real gloo processes (torchrun, `distrain verify`); the quickstart CNN on digits, with a
+global batch of 48 so that it splits over 1, 2 and 3 ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_cli, run_torchrun
+from distrain.compression.pruning import kth_magnitude, ramp
+from distrain.compression.selection import selected_weights
+from distrain.verify import verify
+
+QUICK = str(REPO / "configs" / "quickstart.yaml")
+SMALL = ["train.global_batch=48", "train.micro_batch=8", "train.warmup_steps=2", "train.eval_every=0",
+         "data.num_workers=0", "metrics.progress=none"]
+PRUNE = ["train.prune.amount=0.5", "train.prune.start=0", "train.prune.end=8", "train.prune.every=4"]
+
+
+def train(nproc: int, run_dir: Path, *overrides: str) -> None:
+    """`distrain train` of the quickstart on ``nproc`` gloo ranks (torchrun), in ``run_dir`` (run.name=run)."""
+    proc = run_torchrun(nproc, ["-m", "distrain", "train", QUICK, *SMALL, f"run.dir={run_dir}", "run.name=run",
+                                *overrides], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def final_weights(run_dir: Path, step: int) -> Dict[str, torch.Tensor]:
+    from distrain.checkpoint.export import read_checkpoint_weights
+
+    weights, _ = read_checkpoint_weights(run_dir / "run" / "checkpoints" / f"step_{step:08d}")
+    return weights
+
+
+def pruned_names(weights: Dict[str, torch.Tensor]) -> List[str]:
+    return [name for name in weights if name.endswith("weight") and weights[name].dim() > 1]  # the CNN's conv+linear
+
+
+# --- the threshold search --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 7, 500, 999, 1000])
+def test_kth_magnitude_is_torchs_kthvalue_to_the_bit(k):
+    torch.manual_seed(k)
+    values = torch.randn(1000) * torch.rand(1000) ** 4  # many tiny magnitudes and a few large ones
+    values[:50] = 0.0  # already pruned weights
+    bits = kth_magnitude([values[:300], values[300:]], k, sharded=False)
+    expected = values.abs().kthvalue(k).values
+    assert bits == int(expected.view(torch.int32))
+
+
+def test_the_ramp_is_cubic_from_start_to_end_and_flat_outside():
+    assert ramp(4, 0.5, 5, 15) == 0.0 and ramp(5, 0.5, 5, 15) == 0.0 and ramp(15, 0.5, 5, 15) == 0.5
+    assert ramp(10, 0.5, 5, 15) == pytest.approx(0.5 * (1 - 0.5 ** 3))
+    assert ramp(99, 0.5, 5, 15) == 0.5
+
+
+def test_selection_is_linear_and_conv_weights_embeddings_and_norms_only_when_named():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Conv1d(4, 4, 3), torch.nn.LayerNorm(4),
+                                torch.nn.Linear(4, 2))
+    assert [n for n, _ in selected_weights(model)] == ["1.weight", "3.weight"]
+    assert [n for n, _ in selected_weights(model, include=["0.*"], exclude=["3.*"])] == ["0.weight", "1.weight"]
+
+
+# --- pruning under real ranks ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_pruning_gives_the_same_masks_and_weights_at_world_sizes_1_2_3(strategy, tmp_path):
+    """`distrain verify` with pruning on: the weights agree to float rounding, and the zero patterns exactly."""
+    rows = verify(QUICK, [1, 2, 3], [*SMALL, *PRUNE, f"strategy.name={strategy}"], steps=10, workdir=tmp_path)
+    assert all(r.max_rel_diff <= 1e-5 and r.same_indices for r in rows), rows
+    worlds = [load_file(str(tmp_path / f"w{w}" / "verify" / "weights.safetensors")) for w in (1, 2, 3)]
+    names = pruned_names(worlds[0])
+    zeros = sum(int((worlds[0][n] == 0).sum()) for n in names)
+    assert zeros / sum(worlds[0][n].numel() for n in names) == pytest.approx(0.5, abs=0.01)
+    for other in worlds[1:]:
+        for name in names:
+            assert torch.equal(worlds[0][name] == 0, other[name] == 0), name
+
+
+def test_pruning_masks_survive_a_resume_from_2_to_3_ranks(tmp_path):
+    """12 steps at W=2 against 6 at W=2 + 6 at W=3: the same masks, the same weights, and the pruned ones zero."""
+    prune = ["train.steps=12", "checkpoint.every=6", *PRUNE]
+    train(2, tmp_path / "straight", *prune)
+    shutil.copytree(tmp_path / "straight" / "run", tmp_path / "resumed" / "run")
+    shutil.rmtree(tmp_path / "resumed" / "run" / "checkpoints" / "step_00000012")
+    (tmp_path / "resumed" / "run" / "checkpoints" / "latest").write_text("step_00000006")
+    train(3, tmp_path / "resumed", *prune)
+    log = (tmp_path / "resumed" / "run" / "logs" / "rank0.log").read_text()
+    assert "pruning masks restored (" in log, log[-2000:]
+    straight, resumed = final_weights(tmp_path / "straight", 12), final_weights(tmp_path / "resumed", 12)
+    for name in pruned_names(straight):
+        assert torch.equal(straight[name] == 0, resumed[name] == 0), name
+        torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6)
