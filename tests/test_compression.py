@@ -98,3 +98,49 @@ def test_pruning_masks_survive_a_resume_from_2_to_3_ranks(tmp_path):
     for name in pruned_names(straight):
         assert torch.equal(straight[name] == 0, resumed[name] == 0), name
         torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6)
+
+
+# --- export: pruning made permanent, int8 --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """A pruned 2-rank quickstart run of 40 steps, exported in fp32 and in int8."""
+    root = tmp_path_factory.mktemp("export")
+    train(2, root, "train.steps=40", "train.prune.amount=0.5", "train.prune.end=20", "train.prune.every=5")
+    for name, extra in (("fp32", []), ("int8", ["--quantize", "int8"])):
+        proc = run_cli(["ckpt", "export", str(root / "run"), "--out", str(root / f"{name}.safetensors"), *extra])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (root / f"{name}.out").write_text(proc.stdout)
+    return root
+
+
+def test_export_makes_pruning_permanent_and_reports_its_sparsity(exported):
+    weights = load_file(str(exported / "fp32.safetensors"))
+    names = pruned_names(weights)
+    zeros = sum(int((weights[n] == 0).sum()) for n in names) / sum(weights[n].numel() for n in names)
+    assert zeros == pytest.approx(0.5, abs=0.01)
+    report = json.loads((exported / "fp32.json").read_text())["sparsity"]
+    assert sorted(k for k in report if k != "total") == sorted(names) and report["total"] == pytest.approx(zeros)
+    assert "50.0% of the pruned tensors" in (exported / "fp32.out").read_text()
+
+
+def test_int8_export_is_at_most_035x_and_evaluates_within_half_a_point(exported):
+    """The int8 file holds int8 tensors + float32 scales (plain safetensors); eval prints it beside fp32."""
+    int8, fp32 = exported / "int8.safetensors", exported / "fp32.safetensors"
+    assert int8.stat().st_size <= 0.35 * fp32.stat().st_size
+    stored = load_file(str(int8))
+    assert stored["6.weight"].dtype == torch.int8 and stored["6.weight.int8_scale"].shape == (128,)
+    proc = run_cli(["eval", str(int8), "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert abs(result["eval_accuracy"] - result["fp32"]["eval_accuracy"]) <= 0.005, result
+    assert result["bytes"] == int8.stat().st_size and result["fp32_bytes"] == pytest.approx(fp32.stat().st_size,
+                                                                                             rel=0.01)
+    text = run_cli(["eval", str(int8)]).stdout
+    assert "int8 " in text and "fp32 " in text and "eval_accuracy" in text.split("fp32")[-1], text
+
+
+def test_predict_reads_the_int8_file_and_prints_fp32_beside(exported):
+    proc = run_cli(["predict", str(exported / "int8.safetensors"), "--index", "3"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "int8 weights:" in proc.stdout and "x the fp32 export's" in proc.stdout and "; fp32: predicted" in \
+        proc.stdout, proc.stdout

@@ -41,6 +41,7 @@ from torch import nn
 from distrain import dist
 from distrain.checkpoint.compat import check_resume_config
 from distrain.checkpoint.discovery import PATH_HELP, checkpoints_dir_of, describe_fallback, describe_skipped
+from distrain.checkpoint.export import not_a_checkpoint
 from distrain.checkpoint.layout import (checkpoints_root, committed, fsync_dir, is_checkpoint_dir, kept_name,
                                         leftovers, parse_step, read_latest, step_name, temp_name, trash_name,
                                         write_latest)
@@ -393,6 +394,8 @@ class Checkpointer:
                                   key="train.resume")
         if is_checkpoint_dir(path):
             return [str(path)], True
+        if path.is_file():  # e.g. an (int8) export: weights only
+            raise not_a_checkpoint(path, "train.resume")
         return [str(p) for _, p in reversed(committed(checkpoints_dir_of(path)))], False
 
     def _verify(self, path: Path) -> Optional[str]:

@@ -7,6 +7,7 @@ import argparse
 import json
 
 from distrain.commands import OVERRIDES_HELP
+from distrain.telemetry.units import format_bytes
 
 
 def register(sub) -> None:
@@ -29,6 +30,13 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result))
         else:
-            scores = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("eval_"))
-            print(f"eval @ step {result['step']} ({result['checkpoint']}): {scores}")
+            print(f"eval @ step {result['step']} ({result['checkpoint']}): {_scores(result)}")
+            if "fp32_bytes" in result:  # an int8 export: its size, and the fp32 weights' beside it
+                fp32 = _scores(result["fp32"]) if "fp32" in result else f"not evaluated: {result['fp32_missing']}"
+                print(f"  int8 {format_bytes(result['bytes'])} ({result['bytes'] / result['fp32_bytes']:.2f}x); "
+                      f"fp32 {format_bytes(result['fp32_bytes'])}: {fp32}")
     return 0
+
+
+def _scores(result: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("eval_"))
