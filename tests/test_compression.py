@@ -144,3 +144,73 @@ def test_predict_reads_the_int8_file_and_prints_fp32_beside(exported):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "int8 weights:" in proc.stdout and "x the fp32 export's" in proc.stdout and "; fp32: predicted" in \
         proc.stdout, proc.stdout
+
+
+# --- quantization-aware training ---------------------------------------------------------------------------------
+def test_qat_trains_against_exactly_the_weights_the_int8_export_writes():
+    """A fake-quantized forward equals the forward of the int8 export's weights; before qat_start it is the plain
+    forward. The parameter names stay the plain model's (checkpoints and exports are unchanged)."""
+    from omegaconf import OmegaConf
+
+    from distrain.compression.int8_format import dequantize_state
+    from distrain.compression.qat import prepare_qat, set_fake_quant
+    from distrain.compression.quantized_export import quantize_state
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    weights = {k: v.clone() for k, v in plain.state_dict().items()}
+    x = torch.randn(8, 16)
+    expected_plain = plain(x)
+    quantized, names = quantize_state(plain, weights)
+    plain.load_state_dict(dequantize_state(quantized, names))
+    expected_int8 = plain(x)
+    qat = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    qat.load_state_dict(weights)
+    prepare_qat(qat, OmegaConf.create({"qat": "int8"}))
+    assert sorted(qat.state_dict()) == sorted(weights)
+    torch.testing.assert_close(qat(x), expected_int8, rtol=0, atol=1e-6)
+    set_fake_quant(qat, False)
+    torch.testing.assert_close(qat(x), expected_plain, rtol=0, atol=0)
+
+
+def test_qat_passes_verify_at_world_sizes_1_2_3(tmp_path):
+    rows = verify(QUICK, [1, 2, 3], [*SMALL, "train.qat=int8", "train.qat_start=2"], steps=6, workdir=tmp_path)
+    assert all(r.max_rel_diff <= 1e-5 and r.same_indices for r in rows), rows
+
+
+# --- PowerSGD across a resume ------------------------------------------------------------------------------------
+POWERSGD = ["strategy.kwargs.comm_hook=powersgd", "train.steps=40", "checkpoint.every=20"]
+
+
+def resume_copy(source: Path, target: Path, step: int) -> None:
+    """``target`` holds ``source``'s run up to its checkpoint ``step`` only (what a run stopped there would hold)."""
+    shutil.copytree(source / "run", target / "run")
+    checkpoints = target / "run" / "checkpoints"
+    for later in checkpoints.glob("step_*"):
+        if int(later.name.split("_")[1]) > step:
+            shutil.rmtree(later)
+    (checkpoints / "latest").write_text(f"step_{step:08d}")
+
+
+def test_powersgd_20_steps_resume_20_steps_equals_40_straight_at_w2(tmp_path):
+    """Each rank's error feedback, warm-start factors and iteration travel in the checkpoint; at another world size
+    the state is reset and the resume says so."""
+    train(2, tmp_path / "straight", *POWERSGD)
+    resume_copy(tmp_path / "straight", tmp_path / "resumed", 20)
+    train(2, tmp_path / "resumed", *POWERSGD)
+    straight, resumed = final_weights(tmp_path / "straight", 40), final_weights(tmp_path / "resumed", 40)
+    for name, value in straight.items():
+        relative = (resumed[name] - value).abs().max() / value.abs().max()
+        assert relative <= 1e-6, (name, float(relative))
+    resume_copy(tmp_path / "straight", tmp_path / "other", 20)
+    train(3, tmp_path / "other", *POWERSGD)
+    log = (tmp_path / "other" / "run" / "logs" / "rank0.log").read_text()
+    assert "PowerSGD state reset (saved at world size 2, now 3" in log, log[-2000:]
+
+
+def test_verify_labels_powersgd_approximate_by_design_with_the_measured_difference():
+    proc = run_cli(["verify", QUICK, "--worlds", "1,2", "--steps", "6", *SMALL, "strategy.kwargs.comm_hook=powersgd"],
+                   timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "approximate by design" in proc.stdout and "measured max relative difference" in proc.stdout, proc.stdout
+    assert "MISMATCH" not in proc.stdout

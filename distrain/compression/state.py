@@ -16,7 +16,6 @@ import torch
 from omegaconf import DictConfig
 
 from distrain.compression.checks import prune_end
-from distrain.compression.powersgd import powersgd_state, restore_powersgd
 from distrain.compression.pruning import Pruner, is_update_step, ramp
 from distrain.compression.qat import set_fake_quant
 from distrain.compression.selection import selected_weights
@@ -87,7 +86,7 @@ class Compression:
                              "sizes": {n: p.numel() for n, p in zip(self.pruner.names, self.pruner.params)}}
         hook_state = getattr(self.strategy, "comm_hook_state", None)
         if hook_state is not None:
-            tensors, meta["powersgd"] = powersgd_state(hook_state)
+            tensors, meta["powersgd"] = hook_state.state_tensors()
         if len(meta) == 1:
             return
         path = rank_file(directory, rank)
@@ -108,7 +107,7 @@ class Compression:
         hook_state = getattr(self.strategy, "comm_hook_state", None)
         if hook_state is not None:
             if mine is not None and "powersgd" in mine[1]:
-                restore_powersgd(hook_state, mine[0], mine[1]["powersgd"], self.strategy.ctx.device)
+                hook_state.load_state_tensors(mine[0], mine[1]["powersgd"])
             else:
                 notes.append(f"PowerSGD state reset (saved at world size {saved_world_size}, now {world_size}: each "
                              f"rank's error feedback belongs to its old share of the gradients); its warm-up runs "

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 
+from distrain.compression.powersgd import PowerSGDMemory
 from distrain.errors import ConfigError
 
 HOOKS = ("fp16", "bf16", "powersgd")
@@ -40,11 +41,13 @@ def _counted(hook: Callable, counter: ByteCounter, bytes_per_element: Optional[i
     return counted_hook
 
 
-def _counted_powersgd(counter: ByteCounter) -> Callable:
-    """PowerSGD, counting its low-rank P and Q factors (and uncompressed tensors) after the warm-up."""
+def _counted_powersgd(counter: ByteCounter, memory: PowerSGDMemory) -> Callable:
+    """PowerSGD, counting its low-rank P and Q factors (and uncompressed tensors) after the warm-up; ``memory`` notes
+    each bucket's layout (and places a resumed state in it)."""
 
     def counted_hook(state: powerSGD_hook.PowerSGDState, bucket: dist.GradBucket
                      ) -> torch.futures.Future[torch.Tensor]:
+        memory.before_hook(bucket)
         buffer = bucket.buffer()
         if state.iter < state.start_powerSGD_iter:  # warm-up: a plain all-reduce of the whole bucket
             counter.total += buffer.numel() * buffer.element_size()
@@ -75,10 +78,11 @@ def register_comm_hook(ddp: DistributedDataParallel, name: Optional[str], powers
         ddp.register_comm_hook(None, _counted(default_hooks.bf16_compress_hook, counter, 2))
     elif name == "powersgd":
         # start_powerSGD_iter >= 2 is PowerSGD's own requirement (warm-up with exact all-reduce).
-        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
-                                            start_powerSGD_iter=2, min_compression_rate=1,
-                                            use_error_feedback=True, warm_start=True)
-        ddp.register_comm_hook(state, _counted_powersgd(counter))
+        torch_state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
+                                                  start_powerSGD_iter=2, min_compression_rate=1,
+                                                  use_error_feedback=True, warm_start=True)
+        state = PowerSGDMemory(torch_state, ddp.module.parameters())
+        ddp.register_comm_hook(torch_state, _counted_powersgd(counter, state))
     else:
         raise ConfigError(f"strategy.kwargs.comm_hook={name!r} is not a known DDP comm hook. Allowed: "
                           f"{', '.join(HOOKS)} (or null for plain all-reduce).", key="strategy.kwargs.comm_hook")
