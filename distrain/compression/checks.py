@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from omegaconf import DictConfig
 
 from distrain.errors import ConfigError
@@ -41,6 +43,18 @@ def check_compression(cfg: DictConfig) -> None:
         raise ConfigError(f"train.prune.amount={p.amount} cannot be combined with strategy.name="
                           f"{cfg.strategy.name!r}: {why}. Prune with ddp, zero1 or fsdp (fsdp computes the threshold "
                           f"from each rank's shards), or set train.prune.amount=0.", key="train.prune.amount")
+
+
+def inexact_compression(cfg: DictConfig) -> Optional[str]:
+    """Why compression keeps W ranks from reproducing 1 rank bit for bit (`distrain verify`), or None.
+
+    QAT rounds every linear weight to the int8 grid in the forward: a weight a last bit away from a rounding tie
+    (DDP sums gradients in another order at each world size) lands a whole grid step away, and the optimizer
+    carries that on. Pruning's threshold is a tie too, but an exact one (integer counts), and one weight at most."""
+    if cfg.train.qat != "none":
+        return (f"train.qat={cfg.train.qat} rounds weights to the int8 grid, so a last-bit difference next to a "
+                f"rounding tie becomes a grid step")
+    return None
 
 
 def prune_end(cfg_train: DictConfig) -> int:

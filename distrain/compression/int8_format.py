@@ -14,7 +14,7 @@ import torch
 
 QUANT_FORMAT = "distrain-int8/1"
 SCALE_SUFFIX = ".int8_scale"
-SCHEME = "int8 weight-only, symmetric, one float32 scale per output channel (torchao Int8WeightOnlyConfig)"
+SCHEME = "int8 weight-only, symmetric [-127, 127], one float32 scale per output channel (max |row| / 127)"
 
 
 def quantization_of(meta: Dict[str, Any]) -> Optional[Dict[str, Any]]:

@@ -1,11 +1,13 @@
 """Quantization-aware training through torchao: int8 weights, symmetric, one scale per output channel.
 
-``prepare_qat`` swaps every nn.Linear for torchao's FakeQuantizedLinear (QATConfig, step "prepare") before the
+``prepare_qat`` lets torchao swap every nn.Linear for its FakeQuantizedLinear (QATConfig, step "prepare") before the
 strategy wraps or shards the model; the parameters keep their names, so checkpoints, exports and resumes are those
-of the plain model. The fake quantizer is the same int8 per-channel scheme as the export's (Int8WeightOnlyConfig):
-what QAT trains against is exactly what ``distrain ckpt export --quantize int8`` writes. Convolutions are left to
-the export's post-training quantization (torchao's QAT swaps linear layers only). It is off before
-``train.qat_start`` and deterministic, so `distrain verify` holds at any world size.
+of the plain model. Each layer's weight fake quantizer is then distrain's int8 one (distrain.compression.int8_quant,
+torchao's affine primitives in the narrow range [-127, 127]): torchao's own int8 fake quantizer scales by max/127.5,
+which puts every channel's largest weight on a rounding tie whose gradient float rounding keeps on one world size
+and cuts on another, so `distrain verify` could not hold. What QAT trains against is exactly what
+``distrain ckpt export --quantize int8`` writes. Convolutions are left to the export's post-training quantization
+(torchao's QAT swaps linear layers only). QAT is off before ``train.qat_start``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from distrain.compression.int8_quant import fake_quantize
 from distrain.compression.torchao_api import torchao_api
 from distrain.errors import ConfigError
 from distrain.models.meta_init import is_meta, materialise
@@ -21,9 +24,15 @@ from distrain.models.meta_init import is_meta, materialise
 PURPOSE = "train.qat=int8 (quantization-aware training)"
 
 
-def fake_quant_config(api) -> object:
-    """int8, symmetric, per output channel: the scheme of torchao's Int8WeightOnlyConfig."""
-    return api.IntxFakeQuantizeConfig(torch.int8, granularity="per_channel")
+class Int8WeightFakeQuantizer(nn.Module):
+    """A linear layer's weight as its int8 values, gradient straight through; ``enabled`` False passes it as is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(weight, PURPOSE, "train.qat") if self.enabled else weight
 
 
 def prepare_qat(model: nn.Module, train: DictConfig) -> nn.Module:
@@ -40,7 +49,12 @@ def prepare_qat(model: nn.Module, train: DictConfig) -> nn.Module:
                           f"torchao to fake-quantize. Use train.qat=none for this model.", key="train.qat")
     if is_meta(model):
         materialise(model, torch.device("cpu"))
-    api.quantize_(model, api.QATConfig(weight_config=fake_quant_config(api), step="prepare"))
+    swap = api.QATConfig(weight_config=api.IntxFakeQuantizeConfig(torch.int8, granularity="per_channel"),
+                         step="prepare")
+    api.quantize_(model, swap)
+    for module in model.modules():
+        if getattr(module, "weight_fake_quantizer", None) is not None:
+            module.weight_fake_quantizer = Int8WeightFakeQuantizer()
     return model
 
 

@@ -3,12 +3,11 @@
 Every nn.Linear / nn.Conv* weight becomes int8 data + one float32 scale per output channel; the format
 (``distrain-int8/1``) and its reading are in distrain.compression.int8_format, which needs no torchao.
 
-Why not torchao's own tensors: its ``Int8Tensor`` is a tensor subclass, which safetensors cannot store and which
-only ``torch.load(weights_only=False)`` (unpickling code) or torchao's own loaders read back, tied to its version.
-Plain int8 + scales load anywhere (safetensors, any framework) and with nothing to trust; torchao computes them:
-each weight, seen as a (out, in x kernel) matrix, goes through ``quantize_(Int8WeightOnlyConfig())``, whose
-per-row scales are then per output channel for convolutions as for linear layers. That is also the scheme of
-train.qat=int8's fake quantizer, so a QAT run's export holds exactly the weights it trained against.
+Why not torchao's own tensors: its ``Int8Tensor`` (``quantize_(model, Int8WeightOnlyConfig())``) is a tensor
+subclass, which safetensors cannot store and which only ``torch.load(weights_only=False)`` (unpickling code) or
+torchao's own loaders read back, tied to its version. Plain int8 + scales load anywhere (safetensors, any framework)
+with nothing to trust; torchao's affine primitives compute them (distrain.compression.int8_quant), the same function
+train.qat=int8 trains through, so a QAT run's export holds exactly the weights it trained against.
 """
 
 from __future__ import annotations
@@ -21,32 +20,22 @@ import torch
 from torch import nn
 
 from distrain.compression.int8_format import SCALE_SUFFIX, describe_quantization
+from distrain.compression.int8_quant import quantize_weight
 from distrain.compression.selection import selected_weights
 from distrain.compression.state import read_rank_file
 from distrain.compression.torchao_api import torchao_api
 from distrain.errors import UsageError
 
 
-def quantize_weight(api: Any, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(int8 data shaped like ``weight``, float32 scale per output channel), through torchao."""
-    flat = weight.detach().float().reshape(weight.shape[0], -1)
-    layer = nn.Linear(flat.shape[1], flat.shape[0], bias=False)
-    layer.weight = nn.Parameter(flat.clone(), requires_grad=False)
-    api.quantize_(layer, api.Int8WeightOnlyConfig())
-    quantized = layer.weight
-    return quantized.qdata.reshape(weight.shape).contiguous(), quantized.scale.reshape(-1).float().contiguous()
-
-
 def quantize_state(model: nn.Module, weights: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """``weights`` (of ``model``) with every Linear/Conv weight as int8 + scale; returns them and those names."""
-    api = torchao_api("--quantize int8", "--quantize")
     names = [name for name, _ in selected_weights(model)]
     if not names:
         raise UsageError(f"--quantize int8: the model ({type(model).__name__}) has no nn.Linear or nn.Conv layer, "
                          f"so there is no weight to quantize. Export it without --quantize.", key="--quantize")
     out = dict(weights)
     for name in names:
-        out[name], out[name + SCALE_SUFFIX] = quantize_weight(api, weights[name])
+        out[name], out[name + SCALE_SUFFIX] = quantize_weight(weights[name], "--quantize int8", "--quantize")
     return out, names
 
 

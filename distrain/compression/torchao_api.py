@@ -18,8 +18,8 @@ QUIET = ("torchao", "torch.utils._pytree")
 
 
 def torchao_api(purpose: str, key: str) -> SimpleNamespace:
-    """quantize_, Int8WeightOnlyConfig, QATConfig and IntxFakeQuantizeConfig; ``purpose`` and ``key`` name what
-    needs them when torchao is missing or lacks them."""
+    """quantize_, QATConfig and IntxFakeQuantizeConfig (the layer swap of QAT), choose_qparams_affine and quantize_affine (int8 weights);
+    ``purpose`` and ``key`` name what needs them when torchao is missing or lacks them."""
     levels = {name: logging.getLogger(name).level for name in QUIET}
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -33,11 +33,14 @@ def torchao_api(purpose: str, key: str) -> SimpleNamespace:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
     try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        from torchao.quantization import quantize_
         from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+        from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
     except ImportError as err:
         raise ConfigError(f"{purpose} needs torchao{TESTED}; the installed torchao "
                           f"{getattr(torchao, '__version__', '?')} lacks what distrain calls ({err}). Install the "
                           f"tested range with `{install_hint('torchao')}`.", key=key) from None
-    return SimpleNamespace(quantize_=quantize_, Int8WeightOnlyConfig=Int8WeightOnlyConfig, QATConfig=QATConfig,
-                           IntxFakeQuantizeConfig=IntxFakeQuantizeConfig, version=torchao.__version__)
+    return SimpleNamespace(quantize_=quantize_, QATConfig=QATConfig, IntxFakeQuantizeConfig=IntxFakeQuantizeConfig,
+                           MappingType=MappingType,
+                           choose_qparams_affine=choose_qparams_affine, quantize_affine=quantize_affine,
+                           version=torchao.__version__)
