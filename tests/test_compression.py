@@ -221,3 +221,60 @@ def test_verify_labels_powersgd_approximate_by_design_with_the_measured_differen
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "approximate by design" in proc.stdout and "measured max relative difference" in proc.stdout, proc.stdout
     assert "MISMATCH" not in proc.stdout
+
+
+# --- bad input: one paragraph each -------------------------------------------------------------------------------
+def refused(args: List[str], expect: List[str], code: int = 2, env: Dict[str, str] = None) -> None:
+    proc = run_cli(args, env=env, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == code and "Traceback" not in output, output[-3000:]
+    message = proc.stderr[proc.stderr.index("distrain: error:"):].strip()
+    assert "\n\n" not in message, message
+    flat = " ".join(message.split())
+    for fragment in expect:
+        assert fragment in flat, (fragment, flat)
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    (["train.prune.amount=1.0"], ["'train.prune.amount'", "1.0", "[0, 1)"]),
+    (["train.prune.amount=-0.1"], ["'train.prune.amount'", "-0.1", "[0, 1)"]),
+    (["train.prune.method=l2_structured"], ["'train.prune.method'", "l2_structured", "l1_unstructured"]),
+    (["train.prune.amount=0.5", "train.prune.exclude=['*']"], ["train.prune.amount=0.5", "no weight is selected",
+                                                              "train.prune.include"]),
+    (["train.prune.amount=0.5", "strategy.name=deepspeed"], ["strategy.name='deepspeed'", "fp32 master copy"]),
+], ids=["amount-1", "amount-negative", "unknown-method", "nothing-selected", "deepspeed"])
+def test_bad_pruning_settings_are_one_paragraph(overrides, expect, tmp_path):
+    refused(["train", QUICK, "train.steps=1", f"run.dir={tmp_path}", *overrides], expect)
+
+
+def hidden_torchao(tmp_path: Path) -> Dict[str, str]:
+    """An environment whose `import torchao` fails as it does where torchao is not installed."""
+    shadow = tmp_path / "shadow" / "torchao"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torchao'\")\n")
+    return {"PYTHONPATH": f"{shadow.parent}:{REPO}"}
+
+
+def test_qat_without_torchao_is_one_paragraph_naming_the_extra(tmp_path):
+    refused(["train", QUICK, "train.steps=1", f"run.dir={tmp_path}", "train.qat=int8"],
+            ["train.qat=int8", "needs torchao", "pip install 'distrain[compress]'"], env=hidden_torchao(tmp_path))
+
+
+def test_int8_export_without_torchao_is_one_paragraph_naming_the_extra(exported, tmp_path):
+    refused(["ckpt", "export", str(exported / "run"), "--out", str(tmp_path / "q.safetensors"), "--quantize", "int8"],
+            ["--quantize int8", "needs torchao", "pip install 'distrain[compress]'"], env=hidden_torchao(tmp_path))
+    assert not (tmp_path / "q.safetensors").exists()
+
+
+def test_quantizing_a_model_without_linear_or_conv_layers_is_refused():
+    from distrain.compression.quantized_export import quantize_state
+    from distrain.errors import UsageError
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.LayerNorm(4))
+    with pytest.raises(UsageError, match="has no nn.Linear or nn.Conv layer, so there is no weight to quantize"):
+        quantize_state(model, model.state_dict())
+
+
+def test_an_int8_export_given_to_train_resume_is_one_paragraph(exported, tmp_path):
+    refused(["train", QUICK, "train.steps=1", f"run.dir={tmp_path}", f"train.resume={exported / 'int8.safetensors'}"],
+            ["train.resume=", "is an int8 export, not a checkpoint", "Resume from the checkpoint it was exported from"])
