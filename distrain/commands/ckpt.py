@@ -29,7 +29,7 @@ def register(sub) -> None:
     export.add_argument("path", metavar="RUN_DIR|PATH", help="run directory (newest valid checkpoint) or checkpoint")
     export.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to write the weights")
     export.add_argument("--quantize", choices=("int8",), default=None,
-                        help="int8: weight-only int8 of every Linear/Conv weight, through torchao (docs/compression.md)")
+                        help="int8: weight-only int8 of every Linear/Conv weight, via torchao (docs/compression.md)")
     export.set_defaults(handler=run_export)
     p.set_defaults(handler=needs_action("distrain ckpt: choose an action: "
                                         "`ls RUN_DIR`, `inspect PATH` or `export RUN_DIR --out FILE`."))

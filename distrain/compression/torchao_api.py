@@ -5,6 +5,7 @@ torchao's API moves between releases; pyproject.toml's ``compress`` extra pins t
 
 from __future__ import annotations
 
+import functools
 import logging
 from types import SimpleNamespace
 
@@ -17,9 +18,10 @@ TESTED = ">=0.18,<0.19"
 QUIET = ("torchao", "torch.utils._pytree")
 
 
+@functools.lru_cache(maxsize=None)  # QAT asks on every forward: import and look up once (a failure is not cached)
 def torchao_api(purpose: str, key: str) -> SimpleNamespace:
-    """quantize_, QATConfig and IntxFakeQuantizeConfig (the layer swap of QAT), choose_qparams_affine and quantize_affine (int8 weights);
-    ``purpose`` and ``key`` name what needs them when torchao is missing or lacks them."""
+    """quantize_, QATConfig and IntxFakeQuantizeConfig (QAT's layer swap), choose_qparams_affine and quantize_affine
+    (int8 weights); ``purpose`` and ``key`` name what needs them when torchao is missing or lacks them."""
     levels = {name: logging.getLogger(name).level for name in QUIET}
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.ERROR)
