@@ -71,6 +71,10 @@ class Compression:
             self.pruner.apply()  # the update just moved pruned weights: they are zero again before anything reads them
             if is_update_step(step, int(p.start), self.end, int(p.every)):
                 self.pruner.update(ramp(step, float(p.amount), int(p.start), self.end))
+        self._qat_switch(step)
+
+    def _qat_switch(self, step: int) -> None:
+        """QAT's fake quantizers on from train.qat_start (after ``step`` steps), off before."""
         if self.train.qat != "none":
             set_fake_quant(self.strategy.module, step >= int(self.train.qat_start))
 
@@ -102,8 +106,7 @@ class Compression:
         saved = shared[1] if shared else {}
         if self.pruner is not None:
             notes += self._restore_masks(saved.get("prune"), str(directory))
-        if self.train.qat != "none":
-            set_fake_quant(self.strategy.module, step >= int(self.train.qat_start))
+        self._qat_switch(step)
         hook_state = getattr(self.strategy, "comm_hook_state", None)
         if hook_state is not None:
             if mine is not None and "powersgd" in mine[1]:
