@@ -7,7 +7,6 @@ import argparse
 import json
 
 from distrain.commands import OVERRIDES_HELP
-from distrain.telemetry.units import format_bytes
 
 
 def register(sub) -> None:
@@ -23,20 +22,15 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from distrain.env import detect
-    from distrain.inference.evaluate import evaluate_checkpoint
+    from distrain.inference.evaluate import evaluate_checkpoint, int8_summary, scores_text
 
     result = evaluate_checkpoint(Path(args.path), args.overrides)
     if detect().is_main:  # from the launcher's variables: the process group is gone by now, every rank looks alone
         if args.json:
             print(json.dumps(result))
         else:
-            print(f"eval @ step {result['step']} ({result['checkpoint']}): {_scores(result)}")
+            print(f"eval @ step {result['step']} ({result['checkpoint']}): {scores_text(result)}")
             if "fp32_bytes" in result:  # an int8 export: its size, and the fp32 weights' beside it
-                fp32 = _scores(result["fp32"]) if "fp32" in result else f"not evaluated: {result['fp32_missing']}"
-                print(f"  int8 {format_bytes(result['bytes'])} ({result['bytes'] / result['fp32_bytes']:.2f}x); "
-                      f"fp32 {format_bytes(result['fp32_bytes'])}: {fp32}")
+                print(f"  {int8_summary(result)}")
     return 0
 
-
-def _scores(result: dict) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("eval_"))

@@ -65,19 +65,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _int8_header(loaded, path: str):
-    """For an int8 export: print its size beside the fp32 export's; return the fp32 checkpoint's model, if it is
-    still there (its predictions are printed beside), else None."""
+    """For an int8 export: print its size and eval scores beside the fp32 export's; return the fp32 checkpoint's
+    model, if it is still there (its predictions are printed beside), else None."""
     from pathlib import Path
 
     from distrain.compression.int8_format import quantization_of
+    from distrain.env import detect
     from distrain.inference import load
+    from distrain.inference.evaluate import evaluate_checkpoint, int8_summary
     from distrain.telemetry.units import format_bytes
 
-    quantization = quantization_of(loaded.meta)
-    if not quantization:
+    if not quantization_of(loaded.meta):
         return None
-    size, fp32 = Path(path).stat().st_size, quantization["fp32_bytes"]
+    if detect().distributed:  # the other ranks have returned: no group to evaluate in, the sizes only
+        size, fp32 = Path(path).stat().st_size, quantization_of(loaded.meta)["fp32_bytes"]
+        print(f"int8 {format_bytes(size)} ({size / fp32:.2f}x); fp32 {format_bytes(fp32)} (run `distrain eval "
+              f"{path}` for the scores beside each other)")
+    else:
+        print(f"eval: {int8_summary(evaluate_checkpoint(Path(path)))}")
     source = Path(loaded.meta.get("source", ""))
-    print(f"int8 weights: {format_bytes(size)} ({size / fp32:.2f}x the fp32 export's {format_bytes(fp32)}); fp32 "
-          + (f"predictions from {source} beside" if source.is_dir() else f"checkpoint {source} is gone"))
     return load(source) if source.is_dir() else None

@@ -86,3 +86,18 @@ def _load_full_weights(trainer: Any, weights: Dict[str, Any]) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(trainer.strategy.model, weights, options=StateDictOptions(full_state_dict=True))
+
+
+def scores_text(scores: Dict[str, Any]) -> str:
+    """"eval_loss 0.0660, eval_accuracy 0.9889": the eval_* entries of a result."""
+    return ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.startswith("eval_"))
+
+
+def int8_summary(result: Dict[str, Any]) -> str:
+    """For an int8 export's result: its size and scores beside the fp32 export's size and its checkpoint's scores."""
+    from distrain.telemetry.units import format_bytes
+
+    fp32 = scores_text(result["fp32"]) if "fp32" in result else f"not evaluated: {result['fp32_missing']}"
+    return (f"int8 {format_bytes(result['bytes'])} ({result['bytes'] / result['fp32_bytes']:.2f}x): "
+            f"{scores_text(result)}; fp32 {format_bytes(result['fp32_bytes'])}: {fp32}")
+
