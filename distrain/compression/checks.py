@@ -8,11 +8,8 @@ from omegaconf import DictConfig
 
 from distrain.errors import ConfigError
 
-# Strategies whose parameters are not the trained weights between steps, or differ per rank: pruning masks cannot
-# be applied to them from outside the engine (see docs/compression.md).
+# Strategies whose ranks hold different weights between syncs: their magnitudes, so their masks, would differ.
 NO_PRUNING = {
-    "deepspeed": "DeepSpeed keeps its own fp32 master copy of the weights inside the engine, which a mask applied to "
-                 "the module's parameters would not reach",
     "local_sgd": "local SGD ranks train apart between syncs, so their weights (and magnitude masks) differ",
 }
 
@@ -41,8 +38,8 @@ def check_compression(cfg: DictConfig) -> None:
     why = NO_PRUNING.get(str(cfg.strategy.name))
     if p.amount > 0 and why:
         raise ConfigError(f"train.prune.amount={p.amount} cannot be combined with strategy.name="
-                          f"{cfg.strategy.name!r}: {why}. Prune with ddp, zero1 or fsdp (fsdp computes the threshold "
-                          f"from each rank's shards), or set train.prune.amount=0.", key="train.prune.amount")
+                          f"{cfg.strategy.name!r}: {why}. Prune with ddp, zero1, fsdp or deepspeed (sharded strategies "
+                          f"compute the threshold from each rank's shards), or set train.prune.amount=0.", key="train.prune.amount")
 
 
 def inexact_compression(cfg: DictConfig) -> Optional[str]:

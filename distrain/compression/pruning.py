@@ -14,13 +14,12 @@ a resume rebuilds it from them and checks it against the zero counts recorded at
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
 
 from distrain import dist
-from distrain.compression.selection import is_sharded, local_tensor
+from distrain.compression.engine_params import ParamView
 
 FLOAT_INF_BITS = 0x7F800000  # +inf as int32: every finite magnitude's bit pattern lies in [0, this]
 CANDIDATES = 64  # thresholds tried per round: 31 bits in 6 rounds of one all-reduce each
@@ -66,50 +65,45 @@ def _threshold_masks(tensors: Sequence[torch.Tensor], bits: int) -> List[torch.T
 class Pruner:
     """The masks of the selected weights, recomputed on the schedule and applied after every optimizer step."""
 
-    def __init__(self, weights: Sequence[Tuple[str, nn.Parameter]], scope: str):
-        self.names = [name for name, _ in weights]
-        self.params = [p for _, p in weights]
+    def __init__(self, names: Sequence[str], views: Sequence[ParamView], scope: str):
+        self.names = list(names)
+        self.views = list(views)
         self.scope = scope
-        self.sharded = is_sharded(self.params)
+        self.sharded = any(v.sharded for v in self.views)
         self.masks: Optional[List[torch.Tensor]] = None  # None until the first update: nothing is pruned
         self.amount = 0.0  # the sparsity the masks were last computed for
 
     def update(self, amount: float) -> None:
         """Recompute the masks so that ``amount`` of the selected weights are zero, and apply them."""
         self.amount = amount
-        local = [local_tensor(p) for p in self.params]
+        local = [v.local() for v in self.views]
         if self.scope == "global":
-            k = int(amount * sum(p.numel() for p in self.params))
+            k = int(amount * sum(v.numel for v in self.views))
             self.masks = _threshold_masks(local, kth_magnitude(local, k, self.sharded)) if k else None
         else:
-            self.masks = [_threshold_masks([t], kth_magnitude([t], int(amount * p.numel()), self.sharded))[0]
-                          if int(amount * p.numel()) else torch.ones_like(t, dtype=torch.bool)
-                          for t, p in zip(local, self.params)]
+            self.masks = [_threshold_masks([t], kth_magnitude([t], int(amount * v.numel), self.sharded))[0]
+                          if int(amount * v.numel) else torch.ones_like(t, dtype=torch.bool)
+                          for t, v in zip(local, self.views)]
         self.apply()
 
-    @torch.no_grad()
     def apply(self) -> None:
         """Zero the pruned weights again (after an optimizer step moved them)."""
         if self.masks is None:
             return
-        for p, mask in zip(self.params, self.masks):
-            local_tensor(p).mul_(mask)
+        for view, mask in zip(self.views, self.masks):
+            view.multiply(mask)
 
     def zero_counts(self) -> Dict[str, int]:
         """Zeros per selected tensor, over all ranks (collective when sharded)."""
-        local = torch.tensor([int((local_tensor(p) == 0).sum()) for p in self.params], dtype=torch.int64)
+        local = torch.tensor([int((v.local() == 0).sum()) for v in self.views], dtype=torch.int64)
         counts = dist.all_reduce_sum(local) if self.sharded else local
         return dict(zip(self.names, counts.tolist()))
 
-    def sparsity(self) -> Dict[str, float]:
-        """Fraction of zeros per selected tensor and in total ("total")."""
-        zeros = self.zero_counts()
-        sizes = {name: p.numel() for name, p in zip(self.names, self.params)}
-        report = {name: zeros[name] / sizes[name] for name in self.names}
-        report["total"] = sum(zeros.values()) / max(1, sum(sizes.values()))
-        return report
+    def sizes(self) -> Dict[str, int]:
+        """Elements per selected tensor (whole, not this rank's part)."""
+        return {name: v.numel for name, v in zip(self.names, self.views)}
 
     def rebuild(self, amount: float) -> None:
         """After a resume: the masks are the loaded weights' zero pattern (pruned weights were saved as zeros)."""
         self.amount = amount
-        self.masks = [local_tensor(p).detach() != 0 for p in self.params] if amount > 0 else None
+        self.masks = [v.local().detach() != 0 for v in self.views] if amount > 0 else None

@@ -32,7 +32,3 @@ def local_tensor(param: torch.Tensor) -> torch.Tensor:
     """This rank's part of a parameter: the local shard of a DTensor (FSDP2), else the tensor itself."""
     return param.to_local() if hasattr(param, "to_local") else param
 
-
-def is_sharded(params: Sequence[torch.Tensor]) -> bool:
-    """Whether the parameters are DTensor shards (every rank holds a part) rather than full replicas."""
-    return any(hasattr(p, "to_local") for p in params)

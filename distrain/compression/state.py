@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from distrain.compression.checks import prune_end
+from distrain.compression.engine_params import param_views
 from distrain.compression.pruning import Pruner, is_update_step, ramp
 from distrain.compression.qat import set_fake_quant
 from distrain.compression.selection import selected_weights
@@ -60,7 +61,8 @@ class Compression:
                                   f"has no nn.Linear / nn.Conv layer left after train.prune.exclude="
                                   f"{list(p.exclude)}. Name weights with train.prune.include, or set "
                                   f"train.prune.amount=0.", key="train.prune.amount")
-            self.pruner = Pruner(weights, str(p.scope))
+            views = param_views([param for _, param in weights], deepspeed=strategy.name == "deepspeed")
+            self.pruner = Pruner([name for name, _ in weights], views, str(p.scope))
         self.end = prune_end(train)
         self.on_step(0)  # train.prune.start=0 prunes the initial weights; QAT off until train.qat_start
 
@@ -87,7 +89,7 @@ class Compression:
         meta: Dict[str, Any] = {"format": FORMAT}
         if self.pruner is not None:
             meta["prune"] = {"amount": self.pruner.amount, "zeros": self.pruner.zero_counts(),
-                             "sizes": {n: p.numel() for n, p in zip(self.pruner.names, self.pruner.params)}}
+                             "sizes": self.pruner.sizes()}
         hook_state = getattr(self.strategy, "comm_hook_state", None)
         if hook_state is not None:
             tensors, meta["powersgd"] = hook_state.state_tensors()
