@@ -15,6 +15,7 @@ EXTRAS = {
     "kubeflow": "k8s",  # the Kubeflow SDK models that check rendered manifests
     "transformers": "hf",  # Hugging Face models
     "datasets": "data", "tokenizers": "data", "PIL": "data",  # HF datasets, tokenizer files, images
+    "torchao": "compress",  # quantization-aware training and int8 export (distrain.compression)
 }
 
 

@@ -41,7 +41,9 @@ from torch import nn
 
 from distrain import dist
 from distrain.checkpoint.compat import check_resume_config
+from distrain.checkpoint.fault_injection import STALL_ENV, stall_if_asked
 from distrain.checkpoint.data_check import check_resume_data
+from distrain.checkpoint.export import not_a_checkpoint
 from distrain.checkpoint.discovery import PATH_HELP, describe_fallback, describe_skipped, resume_candidates
 from distrain.checkpoint.paths import (checkpoints_root, committed, fsync_dir, kept_name, parse_step,
                                        remove_leftovers, step_name, temp_name, trash_name, write_latest)
@@ -63,9 +65,6 @@ from distrain.telemetry.units import format_bytes
 if TYPE_CHECKING:  # annotations only: strategies write into checkpoints, so they import this folder, not it them
     from distrain.strategies.base import Strategy
 
-# Fault injection for tests: "STEP:SECONDS" makes every rank sleep inside the save of checkpoint STEP, after the
-# trainer state is written and before the shards are, so a test can kill a save in the middle.
-STALL_ENV = "DISTRAIN_CHECKPOINT_STALL"
 
 # The check a save runs first (every rank): (step, scheduled) -> whether the weights may be saved. It raises
 # (DivergenceError) rather than return False, except for a scheduled save the run's policy lets it skip.
@@ -97,8 +96,8 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, cfg: DictConfig, strategy: Strategy, info: ProcessInfo,
                  sampler: GlobalStepSampler, *, before_save: SaveCheck, model_object: Optional[nn.Module] = None,
-                 data_spec: Any = None,
-                 data_fingerprint: Optional[Dict[str, Any]] = None):
+                 data_spec: Any = None, data_fingerprint: Optional[Dict[str, Any]] = None,
+                 extra_state: Optional[Any] = None):
         self.root = checkpoints_root(run_dir)
         self.cfg = cfg
         self.strategy = strategy
@@ -118,6 +117,7 @@ class Checkpointer:
         self.run_id = uuid.uuid4().hex[:12]  # this run's lineage of checkpoints; a resume carries on the checkpoint's
         self._owns_unnamed = False  # resumed from a checkpoint written before lineages were recorded
         self.before_save = before_save
+        self.extra_state = extra_state  # per-rank state saved beside the RNG (distrain.compression.state)
         self._group = self._async_group()
         if info.is_main and (stale := remove_leftovers(self.root)):
             self.log.info(f"checkpoint: removed {len(stale)} uncommitted leftover(s) of an earlier run: "
@@ -169,9 +169,11 @@ class Checkpointer:
         tmp = self.root / temp_name(step, str(token))
         tmp.mkdir(parents=True, exist_ok=True)
         write_rng(tmp, self.info.rank)
+        if self.extra_state is not None:
+            self.extra_state.write(tmp, self.info.rank)
         if self.info.is_main:
             self._trainer_state(step, reason).write(tmp)
-        _stall_for_tests(step)
+        stall_if_asked(step)
         use_async = not blocking and not self.strategy.engine_checkpoint
         # the strategy writes its model and optimizer state: DCP shards (maybe in the background), or its engine's
         future = self.strategy.save_checkpoint(tmp, step, asynchronous=use_async, group=self._group)
@@ -334,6 +336,8 @@ class Checkpointer:
         plan: Any = None
         if self.info.is_main:
             try:
+                if resume != "auto" and Path(resume).is_file():  # e.g. an (int8) export: weights only
+                    raise not_a_checkpoint(Path(resume), "train.resume")
                 plan = ("ok", *resume_candidates(resume, self.root))
             except CheckpointError as err:
                 plan = ("error", str(err), err.key)
@@ -411,6 +415,8 @@ class Checkpointer:
             restore_rng(rng)
         else:
             notes.append("RNG states not restored (saved at another world size; each rank keeps its seeded state)")
+        if self.extra_state is not None:
+            notes += self.extra_state.load(path, self.info.rank, state.world_size, self.info.world_size, state.step)
         return notes
 
     # --- housekeeping ------------------------------------------------------------------------------
@@ -434,14 +440,6 @@ def _commit_failure(err: OSError, step: int, tmp: Path, final: Path) -> str:
     hint = write_failure_hint(tmp)
     return (f"Committing checkpoint step {step} ({tmp} -> {final}) failed: {err}"
             + (f", because {hint}" if hint else "") + ". The previous checkpoint stays the latest.")
-
-
-def _stall_for_tests(step: int) -> None:
-    spec = os.environ.get(STALL_ENV, "")
-    if ":" in spec:
-        at, _, seconds = spec.partition(":")
-        if at.strip() == str(step):
-            time.sleep(float(seconds))
 
 
 __all__ = ["Checkpointer", "STALL_ENV", "SaveCheck", "model_description"]

@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -26,9 +26,13 @@ from distrain.checkpoint.safe_load import load_full_state
 from distrain.checkpoint.trainer_state import TrainerState
 from distrain.errors import CheckpointError, StorageError, UsageError
 from distrain.storage_errors import is_storage_error, write_failure_hint
+from distrain.compression.int8_format import dequantize_state, quantization_of
 
 EXPORT_FORMAT = "distrain-export/1"
 METADATA_KEY = "distrain"
+# A step between reading a checkpoint's weights and writing the export: (weights, description) -> the same, changed
+# (distrain.compression.quantized_export: sparsity report, int8 quantization).
+ExportStep = Callable[[Dict[str, torch.Tensor], Dict[str, Any]], Tuple[Dict[str, torch.Tensor], Dict[str, Any]]]
 
 
 def export_description(state: TrainerState, source: Path) -> Dict[str, Any]:
@@ -67,9 +71,13 @@ def read_export(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Weights and description of an exported ``.safetensors`` file."""
     meta = read_export_description(path)
     try:
-        return load_file(str(path)), meta
+        weights = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file: {err}.") from None
+    quantization = quantization_of(meta)
+    if quantization:  # an int8 export (`ckpt export --quantize int8`): the float weights it stands for
+        weights = dequantize_state(weights, quantization["tensors"])
+    return weights, meta
 
 
 def read_export_description(path: Path) -> Dict[str, Any]:
@@ -94,14 +102,30 @@ def read_export_description(path: Path) -> Dict[str, Any]:
         raise CheckpointError(f"The distrain description of {path} is not valid JSON: {err}.") from None
 
 
-def export_checkpoint(source: Path, out: Path) -> Tuple[Path, Path]:
+def not_a_checkpoint(path: Path, key: str) -> CheckpointError:
+    """What to say when an exported file is given where a checkpoint is needed (e.g. train.resume)."""
+    try:
+        meta = read_export_description(path)
+    except CheckpointError:
+        meta = {}
+    kind = "an int8 export" if quantization_of(meta) else "an exported weights file" if meta else "a file"
+    source = f" Resume from the checkpoint it was exported from: {meta['source']}." if meta.get("source") else ""
+    return CheckpointError(f"{key}={str(path)!r} is {kind}, not a checkpoint: an export holds the model weights only "
+                           f"(no optimizer state, data position or RNG), so training cannot continue from it. Give a "
+                           f"run directory or a checkpoint directory (runs/NAME/checkpoints/step_XXXXXXXX).{source}",
+                           key=key)
+
+
+def export_checkpoint(source: Path, out: Path, steps: Sequence[ExportStep] = ()) -> Tuple[Path, Path]:
     """Write the consolidated weights of ``source`` (checkpoint or run dir) to ``out`` (.safetensors) and the
-    description to ``out`` with a .json suffix; returns both paths."""
+    description to ``out`` with a .json suffix, after ``steps`` (each may change both); returns both paths."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise CheckpointError(f"--out {str(out)!r} must end in .safetensors (the export format).", key="--out")
     check_writable(out)
     weights, meta = read_checkpoint_weights(Path(source))
+    for step in steps:
+        weights, meta = step(weights, meta)
     text = json.dumps(meta, indent=1)
     # safetensors refuses tensors that share memory; a clone per tensor makes each its own (tied weights stay
     # tied by name in the model, which load_state_dict restores).

@@ -38,11 +38,11 @@ def _files(directory: Path):
             yield path.relative_to(directory).as_posix(), path
 
 
-# Which rank wrote a file, by its name: rng/rank<r>.json, DCP's shard files __<r>_<n>.distcp, DeepSpeed's
-# zero_pp_rank_<r>_* partitions. Everything else (trainer state, DCP's .metadata, engine files of rank 0,
-# consolidated weights) is rank 0's.
-_OWNER = (re.compile(r"^rng/rank(\d+)\.json$"), re.compile(rf"^{DCP_DIR}/__(\d+)_\d+\.distcp$"),
-          re.compile(rf"^{ENGINE_DIR}/.*zero_pp_rank_(\d+)_"))
+# Which rank wrote a file, by its name: rng/rank<r>.json, compression/rank<r>.safetensors, DCP's shard files
+# __<r>_<n>.distcp, DeepSpeed's zero_pp_rank_<r>_* partitions. Everything else (trainer state, DCP's .metadata,
+# engine files of rank 0, consolidated weights) is rank 0's.
+_OWNER = (re.compile(r"^rng/rank(\d+)\.json$"), re.compile(r"^compression/rank(\d+)\.safetensors$"),
+          re.compile(rf"^{DCP_DIR}/__(\d+)_\d+\.distcp$"), re.compile(rf"^{ENGINE_DIR}/.*zero_pp_rank_(\d+)_"))
 
 
 def owner_rank(rel: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ def register(sub) -> None:
     export = actions.add_parser("export", help="consolidated full weights to .safetensors (+ a JSON description)")
     export.add_argument("path", metavar="RUN_DIR|PATH", help="run directory (newest valid checkpoint) or checkpoint")
     export.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to write the weights")
+    export.add_argument("--quantize", choices=("int8",), default=None,
+                        help="int8: weight-only int8 of every Linear/Conv weight, via torchao (docs/compression.md)")
     export.set_defaults(handler=run_export)
     p.set_defaults(handler=needs_action("distrain ckpt: choose an action: "
                                         "`ls RUN_DIR`, `inspect PATH` or `export RUN_DIR --out FILE`."))
@@ -78,9 +81,21 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     # lazy: start-up: the CLI parser loads every command, the work loads on use
     from distrain.checkpoint.export import export_checkpoint
+    from distrain.compression.quantized_export import to_int8, with_sparsity
+    from distrain.inference.predict import build_described
 
-    out, sidecar = export_checkpoint(Path(args.path), Path(args.out))
+    int8 = functools.partial(to_int8, build=build_described)
+    steps = [with_sparsity] + ([int8] if args.quantize == "int8" else [])
+    out, sidecar = export_checkpoint(Path(args.path), Path(args.out), steps)
     meta = json.loads(sidecar.read_text())
     print(f"exported {meta['model'].get('name', meta['model'].get('class'))} at step {meta['step']} from "
           f"{meta['source']} to {out} ({format_bytes(out.stat().st_size)}) and {sidecar}")
+    if meta.get("sparsity"):
+        layers = ", ".join(f"{name} {100 * v:.1f}%" for name, v in meta["sparsity"].items() if name != "total")
+        print(f"pruned (zeros made permanent): {100 * meta['sparsity']['total']:.1f}% of the pruned tensors ({layers})")
+    quantization = meta.get("quantization")
+    if quantization:
+        size, fp32 = out.stat().st_size, quantization["fp32_bytes"]
+        print(f"int8: {len(quantization['tensors'])} weight(s) quantized ({quantization['scheme']}); "
+              f"{format_bytes(size)} vs {format_bytes(fp32)} as fp32 ({size / fp32:.2f}x)")
     return 0

@@ -21,13 +21,15 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from distrain.env import detect  # lazy: start-up: the CLI parser loads every command, the work loads on use
-    from distrain.inference.evaluate import evaluate_checkpoint
+    from distrain.inference.evaluate import evaluate_checkpoint, int8_summary, scores_text
 
     result = evaluate_checkpoint(Path(args.path), args.overrides)
     if detect().is_main:  # from the launcher's variables: the process group is gone by now, every rank looks alone
         if args.json:
             print(json.dumps(result))
         else:
-            scores = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("eval_"))
-            print(f"eval @ step {result['step']} ({result['checkpoint']}): {scores}")
+            print(f"eval @ step {result['step']} ({result['checkpoint']}): {scores_text(result)}")
+            if "fp32_bytes" in result:  # an int8 export: its size, and the fp32 weights' beside it
+                print(f"  {int8_summary(result)}")
     return 0
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def register(sub) -> None:
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--top-k {args.top_k} is not allowed: it must be at least 1.")
     loaded = load(args.path)
     task = loaded.spec.task
+    reference = _int8_header(loaded, args.path)  # an int8 export: its size and the fp32 checkpoint beside it
     if task == "lm":
         if args.index:
             raise UsageError("--index is for classification/regression models; this is a language model: use "
@@ -51,10 +53,35 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.prompt is not None:
         raise UsageError(f"--prompt is for char-level language models; this is a {task} model: use --index N.")
-    for row in predict_samples(loaded, args.index or [0], split=args.split):
+    fp32_rows = predict_samples(reference, args.index or [0], split=args.split) if reference else []
+    for i, row in enumerate(predict_samples(loaded, args.index or [0], split=args.split)):
         if task == "classification":
+            beside = (f"; fp32: predicted {fp32_rows[i]['predicted']} (p={fp32_rows[i]['probability']:.3f})"
+                      if fp32_rows else "")
             print(f"{args.split}[{row['index']}]: predicted {row['predicted']} (p={row['probability']:.3f}), "
-                  f"true {row['true']}")
+                  f"true {row['true']}{beside}")
         else:
             print(f"{args.split}[{row['index']}]: predicted {row['predicted']}, true {row['true']}")
     return 0
+
+
+def _int8_header(loaded, path: str):
+    """For an int8 export: print its size and eval scores beside the fp32 export's; return the fp32 checkpoint's
+    model, if it is still there (its predictions are printed beside), else None."""
+    # lazy: start-up: the CLI parser loads every command, the work loads on use
+    from distrain.compression.int8_format import quantization_of
+    from distrain.env import detect
+    from distrain.inference import load
+    from distrain.inference.evaluate import evaluate_checkpoint, int8_summary
+    from distrain.telemetry.units import format_bytes
+
+    if not quantization_of(loaded.meta):
+        return None
+    if detect().distributed:  # the other ranks have returned: no group to evaluate in, the sizes only
+        size, fp32 = Path(path).stat().st_size, quantization_of(loaded.meta)["fp32_bytes"]
+        print(f"int8 {format_bytes(size)} ({size / fp32:.2f}x); fp32 {format_bytes(fp32)} (run `distrain eval "
+              f"{path}` for the scores beside each other)")
+    else:
+        print(f"eval: {int8_summary(evaluate_checkpoint(Path(path)))}")
+    source = Path(loaded.meta.get("source", ""))
+    return load(source) if source.is_dir() else None

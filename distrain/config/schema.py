@@ -53,6 +53,20 @@ class DataConfig:
 
 
 @dataclass
+class PruneConfig:
+    amount: float = 0.0  # fraction of the selected weights set to zero, in [0, 1); 0 = no pruning
+    method: str = "l1_unstructured"  # l1_unstructured: the smallest magnitudes go first
+    scope: str = "global"  # global (one threshold over every selected weight) | layer (each tensor its own)
+    start: int = 0  # the step pruning starts at (0: the initial weights)
+    end: Optional[int] = None  # the step the full amount is reached (cubic ramp from start); null = 3/4 of train.steps
+    every: int = 10  # steps between two mask updates from start to end
+    # every nn.Linear / nn.Conv* weight is pruned; globs on parameter names add others (embeddings and norms only
+    # when named here) ...
+    include: List[str] = field(default_factory=list)
+    exclude: List[str] = field(default_factory=list)  # ... or leave some out, e.g. ["*.head.weight"]
+
+
+@dataclass
 class TrainConfig:
     global_batch: int = 64  # samples per optimizer step, summed over all ranks: the invariant
     micro_batch: Optional[int] = None  # samples per forward/backward on one rank; None = global_batch / world
@@ -89,6 +103,9 @@ class TrainConfig:
     # A non-finite loss or gradient norm: stop (exit 1, naming the step) | skip_step (drop that step's update,
     # on every rank alike) | warn (log it and go on). A checkpoint of non-finite weights is never committed.
     on_nonfinite: str = "stop"
+    prune: PruneConfig = field(default_factory=PruneConfig)  # magnitude pruning on a schedule (docs/compression.md)
+    qat: str = "none"  # none | int8: quantization-aware training, fake-quantized int8 weights per channel (torchao)
+    qat_start: int = 0  # the step quantization-aware training starts at (train.qat)
 
 
 @dataclass
@@ -187,6 +204,9 @@ CHOICES: Dict[str, Sequence[str]] = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.on_nonfinite": ("stop", "skip_step", "warn"),
     "train.resume_data": ("check", "accept"),
+    "train.prune.method": ("l1_unstructured",),
+    "train.prune.scope": ("global", "layer"),
+    "train.qat": ("none", "int8"),
     "dist.backend": ("auto", "gloo", "nccl"),
     "dist.device": ("auto", "cpu", "cuda"),
     "metrics.progress": ("auto", "bar", "plain", "none"),

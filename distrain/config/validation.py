@@ -14,6 +14,7 @@ from typing import Any, Iterator, List, Optional, Sequence, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 
+from distrain.compression.checks import check_compression
 from distrain.config.schema import CHOICES, COMPILE_OPTIONS, FAULT_SIGNALS, TRACKER_NAMES, Config
 from distrain.errors import ConfigError
 from distrain.registry import is_import_path
@@ -75,6 +76,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         _require(value in choices, key, value, f"allowed values are {', '.join(choices)}")
     _validate_train(cfg.train)
+    check_compression(cfg)  # train.prune / train.qat
     _validate_data(cfg.data)
     _require(0 < cfg.dist.timeout_s <= 1e9, "dist.timeout_s", cfg.dist.timeout_s,
              "it must be a positive, finite number of seconds (at most 1e9)")

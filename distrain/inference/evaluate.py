@@ -14,7 +14,9 @@ from distrain.checkpoint.discovery import resolve_checkpoint
 from distrain.checkpoint.export import checkpoint_weights, read_export, read_export_description
 from distrain.checkpoint.trainer_state import TrainerState
 from distrain.env import detect
+from distrain.compression.int8_format import quantization_of
 from distrain.errors import CheckpointError
+from distrain.telemetry.units import format_bytes
 from distrain.training.trainer import Trainer
 
 
@@ -48,9 +50,10 @@ def evaluate_checkpoint(path: Path, overrides: Sequence[str] = ()) -> Dict[str, 
     forced = [f"train.global_batch={info.world_size}", "train.micro_batch=null",
               f"run.dir={run_dir}", "run.name=eval", "train.resume=never", "checkpoint.every=0",
               "checkpoint.every_minutes=0", "checkpoint.at_end=false", "checkpoint.async_save=false",
-              "metrics.progress=none"]
+              "metrics.progress=none", "train.prune.amount=0", "train.qat=none"]  # the weights as saved
+    meta: Dict[str, Any] = {}
     if path.suffix == ".safetensors":
-        weights, _ = read_export(path)
+        weights, meta = read_export(path)
     else:  # the checkpoint _source chose, verified (and reported if it fell back): read, not hashed again
         weights = checkpoint_weights(Path(name), TrainerState.read(Path(name)))
     with Trainer(config, overrides=[*forced, *overrides]) as trainer:
@@ -59,7 +62,23 @@ def evaluate_checkpoint(path: Path, overrides: Sequence[str] = ()) -> Dict[str, 
             raise CheckpointError(f"The data of {path} has no eval split (data.eval_fraction is 0), so there is "
                                   f"nothing to evaluate.")
         scores = trainer.evaluate()
-    return {"step": step, "checkpoint": name, **scores}
+        reference = _fp32_reference(trainer, path, meta) if meta else {}
+    return {"step": step, "checkpoint": name, **scores, **reference}
+
+
+def _fp32_reference(trainer: Any, path: Path, meta: Dict[str, Any]) -> Dict[str, Any]:
+    """An int8 export's size, and its checkpoint's fp32 scores and export size beside it (when it still exists)."""
+    quantization = quantization_of(meta)
+    if not quantization:
+        return {}
+    result: Dict[str, Any] = {"bytes": path.stat().st_size, "fp32_bytes": quantization["fp32_bytes"]}
+    source = Path(meta.get("source", ""))
+    if not source.is_dir():
+        result["fp32_missing"] = f"its checkpoint {source} is gone"
+        return result
+    _load_full_weights(trainer, checkpoint_weights(source, TrainerState.read(source)))
+    result["fp32"] = trainer.evaluate()
+    return result
 
 
 def _load_full_weights(trainer: Any, weights: Dict[str, Any]) -> None:
@@ -68,3 +87,16 @@ def _load_full_weights(trainer: Any, weights: Dict[str, Any]) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(trainer.strategy.model, weights, options=StateDictOptions(full_state_dict=True))
+
+
+def scores_text(scores: Dict[str, Any]) -> str:
+    """"eval_loss 0.0660, eval_accuracy 0.9889": the eval_* entries of a result."""
+    return ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k.startswith("eval_"))
+
+
+def int8_summary(result: Dict[str, Any]) -> str:
+    """For an int8 export's result: its size and scores beside the fp32 export's size and its checkpoint's scores."""
+    fp32 = scores_text(result["fp32"]) if "fp32" in result else f"not evaluated: {result['fp32_missing']}"
+    return (f"int8 {format_bytes(result['bytes'])} ({result['bytes'] / result['fp32_bytes']:.2f}x): "
+            f"{scores_text(result)}; fp32 {format_bytes(result['fp32_bytes'])}: {fp32}")
+

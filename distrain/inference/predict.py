@@ -52,6 +52,13 @@ def spec_from_dict(data: Dict[str, Any]) -> DataSpec:
 def load(path: PathLike) -> LoadedModel:
     """The built-in model saved at ``path`` (a run dir, a checkpoint dir or an exported .safetensors file)."""
     weights, meta = read_checkpoint_weights(Path(path))
+    model = build_described(meta, path)
+    _load_strict(model, weights, path)
+    return LoadedModel(model.eval(), meta)
+
+
+def build_described(meta: Dict[str, Any], path: PathLike) -> nn.Module:
+    """A fresh built-in model as a checkpoint's or export's description ``meta`` names it (weights not loaded)."""
     info = meta.get("model", {})
     if info.get("source") != "config":
         raise CheckpointError(
@@ -61,9 +68,7 @@ def load(path: PathLike) -> LoadedModel:
     if not meta.get("data_spec"):
         raise CheckpointError(f"{path} has no data spec (the model was trained on a dataset without `spec`), so "
                               f"the built-in model's shapes are unknown. Use distrain.load_weights(model, path).")
-    model = build_model(info["name"], info.get("kwargs") or {}, spec_from_dict(meta["data_spec"]))
-    _load_strict(model, weights, path)
-    return LoadedModel(model.eval(), meta)
+    return build_model(info["name"], info.get("kwargs") or {}, spec_from_dict(meta["data_spec"]))
 
 
 def load_model(path: PathLike) -> nn.Module:

@@ -2,7 +2,7 @@
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations at runtime (GradBucket, Future).
 
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -10,6 +10,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.nn.parallel import DistributedDataParallel
 
 from distrain.config.options import Range
+from distrain.strategies.powersgd_state import PowerSGDMemory
 from distrain.errors import ConfigError
 
 HOOKS = ("fp16", "bf16", "powersgd")
@@ -44,11 +45,13 @@ def _counted(hook: Callable, counter: ByteCounter, bytes_per_element: Optional[i
     return counted_hook
 
 
-def _counted_powersgd(counter: ByteCounter) -> Callable:
-    """PowerSGD, counting its low-rank P and Q factors (and uncompressed tensors) after the warm-up."""
+def _counted_powersgd(counter: ByteCounter, memory: PowerSGDMemory) -> Callable:
+    """PowerSGD, counting its low-rank P and Q factors (and uncompressed tensors) after the warm-up; ``memory`` notes
+    each bucket's layout (and places a resumed state in it)."""
 
     def counted_hook(state: powerSGD_hook.PowerSGDState, bucket: dist.GradBucket
                      ) -> torch.futures.Future[torch.Tensor]:
+        memory.before_hook(bucket)
         buffer = bucket.buffer()
         if state.iter < state.start_powerSGD_iter:  # warm-up: a plain all-reduce of the whole bucket
             counter.total += buffer.numel() * buffer.element_size()
@@ -62,26 +65,29 @@ def _counted_powersgd(counter: ByteCounter) -> Callable:
 
 
 def register_comm_hook(ddp: DistributedDataParallel, name: Optional[str], powersgd_rank: int = 1,
-                       counter: Optional[ByteCounter] = None) -> str:
-    """Attach the named hook (None = plain all-reduce); returns how it reduces: "sum" or "mean".
+                       counter: Optional[ByteCounter] = None) -> Tuple[str, Optional[object]]:
+    """Attach the named hook (None = plain all-reduce); returns how it reduces ("sum" or "mean") and the hook's
+    state that outlives a step (PowerSGD's error feedback and warm start: distrain.strategies.powersgd_state saves it).
 
     ``counter``, when given, accumulates the payload bytes every bucket puts on the wire.
     """
     counter = counter if counter is not None else ByteCounter()
     if name is None:
         ddp.register_comm_hook(None, _counted(sum_allreduce_hook, counter, None))
-        return "sum"
+        return "sum", None
+    state = None
     if name == "fp16":
         ddp.register_comm_hook(None, _counted(default_hooks.fp16_compress_hook, counter, 2))
     elif name == "bf16":
         ddp.register_comm_hook(None, _counted(default_hooks.bf16_compress_hook, counter, 2))
     elif name == "powersgd":
         # start_powerSGD_iter >= 2 is PowerSGD's own requirement (warm-up with exact all-reduce).
-        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
-                                            start_powerSGD_iter=2, min_compression_rate=1,
-                                            use_error_feedback=True, warm_start=True)
-        ddp.register_comm_hook(state, _counted_powersgd(counter))
+        torch_state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank,
+                                                  start_powerSGD_iter=2, min_compression_rate=1,
+                                                  use_error_feedback=True, warm_start=True)
+        state = PowerSGDMemory(torch_state, ddp.module.parameters())
+        ddp.register_comm_hook(torch_state, _counted_powersgd(counter, state))
     else:
         raise ConfigError(f"strategy.kwargs.comm_hook={name!r} is not a known DDP comm hook. Allowed: "
                           f"{', '.join(HOOKS)} (or null for plain all-reduce).", key="strategy.kwargs.comm_hook")
-    return "mean"  # torch's compression hooks divide by the world size themselves
+    return "mean", state  # torch's compression hooks divide by the world size themselves

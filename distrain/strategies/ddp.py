@@ -40,6 +40,7 @@ class DDPStrategy(Strategy):
         self.comm_hook = comm_hook
         self.powersgd_rank = powersgd_rank
         self._sent = ByteCounter()
+        self.comm_hook_state: Optional[object] = None  # PowerSGD's state, saved per rank (distrain.compression)
         if static_graph and ctx.plan.grad_accum > 1:
             # no_sync under static_graph crashes on the first backward, and once past that stops all-reducing
             # (pytorch/pytorch#143580, fix pending in #187732); syncing every micro-step instead would add each
@@ -67,7 +68,8 @@ class DDPStrategy(Strategy):
             return model
         device_ids = [self.ctx.device] if self.ctx.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=device_ids, **self.ddp_kwargs)
-        self.grad_reduction = register_comm_hook(ddp, self.comm_hook, self.powersgd_rank, self._sent)
+        self.grad_reduction, self.comm_hook_state = register_comm_hook(ddp, self.comm_hook, self.powersgd_rank,
+                                                                       self._sent)
         return ddp
 
     def setup(self, model: nn.Module) -> None:

@@ -5,6 +5,7 @@ and every method is a no-op there."""
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -46,7 +47,10 @@ class RunReport:
         self.progress.advance(step)
 
     def logged(self, step: int, record: Dict[str, Any]) -> None:
-        """A log step's record: metrics.jsonl and trackers, and the console."""
+        """A log step's record: metrics.jsonl and trackers, and the console (a non-finite loss warned about)."""
+        if not math.isfinite(record["loss"]):
+            self.log.warning(f"loss is {record['loss']} at step {step}: training has diverged (lower train.lr, or set "
+                             f"train.grad_clip)")
         if self.writer:
             self.writer.write(record)
         self.progress.update(step, record)

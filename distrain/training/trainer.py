@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,8 @@ from torch.utils.data import Dataset
 from distrain import dist
 from distrain.checkpoint import Checkpointer
 from distrain.checkpoint.paths import checkpoints_root, latest_checkpoint
+from distrain.compression.qat import prepare_qat
+from distrain.compression.state import Compression
 from distrain.config import ConfigSource, TrainConfig, batch_plan, load_config, surprises, to_yaml
 from distrain.data import GlobalStepSampler, LoaderOptions, StepLoader, fetch_batch, resolve_collate_fn
 from distrain.data.datasets import training_datasets
@@ -144,6 +145,7 @@ class Trainer:
         torch.manual_seed(self.cfg.run.seed)  # identical initial weights on every rank, whatever the strategy
         built = build_user_model(model, self.cfg, spec, meta_capable=strategy_cls.meta_init,
                                  explain=self.info.is_main)
+        built.module = prepare_qat(built.module, self.cfg.train)  # train.qat: fake-quantized int8 weights (torchao)
         self.model_init = built.init
         flops = (flops_per_sample(built.module, spec, builtin=self.cfg.model.name) if model is None  # its formula
                  else flops_per_sample(built.module, spec, sample=forward_sample(built.module, self._sample())))
@@ -178,6 +180,7 @@ class Trainer:
                                    default_items=default_items(spec) if default_loss else None, sample=self._sample)
         self._resources.callback(self.strategy.teardown)  # before setup: a half-built engine is released too
         self.strategy.setup(module)
+        self.compression = Compression(self.cfg.train, self.strategy)  # pruning masks, QAT switch, PowerSGD state
         self.evaluator = Evaluator(self.objective, self.strategy, self.eval_data, self.loader_options, self.info,
                                    seed=self.cfg.run.seed, batch_size=self.cfg.data.eval_batch)
         self.step = 0  # optimizer steps completed
@@ -196,7 +199,8 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, self.cfg, self.strategy, self.info, self.sampler,
                                          before_save=self.divergence.check_before_save,  # nothing diverged is saved
                                          model_object=model_object, data_spec=spec,
-                                         data_fingerprint=fingerprint_data(self.train_data, self.eval_data, self.log))
+                                         data_fingerprint=fingerprint_data(self.train_data, self.eval_data, self.log),
+                                         extra_state=self.compression)  # pruning masks, PowerSGD state per rank
         self._resources.callback(self.checkpointer.close)  # before the engine and the group: an async save needs both
         resume_from = self.checkpointer.resolve(self.settings.resume)  # auto | never | PATH, validated
         if resume_from is not None:
@@ -225,7 +229,9 @@ class Trainer:
         measure = self._is_log_step(step + 1)
         self.timer.begin(measure)  # log steps time their phases: compute vs exposed communication
         with self.timer.phase("data"):
-            batches = self._step_batches(step)  # split: my slice of the step's batch, on the device
+            # split: my slice of the step's batch, collated and on the device (torch's DataLoader: workers, pinned
+            # memory, the next step prefetched)
+            batches = self.loader.micro_batches(step)
         loss = self._forward_backward(step, batches)  # train
         with self.timer.phase("update"):
             self._grad_norm = self.strategy.clip_grad_norm(self.settings.grad_clip)
@@ -237,11 +243,8 @@ class Trainer:
                 self.strategy.skip_step()  # train.on_nonfinite=skip_step
         with self.timer.phase("sync"):
             self.strategy.sync(step)  # sync: parameter averaging, for strategies that skip gradient sync
+        self.compression.on_step(step + 1)  # pruned weights stay zero; masks and QAT on their schedule
         return loss
-
-    def _step_batches(self, step: int) -> List[Any]:
-        """This rank's micro-batches of step ``step``, collated and on the device."""
-        return self.loader.micro_batches(step)  # torch's DataLoader: workers, pinned memory, the next step prefetched
 
     def _forward_backward(self, step: int, batches: List[Any]) -> torch.Tensor:
         """Forward and backward every micro-batch, each as its share of the global-batch mean over valid items.
@@ -314,9 +317,6 @@ class Trainer:
         grad_norm = None if self._grad_norm is None else self.strategy.scalar(self._grad_norm)
         record = self.recorder.build(self.step, loss_sum, lr_at(self.step - 1, self.settings), window, grad_norm,
                                      self.strategy.comm_bytes)
-        if not math.isfinite(record["loss"]):
-            self.log.warning(f"loss is {record['loss']} at step {self.step}: training has diverged (lower train.lr, "
-                             f"or set train.grad_clip)")
         report.logged(self.step, record)
         self.divergence.settle()  # the steps since the last log step: any non-finite? (train.on_nonfinite)
         window.restart()
