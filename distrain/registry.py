@@ -95,7 +95,8 @@ class Registry(MutableMapping):
         else:
             kinds = self.kind[:-1] + "ies" if self.kind.endswith("y") else self.kind + "s"
             raise ConfigError(f"Unknown {self.kind} {self.key}={name!r}. Built-in {kinds}: "
-                              f"{', '.join(sorted(self))}; or your own {self.expects} as 'package.module:object'{self.hint}.", key=self.key)
+                              f"{', '.join(sorted(self))}; or your own {self.expects} as 'package.module:object'"
+                              f"{self.hint}.", key=self.key)
         if self._check is not None and not self._check(obj):
             raise ConfigError(f"{self.key}={name!r} is not a {self.expects} (it is {obj!r}).", key=self.key)
         return obj
