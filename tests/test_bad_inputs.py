@@ -71,6 +71,8 @@ CASES = [
          ["'run.name'", "does not resolve", "DISTRAIN_TEST_UNSET_VARIABLE", "oc.env:VAR,default"]),
     # --- overrides: unknown keys, wrong types, out of range ---------------------------------------------------
     Case("unknown-key-override", ["train", QUICK, *R("train.stepz=3")], ["'train.stepz'", "command-line", "steps"]),
+    Case("yaml-special-character-in-override", ["train", QUICK, *R("train.prune.exclude=[*]")],
+         ["Override 'train.prune.exclude=[*]'", "could not be parsed", "quote"]),
     Case("wrong-type-override", ["train", QUICK, *R("train.steps=abc")], ["'train.steps'", "'abc'", "valid int"]),
     Case("override-without-value", ["train", QUICK, *R("train.steps")], ["train.steps", "key=value"]),
     Case("negative-steps", ["train", QUICK, *R("train.steps=-5")], ["'train.steps'", "-5", "positive integer"]),

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException, ValidationError
 
@@ -117,10 +118,15 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"Override '{item}' is not of the form key=value (for example train.steps=50).",
                               key=item)
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"Overrides {list(overrides)} could not be parsed: {err}", key="overrides") from None
+    for item in overrides:  # one at a time, so the paragraph names the one that does not parse
+        try:
+            OmegaConf.from_dotlist([item])
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            raise ConfigError(f"Override '{item}' could not be parsed: {' '.join(str(err).split())}. Its value is "
+                              f"read as YAML, where * & ! | > % @ ` and a leading [ or {{ mean something: quote such a "
+                              f"value, e.g. {item.partition('=')[0]}='[\"*\"]' in the shell.",
+                              key=item.partition("=")[0]) from None
+    return OmegaConf.from_dotlist(list(overrides))
 
 
 def load_config(source: ConfigSource = None, overrides: Sequence[str] = ()) -> DictConfig:
