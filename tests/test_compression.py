@@ -84,6 +84,7 @@ def test_pruning_gives_the_same_masks_and_weights_at_world_sizes_1_2_3(strategy,
             assert torch.equal(worlds[0][name] == 0, other[name] == 0), name
 
 
+@pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow
 def test_pruning_under_deepspeed_stage3_masks_each_ranks_partition_and_its_fp32_copy(tmp_path):
     """ZeRO-3 holds each weight as a flat partition per rank (plus the optimizer's fp32 copy): the threshold comes
     from the partitions' counts, and W=2 reproduces W=1's weights and zero pattern (stage 3 averages gradients, exact
@@ -99,6 +100,7 @@ def test_pruning_under_deepspeed_stage3_masks_each_ranks_partition_and_its_fp32_
         assert torch.equal(one[name] == 0, two[name] == 0), name
 
 
+@pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow
 def test_pruning_masks_survive_a_resume_from_2_to_3_ranks(tmp_path):
     """12 steps at W=2 against 6 at W=2 + 6 at W=3: the same masks, the same weights, and the pruned ones zero."""
     prune = ["train.steps=12", "checkpoint.every=6", *PRUNE]
@@ -189,6 +191,7 @@ def test_qat_trains_against_exactly_the_weights_the_int8_export_writes():
     torch.testing.assert_close(qat(x), expected_plain, rtol=0, atol=0)
 
 
+@pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow
 def test_qat_at_world_sizes_1_2_3_is_approximate_only_by_rounding_ties():
     """W=2 and 3 consume the same samples as W=1 and stay within a few grid-step flips of it (a weight a last bit
     from a rounding tie moves a whole int8 step: the measured difference is reported, not failed)."""
@@ -215,6 +218,7 @@ def resume_copy(source: Path, target: Path, step: int) -> None:
     (checkpoints / "latest").write_text(f"step_{step:08d}")
 
 
+@pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow
 def test_powersgd_20_steps_resume_20_steps_equals_40_straight_at_w2(tmp_path):
     """Each rank's error feedback, warm-start factors and iteration travel in the checkpoint; at another world size
     the state is reset and the resume says so."""
@@ -231,6 +235,7 @@ def test_powersgd_20_steps_resume_20_steps_equals_40_straight_at_w2(tmp_path):
     assert "PowerSGD state reset (saved at world size 2, now 3" in log, log[-2000:]
 
 
+@pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow
 def test_verify_labels_powersgd_approximate_by_design_with_the_measured_difference():
     proc = run_cli(["verify", QUICK, "--worlds", "1,2", "--steps", "6", *SMALL, "strategy.kwargs.comm_hook=powersgd"],
                    timeout=600)

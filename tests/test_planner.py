@@ -66,6 +66,7 @@ def test_plan_command_flags_what_does_not_fit_and_recommends():
     assert bad.returncode == 2 and "--world 0" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow
 def test_predictions_match_measured_memory_and_traffic_with_real_processes():
     """The memory suite's jobs at W=2 and W=3: every strategy's memory_report and profiled collectives."""
     from benchmarks.options import Options

@@ -43,7 +43,8 @@ def _max_rel_diff(a: Dict, b: Dict) -> float:
                for k in a)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero1", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("zero1", marks=pytest.mark.slow),
+                                      pytest.param("fsdp", marks=pytest.mark.slow)])  # the default run: ddp
 def test_resume_at_another_world_size_continues_the_same_trajectory(strategy, tmp_path):
     if strategy not in STRATEGIES:
         pytest.skip(f"strategy {strategy!r} is not registered in distrain.strategies.STRATEGIES yet")

@@ -125,6 +125,7 @@ def _compare(results, name: str, world: int, reference: str = None, reference_wo
 
 # --- exactness ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(EXACT))
+@pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow
 def test_world_sizes_2_and_3_match_one_rank(results, name):
     assert [_result(results, name, w)["grad_accum"] for w in ALL_WORLDS] == [6, 3, 2]
     for world in (2, 3):
@@ -134,6 +135,7 @@ def test_world_sizes_2_and_3_match_one_rank(results, name):
         assert row.max_rel_diff <= tolerance, f"{name} W={world}: max relative difference {row.max_rel_diff:.3e}"
 
 
+@pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow
 def test_ddp_static_graph_matches_one_rank_without_accumulation(results):
     assert (_result(results, "ddp-micro8", 1)["grad_accum"], _result(results, "ddp-static-graph", 3)["grad_accum"]) \
         == (3, 1)
@@ -148,11 +150,13 @@ def test_every_engine_reaches_the_same_parameters_as_ddp(results, name):
     assert row.max_rel_diff <= 1e-5, f"{name} vs ddp: {row.max_rel_diff:.3e}"
 
 
+@pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow
 def test_deepspeed_stage3_is_exact_where_its_mean_is_exact(results):
     """The documented source of ZeRO-3's W=3 difference: at W=2 (division by 2, exact) it meets the 1e-5 bar."""
     assert _compare(results, "deepspeed-3", 2).max_rel_diff <= 1e-5
 
 
+@pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow
 def test_deepspeed_engine_checkpoint_resumes_exactly(results):
     first, resumed = _result(results, "ds-first-half", 2), _result(results, "ds-resumed", 2)
     assert first["steps"] == 15 and resumed["steps"] == 30
@@ -214,6 +218,7 @@ def test_ddp_counts_one_model_of_gradient_bytes_per_step_and_hooks_compress(resu
     assert sent == params * factor if relation == "==" else sent < params * factor, (name, sent, params)
 
 
+@pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow
 def test_local_sgd_communicates_at_least_7x_fewer_bytes_than_ddp(results):
     ratio = _bytes_per_step(results, "ddp") / _bytes_per_step(results, "local-sgd")
     assert ratio >= 7, f"local SGD (H=8) sends {ratio:.2f}x fewer bytes per step than DDP"
