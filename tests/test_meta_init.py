@@ -185,6 +185,7 @@ def test_flops_are_counted_on_the_meta_model_without_running_it():
     assert flops_per_sample(built, None, sample=torch.randn(1, 64)).per_sample == estimate.per_sample
 
 
+@pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow
 def test_world_size_3_starts_every_strategy_from_the_eager_weights(tmp_path):
     """One launch of 3 ranks: fsdp (uneven shards of a 98-row embedding) and DeepSpeed stage 3
     (zero.Init) build the gpt on the meta device; fsdp also a user's factory. Their first full_state_dict() equals

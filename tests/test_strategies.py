@@ -318,6 +318,7 @@ def test_fp16_without_a_gpu_fails_the_cli_with_one_paragraph():
     assert "train.precision=fp16" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow
 def test_verify_reports_a_non_exact_strategy_without_failing_it():
     proc = run_cli(["verify", "configs/mlp.yaml", "--worlds", "1,2", "--steps", "8", "train.global_batch=16",
                     "train.micro_batch=4", "strategy.name=local_sgd", "strategy.kwargs.sync_every=4"])

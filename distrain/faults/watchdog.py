@@ -234,9 +234,10 @@ class Watchdog:
         silent_s = self._store.silent_for()
         if silent_s > self._store.deadline_s and store_owner()[0] != self.info.rank:  # a frozen owner: it is the story
             message = explain_silent_store(err, completed, silent_s, self.timeout_s)
-        elif (failed := self._peer_failure()) is not None:  # a rank failed by itself and said why: in its words
+        elif (failed := self._await_peer_failure()) is not None:  # a rank failed by itself and said why: its words
             message = explain_peer_failure(err, self.info.rank, failed, self.timeout_s)
         else:
+            beats = {**self._read_heartbeats(), self.info.rank: me}  # fresher: a failed peer posts its last step
             message = explain(err, completed, beats, self.info.world_size, self.timeout_s, self.interval_s,
                               me=self.info.rank)
         self.post_abort(message, beats, wait=True, own_failure=False)
@@ -266,6 +267,14 @@ class Watchdog:
                     time.sleep(0.05)
         except Exception as store_err:  # the store may be what failed
             self.log.warning(f"watchdog: could not post the abort to the store: {store_err}")
+
+    def _await_peer_failure(self) -> Optional[Dict[str, Any]]:
+        """``_peer_failure``, given a moment: a rank that failed by itself posts its own paragraph just before it
+        exits, and its peers' collective can fail on the closed connection first (seen under load)."""
+        deadline = time.monotonic() + min(2.0, self.interval_s)
+        while (failed := self._peer_failure()) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return failed
 
     def _peer_failure(self) -> Optional[Dict[str, Any]]:
         """The abort another rank posted for an error of its own (not a collective it saw fail), if any."""
