@@ -143,6 +143,7 @@ def test_ddp_static_graph_matches_one_rank_without_accumulation(results):
     assert row.same_indices and row.max_rel_diff <= 1e-5, f"static_graph W=3: {row.max_rel_diff:.3e}"
 
 
+@pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow
 @pytest.mark.parametrize("name", [n for n in EXACT if n != "ddp"])
 def test_every_engine_reaches_the_same_parameters_as_ddp(results, name):
     """Not only self-consistent: at W=2 every exact strategy lands where DDP does (same optimizer, same data)."""
@@ -182,17 +183,20 @@ def _worst(results, name: str, kind: str) -> float:
     return max(rank[kind] for rank in _result(results, name, 2)["memory"]) / ddp[0][kind]
 
 
+@pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow
 @pytest.mark.parametrize("name", list(SHARDED))
 def test_sharded_strategies_hold_about_half_the_state_per_rank_at_w2(results, name):
     for kind in SHARDED[name]:
         assert _worst(results, name, kind) <= 0.55, f"{name}: {kind} {_worst(results, name, kind):.2f}x ddp's"
 
 
+@pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow
 @pytest.mark.parametrize("name", WHOLE_PARAMS)
 def test_replicating_strategies_hold_whole_parameters(results, name):
     assert _worst(results, name, "params") == 1.0
 
 
+@pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow
 @pytest.mark.parametrize("name", ["zero1", "fsdp-zero3", "deepspeed-3"])
 def test_at_one_rank_nothing_is_sharded(results, name):
     one = _result(results, name, 1)["memory"][0]
@@ -210,6 +214,7 @@ COMM = {"ddp": ("==", 1.0), "accelerate": ("==", 1.0), "ddp-hook-fp16": ("==", 0
         "ddp-hook-powersgd": ("<", 0.25)}  # powersgd: rank-1 factors after the warm-up
 
 
+@pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow
 @pytest.mark.parametrize("name", list(COMM))
 def test_ddp_counts_one_model_of_gradient_bytes_per_step_and_hooks_compress(results, name):
     params = _result(results, "ddp", 2)["memory"][0]["params"]
@@ -232,6 +237,7 @@ LOSSY = {"ddp-hook-fp16": (0.05, 0.01), "ddp-hook-bf16": (0.05, 0.01), "ddp-hook
          **{n: (0.2, 0.01) for n in BF16}, "local-sgd": (1.0, 0.05)}
 
 
+@pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow
 @pytest.mark.parametrize("name", list(LOSSY))
 def test_lossy_options_stay_close_to_exact_ddp_but_are_not_identical(results, name):
     """Compressed gradients and bf16 compute must train to nearly DDP's fp32 weights, and must really differ

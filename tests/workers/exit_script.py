@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if MODE == "sysexit":
             sys.exit(3)
         if MODE == "interrupt":
-            os.kill(os.getpid(), __import__("signal").SIGINT)  # Ctrl-C: a real SIGINT, KeyboardInterrupt follows
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: a real SIGINT, KeyboardInterrupt follows
             time.sleep(30)
     return torch.nn.functional.mse_loss(output, target)
 
@@ -68,6 +69,9 @@ class Busy(TensorDataset):
         return super().__getitem__(index)
 
 
+# Ctrl-C as in an interactive shell: a job started in the background by a non-interactive shell inherits SIGINT
+# ignored, and Python then never raises KeyboardInterrupt
+signal.signal(signal.SIGINT, signal.default_int_handler)
 (OUT / f"pid-rank{RANK}").write_text(str(os.getpid()))
 torch.manual_seed(0)
 data = (Busy if MODE == "busy" else TensorDataset)(torch.randn(64, 4), torch.randn(64, 1))
