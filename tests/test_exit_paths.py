@@ -19,21 +19,12 @@ import torch
 from torch.utils.data import ConcatDataset, Subset, TensorDataset
 
 from conftest import REPO, child_env
-from fault_helpers import processes_mentioning
+from fault_helpers import alive, processes_mentioning
 from distrain.data import auto_num_workers
 
 SCRIPT = str(REPO / "tests" / "workers" / "exit_script.py")
 EXIT_DEADLINE_S = 30  # the issue's acceptance: a script ends within 30 s of training's end
 GONE_DEADLINE_S = 10
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` is a live process (a zombie, dead but not yet reaped, is not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def pids_in(out: Path, rank: int = 0) -> List[int]:

@@ -15,18 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from fault_helpers import DELAY_ENV, launch_command, processes_mentioning, steps_logged, wait_until, worker_env
+from fault_helpers import DELAY_ENV, alive, launch_command, processes_mentioning, steps_logged, wait_until, worker_env
 
 TIMEOUT_S = 15
 OVERRIDES = ["train.steps=400", f"dist.timeout_s={TIMEOUT_S}", "checkpoint.at_end=false"]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def _freeze_one(tmp_path: Path, frozen: int) -> tuple:
@@ -43,7 +35,7 @@ def _freeze_one(tmp_path: Path, frozen: int) -> tuple:
         os.kill(pids[frozen], signal.SIGSTOP)
         frozen_at = time.monotonic()
         other = pids[1 - frozen]
-        wait_until(lambda: not _alive(other), 4 * TIMEOUT_S, f"rank {1 - frozen} to end")
+        wait_until(lambda: not alive(other), 4 * TIMEOUT_S, f"rank {1 - frozen} to end")
         took = time.monotonic() - frozen_at
     finally:
         for pid in pids.values():  # the frozen rank: wake it so the agent's SIGTERM can end it, then make sure

@@ -177,6 +177,15 @@ def reference_weights(root: Path, overrides: Sequence[str] = ()) -> dict:
     return load_weights(root / "out", STEPS)
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, dead but not yet reaped, is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def processes_mentioning(text: str) -> list:
     """PIDs of live (non-zombie) processes whose command line contains ``text``."""
     found = []
