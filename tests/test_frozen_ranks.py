@@ -50,7 +50,7 @@ def _freeze_one(tmp_path: Path, frozen: int) -> tuple:
                 proc.kill()
                 proc.communicate()
             for pid in pids.values():
-                if _alive(pid):
+                if alive(pid):
                     os.kill(pid, signal.SIGKILL)
     print(f"rank {frozen} frozen -> rank {1 - frozen} ended in {took:.1f} s (dist.timeout_s={TIMEOUT_S})")
     log = (run_dir / "quickstart" / "logs" / f"rank{1 - frozen}.log").read_text()
