@@ -12,13 +12,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import torch.distributed as torch_dist
 
-from distrain.faults.store import BoundedStore, StoreSilent
+from distrain.env import ProcessInfo
+from distrain.faults.store import BoundedStore, StoreSilent, call_deadline, open_store
 from distrain.faults.watchdog import Heartbeat, _missing_ranks, explain, is_communication_error
+from distrain.ports import free_port
 
 # The texts gloo raised in a real 2-rank job (torch 2.13): a peer that never entered all_reduce, a peer that died.
 GLOO_TIMEOUT = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
@@ -107,26 +110,31 @@ def test_every_rank_in_the_collective_blames_the_network_not_a_rank():
 
 
 # --- a store whose owner is frozen ------------------------------------------------------------------------------
+def _store_owner(port: int) -> subprocess.Popen:
+    """A child process hosting a real TCPStore on ``port`` (key k = v)."""
+    return subprocess.Popen([sys.executable, "-c", "import time, torch.distributed as d; "
+                             f"s = d.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False); "
+                             "s.set('k', 'v'); time.sleep(600)"])
+
+
+def _client_once_up(port: int) -> torch_dist.TCPStore:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return torch_dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False,
+                                       timeout=datetime.timedelta(seconds=2))
+        except Exception:
+            assert time.monotonic() < deadline, "the store never came up"
+            time.sleep(0.2)
+
+
 def test_a_call_to_a_frozen_store_ends_at_its_deadline_and_later_calls_fail_at_once():
     """A real TCPStore hosted by a child process, stopped with SIGSTOP: torch's own client timeout does not end a
     get (it waits for the owner to wake up); the bounded client gives up after its deadline, then fails at once."""
-    from distrain.ports import free_port
-
     port = free_port()
-    owner = subprocess.Popen([sys.executable, "-c", "import time, torch.distributed as d; "
-                              f"s = d.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False); "
-                              "s.set('k', 'v'); time.sleep(600)"])
+    owner = _store_owner(port)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client = torch_dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False,
-                                             timeout=datetime.timedelta(seconds=2))
-                break
-            except Exception:
-                assert time.monotonic() < deadline, "the store never came up"
-                time.sleep(0.2)
-        store = BoundedStore(client, deadline_s=1.0)
+        store = BoundedStore(_client_once_up(port), deadline_s=1.0)
         assert store.call("get", "k") == b"v"
         os.kill(owner.pid, signal.SIGSTOP)
         started = time.monotonic()
@@ -143,6 +151,31 @@ def test_a_call_to_a_frozen_store_ends_at_its_deadline_and_later_calls_fail_at_o
         while store.silent_for() > 0 and time.monotonic() < deadline:  # the stuck get returns once it wakes
             time.sleep(0.1)
         assert store.call("get", "k") == b"v"
+    finally:
+        os.kill(owner.pid, signal.SIGCONT)
+        owner.kill()
+        owner.wait()
+
+
+def test_the_watchdog_connecting_to_a_frozen_store_owner_gives_up_at_its_deadline(monkeypatch):
+    """Rank 0 frozen before the watchdog starts: building the TCPStore client (its handshake) must not block the
+    rank; open_store gives up within its call deadline and the watchdog runs without heartbeats."""
+    port = free_port()
+    owner = _store_owner(port)
+    try:
+        _client_once_up(port)
+        os.kill(owner.pid, signal.SIGSTOP)
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        info = ProcessInfo(rank=1, local_rank=1, world_size=2, local_world_size=2, master_addr="127.0.0.1",
+                           master_port=port, source="torchelastic")
+        opened: list = []
+        started = time.monotonic()
+        opener = threading.Thread(target=lambda: opened.append(open_store(info, timeout_s=4)), daemon=True)
+        opener.start()
+        opener.join(timeout=call_deadline(4) + 10)
+        assert not opener.is_alive(), "open_store blocked on a frozen store owner"
+        assert opened == [None] and time.monotonic() - started < call_deadline(4) + 5
     finally:
         os.kill(owner.pid, signal.SIGCONT)
         owner.kill()

@@ -133,8 +133,8 @@ class Watchdog:
         """Connect to the job's store and start the heartbeat thread; False (and a log line) if there is no store."""
         self._store = open_store(self.info, self.timeout_s)
         if self._store is None:
-            self.log.warning("watchdog: no c10d store to publish heartbeats to; a stuck collective will be "
-                             "reported without naming the ranks that did not arrive")
+            self.log.warning("watchdog: no c10d store to publish heartbeats to (none, or it did not answer); a stuck "
+                             "collective will be reported without naming the ranks that did not arrive")
             return False
         try:
             self._publish()  # before training starts, so every rank has a heartbeat from the start
