@@ -175,8 +175,11 @@ def test_the_watchdog_connecting_to_a_frozen_store_owner_gives_up_at_its_deadlin
         opener.start()
         opener.join(timeout=call_deadline(4) + 10)
         assert not opener.is_alive(), "open_store blocked on a frozen store owner"
-        assert opened == [None] and time.monotonic() - started < call_deadline(4) + 5
+        assert time.monotonic() - started < call_deadline(4) + 5
+        # None when the handshake waits for the owner's reply (torch 2.13 usually does), else a bounded client
+        assert len(opened) == 1 and (opened[0] is None or isinstance(opened[0], BoundedStore))
     finally:
-        os.kill(owner.pid, signal.SIGCONT)
+        os.kill(owner.pid, signal.SIGCONT)  # the handshake completes, so no thread is inside torch at our exit
+        time.sleep(2)
         owner.kill()
         owner.wait()
