@@ -19,10 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 # rounding moves), the world size, how data is loaded (workers and prefetch change where a sample is fetched,
 # never which sample or its random draws), the process group settings and the run's location; and how the same
 # model is built and run (meta or eager build, torch.compile, activation checkpointing, the optimizer's kernel),
-# which change speed and memory, and the step at most by float rounding.
+# which change speed and memory, and the step at most by float rounding. Where the data live (data.kwargs.path) may
+# change too: a corpus moved to another disk is the same data, and what the data are is compared by fingerprint.
 RESUME_MAY_CHANGE = (
     "run.name", "run.dir", "train.steps", "train.resume", "train.resume_data", "train.log_every", "train.eval_every",
-    "train.micro_batch",
+    "train.micro_batch", "data.kwargs.path",
     "data.eval_batch", "data.num_workers", "data.pin_memory", "data.prefetch_factor", "data.persistent_workers",
     "dist", "checkpoint", "metrics", "faults", "model.init", "train.compile", "train.compile_options",
     "train.activation_checkpointing", "train.blocks", "train.optimizer_impl",
