@@ -42,12 +42,34 @@ def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+# The config section a resume may change when the checkpoint's strategy and this run's are both exact and portable
+# (distrain.checkpoint.conversion decides; the resume check is told so).
+STRATEGY = "strategy"
+
+
 def may_change_on_resume(key: str) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE)
+    return _under(key, RESUME_MAY_CHANGE)
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """A short fingerprint of everything that shapes the trajectory (the keys a resume may not change)."""
+def may_change_on_strategy_change(key: str) -> bool:
+    """Whether ``key`` is part of the strategy section (free to change under an exact strategy conversion)."""
+    return _under(key, (STRATEGY,))
+
+
+def _under(key: str, prefixes: tuple) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def config_hash(cfg: DictConfig, strategy_exact: bool = False) -> str:
+    """A short fingerprint of everything that shapes the trajectory (the keys a resume may not change).
+
+    ``strategy_exact``: the strategy reproduces one rank with its strategy.kwargs (``Strategy.exact_for``), so the
+    trajectory is one-rank training's under any exact strategy, and a resume may switch between them
+    (distrain.checkpoint.conversion): the strategy section then counts as the one value "exact".
+    """
     data = flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-    kept = {k: v for k, v in data.items() if not may_change_on_resume(k)}
+    kept = {k: v for k, v in data.items() if not may_change_on_resume(k)
+            and not (strategy_exact and may_change_on_strategy_change(k))}
+    if strategy_exact:
+        kept[STRATEGY] = "exact"
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
