@@ -1,5 +1,5 @@
-"""Several "hosts" on one machine for multi-node tests (root, iproute2): two network namespaces joined by a veth pair,
-or N namespaces on one bridge (a switch) that lives in a namespace of its own, so the host's network is never touched."""
+"""Several "hosts" on one machine for multi-node tests (root, iproute2): two network namespaces joined by a veth
+pair, or N namespaces on one bridge (a switch) in a namespace of its own, so the host's network is never touched."""
 
 from __future__ import annotations
 
