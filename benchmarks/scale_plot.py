@@ -48,6 +48,8 @@ def plot_scale(result: Dict[str, Any], out_dir: Path) -> Optional[Path]:
     ax.set_title("commit: the W-dependent part (ms, synthetic)", fontsize=10)
     ax.set_xlabel("W")
     ax.legend(fontsize=7)
+    for spare in list(axes.flat)[len(PANELS) + 1:]:
+        spare.axis("off")
     fig.tight_layout()
     path = Path(out_dir) / "scale.png"
     fig.savefig(path, dpi=110)
