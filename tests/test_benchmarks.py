@@ -96,3 +96,15 @@ def test_gpu_suite_runs_in_its_tiny_cpu_mode(tmp_path):
     assert {"tokens_vs_nanogpt", "overhead", "defaults_vs_eager"} <= set(result["ratios"])
     report = (tmp_path / "smoke-gpu" / "BENCHMARKS.md").read_text()
     assert "## 6. One GPU" in report and "Tiny CPU mode" in report
+
+
+@pytest.mark.bench
+def test_straggler_tracking_cost_suite_runs(tmp_path):
+    # Issue 20: step time with metrics.straggler_factor=1.5 vs 0, whole log windows interleaved (mlp only when smoke).
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "stragglers", "--smoke", "--out-dir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900, env=child_env())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    job = json.loads(next(tmp_path.glob("*-smoke-stragglers.json")).read_text())["suites"]["stragglers"]["models"]["mlp"]
+    assert job["tracking_active"] and job["log_every"] >= 1
+    assert len(job["times_on"]) == len(job["times_off"]) == job["rounds"] and job["ratio"]["ratio"] > 0
+    assert "## Straggler tracking" in (tmp_path / "smoke-stragglers" / "BENCHMARKS.md").read_text()
