@@ -21,6 +21,7 @@ from distrain.errors import ConfigError
 from distrain.telemetry.logs import get_logger
 from distrain.telemetry.perf import StepTimer
 from distrain.telemetry.stragglers import StragglerTracker
+from distrain.telemetry.trackers.base import numeric_metrics
 from distrain.tools.plotting import build_figure
 from distrain.tools.runs import format_runs, list_runs, read_run
 
@@ -48,9 +49,11 @@ def test_a_rank_slow_for_the_window_is_warned_about_once_with_its_host_and_phase
     slow = [[0.001, 0.010, 0.040], [0.001, 0.011, 0.039], [0.041, 0.010, 0.0]]
     records = [tracker.fields(step, slow) for step in range(1, 7)]
     assert all(r["slowest_rank"] == 2 and r["slowest_phase"] == "data" for r in records)
-    assert records[0]["rank_step_s"] == pytest.approx([0.011, 0.012, 0.051])
+    assert records[0]["step_s_ranks"] == pytest.approx([0.011, 0.012, 0.051])
     assert records[0]["slowest_rank_lag"] == pytest.approx(0.051 / 0.012, rel=1e-3)
     assert len(warnings) == 1  # after the third log step in a row, and never again
+    scalars = numeric_metrics(records[0])  # the trackers: one curve per rank, like peak_mem_mb_ranks
+    assert scalars["step_s_ranks/rank2"] == pytest.approx(0.051) and scalars["wait_s_ranks/rank0"] == 0.040
     assert "rank 2 on host " in warnings[0] and "slow phase is data" in warnings[0] and "3 log steps" in warnings[0]
     # a compute straggler elsewhere is its own warning, naming compute
     tracker.fields(7, [[0.001, 0.030, 0.0], [0.001, 0.010, 0.02], [0.001, 0.010, 0.02]])
@@ -104,7 +107,7 @@ def test_bad_straggler_settings_are_one_paragraph_and_exit_2(override, says, rep
 
 def _write_run(path: Path, rows: List[List[float]]) -> None:
     path.mkdir(parents=True)
-    records = [{"step": i + 1, "loss": 1.0, "samples": 64 * (i + 1), "rank_step_s": row,
+    records = [{"step": i + 1, "loss": 1.0, "samples": 64 * (i + 1), "step_s_ranks": row,
                 "slowest_rank": max(range(len(row)), key=row.__getitem__)} for i, row in enumerate(rows)]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -136,12 +139,12 @@ def test_a_slow_data_fetch_on_rank_1_is_found_and_an_even_job_is_not_flagged(tmp
     records, stderr = _train(tmp_path, "slow", delay_s=0.04)
     slowest = [r["slowest_rank"] for r in records]
     assert slowest.count(1) >= 0.8 * len(records), slowest
-    assert sum(r["rank_data_s"][1] >= 0.04 for r in records) >= 0.8 * len(records)
+    assert sum(r["data_s_ranks"][1] >= 0.04 for r in records) >= 0.8 * len(records)
     warned = [line for line in stderr.splitlines() if "straggler" in line]
     assert len(warned) == 1 and "rank 1 on host" in warned[0] and "slow phase is data" in warned[0], stderr[-3000:]
 
     records, stderr = _train(tmp_path, "even", delay_s=0.0)
-    assert len(records) == 30 and all(len(r["rank_step_s"]) == 2 for r in records)
+    assert len(records) == 30 and all(len(r["step_s_ranks"]) == 2 for r in records)
     assert "straggler" not in stderr, stderr[-3000:]
 
     code, out, _ = run_cli_here(["runs", "ls", tmp_path], capsys)  # each rank's mean step time; the slow one marked

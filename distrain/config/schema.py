@@ -178,7 +178,7 @@ class MetricsConfig:
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look up a table, or skip
     # Stragglers: on every log step each rank's own data and compute time (without waiting for peers) is compared
     # with the median rank's; a rank >= straggler_factor x slower for straggler_window log steps in a row is warned
-    # about once (its rank, host and slow phase). metrics.jsonl gets rank_step_s and slowest_rank. 0 = off.
+    # about once (its rank, host and slow phase). metrics.jsonl gets step_s_ranks and slowest_rank. 0 = off.
     straggler_factor: float = 1.5
     straggler_window: int = 3  # log steps in a row a rank must lag before the warning
 

@@ -14,7 +14,7 @@ its StepTimer measured (distrain.telemetry.perf):
   computes slower: a data straggler is still found, a compute straggler needs gradient accumulation
   (train.micro_batch below the per-rank batch) to be told apart.
 
-A rank's step time (``rank_step_s``) is data + compute: what it would take alone. It is compared with the median
+A rank's step time (``step_s_ranks``) is data + compute: what it would take alone. It is compared with the median
 rank's (the lower middle value: at 2 ranks the slower one is compared with the faster one, where the mean of the
 two would hide half the lag). The numbers ride the log step's one small all-reduce that gathers peak memory
 (distrain.telemetry.step_record), so every rank sees the same table and reaches the same verdict.
@@ -65,7 +65,7 @@ class StragglerTracker:
         lags = _lags(own)
         slowest = max(range(len(own)), key=own.__getitem__)
         record: Dict[str, Any] = {
-            "rank_step_s": own, "rank_data_s": data, "rank_compute_s": compute, "rank_wait_s": wait,
+            "step_s_ranks": own, "data_s_ranks": data, "compute_s_ranks": compute, "wait_s_ranks": wait,
             "slowest_rank": slowest, "slowest_rank_lag": round(lags[slowest], 4),
             "slowest_phase": slow_phase(slowest, data, compute)}
         self.streaks = [s + 1 if lag >= self.factor else 0 for s, lag in zip(self.streaks, lags)]
@@ -88,7 +88,7 @@ class StragglerTracker:
                 f"than the median rank for {self.window} log steps in a row (step {step}: {lags[rank]:.2f}x); "
                 f"its slow phase is {phase}: {1e3 * times[rank]:.1f} ms against the median rank's "
                 f"{1e3 * statistics.median_low(times):.1f} ms, and every other rank waits for it in every step. "
-                f"metrics.jsonl has every rank's times (rank_step_s, rank_{phase}_s); this warning comes once "
+                f"metrics.jsonl has every rank's times (step_s_ranks, {phase}_s_ranks); this warning comes once "
                 f"per rank (metrics.straggler_factor, metrics.straggler_window).")
 
 

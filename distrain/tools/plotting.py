@@ -83,7 +83,7 @@ def build_figure(runs: List[RunData], names: List[str], title: Optional[str] = N
     import matplotlib.pyplot as plt  # lazy: optional: matplotlib is optional (distrain[viz])
 
     # a third row, per rank, for runs that logged every rank's own step time (distrain.telemetry.stragglers)
-    ranked = any(isinstance(r.get("rank_step_s"), list) for run in runs for r in run.steps)
+    ranked = any(isinstance(r.get("step_s_ranks"), list) for run in runs for r in run.steps)
     fig, axes = plt.subplots(3 if ranked else 2, 3, figsize=(18, 14 if ranked else 9.5), constrained_layout=True)
     # Accuracy (a fraction) and loss (nats) share no scale: accuracy gets its own axis, on the right.
     has_accuracy = any(_values(run.evals, lambda r: r.get("step"), "eval_accuracy")[0] for run in runs)
@@ -134,10 +134,10 @@ def _plot_run(axes, accuracy, run: RunData, name: str, colour: str) -> None:
 def _plot_ranks(axes, run: RunData, name: str, colour: str) -> None:
     """Every rank's own step time and data time (one line style per rank), and the slowest rank's lag."""
     styles = ["-", "--", ":", "-."]
-    ranks = max((len(r["rank_step_s"]) for r in run.steps if isinstance(r.get("rank_step_s"), list)), default=0)
+    ranks = max((len(r["step_s_ranks"]) for r in run.steps if isinstance(r.get("step_s_ranks"), list)), default=0)
     for rank in range(ranks):
         label = f"{name} rank {rank}" if ranks <= len(styles) else (name if rank == 0 else None)
-        for ax, key in ((axes[0], "rank_step_s"), (axes[1], "rank_data_s")):
+        for ax, key in ((axes[0], "step_s_ranks"), (axes[1], "data_s_ranks")):
             points = ([r["step"] for r in run.steps if len(r.get(key) or ()) > rank],
                       [r[key][rank] for r in run.steps if len(r.get(key) or ()) > rank])
             _line(ax, points, color=colour, linestyle=styles[rank % len(styles)], label=label)

@@ -125,7 +125,7 @@ class RunSummary:
     started: Optional[float]
     # each rank's mean own step time (data + compute, no waiting for peers) over the logged steps; the rank that was
     # slowest most often (distrain.telemetry.stragglers; absent at one rank or with metrics.straggler_factor=0)
-    rank_step_s: Optional[List[float]] = None
+    step_s_ranks: Optional[List[float]] = None
     slowest_rank: Optional[int] = None
 
     def as_dict(self) -> Dict[str, Any]:
@@ -173,13 +173,13 @@ def summarize(run: RunData, name: str, hostname: Optional[str] = None) -> RunSum
 
 
 def rank_times(steps: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """Each rank's mean ``rank_step_s`` over the records that hold one, and the rank most often ``slowest_rank``."""
-    rows = [r["rank_step_s"] for r in steps if isinstance(r.get("rank_step_s"), list) and r["rank_step_s"]]
+    """Each rank's mean ``step_s_ranks`` over the records that hold one, and the rank most often ``slowest_rank``."""
+    rows = [r["step_s_ranks"] for r in steps if isinstance(r.get("step_s_ranks"), list) and r["step_s_ranks"]]
     rows = [row for row in rows if len(row) == len(rows[-1])]  # one world size: a resume may have changed it
     if not rows:
         return {}
     slowest = [r["slowest_rank"] for r in steps if isinstance(r.get("slowest_rank"), int)]
-    return {"rank_step_s": [sum(col) / len(col) for col in zip(*rows)],
+    return {"step_s_ranks": [sum(col) / len(col) for col in zip(*rows)],
             "slowest_rank": max(set(slowest), key=slowest.count) if slowest else None}
 
 
@@ -235,6 +235,6 @@ def format_runs(rows: List[RunSummary]) -> str:
         table.append([r.name, r.status, steps, _fmt(r.world_size, "d"), r.strategy or "-", _fmt(r.final_loss, ".4f"),
                       _fmt(r.best_eval_loss, ".4f"),
                       "-" if r.best_eval_accuracy is None else f"{100 * r.best_eval_accuracy:.2f}%",
-                      format_duration(r.wall_s), format_rank_times(r.rank_step_s, r.slowest_rank)])
+                      format_duration(r.wall_s), format_rank_times(r.step_s_ranks, r.slowest_rank)])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
