@@ -107,4 +107,5 @@ def test_straggler_tracking_cost_suite_runs(tmp_path):
     job = json.loads(next(tmp_path.glob("*-smoke-stragglers.json")).read_text())["suites"]["stragglers"]["models"]["mlp"]
     assert job["tracking_active"] and job["log_every"] >= 1
     assert len(job["times_on"]) == len(job["times_off"]) == job["rounds"] and job["ratio"]["ratio"] > 0
+    assert 0 < job["added"]["all_reduce_s"] < job["added"]["per_window_s"] and job["added"]["fraction_of_window"] > 0
     assert "## Straggler tracking" in (tmp_path / "smoke-stragglers" / "BENCHMARKS.md").read_text()
