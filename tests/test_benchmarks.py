@@ -104,7 +104,8 @@ def test_straggler_tracking_cost_suite_runs(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "stragglers", "--smoke", "--out-dir", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=900, env=child_env())
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    job = json.loads(next(tmp_path.glob("*-smoke-stragglers.json")).read_text())["suites"]["stragglers"]["models"]["mlp"]
+    results = json.loads(next(tmp_path.glob("*-smoke-stragglers.json")).read_text())
+    job = results["suites"]["stragglers"]["models"]["mlp"]
     assert job["tracking_active"] and job["log_every"] >= 1
     assert len(job["times_on"]) == len(job["times_off"]) == job["rounds"] and job["ratio"]["ratio"] > 0
     assert 0 < job["added"]["all_reduce_s"] < job["added"]["per_window_s"] and job["added"]["fraction_of_window"] > 0

@@ -15,8 +15,8 @@ How the step time is split (measured on log steps only, where the device is sync
 * With one micro-step per step on several ranks there is no sync-free micro-step to compare with, so the
   split is reported as null (lower train.micro_batch to get accumulation and the split).
 * With straggler tracking (distrain.telemetry.stragglers) a measured step on several ranks waits for every rank's
-  data in a timed all-reduce right after the data phase: the time a rank waits there for a
-  slower rank's micro-batches is neither its data nor its compute.
+  data in a timed all-reduce right after the data phase: the time a rank waits there for a slower rank's
+  micro-batches is neither its data nor its compute.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class StepTimer:
 
     def phase(self, name: str) -> ContextManager[None]:
         """Time a phase ("micro" for a micro-step's forward+backward, or "data", "update", "sync"). With
-        ``time_waits``, the data phase ends with the wait for the peers' data (``_wait_for_peers``)."""
+        ``time_waits``, the data phase ends with the wait for the peers' data (``_data_then_wait``)."""
         if not self.measuring:
             return _NOT_MEASURED  # unmeasured steps pay ~nothing
         return self._data_then_wait() if name == "data" and self.time_waits else self._timed(name)

@@ -48,7 +48,7 @@ class StepWindow:
         return warmup
 
 
-def peak_memory_mb(device: torch.device, extra: Sequence[float] = ()) -> Tuple[List[float], List[List[float]]]:
+def gather_rank_numbers(device: torch.device, extra: Sequence[float] = ()) -> Tuple[List[float], List[List[float]]]:
     """Every rank's peak memory in MiB (see distrain.telemetry.perf.peak_memory_bytes) and its ``extra`` numbers,
     gathered with one all-reduce."""
     mine = torch.tensor([peak_memory_bytes(device) / 2**20, *extra], dtype=torch.float64, device=device)
@@ -93,11 +93,11 @@ class StepRecorder:
             record["comm_bytes"] = comm_bytes
         # a record without a measured step (only the warm-up step in its window) has no phase times to compare
         compare = self.stragglers is not None and step_time is not None
-        memory, times = peak_memory_mb(self.device, self.timer.own_times(self.world_size) if compare else ())
+        memory, times = gather_rank_numbers(self.device, self.timer.own_times(self.world_size) if compare else ())
         record["peak_mem_mb"], record["peak_mem_mb_ranks"] = max(memory), memory
         if compare:
             record.update(self.stragglers.fields(step, times))
         return record
 
 
-__all__ = ["StepRecorder", "StepWindow", "peak_memory_mb"]
+__all__ = ["StepRecorder", "StepWindow", "gather_rank_numbers"]

@@ -12,7 +12,8 @@ its StepTimer measured (distrain.telemetry.perf):
 * ``compute_s``: the rest of its forward, backward and update. With one micro-step per step on several ranks the
   gradient sync cannot be told apart from the backward (perf.py), so there it includes the wait for a rank that
   computes slower: a data straggler is still found, a compute straggler needs gradient accumulation
-  (train.micro_batch below the per-rank batch) to be told apart.
+  (train.micro_batch below the per-rank batch) to be told apart. Under fsdp every micro-step's parameter
+  all-gathers wait for the slowest rank too, so there a compute straggler lifts every rank's compute alike.
 
 A rank's step time (``step_s_ranks``) is data + compute: what it would take alone. It is compared with the median
 rank's (the lower middle value: at 2 ranks the slower one is compared with the faster one, where the mean of the
