@@ -119,3 +119,17 @@ def test_scale_suite_measures_every_cost_at_w_1_and_2(tmp_path):
     report = (tmp_path / "smoke-scale" / "BENCHMARKS.md").read_text()
     assert "## 7. Scale" in report and "growth per doubling of W" in report
     assert (tmp_path / "smoke-scale" / "scale.png").is_file()
+
+
+@pytest.mark.bench
+def test_straggler_tracking_cost_suite_runs(tmp_path):
+    # Issue 20: step time with metrics.straggler_factor=1.5 vs 0, whole log windows interleaved (mlp only when smoke).
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "stragglers", "--smoke", "--out-dir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900, env=child_env())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    results = json.loads(next(tmp_path.glob("*-smoke-stragglers.json")).read_text())
+    job = results["suites"]["stragglers"]["models"]["mlp"]
+    assert job["tracking_active"] and job["log_every"] >= 1
+    assert len(job["times_on"]) == len(job["times_off"]) == job["rounds"] and job["ratio"]["ratio"] > 0
+    assert 0 < job["added"]["all_reduce_s"] < job["added"]["per_window_s"] and job["added"]["fraction_of_window"] > 0
+    assert "## Straggler tracking" in (tmp_path / "smoke-stragglers" / "BENCHMARKS.md").read_text()

@@ -176,6 +176,11 @@ class MetricsConfig:
     tracker_timeout_s: float = 10.0
     progress: str = "auto"  # auto (bar on a TTY, plain lines otherwise) | bar | plain | none
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look up a table, or skip
+    # Stragglers: on every log step each rank's own data and compute time (without waiting for peers) is compared
+    # with the median rank's; a rank >= straggler_factor x slower for straggler_window log steps in a row is warned
+    # about once (its rank, host and slow phase). metrics.jsonl gets step_s_ranks and slowest_rank. 0 = off.
+    straggler_factor: float = 1.5
+    straggler_window: int = 3  # log steps in a row a rank must lag before the warning
 
 
 @dataclass

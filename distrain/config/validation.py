@@ -139,6 +139,11 @@ def _validate_metrics(m: DictConfig) -> None:
     _require(m.peak_flops >= 0, "metrics.peak_flops", m.peak_flops, "it must be zero or positive")
     _require(0 < m.tracker_timeout_s <= 3600, "metrics.tracker_timeout_s", m.tracker_timeout_s,
              "it must be a positive number of seconds, at most 3600")
+    _require(m.straggler_factor == 0 or m.straggler_factor > 1, "metrics.straggler_factor", m.straggler_factor,
+             "it must be 0 (straggler tracking off) or greater than 1, e.g. 1.5 (a rank 1.5x slower than the median "
+             "rank)")
+    _require(m.straggler_window >= 1, "metrics.straggler_window", m.straggler_window,
+             "it must be a whole number of log steps, at least 1")
     trackers = list(m.trackers)
     _require(all(t in TRACKER_NAMES or is_import_path(t) for t in trackers) and len(set(trackers)) == len(trackers),
              "metrics.trackers", trackers, f"list each of {', '.join(TRACKER_NAMES)} (or your own Tracker subclass as "

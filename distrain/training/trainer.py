@@ -151,7 +151,8 @@ class Trainer:
                  else flops_per_sample(built.module, spec, sample=forward_sample(built.module, self._sample())))
         self.throughput = Throughput(flops, peak_flops(self.device, self.settings.precision,
                                                        self.cfg.metrics.peak_flops), self.info.world_size)
-        self.recorder = StepRecorder(self.device, self.plan.global_batch, self.info.world_size, self.throughput, spec)
+        self.recorder = StepRecorder(self.device, self.plan.global_batch, self.info.world_size, self.throughput, spec,
+                                     stragglers=self.cfg.metrics)  # metrics.straggler_*: which rank lags
         self.timer = self.recorder.timer  # train_step times its phases on log steps
         return built
 
