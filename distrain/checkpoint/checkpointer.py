@@ -59,6 +59,7 @@ from distrain.env import ProcessInfo
 from distrain.errors import CheckpointError, StorageError
 from distrain.storage_errors import write_failure_hint
 from distrain.telemetry.logs import get_logger
+from distrain.telemetry.profiling import label
 from distrain.telemetry.run_record import versions
 from distrain.telemetry.units import format_bytes
 
@@ -141,7 +142,8 @@ class Checkpointer:
         reason = self.due(step)
         if reason is None:
             return None
-        return self._save(step, reason, blocking=not self.cfg.checkpoint.async_save, scheduled=True)
+        with label("checkpoint"):  # a named range in metrics.profile traces
+            return self._save(step, reason, blocking=not self.cfg.checkpoint.async_save, scheduled=True)
 
     # --- saving ------------------------------------------------------------------------------------
     def save(self, step: int, reason: str = "manual", blocking: bool = True) -> Path:

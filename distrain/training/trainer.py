@@ -40,6 +40,7 @@ from distrain.strategies import StrategyContext, build_strategy, strategy_class
 from distrain.telemetry.flops import flops_per_sample, peak_flops
 from distrain.telemetry.logs import close_logging, setup_logging
 from distrain.telemetry.perf import Throughput, describe_holdings
+from distrain.telemetry.profiling import label
 from distrain.telemetry.metrics import MetricsWriter
 from distrain.telemetry.run_report import RunReport
 from distrain.telemetry.step_record import StepRecorder, StepWindow
@@ -228,12 +229,12 @@ class Trainer:
         self.strategy.set_lr(lr_at(step, self.settings))
         measure = self._is_log_step(step + 1)
         self.timer.begin(measure)  # log steps time their phases: compute vs exposed communication
-        with self.timer.phase("data"):
+        with self.timer.phase("data"), label("split"):
             # split: my slice of the step's batch, collated and on the device (torch's DataLoader: workers, pinned
             # memory, the next step prefetched)
             batches = self.loader.micro_batches(step)
         loss = self._forward_backward(step, batches)  # train
-        with self.timer.phase("update"):
+        with self.timer.phase("update"), label("optimizer"):
             self._grad_norm = self.strategy.clip_grad_norm(self.settings.grad_clip)
             if self._grad_norm is None and measure:  # logged without clipping too, on log steps only
                 self._grad_norm = self.strategy.grad_norm()
@@ -241,7 +242,7 @@ class Trainer:
                 self.strategy.step()  # update: optimizer step on this rank's (shard of the) parameters
             else:
                 self.strategy.skip_step()  # train.on_nonfinite=skip_step
-        with self.timer.phase("sync"):
+        with self.timer.phase("sync"), label("sync"):
             self.strategy.sync(step)  # sync: parameter averaging, for strategies that skip gradient sync
         self.compression.on_step(step + 1)  # pruned weights stay zero; masks and QAT on their schedule
         return loss
@@ -257,9 +258,10 @@ class Trainer:
         loss: Optional[torch.Tensor] = None
         for i, (batch, items) in enumerate(zip(batches, counts)):
             with self.timer.phase("micro"), self.strategy.accumulate(last_micro_step=i == len(batches) - 1):
-                with self.strategy.forward_context():
+                with self.strategy.forward_context(), label("forward"):
                     micro = self.objective.micro_loss(self.strategy.model, batch, items, total)
-                self.strategy.backward(micro.loss, micro.scale)  # gradient sync rides the last backward
+                with label("backward"):  # gradient sync rides the last backward (grad-sync: DDP's bucket hooks)
+                    self.strategy.backward(micro.loss, micro.scale)
             loss = micro.share if loss is None else loss + micro.share
         return loss
 
