@@ -196,7 +196,8 @@ class Trainer:
     def _build_checkpointing(self, model_object: Optional[nn.Module], spec: Any) -> None:
         """The divergence guard (train.on_nonfinite), the checkpointer it guards, and the resume."""
         self.divergence = DivergenceGuard(self.settings.on_nonfinite, self.strategy, self.device,
-                                          self.settings.precision, checkpoints_root(self.run_dir), self.log)
+                                          self.settings.precision, checkpoints_root(self.run_dir), self.log,
+                                          before_settle=self.objective.settle_items)  # 0/0 micro-batches first
         self.checkpointer = Checkpointer(self.run_dir, self.cfg, self.strategy, self.info, self.sampler,
                                          before_save=self.divergence.check_before_save,  # nothing diverged is saved
                                          model_object=model_object, data_spec=spec,
@@ -253,8 +254,7 @@ class Trainer:
         The step's items are counted first (all micro-batches, summed over ranks), so every backward divides by
         the same global count: W ranks, any micro_batch and one full batch optimise the same objective.
         """
-        counts, total = self.objective.step_counts(batches)
-        self.objective.check_items(counts, step, self.info.rank)
+        counts, total = self.objective.step_counts(batches, step)  # an empty micro-batch under a mean: noted
         loss: Optional[torch.Tensor] = None
         for i, (batch, items) in enumerate(zip(batches, counts)):
             with self.timer.phase("micro"), self.strategy.accumulate(last_micro_step=i == len(batches) - 1):
