@@ -133,3 +133,18 @@ def test_straggler_tracking_cost_suite_runs(tmp_path):
     assert len(job["times_on"]) == len(job["times_off"]) == job["rounds"] and job["ratio"]["ratio"] > 0
     assert 0 < job["added"]["all_reduce_s"] < job["added"]["per_window_s"] and job["added"]["fraction_of_window"] > 0
     assert "## Straggler tracking" in (tmp_path / "smoke-stragglers" / "BENCHMARKS.md").read_text()
+def test_loop_cost_suite_times_every_piece_of_the_loop_body(tmp_path):
+    # Issue 20: distrain's own per-step work, piece by piece, against the mlp and gpt steps (2 gloo ranks).
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "loop_cost", "--smoke", "--out-dir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900, env=child_env())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(next(tmp_path.glob("*-smoke-loop_cost.json")).read_text())["suites"]["loop_cost"]
+    from benchmarks.suites.loop_cost import IN_TOTAL
+
+    for model in ("mlp", "gpt"):
+        job = result["models"][model]
+        assert set(IN_TOTAL) | {"count_allreduce"} == set(job["pieces_us"])
+        assert all(job["pieces_us"][p]["median"] > 0 for p in IN_TOTAL)
+        assert job["total_us"] == pytest.approx(sum(job["pieces_us"][p]["median"] for p in IN_TOTAL))
+        assert 0 < job["fraction"] < 1 and job["step_us"]["median"] > job["total_us"]
+    assert "## distrain's own per-step cost" in (tmp_path / "smoke-loop_cost" / "BENCHMARKS.md").read_text()

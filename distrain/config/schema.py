@@ -163,6 +163,14 @@ class WandbConfig:
 
 
 @dataclass
+class ProfileConfig:
+    start: int = 1  # the first profiled step, counted from 0 (ProfilerStep#<start> in the trace)
+    steps: int = 0  # how many steps to record; 0 = profiling off (the default: no cost)
+    ranks: Any = "all"  # all, or a list of ranks, e.g. [0]
+    memory: bool = False  # also record tensor allocations and shapes (profile_memory, record_shapes)
+
+
+@dataclass
 class MetricsConfig:
     # Experiment trackers fed by rank 0, besides metrics.jsonl: any of tensorboard, mlflow, wandb. Each gets the
     # resolved config, every metrics and eval record, and at the end config.yaml and the final checkpoint's path;
@@ -181,6 +189,10 @@ class MetricsConfig:
     # about once (its rank, host and slow phase). metrics.jsonl gets step_s_ranks and slowest_rank. 0 = off.
     straggler_factor: float = 1.5
     straggler_window: int = 3  # log steps in a row a rank must lag before the warning
+    # torch.profiler traces of a few steps: one gzipped Chrome/Perfetto trace per selected rank in <run dir>/profile/
+    # (rank<R>_steps<S>-<E>.json.gz), distrain's phases labelled: split, forward, backward, grad-sync, optimizer,
+    # sync, checkpoint. TensorBoard's profiler plugin and ui.perfetto.dev read them.
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence, get_type_hints
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from distrain.compression.checks import check_compression
 from distrain.config.schema import CHOICES, COMPILE_OPTIONS, FAULT_SIGNALS, TRACKER_NAMES, Config
@@ -82,6 +82,7 @@ def validate(cfg: DictConfig) -> None:
              "it must be a positive, finite number of seconds (at most 1e9)")
     _validate_checkpoint_and_run(cfg)
     _validate_metrics(cfg.metrics)
+    _validate_profile(cfg.metrics.profile, cfg.train.steps)
     _validate_faults(cfg.faults)
 
 
@@ -148,6 +149,37 @@ def _validate_metrics(m: DictConfig) -> None:
     _require(all(t in TRACKER_NAMES or is_import_path(t) for t in trackers) and len(set(trackers)) == len(trackers),
              "metrics.trackers", trackers, f"list each of {', '.join(TRACKER_NAMES)} (or your own Tracker subclass as "
              f"'package.module:Class') at most once, e.g. [tensorboard, mlflow]")
+
+
+def selected_ranks(ranks: Any, world_size: Optional[int]) -> List[int]:
+    """``metrics.profile.ranks`` as a list of ranks: "all", or distinct ranks below ``world_size`` (None: not known
+    yet, any rank >= 0); a ConfigError otherwise."""
+    if ranks == "all":
+        return list(range(world_size or 0))
+    listed = list(ranks) if isinstance(ranks, (list, tuple, ListConfig)) else []
+    limit = world_size if world_size is not None else math.inf
+    if not listed or len(set(listed)) != len(listed) or not all(
+            isinstance(r, int) and not isinstance(r, bool) and 0 <= r < limit for r in listed):
+        within = (f"between 0 and {world_size - 1} (this job has world_size={world_size})" if world_size is not None
+                  else "(0, 1, ...)")
+        raise ConfigError(f"Config key 'metrics.profile.ranks' has value {ranks!r}; it must be 'all' or a non-empty "
+                          f"list of distinct ranks {within}, e.g. [0] or [0, 1].", key="metrics.profile.ranks")
+    return listed
+
+
+def _validate_profile(profile: DictConfig, total_steps: int) -> None:
+    """``metrics.profile`` (distrain.telemetry.profiling) as far as it needs no world size (the ranks are checked
+    against it when a run starts)."""
+    start, steps = profile.start, profile.steps
+    if not (isinstance(steps, int) and steps >= 0):
+        raise ConfigError(f"Config key 'metrics.profile.steps' has value {steps!r}; it must be 0 (profiling off) or "
+                          f"the number of steps to record, e.g. 2.", key="metrics.profile.steps")
+    if not (isinstance(start, int) and 0 <= start) or (steps and start + steps > total_steps):
+        raise ConfigError(f"Config key 'metrics.profile.start' has value {start!r} with metrics.profile.steps="
+                          f"{steps}; the profiled steps start..start+steps-1 must lie within the run's steps 0.."
+                          f"{total_steps - 1} (train.steps={total_steps}).", key="metrics.profile.start")
+    if steps:
+        selected_ranks(profile.ranks, world_size=None)
 
 
 def _validate_faults(f: DictConfig) -> None:

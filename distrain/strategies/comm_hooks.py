@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distrain.config.options import Range
 from distrain.strategies.powersgd_state import PowerSGDMemory
+from distrain.telemetry.profiling import label
 from distrain.errors import ConfigError
 
 HOOKS = ("fp16", "bf16", "powersgd")
@@ -40,7 +41,8 @@ def _counted(hook: Callable, counter: ByteCounter, bytes_per_element: Optional[i
     def counted_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         buffer = bucket.buffer()
         counter.total += buffer.numel() * (bytes_per_element or buffer.element_size())
-        return hook(state, bucket)
+        with label("grad-sync"):  # a named range in metrics.profile traces (a no-op otherwise)
+            return hook(state, bucket)
 
     return counted_hook
 

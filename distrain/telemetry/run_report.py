@@ -1,6 +1,6 @@
 """What one ``Trainer.fit`` reports besides checkpoints, from its start to its end: run.json's status (RunRecord),
 metrics.jsonl and the trackers (MetricsWriter), and the console progress. Rank 0 writes; other ranks hold nothing
-and every method is a no-op there."""
+and every method is a no-op there, except the profiler traces (metrics.profile), which every selected rank writes."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from distrain.config import BatchPlan
 from distrain.env import ProcessInfo
 from distrain.telemetry.metrics import MetricsWriter
 from distrain.telemetry.perf import Throughput, memory_kind
+from distrain.telemetry.profiling import build_profiler
 from distrain.telemetry.progress import Progress
 from distrain.telemetry.run_record import RunRecord
 
@@ -45,8 +46,12 @@ class RunReport:
                      f"{peak.source}")
         self.progress = Progress(cfg.metrics.progress if main else "none", cfg.train.steps, start_step,
                                  description=cfg.run.name)
+        self.profiler = build_profiler(cfg.metrics.profile, info, run_dir, start_step, log)  # None when off
 
     def advance(self, step: int) -> None:
+        """After every step (``step`` completed)."""
+        if self.profiler is not None:
+            self.profiler.step()
         self.progress.advance(step)
 
     def logged(self, step: int, record: Dict[str, Any]) -> None:
@@ -76,6 +81,8 @@ class RunReport:
     def close(self, outcome: str, checkpoint: Optional[Path] = None) -> None:
         """The console stops and the trackers learn how the run ended (finished | preempted | failed) and its newest
         committed checkpoint."""
+        if self.profiler is not None:
+            self.profiler.stop()
         self.progress.close()
         if self.writer:
             self.writer.close(outcome, checkpoint)

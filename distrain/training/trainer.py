@@ -40,6 +40,7 @@ from distrain.strategies import StrategyContext, build_strategy, strategy_class
 from distrain.telemetry.flops import flops_per_sample, peak_flops
 from distrain.telemetry.logs import close_logging, setup_logging
 from distrain.telemetry.perf import Throughput, describe_holdings
+from distrain.telemetry.profiling import label
 from distrain.telemetry.metrics import MetricsWriter
 from distrain.telemetry.run_report import RunReport
 from distrain.telemetry.step_record import StepRecorder, StepWindow
@@ -196,7 +197,8 @@ class Trainer:
     def _build_checkpointing(self, model_object: Optional[nn.Module], spec: Any) -> None:
         """The divergence guard (train.on_nonfinite), the checkpointer it guards, and the resume."""
         self.divergence = DivergenceGuard(self.settings.on_nonfinite, self.strategy, self.device,
-                                          self.settings.precision, checkpoints_root(self.run_dir), self.log)
+                                          self.settings.precision, checkpoints_root(self.run_dir), self.log,
+                                          before_settle=self.objective.settle_items)  # 0/0 micro-batches first
         self.checkpointer = Checkpointer(self.run_dir, self.cfg, self.strategy, self.info, self.sampler,
                                          before_save=self.divergence.check_before_save,  # nothing diverged is saved
                                          model_object=model_object, data_spec=spec,
@@ -229,12 +231,12 @@ class Trainer:
         self.strategy.set_lr(lr_at(step, self.settings))
         measure = self._is_log_step(step + 1)
         self.timer.begin(measure)  # log steps time their phases: compute vs exposed communication
-        with self.timer.phase("data"):
+        with self.timer.phase("data"), label("split"):
             # split: my slice of the step's batch, collated and on the device (torch's DataLoader: workers, pinned
             # memory, the next step prefetched)
             batches = self.loader.micro_batches(step)
         loss = self._forward_backward(step, batches)  # train
-        with self.timer.phase("update"):
+        with self.timer.phase("update"), label("optimizer"):
             self._grad_norm = self.strategy.clip_grad_norm(self.settings.grad_clip)
             if self._grad_norm is None and measure:  # logged without clipping too, on log steps only
                 self._grad_norm = self.strategy.grad_norm()
@@ -242,7 +244,7 @@ class Trainer:
                 self.strategy.step()  # update: optimizer step on this rank's (shard of the) parameters
             else:
                 self.strategy.skip_step()  # train.on_nonfinite=skip_step
-        with self.timer.phase("sync"):
+        with self.timer.phase("sync"), label("sync"):
             self.strategy.sync(step)  # sync: parameter averaging, for strategies that skip gradient sync
         self.compression.on_step(step + 1)  # pruned weights stay zero; masks and QAT on their schedule
         return loss
@@ -253,14 +255,14 @@ class Trainer:
         The step's items are counted first (all micro-batches, summed over ranks), so every backward divides by
         the same global count: W ranks, any micro_batch and one full batch optimise the same objective.
         """
-        counts, total = self.objective.step_counts(batches)
-        self.objective.check_items(counts, step, self.info.rank)
+        counts, total = self.objective.step_counts(batches, step)  # an empty micro-batch under a mean: noted
         loss: Optional[torch.Tensor] = None
         for i, (batch, items) in enumerate(zip(batches, counts)):
             with self.timer.phase("micro"), self.strategy.accumulate(last_micro_step=i == len(batches) - 1):
-                with self.strategy.forward_context():
+                with self.strategy.forward_context(), label("forward"):
                     micro = self.objective.micro_loss(self.strategy.model, batch, items, total)
-                self.strategy.backward(micro.loss, micro.scale)  # gradient sync rides the last backward
+                with label("backward"):  # gradient sync rides the last backward (grad-sync: DDP's bucket hooks)
+                    self.strategy.backward(micro.loss, micro.scale)
             loss = micro.share if loss is None else loss + micro.share
         return loss
 
