@@ -7,16 +7,15 @@ A save, on every rank at the same step:
     2. every rank writes its own shard of model and optimizer with DCP (``dcp.save``, or ``dcp.async_save`` in
        a background thread when ``checkpoint.async_save``) - or the engine saves itself (DeepSpeed): what a
        strategy writes is its own (``Strategy.save_checkpoint``, ``load_checkpoint``);
-    3. every rank hashes the files it wrote (size + sha256), and the digests are gathered to rank 0 (on the
-       default group, or for an async save in the background thread, on the save's own group); that gather is also
-       the point where every rank's files are on disk;
+    3. every rank hashes the files it wrote (size + sha256), the digests are gathered to rank 0 (the default group,
+       or an async save's own group in its thread); that gather is also the point where every rank's files are on disk;
     4. rank 0 writes the manifest from the digests, renames the directory to ``step_XXXXXXXX/`` in one os.rename,
        points ``latest`` at it (atomic replace), and applies retention to this run's checkpoints only.
 A save killed anywhere before the rename leaves only a ``.tmp-`` directory, which nothing ever reads.
 
 A run is one lineage of checkpoints (``run_id``, in the trainer state and the manifest): a fresh start draws a new
-id, a resume carries on the checkpoint's. Retention, and the removal of checkpoints a resume from an earlier step
-left behind, only ever delete checkpoints of this lineage.
+id, a resume carries on the checkpoint's. Retention (and removing what a resume from an earlier step left behind)
+only ever deletes checkpoints of this lineage.
 
 A resume verifies the checkpoint it loads on every rank at once: rank 0 checks the manifest, files and sizes, and
 every rank hashes the files its rank wrote (``manifest.share_of``), so no rank waits in a collective while another
