@@ -55,7 +55,11 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     global_batch: int = 64  # samples per optimizer step, summed over all ranks: the invariant
-    micro_batch: Optional[int] = None  # samples per forward/backward on one rank; None = global_batch / world
+    # samples per forward/backward on one rank: a positive integer; None = global_batch / world; auto = the
+    # largest divisor of global_batch / world that fits, found by retrying a step that ran out of memory at the
+    # next smaller divisor (docs/out-of-memory.md)
+    micro_batch: Optional[Any] = None
+    micro_batch_max: Optional[int] = None  # with micro_batch=auto: where the search starts (None: global_batch / world)
     steps: int = 100  # optimizer steps to train for (in total, across resumes)
     optimizer: str = "adamw"  # sgd | adam | adamw
     optimizer_impl: str = "auto"  # auto (fused kernel on CUDA, torch's default elsewhere) | fused | foreach | for_loop

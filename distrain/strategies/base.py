@@ -78,6 +78,10 @@ class Strategy(abc.ABC):
     engine_checkpoint = False
     # Payload bytes this rank has handed to collectives for gradient/parameter sync so far (None: not counted).
     comm_bytes: Optional[int] = None
+    # Whether train.micro_batch=auto can redo a step that ran out of memory (distrain.training.micro_steps): the
+    # strategy brings a rank that failed mid-step back in step with its peers' gradient collectives
+    # (join_gradient_sync), drops the step (drop_step) and trains at another micro-batch (use_plan).
+    retries_oom = False
 
     def __init__(self, ctx: StrategyContext):
         self.ctx = ctx
@@ -150,6 +154,21 @@ class Strategy(abc.ABC):
         distrain.training.objective), so the synchronised gradient is the gradient of the global-batch mean."""
         loss = self._scaled(loss, scale)
         (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
+
+    def join_gradient_sync(self) -> bool:
+        """On a rank whose last micro-step failed or never ran (out of memory): issue the gradient collectives
+        its peers run in that backward, so that none of them waits. False where it cannot (the step is then not
+        recoverable). Here: nothing to issue (no collective rides the backward)."""
+        return True
+
+    def drop_step(self) -> None:
+        """Drop a failed step's gradients, on every rank alike: the step is redone from its first micro-step."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def use_plan(self, plan: BatchPlan) -> None:
+        """Train at ``plan``'s micro-batch from now on (micro_batch=auto after an OOM; the global batch is the
+        same)."""
+        self.ctx.plan = plan
 
     def clip_grad_norm(self, max_norm: float) -> Optional[torch.Tensor]:
         """Clip the global gradient norm to ``max_norm`` (0 = off); returns the norm before clipping."""

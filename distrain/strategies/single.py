@@ -11,6 +11,7 @@ class SingleStrategy(Strategy):
     name = "single"
     needs_process_group = False
     meta_init = True
+    retries_oom = True  # nothing rides the backward: a failed rank only stops its micro-steps
 
     def setup(self, model: nn.Module) -> None:
         self.model = self._on_device(model)

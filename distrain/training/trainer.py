@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from distrain import dist
 from distrain.checkpoint import Checkpointer
 from distrain.checkpoint.paths import checkpoints_root, latest_checkpoint
-from distrain.config import ConfigSource, TrainConfig, batch_plan, load_config, surprises, to_yaml
+from distrain.config import BatchPlan, ConfigSource, TrainConfig, batch_plan, load_config, surprises, to_yaml
 from distrain.data import GlobalStepSampler, LoaderOptions, StepLoader, fetch_batch, resolve_collate_fn
 from distrain.data.datasets import training_datasets
 from distrain.data.collate import CollateFn
@@ -45,6 +45,7 @@ from distrain.telemetry.step_record import StepRecorder, StepWindow
 from distrain.training.divergence import DivergenceGuard
 from distrain.training.evaluation import Evaluator
 from distrain.training.losses import LossFn, default_items, resolve_loss
+from distrain.training.micro_steps import MicroSteps
 from distrain.training.objective import ItemsRule, MetricFn, Objective, forward_sample
 from distrain.optim import lr_at
 from distrain.training.run_dir import claim_run_dir, finished_note
@@ -175,6 +176,8 @@ class Trainer:
         self.objective = Objective(module, self.device, self.plan.global_batch, loss_fn=self.loss_fn,
                                    step_fn=step_fn, frozen=frozen, items=items, metrics=metrics,
                                    default_items=default_items(spec) if default_loss else None, sample=self._sample)
+        self.micro_steps = MicroSteps(self.strategy, self.objective, self.info, self.device, self.plan, self.timer,
+                                      self.log, refetch=self._refetch)
         self._resources.callback(self.strategy.teardown)  # before setup: a half-built engine is released too
         self.strategy.setup(module)
         self.evaluator = Evaluator(self.objective, self.strategy, self.eval_data, self.loader_options, self.info,
@@ -243,21 +246,15 @@ class Trainer:
         return self.loader.micro_batches(step)  # torch's DataLoader: workers, pinned memory, the next step prefetched
 
     def _forward_backward(self, step: int, batches: List[Any]) -> torch.Tensor:
-        """Forward and backward every micro-batch, each as its share of the global-batch mean over valid items.
+        """Forward and backward every micro-batch, each as its share of the global-batch mean; under
+        train.micro_batch=auto a step that ran out of memory on any rank is redone smaller (micro_steps)."""
+        return self.micro_steps.run(step, batches)
 
-        The step's items are counted first (all micro-batches, summed over ranks), so every backward divides by
-        the same global count: W ranks, any micro_batch and one full batch optimise the same objective.
-        """
-        counts, total = self.objective.step_counts(batches)
-        self.objective.check_items(counts, step, self.info.rank)
-        loss: Optional[torch.Tensor] = None
-        for i, (batch, items) in enumerate(zip(batches, counts)):
-            with self.timer.phase("micro"), self.strategy.accumulate(last_micro_step=i == len(batches) - 1):
-                with self.strategy.forward_context():
-                    micro = self.objective.micro_loss(self.strategy.model, batch, items, total)
-                self.strategy.backward(micro.loss, micro.scale)  # gradient sync rides the last backward
-            loss = micro.share if loss is None else loss + micro.share
-        return loss
+    def _refetch(self, step: int, plan: BatchPlan) -> List[Any]:
+        """Step ``step``'s micro-batches again, cut at ``plan``'s micro-batch, which the run keeps from now on."""
+        self.plan = plan
+        self.loader.use_micro_batch(plan.micro_batch)
+        return self._step_batches(step)
 
     def fit(self) -> Dict[str, Any]:
         """Train to ``train.steps``; returns the final metrics (identical on every rank)."""

@@ -1,0 +1,62 @@
+"""One rank of tests/test_oom.py's launch: every case of this world size in one process group.
+
+    torchrun --nproc-per-node W tests/oom_worker.py OUT_DIR CASES_JSON
+CASES_JSON: [{"name", "strategy", "where", "limit", "overrides": [...]}, ...]. Each case trains twice: with
+train.micro_batch=auto and OOM injected above ``limit`` on the last rank, and with micro_batch=limit fixed and no
+injection. Writes each run's final weights and the samples of each step per rank; a run that ends in an error
+writes the error's class and message instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+
+from oom_injection import IndexedData, OOMNet, mark_steps, steps_seen
+
+PER_RANK = 8
+
+
+def train(out: Path, name: str, overrides: list, net: OOMNet) -> dict:
+    from distrain import dist
+    from distrain.errors import DistrainError
+    from distrain.training.trainer import Trainer
+
+    cfg = {"train": {"global_batch": PER_RANK * torch_dist.get_world_size(), "steps": 3, "optimizer": "adamw",
+                     "lr": 0.05, "log_every": 1, "resume": "never"},
+           "checkpoint": {"at_end": False}, "metrics": {"progress": "none"},
+           "run": {"dir": str(out / "runs"), "name": name}}
+    try:
+        with Trainer(cfg, overrides=overrides, model=net, train_data=IndexedData(), loss_fn=F.mse_loss) as trainer:
+            mark_steps(trainer, net)
+            trainer.fit()
+            weights = {k: v.tolist() for k, v in trainer.full_state_dict().items()}
+            result = {"weights": weights, "micro_batch": trainer.plan.micro_batch}
+    except DistrainError as err:
+        return {"error": type(err).__name__, "message": str(err), "exit_code": err.exit_code}
+    result["steps"] = dist.all_gather_object(steps_seen(net.records, PER_RANK))
+    return result
+
+
+def main(out: Path, cases: list) -> None:
+    torch_dist.init_process_group("gloo")
+    world, rank = torch_dist.get_world_size(), torch_dist.get_rank()
+    for case in cases:
+        limit, strategy = case["limit"], [f"strategy.name={case['strategy']}", *case.get("overrides", [])]
+        auto = train(out, f"{case['name']}-auto", ["train.micro_batch=auto", *strategy],
+                     OOMNet(limit, case["where"], world - 1, PER_RANK, after=case.get("after", 0)))
+        fixed = {} if case.get("auto_only") else train(out, f"{case['name']}-fixed", [f"train.micro_batch={limit}",
+                                                                                     *strategy],
+                                                         OOMNet(limit, "none", world - 1, PER_RANK))
+        (out / f"{case['name']}.rank{rank}.json").write_text(json.dumps({"auto": auto, "fixed": fixed}))
+        torch_dist.barrier()
+    torch_dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()))

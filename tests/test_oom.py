@@ -1,0 +1,114 @@
+"""Out of memory (issue 19): train.micro_batch=auto redoes a step that ran out of memory on any rank at the next
+smaller divisor, with nothing else changed; every other OOM ends the run in one paragraph, exit 1.
+
+The OOM is the real exception type (torch.OutOfMemoryError) raised on the last rank by tests/oom_injection.py, in
+the forward, in a non-last micro-step's backward, and in the last (syncing) backward after DDP launched some bucket
+all-reduces; real processes on gloo (tests/oom_worker.py). ``auto`` must equal a run at the fixed micro-batch
+it finds: the same samples in every step and the same weights (max relative difference <= 1e-5).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli, run_torchrun
+from distrain.config import batch_plan, load_config
+from distrain.config.validation import smaller_plan
+from distrain.errors import ConfigError
+
+TINY_BUCKETS = "strategy.kwargs.bucket_cap_mb=0.0001"  # one bucket per parameter or two: some launch before the OOM
+CASES = {  # where: (overrides, after): micro_batch_max=4 gives 2 micro-steps at the first size tried
+    "forward": ([], 0),
+    "backward": (["train.micro_batch_max=4"], 0),
+    # step 0 settles at 4 (no injection yet); step 1's last backward fails after DDP rebuilt its buckets, so the
+    # later layers' buckets are already all-reduced when it raises
+    "last_backward": ([], 2),
+}
+STRATEGIES = {"ddp": [TINY_BUCKETS], "zero1": [TINY_BUCKETS], "accelerate": ["strategy.kwargs.bucket_cap_mb=0.0001"],
+              "local_sgd": []}
+
+
+def test_auto_plan_starts_at_the_largest_divisor_and_walks_down():
+    cfg = load_config(None, ["train.micro_batch=auto", "train.global_batch=24"])
+    plan, sizes = batch_plan(cfg, 2), []
+    while plan is not None:
+        assert plan.auto and plan.micro_batch * plan.grad_accum == 12
+        sizes.append(plan.micro_batch)
+        plan = smaller_plan(plan)
+    assert sizes == [12, 6, 4, 3, 2, 1]
+    capped = load_config(None, ["train.micro_batch=auto", "train.micro_batch_max=5", "train.global_batch=24"])
+    assert batch_plan(capped, 2).micro_batch == 4
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "true"])
+def test_micro_batch_values_refused_in_one_paragraph(value):
+    with pytest.raises(ConfigError, match="positive integer, null .* or auto"):
+        load_config(None, [f"train.micro_batch={value}"])
+
+
+def _cases(strategies):
+    cases = []
+    for strategy in strategies:
+        for where, (overrides, after) in CASES.items():
+            if strategy == "local_sgd" and where != "last_backward":
+                continue  # nothing rides its backward: one injection point covers it
+            cases.append({"name": f"{strategy}-{where}", "strategy": strategy, "where": where, "limit": 2,
+                          "after": after * (1 if where != "last_backward" else 1),
+                          "overrides": [*STRATEGIES[strategy], *overrides,
+                                        *(["train.micro_batch_max=4"] if after else [])]})
+    return cases
+
+
+def _max_rel(a: dict, b: dict) -> float:
+    worst = 0.0
+    for key, value in a.items():
+        x, y = torch.tensor(value, dtype=torch.float64), torch.tensor(b[key], dtype=torch.float64)
+        worst = max(worst, ((x - y).abs().max() / (y.abs().max() or 1.0)).item())
+    return worst
+
+
+@pytest.mark.parametrize("world,strategies", [(2, ["ddp", "zero1", "accelerate", "local_sgd"]),
+                                              pytest.param(3, ["ddp", "zero1", "accelerate"], marks=pytest.mark.slow)])
+def test_auto_after_an_injected_oom_equals_the_fixed_micro_batch(tmp_path, world, strategies):
+    cases = _cases(strategies)
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    proc = run_torchrun(world, ["tests/oom_worker.py", str(tmp_path), str(tmp_path / "cases.json")], timeout=900,
+                        env={"PYTHONPATH": f"{REPO / 'tests'}:{REPO}"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for case in cases:
+        result = json.loads((tmp_path / f"{case['name']}.rank0.json").read_text())
+        auto, fixed = result["auto"], result["fixed"]
+        assert auto["micro_batch"] == fixed["micro_batch"] == 2, case["name"]
+        assert auto["steps"] == fixed["steps"], f"{case['name']}: another sample multiset in some step"
+        assert _max_rel(auto["weights"], fixed["weights"]) <= 1e-5, case["name"]
+    assert proc.stderr.count("out of memory at step") >= len(cases)
+
+
+def _train_cli(tmp_path: Path, *overrides: str):
+    return run_cli(["launch", "--nproc-per-node", "2", str(REPO / "configs" / "quickstart.yaml"),
+                    f"run.dir={tmp_path}", "train.steps=2", "train.eval_every=0", "metrics.progress=none",
+                    "model.name=oom_injection:oom_classifier", "model.kwargs.rank=1", "train.global_batch=16",
+                    *overrides], timeout=600, env={"PYTHONPATH": f"{REPO / 'tests'}:{REPO}"})
+
+
+@pytest.mark.parametrize("overrides,size", [(["train.micro_batch=4", "model.kwargs.limit=2"], 4),
+                                            (["train.micro_batch=auto", "model.kwargs.limit=0"], 1)])
+def test_an_oom_that_cannot_be_retried_ends_in_one_paragraph(tmp_path, overrides, size):
+    proc = _train_cli(tmp_path, *overrides)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    paragraph = [line for line in proc.stderr.splitlines() if "Out of memory at step 0" in line]
+    assert paragraph, proc.stderr[-3000:]
+    assert f"train.micro_batch={size}" in paragraph[0] and "rank 1 in the forward of micro-step 0" in paragraph[0]
+    assert "Traceback" not in proc.stderr.split("Out of memory at step 0")[0][-2000:]
+
+
+@pytest.mark.parametrize("strategy", ["fsdp"])
+def test_auto_is_refused_where_a_strategy_cannot_redo_a_step(tmp_path, strategy):
+    proc = run_cli(["train", str(REPO / "configs" / "quickstart.yaml"), f"run.dir={tmp_path}", "train.steps=1",
+                    f"strategy.name={strategy}", "train.micro_batch=auto", "metrics.progress=none"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"train.micro_batch=auto is not supported by strategy.name='{strategy}'" in proc.stderr
