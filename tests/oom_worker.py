@@ -22,14 +22,14 @@ from oom_injection import IndexedData, OOMNet, mark_steps, steps_seen
 PER_RANK = 8
 
 
-def train(out: Path, name: str, overrides: list, net: OOMNet) -> dict:
+def train(out: Path, name: str, overrides: list, net: OOMNet, steps: int = 3, global_batch: int = 0) -> dict:
     from distrain import dist
     from distrain.errors import DistrainError
     from distrain.training.trainer import Trainer
 
-    cfg = {"train": {"global_batch": PER_RANK * torch_dist.get_world_size(), "steps": 3, "optimizer": "adamw",
-                     "lr": 0.05, "log_every": 1, "resume": "never"},
-           "checkpoint": {"at_end": False}, "metrics": {"progress": "none"},
+    cfg = {"train": {"global_batch": global_batch or PER_RANK * torch_dist.get_world_size(), "steps": steps, "optimizer": "adamw",
+                     "lr": 0.05, "log_every": 1, "resume": "auto"},
+           "checkpoint": {"at_end": True}, "metrics": {"progress": "none"},
            "run": {"dir": str(out / "runs"), "name": name}}
     try:
         with Trainer(cfg, overrides=overrides, model=net, train_data=IndexedData(), loss_fn=F.mse_loss) as trainer:
@@ -47,6 +47,13 @@ def main(out: Path, cases: list) -> None:
     torch_dist.init_process_group("gloo")
     world, rank = torch_dist.get_world_size(), torch_dist.get_rank()
     for case in cases:
+        if case.get("resume"):  # [S, T]: train to step S (and save), then on to T from the checkpoint, both auto
+            net, (steps, more), batch = OOMNet(case["limit"], case["where"], world - 1, 24 // world), case["resume"], 24
+            first = train(out, case["name"], ["train.micro_batch=auto"], net, steps=steps, global_batch=batch)
+            second = train(out, case["name"], ["train.micro_batch=auto"], net, steps=more, global_batch=batch)
+            (out / f"{case['name']}.w{world}.rank{rank}.json").write_text(json.dumps({"first": first,
+                                                                                       "second": second}))
+            continue
         limit, strategy = case["limit"], [f"strategy.name={case['strategy']}", *case.get("overrides", [])]
         auto = train(out, f"{case['name']}-auto", ["train.micro_batch=auto", *strategy],
                      OOMNet(limit, case["where"], world - 1, PER_RANK, after=case.get("after", 0)))

@@ -112,3 +112,29 @@ def test_auto_is_refused_where_a_strategy_cannot_redo_a_step(tmp_path, strategy)
                     f"strategy.name={strategy}", "train.micro_batch=auto", "metrics.progress=none"])
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"train.micro_batch=auto is not supported by strategy.name='{strategy}'" in proc.stderr
+
+
+def test_the_size_found_is_recorded_and_a_resume_starts_from_it_at_the_same_world_size(tmp_path):
+    (tmp_path / "cases.json").write_text(json.dumps([{"name": "resume", "where": "forward", "limit": 2,
+                                                      "resume": [2, 3]}]))
+    env = {"PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
+    proc = run_torchrun(2, ["tests/oom_worker.py", str(tmp_path), str(tmp_path / "cases.json")], timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "resume"
+    assert json.loads((run_dir / "run.json").read_text())["plan"]["micro_batch"] == 2
+    changes = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "micro_batch" in r]
+    assert changes[0] == {"step": 1, "micro_batch": 2, "grad_accum": 6}
+    saved = sorted(run_dir.glob("checkpoints/*/trainer_state.json"))
+    assert [json.loads(p.read_text())["micro_batch"] for p in saved] == [2, 2]
+    assert proc.stderr.count("out of memory at step") == 4  # 12 -> 6 -> 4 -> 3 -> 2, in the first run only
+    log = (run_dir / "logs" / "rank0.log").read_text()  # the console has these at INFO (here: progress=none)
+    assert "train.micro_batch=auto: training at micro_batch=2 (x 6 micro-steps) from step 1" in log
+    assert "train.micro_batch=auto starts at micro_batch=2, the size the checkpoint trained at" in log
+    # another world size: the per-rank share differs, so the search starts again (8 -> 4 -> 2), once
+    (tmp_path / "cases.json").write_text(json.dumps([{"name": "resume", "where": "forward", "limit": 2,
+                                                      "resume": [4, 5]}]))
+    proc = run_torchrun(3, ["tests/oom_worker.py", str(tmp_path), str(tmp_path / "cases.json")], timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train.micro_batch=auto searches again" in (run_dir / "logs" / "rank0.log").read_text()
+    assert proc.stderr.count("out of memory at step") == 2
+    assert json.loads((run_dir / "run.json").read_text())["plan"]["micro_batch"] == 2

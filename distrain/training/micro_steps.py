@@ -25,7 +25,7 @@ import torch
 
 from distrain import dist
 from distrain.config import BatchPlan
-from distrain.config.validation import smaller_plan
+from distrain.config.validation import auto_plan, smaller_plan
 from distrain.env import ProcessInfo
 from distrain.errors import ConfigError, OutOfMemoryError
 from distrain.strategies.base import Strategy
@@ -48,15 +48,17 @@ class MicroSteps:
     """Forward and backward of every micro-batch of a step; under micro_batch=auto, redone smaller on OOM."""
 
     def __init__(self, strategy: Strategy, objective: Objective, info: ProcessInfo, device: torch.device,
-                 plan: BatchPlan, timer: Any, log: logging.Logger, refetch: Callable[[int, BatchPlan], List[Any]]):
-        """``refetch(step, plan)``: the step's micro-batches for this rank again, cut at ``plan``'s micro-batch."""
+                 plan: BatchPlan, timer: Any, log: logging.Logger, use_plan: Callable[[BatchPlan], None],
+                 fetch: Callable[[int], List[Any]]):
+        """``use_plan(plan)``: the run trains at ``plan`` from now on (its loader cuts steps anew); ``fetch(step)``:
+        this rank's micro-batches of ``step`` (again)."""
         if plan.auto and not strategy.retries_oom:
             raise ConfigError(f"train.micro_batch=auto is not supported by strategy.name={strategy.name!r}: it cannot "
                               f"bring a rank that ran out of memory back in step with its peers' collectives "
                               f"(docs/out-of-memory.md). Set a fixed train.micro_batch, or use ddp, zero1, "
                               f"accelerate or local_sgd.", key="train.micro_batch")
         self.strategy, self.objective, self.info, self.device = strategy, objective, info, device
-        self.plan, self.timer, self.log, self.refetch = plan, timer, log, refetch
+        self.plan, self.timer, self.log, self.use_plan, self.fetch = plan, timer, log, use_plan, fetch
         self._phase = PHASES[0]
 
     def run(self, step: int, batches: List[Any]) -> torch.Tensor:
@@ -75,7 +77,7 @@ class MicroSteps:
             batches = []  # the attempt's inputs go before the retry's arrive
             self._drop(step, failures, fatal)
             _set_rng_state(self.device, rng)  # dropout draws what it drew before the failed attempt
-            batches = self.refetch(step, self.plan)
+            batches = self.fetch(step)
 
     def _attempt(self, step: int, batches: List[Any]) -> Attempt:
         counts, total = self.objective.step_counts(batches)
@@ -132,8 +134,26 @@ class MicroSteps:
         self.log.warning(f"out of memory at step {step} with micro_batch={self.plan.micro_batch} on rank(s) "
                          f"{', '.join(str(f.rank) for f in failures)}: redoing the step at micro_batch="
                          f"{smaller.micro_batch} (x {smaller.grad_accum} micro-steps)")
-        self.plan = smaller
-        self.strategy.use_plan(smaller)
+        self._switch(smaller)
+
+    def _switch(self, plan: BatchPlan) -> None:
+        self.plan = plan
+        self.strategy.use_plan(plan)
+        self.use_plan(plan)
+
+    def resume(self, micro_batch: Optional[int], world_size: int) -> None:
+        """A resumed micro_batch=auto run starts at the size its checkpoint trained at, if saved at this world size
+        (the per-rank share is the same); at another world size the search starts again."""
+        if not self.plan.auto or micro_batch is None:
+            return
+        if world_size != self.plan.world_size:
+            self.log.info(f"resume: train.micro_batch=auto searches again (the checkpoint trained at micro_batch="
+                          f"{micro_batch} at world size {world_size}; now {self.plan.world_size})")
+            return
+        if micro_batch < self.plan.micro_batch:
+            self._switch(auto_plan(self.plan.global_batch, self.plan.world_size, micro_batch))
+        self.log.info(f"resume: train.micro_batch=auto starts at micro_batch={self.plan.micro_batch}, the size the "
+                      f"checkpoint trained at")
 
     def _paragraph(self, failures: List[Failure], step: int, why: str) -> str:
         return oom_paragraph(failures, step, self.plan.micro_batch, self.device.type, self.strategy.name,

@@ -177,7 +177,7 @@ class Trainer:
                                    step_fn=step_fn, frozen=frozen, items=items, metrics=metrics,
                                    default_items=default_items(spec) if default_loss else None, sample=self._sample)
         self.micro_steps = MicroSteps(self.strategy, self.objective, self.info, self.device, self.plan, self.timer,
-                                      self.log, refetch=self._refetch)
+                                      self.log, use_plan=self._use_plan, fetch=self._step_batches)
         self._resources.callback(self.strategy.teardown)  # before setup: a half-built engine is released too
         self.strategy.setup(module)
         self.evaluator = Evaluator(self.objective, self.strategy, self.eval_data, self.loader_options, self.info,
@@ -202,7 +202,9 @@ class Trainer:
         self._resources.callback(self.checkpointer.close)  # before the engine and the group: an async save needs both
         resume_from = self.checkpointer.resolve(self.settings.resume)  # auto | never | PATH, validated
         if resume_from is not None:
-            self.step = self.checkpointer.load(resume_from).step
+            state = self.checkpointer.load(resume_from)
+            self.step = state.step
+            self.micro_steps.resume(state.micro_batch, state.world_size)  # micro_batch=auto: the size found
             note = finished_note(self.cfg, self.step) if self.info.is_main else None
             if note:  # a finished run started again
                 self.log.warning(note)
@@ -250,11 +252,10 @@ class Trainer:
         train.micro_batch=auto a step that ran out of memory on any rank is redone smaller (micro_steps)."""
         return self.micro_steps.run(step, batches)
 
-    def _refetch(self, step: int, plan: BatchPlan) -> List[Any]:
-        """Step ``step``'s micro-batches again, cut at ``plan``'s micro-batch, which the run keeps from now on."""
+    def _use_plan(self, plan: BatchPlan) -> None:
+        """Train at ``plan``'s micro-batch from now on (micro_batch=auto): the loader cuts every step anew."""
         self.plan = plan
         self.loader.use_micro_batch(plan.micro_batch)
-        return self._step_batches(step)
 
     def fit(self) -> Dict[str, Any]:
         """Train to ``train.steps``; returns the final metrics (identical on every rank)."""
@@ -287,6 +288,7 @@ class Trainer:
             self.faults.step_started(self.step)  # the watchdog's "last seen" for this rank
             loss_sum = self.train_step(self.step)  # split, train, update, sync
             self.step += 1
+            report.plan_used(self.step, self.plan)  # micro_batch=auto: the size it trains at, once per change
             window.step_done()
             if self.step == first_step + 1:  # the optimizer state now exists
                 self._log_memory()
