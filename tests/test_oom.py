@@ -14,11 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import REPO, run_cli, run_torchrun
 from distrain.config import batch_plan, load_config
 from distrain.config.validation import smaller_plan
 from distrain.errors import ConfigError
+from distrain.training.trainer import Trainer
+from oom_injection import IndexedData, OOMNet
 
 TINY_BUCKETS = "strategy.kwargs.bucket_cap_mb=0.0001"  # one bucket per parameter or two: some launch before the OOM
 CASES = {  # where: (overrides, after): micro_batch_max=4 gives 2 micro-steps at the first size tried
@@ -100,10 +103,10 @@ def _train_cli(tmp_path: Path, *overrides: str):
 def test_an_oom_that_cannot_be_retried_ends_in_one_paragraph(tmp_path, overrides, size):
     proc = _train_cli(tmp_path, *overrides)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    paragraph = [line for line in proc.stderr.splitlines() if "Out of memory at step 0" in line]
-    assert paragraph, proc.stderr[-3000:]
-    assert f"train.micro_batch={size}" in paragraph[0] and "rank 1 in the forward of micro-step 0" in paragraph[0]
-    assert "Traceback" not in proc.stderr.split("Out of memory at step 0")[0][-2000:]
+    text = " ".join(proc.stderr.split())  # the CLI wraps its paragraph
+    assert (f"Out of memory at step 0 with train.micro_batch={size} (strategy ddp): rank 1 in the forward "
+            f"of micro-step 0") in text, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("strategy", ["fsdp"])
@@ -138,3 +141,15 @@ def test_the_size_found_is_recorded_and_a_resume_starts_from_it_at_the_same_worl
     assert "train.micro_batch=auto searches again" in (run_dir / "logs" / "rank0.log").read_text()
     assert proc.stderr.count("out of memory at step") == 2
     assert json.loads((run_dir / "run.json").read_text())["plan"]["micro_batch"] == 2
+
+
+def test_memory_snapshot_on_a_cpu_run_is_accepted_and_said_once(tmp_path, one_thread):
+    cfg = {"train": {"global_batch": 8, "steps": 2, "micro_batch": "auto", "log_every": 1},
+           "strategy": {"name": "single"}, "metrics": {"progress": "none", "memory_snapshot": True},
+           "checkpoint": {"at_end": False}, "run": {"dir": str(tmp_path), "name": "snap"}}
+    with Trainer(cfg, model=OOMNet(limit=2, where="forward"), train_data=IndexedData(), loss_fn=F.mse_loss) as trainer:
+        trainer.fit()
+        assert trainer.plan.micro_batch == 2  # 8 -> 4 -> 2 in one process too (strategy single)
+    log = (tmp_path / "snap" / "logs" / "rank0.log").read_text()
+    assert log.count("metrics.memory_snapshot=true records the CUDA allocator's history; this run is on cpu") == 1
+    assert not (tmp_path / "snap" / "memory").exists()

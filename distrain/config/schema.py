@@ -163,6 +163,9 @@ class MetricsConfig:
     tracker_timeout_s: float = 10.0
     progress: str = "auto"  # auto (bar on a TTY, plain lines otherwise) | bar | plain | none
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look up a table, or skip
+    # Record the CUDA allocator's history and, on an out-of-memory error, write it to
+    # <run dir>/memory/oom_rank<R>_step<S>.pickle (open it at https://pytorch.org/memory_viz); nothing on a CPU
+    memory_snapshot: bool = False
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
@@ -31,8 +32,8 @@ from distrain.errors import ConfigError, OutOfMemoryError
 from distrain.strategies.base import Strategy
 from distrain.telemetry.logs import FILE_ONLY
 from distrain.training.objective import Objective
-from distrain.training.oom import FATAL, OK, PHASES, RETRY, Failure, MemoryFigures, is_oom, oom_paragraph, \
-    release_memory
+from distrain.training.oom import FATAL, OK, PHASES, RETRY, Failure, MemoryFigures, Snapshots, is_oom, \
+    oom_paragraph, release_memory
 
 
 @dataclass
@@ -49,9 +50,9 @@ class MicroSteps:
 
     def __init__(self, strategy: Strategy, objective: Objective, info: ProcessInfo, device: torch.device,
                  plan: BatchPlan, timer: Any, log: logging.Logger, use_plan: Callable[[BatchPlan], None],
-                 fetch: Callable[[int], List[Any]]):
+                 fetch: Callable[[int], List[Any]], snapshots: Optional[Path] = None):
         """``use_plan(plan)``: the run trains at ``plan`` from now on (its loader cuts steps anew); ``fetch(step)``:
-        this rank's micro-batches of ``step`` (again)."""
+        this rank's micro-batches of ``step`` (again). ``snapshots``: where metrics.memory_snapshot writes."""
         if plan.auto and not strategy.retries_oom:
             raise ConfigError(f"train.micro_batch=auto is not supported by strategy.name={strategy.name!r}: it cannot "
                               f"bring a rank that ran out of memory back in step with its peers' collectives "
@@ -60,6 +61,7 @@ class MicroSteps:
         self.strategy, self.objective, self.info, self.device = strategy, objective, info, device
         self.plan, self.timer, self.log, self.use_plan, self.fetch = plan, timer, log, use_plan, fetch
         self._phase = PHASES[0]
+        self.snapshots = Snapshots(snapshots, device, log)
 
     def run(self, step: int, batches: List[Any]) -> torch.Tensor:
         """This rank's share of step ``step``'s objective, its gradients accumulated (and synchronised)."""
@@ -93,6 +95,7 @@ class MicroSteps:
                 self.log.error(f"rank {self.info.rank}: out of memory at step {step}, micro-step {i} "
                                f"(micro_batch={self.plan.micro_batch}, {self._phase})", exc_info=True, extra=FILE_ONLY)
                 failure = Failure(self.info.rank, i, self._phase, MemoryFigures.of(self.device))
+                self.snapshots.write(self.info.rank, step)
                 break  # the error and its traceback (the activations) are released here
             loss = share if loss is None else loss + share
         else:
@@ -156,8 +159,9 @@ class MicroSteps:
                       f"checkpoint trained at")
 
     def _paragraph(self, failures: List[Failure], step: int, why: str) -> str:
+        snapshot = self.snapshots.path(failures[0].rank, step)
         return oom_paragraph(failures, step, self.plan.micro_batch, self.device.type, self.strategy.name,
-                             self.plan.auto, why)
+                             self.plan.auto, why, str(snapshot) if snapshot else None)
 
 
 def _rng_state(device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -8,7 +8,9 @@ the rank's log only (the CLI prints the paragraph).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -60,6 +62,28 @@ class Failure:
     micro: int  # the micro-step's index in the step
     phase: str  # forward | backward
     memory: MemoryFigures
+
+
+class Snapshots:
+    """metrics.memory_snapshot: the CUDA allocator's history, recorded from the start and written on an OOM."""
+
+    def __init__(self, directory: Optional[Path], device: torch.device, log: logging.Logger):
+        self.directory = directory if directory is not None and device.type == "cuda" else None
+        if directory is not None and self.directory is None:
+            log.warning(f"metrics.memory_snapshot=true records the CUDA allocator's history; this run is on "
+                        f"{device.type}, so no snapshot is recorded")
+        if self.directory is not None:
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
+
+    def path(self, rank: int, step: int) -> Optional[Path]:
+        return None if self.directory is None else self.directory / f"oom_rank{rank}_step{step}.pickle"
+
+    def write(self, rank: int, step: int) -> None:
+        """This rank's allocator history now, while the failed attempt's memory is still held."""
+        path = self.path(rank, step)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.cuda.memory._dump_snapshot(str(path))
 
 
 def release_memory(device: torch.device) -> None:

@@ -177,7 +177,8 @@ class Trainer:
                                    step_fn=step_fn, frozen=frozen, items=items, metrics=metrics,
                                    default_items=default_items(spec) if default_loss else None, sample=self._sample)
         self.micro_steps = MicroSteps(self.strategy, self.objective, self.info, self.device, self.plan, self.timer,
-                                      self.log, use_plan=self._use_plan, fetch=self._step_batches)
+                                      self.log, use_plan=self._use_plan, fetch=self._step_batches,
+                                      snapshots=self.run_dir / "memory" if self.cfg.metrics.memory_snapshot else None)
         self._resources.callback(self.strategy.teardown)  # before setup: a half-built engine is released too
         self.strategy.setup(module)
         self.evaluator = Evaluator(self.objective, self.strategy, self.eval_data, self.loader_options, self.info,
