@@ -153,3 +153,16 @@ def test_memory_snapshot_on_a_cpu_run_is_accepted_and_said_once(tmp_path, one_th
     log = (tmp_path / "snap" / "logs" / "rank0.log").read_text()
     assert log.count("metrics.memory_snapshot=true records the CUDA allocator's history; this run is on cpu") == 1
     assert not (tmp_path / "snap" / "memory").exists()
+
+
+def test_plan_says_which_micro_batch_each_strategy_fits_in_the_device_memory():
+    proc = run_cli(["plan", "configs/gpt.yaml", "--world", "2", "--device-memory-gb", "0.006"])
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split("  ")[0].strip(): line.split()[-1] for line in proc.stdout.splitlines()
+            if line.startswith(("ddp ", "fsdp (full shard)"))}
+    # gpt: 1.21 MiB of activations per sample; ddp's 1.78 MiB of states leave room for 3 (a divisor of 16: 2),
+    # fsdp's full shard 1.08 MiB for 4
+    assert rows == {"ddp": "2", "fsdp (full shard)": "4"}
+    assert "measured on the meta device" in proc.stdout
+    bad = run_cli(["plan", "configs/gpt.yaml", "--world", "2", "--device-memory-gb", "0"])
+    assert bad.returncode == 2 and "--device-memory-gb 0 is not allowed" in bad.stderr
