@@ -109,12 +109,12 @@ def test_an_oom_that_cannot_be_retried_ends_in_one_paragraph(tmp_path, overrides
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("strategy", ["fsdp"])
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
 def test_auto_is_refused_where_a_strategy_cannot_redo_a_step(tmp_path, strategy):
     proc = run_cli(["train", str(REPO / "configs" / "quickstart.yaml"), f"run.dir={tmp_path}", "train.steps=1",
                     f"strategy.name={strategy}", "train.micro_batch=auto", "metrics.progress=none"])
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"train.micro_batch=auto is not supported by strategy.name='{strategy}'" in proc.stderr
+    assert f"train.micro_batch=auto is not supported by strategy.name='{strategy}'" in " ".join(proc.stderr.split())
 
 
 def test_the_size_found_is_recorded_and_a_resume_starts_from_it_at_the_same_world_size(tmp_path):
@@ -166,3 +166,11 @@ def test_plan_says_which_micro_batch_each_strategy_fits_in_the_device_memory():
     assert "measured on the meta device" in proc.stdout
     bad = run_cli(["plan", "configs/gpt.yaml", "--world", "2", "--device-memory-gb", "0"])
     assert bad.returncode == 2 and "--device-memory-gb 0 is not allowed" in bad.stderr
+
+
+@pytest.mark.bench
+def test_auto_micro_benchmark_smoke_run(tmp_path):
+    proc = run_cli(["bench", "auto_micro", "--smoke", "--out-dir", str(tmp_path)], timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    result = json.loads(next(tmp_path.glob("*-smoke-auto_micro.json")).read_text())["suites"]["auto_micro"]
+    assert result["micro_batch"] == {"fixed": 8, "auto": 8} and result["ratio"]["ratio"] > 0

@@ -82,6 +82,8 @@ class Strategy(abc.ABC):
     # strategy brings a rank that failed mid-step back in step with its peers' gradient collectives
     # (join_gradient_sync), drops the step (drop_step) and trains at another micro-batch (use_plan).
     retries_oom = False
+    # Why it cannot, for the one-paragraph refusal of train.micro_batch=auto.
+    no_oom_retry = "it cannot bring a rank that ran out of memory back in step with its peers' collectives"
 
     def __init__(self, ctx: StrategyContext):
         self.ctx = ctx

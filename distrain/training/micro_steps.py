@@ -54,10 +54,9 @@ class MicroSteps:
         """``use_plan(plan)``: the run trains at ``plan`` from now on (its loader cuts steps anew); ``fetch(step)``:
         this rank's micro-batches of ``step`` (again). ``snapshots``: where metrics.memory_snapshot writes."""
         if plan.auto and not strategy.retries_oom:
-            raise ConfigError(f"train.micro_batch=auto is not supported by strategy.name={strategy.name!r}: it cannot "
-                              f"bring a rank that ran out of memory back in step with its peers' collectives "
-                              f"(docs/out-of-memory.md). Set a fixed train.micro_batch, or use ddp, zero1, "
-                              f"accelerate or local_sgd.", key="train.micro_batch")
+            raise ConfigError(f"train.micro_batch=auto is not supported by strategy.name={strategy.name!r}: "
+                              f"{strategy.no_oom_retry} (docs/out-of-memory.md). Set a fixed train.micro_batch, or "
+                              f"use ddp, zero1, accelerate or local_sgd.", key="train.micro_batch")
         self.strategy, self.objective, self.info, self.device = strategy, objective, info, device
         self.plan, self.timer, self.log, self.use_plan, self.fetch = plan, timer, log, use_plan, fetch
         self._phase = PHASES[0]

@@ -249,8 +249,7 @@ class Trainer:
         return self.loader.micro_batches(step)  # torch's DataLoader: workers, pinned memory, the next step prefetched
 
     def _forward_backward(self, step: int, batches: List[Any]) -> torch.Tensor:
-        """Forward and backward every micro-batch, each as its share of the global-batch mean; under
-        train.micro_batch=auto a step that ran out of memory on any rank is redone smaller (micro_steps)."""
+        """Every micro-batch's forward and backward; micro_batch=auto redoes an OOM step smaller (micro_steps)."""
         return self.micro_steps.run(step, batches)
 
     def _use_plan(self, plan: BatchPlan) -> None:
@@ -356,7 +355,9 @@ class Trainer:
     def load_checkpoint(self, path: Union[str, Path]) -> None:
         """Load model, optimizer and trainer state from a checkpoint (or a run's newest valid one), on every rank;
         training continues at its step, on exactly the next samples, at any world size."""
-        self.step = self.checkpointer.load(self.checkpointer.resolve_path(Path(path))).step
+        state = self.checkpointer.load(self.checkpointer.resolve_path(Path(path)))
+        self.step = state.step
+        self.micro_steps.resume(state.micro_batch, state.world_size)
 
     # --- results ---------------------------------------------------------------------------------------
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
