@@ -26,7 +26,7 @@ from distrain.strategies.base import Strategy, StrategyContext
 from distrain.config import BatchPlan
 from distrain.strategies.comm_hooks import BucketCapMB, ByteCounter, register_comm_hook
 from distrain.strategies.ddp import refuse_auto_with
-from distrain.strategies.ddp_join import BackwardJoin
+from distrain.strategies.ddp_join import BackwardJoin, Outcome
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -66,7 +66,7 @@ class AccelerateStrategy(Strategy):
         if isinstance(self.model, DistributedDataParallel):  # one process: Accelerate leaves the model unwrapped
             register_comm_hook(self.model, None, counter=self._sent)  # SUM, counted (see the module docstring)
             if self.ctx.plan.auto:
-                self._join = BackwardJoin(self.model)
+                self._join = BackwardJoin(self.model, self._sent)
 
     @property
     def comm_bytes(self) -> int:
@@ -101,6 +101,9 @@ class AccelerateStrategy(Strategy):
 
     def join_gradient_sync(self) -> bool:
         return self._join is None or self._join.join()
+
+    def outcome_channel(self) -> Optional[Outcome]:
+        return None if self._join is None else self._join.outcome
 
     def drop_step(self) -> None:
         self.optimizer.optimizer.zero_grad(set_to_none=True)  # Accelerate's wrapper only clears on a sync micro-step
@@ -149,6 +152,8 @@ class AccelerateStrategy(Strategy):
         return tensors
 
     def teardown(self) -> None:
+        if self._join is not None:
+            self._join.close()
         if self.accelerator is not None:
             # lazy: start-up: Accelerate takes seconds to import
             from accelerate.state import AcceleratorState, GradientState

@@ -163,6 +163,12 @@ class Strategy(abc.ABC):
         recoverable). Here: nothing to issue (no collective rides the backward)."""
         return True
 
+    def outcome_channel(self) -> Optional[Any]:
+        """Where a step attempt's outcome rides behind the last gradient collective (DDP: ddp_join.Outcome, with
+        ``set(row)`` before the last backward and ``result()`` after it), so micro_batch=auto costs no collective
+        of its own; None: distrain.training.micro_steps all-reduces the outcome itself."""
+        return None
+
     def drop_step(self) -> None:
         """Drop a failed step's gradients, on every rank alike: the step is redone from its first micro-step."""
         self.optimizer.zero_grad(set_to_none=True)

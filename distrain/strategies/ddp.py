@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distrain.config import BatchPlan
 from distrain.errors import ConfigError
-from distrain.strategies.ddp_join import BackwardJoin
+from distrain.strategies.ddp_join import BackwardJoin, Outcome
 from distrain.strategies.placement import Layout
 from distrain.strategies.base import Strategy, StrategyContext
 from distrain.strategies.comm_hooks import BucketCapMB, ByteCounter, PowerSGDRank, register_comm_hook
@@ -74,7 +74,7 @@ class DDPStrategy(Strategy):
         ddp = DistributedDataParallel(model, device_ids=device_ids, **self.ddp_kwargs)
         self.grad_reduction = register_comm_hook(ddp, self.comm_hook, self.powersgd_rank, self._sent)
         if self.ctx.plan.auto:
-            self._join = BackwardJoin(ddp)
+            self._join = BackwardJoin(ddp, self._sent)
         return ddp
 
     def setup(self, model: nn.Module) -> None:
@@ -90,6 +90,13 @@ class DDPStrategy(Strategy):
 
     def join_gradient_sync(self) -> bool:
         return self._join is None or self._join.join()
+
+    def outcome_channel(self) -> Optional[Outcome]:
+        return None if self._join is None else self._join.outcome
+
+    def teardown(self) -> None:
+        if self._join is not None:
+            self._join.close()
 
     def drop_step(self) -> None:
         super().drop_step()

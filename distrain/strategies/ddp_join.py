@@ -19,23 +19,62 @@ the step is dropped everywhere and redone. docs/out-of-memory.md has the whole p
 
 from __future__ import annotations
 
-from typing import List, Set
+from typing import List, Optional, Set
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from distrain.strategies.comm_hooks import ByteCounter
+
+
+class Outcome:
+    """Every rank's outcome of a step attempt (one row of numbers per rank), all-reduced right behind the last
+    gradient bucket of the syncing backward: the ranks are all in that collective already, so the outcome costs
+    no extra round trip of its own. A rank that failed sets its row before it joins (and so launches the last
+    bucket); a healthy rank's row says OK."""
+
+    def __init__(self, world_size: int, rank: int, device: torch.device):
+        self.world_size, self.rank, self.device = world_size, rank, device
+        self.rows = self.mine = torch.zeros(0)
+        self.work: Optional[dist.Work] = None
+
+    def set(self, row: List[float]) -> None:
+        """This rank's numbers for the next launch (a list of the same length on every rank)."""
+        if self.mine.numel() != len(row):  # the buffers, allocated once
+            self.mine = torch.zeros(len(row), dtype=torch.float64, device=self.device)
+            self.rows = torch.zeros(self.world_size, len(row), dtype=torch.float64, device=self.device)
+        self.mine.copy_(torch.tensor(row, dtype=torch.float64))
+
+    def launch(self) -> None:
+        """From the comm hook of the backward's last bucket."""
+        self.rows.zero_()
+        self.rows[self.rank] = self.mine
+        self.work = dist.all_reduce(self.rows, async_op=True)
+
+    def result(self) -> Optional[List[List[float]]]:
+        """The rows, once the all-reduce is done; None if no last bucket was launched in this attempt."""
+        work, self.work = self.work, None
+        if work is None:
+            return None
+        work.wait()
+        return self.rows.tolist()
 
 
 class BackwardJoin:
     """Tracks which parameters' gradients the current syncing backward has accumulated, and joins the rest."""
 
-    def __init__(self, model: DistributedDataParallel):
+    def __init__(self, model: DistributedDataParallel, counter: ByteCounter):
+        """``counter``: the byte counter DDP's comm hook reports to; the outcome rides behind its last bucket."""
         self.model = model
+        self.outcome = Outcome(dist.get_world_size(), dist.get_rank(), next(model.parameters()).device)
+        counter.after_last = self.outcome.launch
         self.params: List[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
         self.ready: Set[int] = set()
         self.armed = False  # whether the micro-step under way is the syncing (last) one
-        for p in self.params:  # runs just before DDP's own hook on the gradient accumulator
-            p.register_post_accumulate_grad_hook(self._accumulated)
+        # runs just before DDP's own hook on the gradient accumulator
+        self.handles = [p.register_post_accumulate_grad_hook(self._accumulated) for p in self.params]
 
     def _accumulated(self, param: torch.Tensor) -> None:
         self.ready.add(id(param))
@@ -56,6 +95,12 @@ class BackwardJoin:
         for p in missing:  # one parameter at a time: one gradient-sized zero tensor alive at once
             torch.autograd.backward(p, torch.zeros_like(p))
         return True
+
+    def close(self) -> None:
+        """Remove the hooks: the model may be trained again, by another Trainer."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
     def reset(self) -> None:
         """Before the step is redone: every rank broadcasts buffers in its next forward alike (DDP decides it

@@ -72,7 +72,7 @@ class MicroSteps:
         rng = _rng_state(self.device)
         while True:
             attempt = self._attempt(step, batches)
-            failures, fatal = self._agree(attempt)
+            failures, fatal = self._agree(step, attempt)
             if not failures:
                 return attempt.loss
             batches = []  # the attempt's inputs go before the retry's arrive
@@ -81,6 +81,9 @@ class MicroSteps:
             batches = self.fetch(step)
 
     def _attempt(self, step: int, batches: List[Any]) -> Attempt:
+        channel = self.strategy.outcome_channel() if self.plan.auto else None
+        if channel is not None:
+            channel.set(_row(None))
         counts, total = self.objective.step_counts(batches)
         self.objective.check_items(counts, step, self.info.rank)
         loss: Optional[torch.Tensor] = None
@@ -99,7 +102,10 @@ class MicroSteps:
             loss = share if loss is None else loss + share
         else:
             return Attempt(loss, None)
-        # the last micro-step's gradient collectives: the peers are in them (or will be); join them
+        # the last micro-step's gradient collectives: the peers are in them (or will be); join them, the outcome
+        # riding behind them where the strategy carries it
+        if channel is not None:
+            channel.set(_row(failure))
         joined = self.plan.auto and self.strategy.join_gradient_sync()
         return Attempt(None, failure, joined)
 
@@ -112,14 +118,18 @@ class MicroSteps:
             self.strategy.backward(micro.loss, micro.scale)  # gradient sync rides the last backward
         return micro.share
 
-    def _agree(self, attempt: Attempt) -> Tuple[List[Failure], bool]:
-        """Every rank's outcome of the attempt (one all-reduce of a few numbers per rank): the failures, and
-        whether any of them cannot be retried."""
+    def _agree(self, step: int, attempt: Attempt) -> Tuple[List[Failure], bool]:
+        """Every rank's outcome of the attempt: the failures, and whether any of them cannot be retried. It rode
+        behind the last gradient bucket (DDP), or costs one all-reduce of a few numbers per rank."""
         mine = attempt.failure
-        code = OK if mine is None else RETRY if attempt.joined else FATAL
-        row = [float(code), float(mine.micro if mine else 0), float(PHASES.index(mine.phase) if mine else 0),
-               *(mine.memory.as_list() if mine else MemoryFigures().as_list())]
-        rows = dist.per_rank_vector(torch.tensor(row, dtype=torch.float64, device=self.device))
+        channel = self.strategy.outcome_channel()
+        if channel is not None:
+            if mine is not None and not attempt.joined:  # its OK row already left with the last bucket: end here
+                raise OutOfMemoryError(self._paragraph([mine], step, _TOO_LATE))
+            rows = channel.result()
+        else:
+            row = _row(mine, FATAL if mine is not None and not attempt.joined else RETRY)
+            rows = dist.per_rank_vector(torch.tensor(row, dtype=torch.float64, device=self.device))
         failures = [Failure(rank, int(r[1]), PHASES[int(r[2])], MemoryFigures(*r[3:7]))
                     for rank, r in enumerate(rows) if r[0] != OK]
         return failures, any(r[0] == FATAL for r in rows)
@@ -130,8 +140,7 @@ class MicroSteps:
         release_memory(self.device)
         smaller = None if fatal else smaller_plan(self.plan)
         if smaller is None:
-            why = ("It struck after the last gradient was reduced, where the step cannot be redone." if fatal
-                   else "train.micro_batch=auto has no smaller micro-batch to try.")
+            why = _TOO_LATE if fatal else "train.micro_batch=auto has no smaller micro-batch to try."
             raise OutOfMemoryError(self._paragraph(failures, step, why))
         self.log.warning(f"out of memory at step {step} with micro_batch={self.plan.micro_batch} on rank(s) "
                          f"{', '.join(str(f.rank) for f in failures)}: redoing the step at micro_batch="
@@ -161,6 +170,16 @@ class MicroSteps:
         snapshot = self.snapshots.path(failures[0].rank, step)
         return oom_paragraph(failures, step, self.plan.micro_batch, self.device.type, self.strategy.name,
                              self.plan.auto, why, str(snapshot) if snapshot else None)
+
+
+_TOO_LATE = "It struck after the last gradient was reduced, where the step cannot be redone."
+
+
+def _row(failure: Optional[Failure], code: int = RETRY) -> List[float]:
+    """This rank's 7 numbers in the outcome all-reduce: OK, or ``code`` and where it failed."""
+    if failure is None:
+        return [float(OK), 0.0, 0.0, *MemoryFigures().as_list()]
+    return [float(code), float(failure.micro), float(PHASES.index(failure.phase)), *failure.memory.as_list()]
 
 
 def _rng_state(device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
