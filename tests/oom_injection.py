@@ -38,12 +38,14 @@ class OOMNet(nn.Module):
     """where: forward | backward (the first micro-step of a step, not the last) | last_backward | none."""
 
     def __init__(self, limit: int = 10**9, where: str = "none", rank: int = 0, per_rank: int = 8, seed: int = 0,
-                 after: int = 0):
+                 after: int = 0, dropout: float = 0.0):
         """``after``: training forwards that run before the injection arms (so a later step, after DDP has
-        rebuilt its buckets in backward order, is the one that fails)."""
+        rebuilt its buckets in backward order, is the one that fails). ``dropout``: after the second layer, so a
+        redone step only matches if it draws the random numbers the failed attempt drew."""
         super().__init__()
         torch.manual_seed(seed)
         self.l1, self.l2, self.l3 = nn.Linear(FEATURES, 16), nn.Linear(16, 16), nn.Linear(16, 1)
+        self.dropout = nn.Dropout(dropout)
         self.limit, self.where, self.rank, self.per_rank, self.after = limit, where, rank, per_rank, after
         self.calls: Counter = Counter()
         self.records: List[List[int]] = []  # [size, index...] per training forward, in order
@@ -62,7 +64,7 @@ class OOMNet(nn.Module):
         fail_backward = armed and ((self.where == "backward" and micro == 0 and self.per_rank // size > 1)
                                    or (self.where == "last_backward" and micro == self.per_rank // size - 1))
         h = _Inject.apply(torch.relu(self.l1(x[:, 1:])), fail_backward)
-        return self.l3(torch.relu(self.l2(h))).squeeze(-1)
+        return self.l3(self.dropout(torch.relu(self.l2(h)))).squeeze(-1)
 
 
 class IndexedData(Dataset):

@@ -48,18 +48,20 @@ def main(out: Path, cases: list) -> None:
     world, rank = torch_dist.get_world_size(), torch_dist.get_rank()
     for case in cases:
         if case.get("resume"):  # [S, T]: train to step S (and save), then on to T from the checkpoint, both auto
-            net, (steps, more), batch = OOMNet(case["limit"], case["where"], world - 1, 24 // world), case["resume"], 24
-            first = train(out, case["name"], ["train.micro_batch=auto"], net, steps=steps, global_batch=batch)
-            second = train(out, case["name"], ["train.micro_batch=auto"], net, steps=more, global_batch=batch)
+            net, (steps, more) = OOMNet(case["limit"], case["where"], world - 1, 24 // world), case["resume"]
+            first = train(out, case["name"], ["train.micro_batch=auto"], net, steps=steps, global_batch=24)
+            second = train(out, case["name"], ["train.micro_batch=auto"], net, steps=more, global_batch=24)
             (out / f"{case['name']}.w{world}.rank{rank}.json").write_text(json.dumps({"first": first,
                                                                                        "second": second}))
             continue
         limit, strategy = case["limit"], [f"strategy.name={case['strategy']}", *case.get("overrides", [])]
         auto = train(out, f"{case['name']}-auto", ["train.micro_batch=auto", *strategy],
-                     OOMNet(limit, case["where"], world - 1, PER_RANK, after=case.get("after", 0)))
+                     OOMNet(limit, case["where"], world - 1, PER_RANK, after=case.get("after", 0),
+                            dropout=case.get("dropout", 0.0)))
         fixed = {} if case.get("auto_only") else train(out, f"{case['name']}-fixed", [f"train.micro_batch={limit}",
                                                                                      *strategy],
-                                                         OOMNet(limit, "none", world - 1, PER_RANK))
+                                                         OOMNet(limit, "none", world - 1, PER_RANK,
+                                                                dropout=case.get("dropout", 0.0)))
         (out / f"{case['name']}.rank{rank}.json").write_text(json.dumps({"auto": auto, "fixed": fixed}))
         torch_dist.barrier()
     torch_dist.destroy_process_group()

@@ -60,7 +60,10 @@ def _cases(strategies):
             if strategy == "local_sgd" and where != "last_backward":
                 continue  # nothing rides its backward: one injection point covers it
             cases.append({"name": f"{strategy}-{where}", "strategy": strategy, "where": where, "limit": 2,
-                          "after": after * (1 if where != "last_backward" else 1),
+                          "after": after,
+                          # dropout draws per micro-batch, so only runs cut alike from the start can match: the
+                          # redone step must draw what the failed attempt drew (its random state put back)
+                          "dropout": 0.0 if after else 0.3,
                           "overrides": [*STRATEGIES[strategy], *overrides,
                                         *(["train.micro_batch_max=4"] if after else [])]})
     return cases
