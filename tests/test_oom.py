@@ -177,3 +177,25 @@ def test_auto_micro_benchmark_smoke_run(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     result = json.loads(next(tmp_path.glob("*-smoke-auto_micro.json")).read_text())["suites"]["auto_micro"]
     assert result["micro_batch"] == {"fixed": 8, "auto": 8} and result["ratio"]["ratio"] > 0
+
+
+# A gpt whose activations need ~2 GiB a sample (embed 4096 x 4 blocks of 2048 tokens): 64 samples a step cannot fit
+# on one GPU; SGD keeps its model states near 7 GiB.
+BIG_GPT = ["model.kwargs.embed=4096", "model.kwargs.heads=32", "model.kwargs.layers=4", "data.kwargs.block_size=2048",
+           "train.global_batch=64", "train.optimizer=sgd", "train.steps=2", "train.eval_every=0", "train.warmup_steps=0",
+           "strategy.name=single", "metrics.progress=none", "metrics.memory_snapshot=true"]
+
+
+@pytest.mark.gpu
+def test_a_real_cuda_oom_is_retried_with_auto_and_reported_with_a_fixed_micro_batch(tmp_path):
+    """Never run here (no GPU was lent to issue 19's work): the real CUDA path of docs/out-of-memory.md."""
+    proc = run_cli(["train", str(REPO / "configs" / "gpt.yaml"), f"run.dir={tmp_path}", "run.name=auto",
+                    "train.micro_batch=auto", *BIG_GPT], gpu=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads((tmp_path / "auto" / "run.json").read_text())["plan"]["micro_batch"]
+    assert found < 64 and (tmp_path / "auto" / "memory" / "oom_rank0_step0.pickle").stat().st_size > 0
+    fixed = run_cli(["train", str(REPO / "configs" / "gpt.yaml"), f"run.dir={tmp_path}", "run.name=fixed",
+                     "train.micro_batch=64", *BIG_GPT], gpu=True, timeout=1200)
+    text = " ".join(fixed.stderr.split())
+    assert fixed.returncode == 1 and "Out of memory at step 0 with train.micro_batch=64" in text, text[-3000:]
+    assert "GiB allocated" in text and "oom_rank0_step0.pickle" in text and "Traceback" not in fixed.stderr
