@@ -13,7 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 
