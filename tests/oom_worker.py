@@ -46,12 +46,14 @@ def main(out: Path, cases: list) -> None:
     torch_dist.init_process_group("gloo")
     world, rank = torch_dist.get_world_size(), torch_dist.get_rank()
     for case in cases:
-        if case.get("resume"):  # [S, T]: train to step S (and save), then on to T from the checkpoint, both auto
-            net, (steps, more) = OOMNet(case["limit"], case["where"], world - 1, 24 // world), case["resume"]
-            first = train(out, case["name"], ["train.micro_batch=auto"], net, steps=steps, global_batch=24)
-            second = train(out, case["name"], ["train.micro_batch=auto"], net, steps=more, global_batch=24)
-            (out / f"{case['name']}.w{world}.rank{rank}.json").write_text(json.dumps({"first": first,
-                                                                                       "second": second}))
+        if case.get("resume"):  # [S, T]: train to step S (and save), then on to T from the checkpoint: auto, fixed
+            runs = {}
+            for mode, micro, where in (("auto", "auto", case["where"]), ("fixed", case["limit"], "none")):
+                net, (steps, more) = OOMNet(case["limit"], where, world - 1, 24 // world), case["resume"]
+                name, overrides = f"{case['name']}-{mode}", [f"train.micro_batch={micro}"]
+                runs[f"{mode}_first"] = train(out, name, overrides, net, steps=steps, global_batch=24)
+                runs[mode] = train(out, name, overrides, net, steps=more, global_batch=24)
+            (out / f"{case['name']}.w{world}.rank{rank}.json").write_text(json.dumps(runs))
             continue
         limit, strategy = case["limit"], [f"strategy.name={case['strategy']}", *case.get("overrides", [])]
         auto = train(out, f"{case['name']}-auto", ["train.micro_batch=auto", *strategy],

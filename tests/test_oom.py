@@ -126,7 +126,7 @@ def test_the_size_found_is_recorded_and_a_resume_starts_from_it_at_the_same_worl
     env = {"PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
     proc = run_torchrun(2, ["tests/oom_worker.py", str(tmp_path), str(tmp_path / "cases.json")], timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "resume"
+    run_dir = tmp_path / "runs" / "resume-auto"
     assert json.loads((run_dir / "run.json").read_text())["plan"]["micro_batch"] == 2
     changes = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "micro_batch" in r]
     assert changes[0] == {"step": 1, "micro_batch": 2, "grad_accum": 6}
@@ -144,6 +144,9 @@ def test_the_size_found_is_recorded_and_a_resume_starts_from_it_at_the_same_worl
     assert "train.micro_batch=auto searches again" in (run_dir / "logs" / "rank0.log").read_text()
     assert proc.stderr.count("out of memory at step") == 2
     assert json.loads((run_dir / "run.json").read_text())["plan"]["micro_batch"] == 2
+    # and it stays the trajectory of the run at the fixed size it found, through both resumes
+    runs = json.loads((tmp_path / "resume.w3.rank0.json").read_text())
+    assert _max_rel(runs["auto"]["weights"], runs["fixed"]["weights"]) <= 1e-5
 
 
 def test_memory_snapshot_on_a_cpu_run_is_accepted_and_said_once(tmp_path, one_thread):
