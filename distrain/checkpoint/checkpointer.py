@@ -227,7 +227,7 @@ class Checkpointer:
             strategy=self.strategy.name, engine_checkpoint=bool(self.strategy.engine_checkpoint),
             config=to_container(self.cfg), config_hash=config_hash(self.cfg), model=self.model_info,
             data_spec=self.data_spec, versions=versions(), reason=reason, run_id=self.run_id,
-            data_fingerprint=self.data_fingerprint)
+            data_fingerprint=self.data_fingerprint, micro_batch=self.strategy.ctx.plan.micro_batch)
 
     def _commit(self, step: int, tmp: Path, final: Path, reason: str, started: float, gathered: List[tuple],
                 blocked_s: Optional[float], waited_s: float) -> None:

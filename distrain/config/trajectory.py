@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 # which change speed and memory, and the step at most by float rounding.
 RESUME_MAY_CHANGE = (
     "run.name", "run.dir", "train.steps", "train.resume", "train.resume_data", "train.log_every", "train.eval_every",
-    "train.micro_batch",
+    "train.micro_batch", "train.micro_batch_max",
     "data.eval_batch", "data.num_workers", "data.pin_memory", "data.prefetch_factor", "data.persistent_workers",
     "dist", "checkpoint", "metrics", "faults", "model.init", "train.compile", "train.compile_options",
     "train.activation_checkpointing", "train.blocks", "train.optimizer_impl",
