@@ -53,20 +53,20 @@ def test_micro_batch_values_refused_in_one_paragraph(value):
         load_config(None, [f"train.micro_batch={value}"])
 
 
-def _cases(strategies):
-    cases = []
-    for strategy in strategies:
-        for where, (overrides, after) in CASES.items():
-            if strategy == "local_sgd" and where != "last_backward":
-                continue  # nothing rides its backward: one injection point covers it
-            cases.append({"name": f"{strategy}-{where}", "strategy": strategy, "where": where, "limit": 2,
-                          "after": after,
-                          # dropout draws per micro-batch, so only runs cut alike from the start can match: the
-                          # redone step must draw what the failed attempt drew (its random state put back)
-                          "dropout": 0.0 if after else 0.3,
-                          "overrides": [*STRATEGIES[strategy], *overrides,
-                                        *(["train.micro_batch_max=4"] if after else [])]})
-    return cases
+def _case(strategy: str, where: str) -> dict:
+    overrides, after = CASES[where]
+    return {"name": f"{strategy}-{where}", "strategy": strategy, "where": where, "limit": 2, "after": after,
+            # dropout draws per micro-batch, so only runs cut alike from the start can match: the redone step
+            # must draw what the failed attempt drew (its random state put back)
+            "dropout": 0.0 if after else 0.3,
+            "overrides": [*STRATEGIES[strategy], *overrides, *(["train.micro_batch_max=4"] if after else [])]}
+
+
+# The default run keeps two cases, the protocol's two hard points: a DDP rank that fails in the last backward after
+# some buckets were all-reduced, and a redone step that must draw the dropout its failed attempt drew (zero1, in
+# the forward). -m slow runs the rest of the matrix, one launch per world size.
+REPRESENTATIVE = [("ddp", "last_backward"), ("zero1", "forward")]
+MATRIX = [(s, w) for s in ("ddp", "zero1", "accelerate") for w in CASES] + [("local_sgd", "last_backward")]
 
 
 def _max_rel(a: dict, b: dict) -> float:
@@ -77,10 +77,7 @@ def _max_rel(a: dict, b: dict) -> float:
     return worst
 
 
-@pytest.mark.parametrize("world,strategies", [(2, ["ddp", "zero1", "accelerate", "local_sgd"]),
-                                              pytest.param(3, ["ddp", "zero1", "accelerate"], marks=pytest.mark.slow)])
-def test_auto_after_an_injected_oom_equals_the_fixed_micro_batch(tmp_path, world, strategies):
-    cases = _cases(strategies)
+def _check_auto_equals_fixed(tmp_path: Path, world: int, cases: list) -> None:
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     proc = run_torchrun(world, ["tests/workers/oom_worker.py", str(tmp_path), str(tmp_path / "cases.json")],
                         timeout=900)
@@ -94,6 +91,17 @@ def test_auto_after_an_injected_oom_equals_the_fixed_micro_batch(tmp_path, world
     assert proc.stderr.count("out of memory at step") >= len(cases)
 
 
+def test_auto_after_an_injected_oom_equals_the_fixed_micro_batch(tmp_path):
+    _check_auto_equals_fixed(tmp_path, 2, [_case(*c) for c in REPRESENTATIVE])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_auto_equals_the_fixed_micro_batch_for_every_strategy_and_injection_point(tmp_path, world):
+    matrix = [c for c in MATRIX if world == 3 or c not in REPRESENTATIVE]
+    _check_auto_equals_fixed(tmp_path, world, [_case(*c) for c in matrix if world == 2 or c[0] != "local_sgd"])
+
+
 def _train_cli(tmp_path: Path, *overrides: str):
     return run_cli(["launch", "--nproc-per-node", "2", str(REPO / "configs" / "quickstart.yaml"),
                     f"run.dir={tmp_path}", "train.steps=2", "train.eval_every=0", "metrics.progress=none",
@@ -101,6 +109,7 @@ def _train_cli(tmp_path: Path, *overrides: str):
                     *overrides], timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides,size", [(["train.micro_batch=4", "model.kwargs.limit=2"], 4),
                                             (["train.micro_batch=auto", "model.kwargs.limit=0"], 1)])
 def test_an_oom_that_cannot_be_retried_ends_in_one_paragraph(tmp_path, overrides, size):
@@ -112,6 +121,7 @@ def test_an_oom_that_cannot_be_retried_ends_in_one_paragraph(tmp_path, overrides
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
 def test_auto_is_refused_where_a_strategy_cannot_redo_a_step(tmp_path, strategy):
     proc = run_cli(["train", str(REPO / "configs" / "quickstart.yaml"), f"run.dir={tmp_path}", "train.steps=1",
@@ -120,6 +130,7 @@ def test_auto_is_refused_where_a_strategy_cannot_redo_a_step(tmp_path, strategy)
     assert f"train.micro_batch=auto is not supported by strategy.name='{strategy}'" in " ".join(proc.stderr.split())
 
 
+@pytest.mark.slow
 def test_the_size_found_is_recorded_and_a_resume_starts_from_it_at_the_same_world_size(tmp_path):
     (tmp_path / "cases.json").write_text(json.dumps([{"name": "resume", "where": "forward", "limit": 2,
                                                       "resume": [2, 3]}]))
@@ -160,6 +171,7 @@ def test_memory_snapshot_on_a_cpu_run_is_accepted_and_said_once(tmp_path, one_th
     assert not (tmp_path / "snap" / "memory").exists()
 
 
+@pytest.mark.slow
 def test_plan_says_which_micro_batch_each_strategy_fits_in_the_device_memory():
     proc = run_cli(["plan", "configs/gpt.yaml", "--world", "2", "--device-memory-gb", "0.006"])
     assert proc.returncode == 0, proc.stderr
