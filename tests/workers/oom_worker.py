@@ -1,10 +1,11 @@
 """One rank of tests/test_oom.py's launch: every case of this world size in one process group.
 
-    torchrun --nproc-per-node W tests/oom_worker.py OUT_DIR CASES_JSON
+    torchrun --nproc-per-node W tests/workers/oom_worker.py OUT_DIR CASES_JSON
 CASES_JSON: [{"name", "strategy", "where", "limit", "overrides": [...]}, ...]. Each case trains twice: with
 train.micro_batch=auto and OOM injected above ``limit`` on the last rank, and with micro_batch=limit fixed and no
-injection. Writes each run's final weights and the samples of each step per rank; a run that ends in an error
-writes the error's class and message instead.
+injection; a case with "resume": [S, T] trains each mode to step S, then resumes it to T (global batch 24).
+Writes each run's final weights and the samples of each step per rank; a run that ends in an error writes the
+error's class and message instead.
 """
 
 from __future__ import annotations
@@ -16,18 +17,17 @@ from pathlib import Path
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 
+from distrain import dist
+from distrain.errors import DistrainError
+from distrain.training.trainer import Trainer
 from oom_injection import IndexedData, OOMNet, mark_steps, steps_seen
 
 PER_RANK = 8
 
 
 def train(out: Path, name: str, overrides: list, net: OOMNet, steps: int = 3, global_batch: int = 0) -> dict:
-    from distrain import dist
-    from distrain.errors import DistrainError
-    from distrain.training.trainer import Trainer
-
-    cfg = {"train": {"global_batch": global_batch or PER_RANK * torch_dist.get_world_size(), "steps": steps, "optimizer": "adamw",
-                     "lr": 0.05, "log_every": 1, "resume": "auto"},
+    cfg = {"train": {"global_batch": global_batch or PER_RANK * torch_dist.get_world_size(), "steps": steps,
+                     "optimizer": "adamw", "lr": 0.05, "log_every": 1, "resume": "auto"},
            "checkpoint": {"at_end": True}, "metrics": {"progress": "none"},
            "run": {"dir": str(out / "runs"), "name": name}}
     try:
@@ -46,26 +46,35 @@ def main(out: Path, cases: list) -> None:
     torch_dist.init_process_group("gloo")
     world, rank = torch_dist.get_world_size(), torch_dist.get_rank()
     for case in cases:
-        if case.get("resume"):  # [S, T]: train to step S (and save), then on to T from the checkpoint: auto, fixed
-            runs = {}
-            for mode, micro, where in (("auto", "auto", case["where"]), ("fixed", case["limit"], "none")):
-                net, (steps, more) = OOMNet(case["limit"], where, world - 1, 24 // world), case["resume"]
-                name, overrides = f"{case['name']}-{mode}", [f"train.micro_batch={micro}"]
-                runs[f"{mode}_first"] = train(out, name, overrides, net, steps=steps, global_batch=24)
-                runs[mode] = train(out, name, overrides, net, steps=more, global_batch=24)
-            (out / f"{case['name']}.w{world}.rank{rank}.json").write_text(json.dumps(runs))
-            continue
-        limit, strategy = case["limit"], [f"strategy.name={case['strategy']}", *case.get("overrides", [])]
-        auto = train(out, f"{case['name']}-auto", ["train.micro_batch=auto", *strategy],
-                     OOMNet(limit, case["where"], world - 1, PER_RANK, after=case.get("after", 0),
-                            dropout=case.get("dropout", 0.0)))
-        fixed = {} if case.get("auto_only") else train(out, f"{case['name']}-fixed", [f"train.micro_batch={limit}",
-                                                                                     *strategy],
-                                                         OOMNet(limit, "none", world - 1, PER_RANK,
-                                                                dropout=case.get("dropout", 0.0)))
-        (out / f"{case['name']}.rank{rank}.json").write_text(json.dumps({"auto": auto, "fixed": fixed}))
-        torch_dist.barrier()
-    torch_dist.destroy_process_group()
+        result = resume_case(out, case, world) if case.get("resume") else matrix_case(out, case, world)
+        (out / f"{case['name']}{f'.w{world}' if case.get('resume') else ''}.rank{rank}.json").write_text(
+            json.dumps(result))
+    # As the Trainer leaves a group it made: a barrier, then a GIL-free pause before the group goes. Destroying it
+    # right after the last all-gather (as this worker's resume cases did) let a rank that finished first close its
+    # gloo connections while a peer still read that all-gather's data: "Connection reset by peer" in gloo.
+    dist.leave_process_group(wait_for_peers=True)
+
+
+def resume_case(out: Path, case: dict, world: int) -> dict:
+    """[S, T]: train to step S (and save), then on to T from the checkpoint: auto, then fixed."""
+    runs = {}
+    for mode, micro, where in (("auto", "auto", case["where"]), ("fixed", case["limit"], "none")):
+        net, (steps, more) = OOMNet(case["limit"], where, world - 1, 24 // world), case["resume"]
+        name, overrides = f"{case['name']}-{mode}", [f"train.micro_batch={micro}"]
+        runs[f"{mode}_first"] = train(out, name, overrides, net, steps=steps, global_batch=24)
+        runs[mode] = train(out, name, overrides, net, steps=more, global_batch=24)
+    return runs
+
+
+def matrix_case(out: Path, case: dict, world: int) -> dict:
+    """micro_batch=auto with the OOM injected above ``limit`` on the last rank, and micro_batch=limit fixed."""
+    limit, strategy = case["limit"], [f"strategy.name={case['strategy']}", *case.get("overrides", [])]
+    dropout = case.get("dropout", 0.0)
+    auto = train(out, f"{case['name']}-auto", ["train.micro_batch=auto", *strategy],
+                 OOMNet(limit, case["where"], world - 1, PER_RANK, after=case.get("after", 0), dropout=dropout))
+    fixed = train(out, f"{case['name']}-fixed", [f"train.micro_batch={limit}", *strategy],
+                  OOMNet(limit, "none", world - 1, PER_RANK, dropout=dropout))
+    return {"auto": auto, "fixed": fixed}
 
 
 if __name__ == "__main__":
