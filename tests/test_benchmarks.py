@@ -96,3 +96,26 @@ def test_gpu_suite_runs_in_its_tiny_cpu_mode(tmp_path):
     assert {"tokens_vs_nanogpt", "overhead", "defaults_vs_eager"} <= set(result["ratios"])
     report = (tmp_path / "smoke-gpu" / "BENCHMARKS.md").read_text()
     assert "## 6. One GPU" in report and "Tiny CPU mode" in report
+
+
+@pytest.mark.bench
+def test_scale_suite_measures_every_cost_at_w_1_and_2(tmp_path):
+    # The full suite goes to W = 32 (tens of minutes on 2 cores); the smoke run launches W = 1 and 2 only.
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "scale", "--smoke", "--out-dir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200, env=child_env())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(next(tmp_path.glob("*-smoke-scale.json")).read_text())["suites"]["scale"]
+    rows = {row["world"]: row for row in result["rows"]}
+    assert sorted(rows) == [1, 2]
+    for row in rows.values():
+        # a first step, two saves (steps 2 and 4) each timed, steps timed, rank 0's memory read
+        assert row["first_step_s"] > 0 and row["step_s"] > 0 and row["rank0_peak_rss_mb"] > 100
+        assert len(row["raw"][0]["checkpoint_s"]) == 2 and row["checkpoint_s"] > 0
+    # a checkpoint holds a DCP shard and an RNG state per rank, plus the rank-0 files
+    assert rows[2]["checkpoint_files"] - rows[1]["checkpoint_files"] == 2
+    assert result["growth"]["checkpoint_files"] > 1
+    assert [c["world"] for c in result["commit"]] == [2, 8]
+    assert result["commit"][1]["gathered_bytes"] == 4 * result["commit"][0]["gathered_bytes"]
+    report = (tmp_path / "smoke-scale" / "BENCHMARKS.md").read_text()
+    assert "## 7. Scale" in report and "growth per doubling of W" in report
+    assert (tmp_path / "smoke-scale" / "scale.png").is_file()

@@ -41,6 +41,7 @@ from torch import nn
 
 from distrain import dist
 from distrain.checkpoint.compat import check_resume_config
+from distrain.checkpoint.conversion import StrategyKind, check_strategy_change, record, running_kind, saved_kind
 from distrain.checkpoint.fault_injection import STALL_ENV, stall_if_asked
 from distrain.checkpoint.data_check import check_resume_data
 from distrain.checkpoint.export import not_a_checkpoint
@@ -222,12 +223,16 @@ class Checkpointer:
 
     def _trainer_state(self, step: int, reason: str) -> TrainerState:
         epoch, offset = self.sampler.epoch_and_offset(step)
+        config, kind = to_container(self.cfg), self._strategy_kind()
         return TrainerState(
             step=step, data_epoch=int(epoch), data_offset=int(offset), world_size=self.info.world_size,
             strategy=self.strategy.name, engine_checkpoint=bool(self.strategy.engine_checkpoint),
-            config=to_container(self.cfg), config_hash=config_hash(self.cfg), model=self.model_info,
+            config=config, config_hash=config_hash(self.cfg, bool(kind.exact)), model=self.model_info,
             data_spec=self.data_spec, versions=versions(), reason=reason, run_id=self.run_id,
-            data_fingerprint=self.data_fingerprint, micro_batch=self.strategy.ctx.plan.micro_batch)
+            data_fingerprint=self.data_fingerprint, micro_batch=self.strategy.ctx.plan.micro_batch, **record(kind))
+
+    def _strategy_kind(self) -> StrategyKind:
+        return running_kind(self.strategy, to_container(self.cfg)["strategy"])
 
     def _commit(self, step: int, tmp: Path, final: Path, reason: str, started: float, gathered: List[tuple],
                 blocked_s: Optional[float], waited_s: float) -> None:
@@ -389,14 +394,12 @@ class Checkpointer:
         trainer state. Raises CheckpointError if the config changed in a way that breaks the trajectory."""
         path = Path(path)
         state = TrainerState.read(path)
-        notes = check_resume_config(state.config, to_container(self.cfg), str(path))
+        # a change of strategy converts through DCP (or is refused) before the other keys are compared
+        converted = check_strategy_change(saved_kind(state), self._strategy_kind(), str(path))
+        notes = [converted] if converted else []
+        notes += check_resume_config(state.config, to_container(self.cfg), str(path), bool(converted))
         notes += check_resume_data(state.data_fingerprint, self.data_fingerprint, self.cfg.train.resume_data,
                                    str(path), self.log)
-        if state.engine_checkpoint != bool(self.strategy.engine_checkpoint):
-            raise CheckpointError(f"Checkpoint {path} was written by strategy {state.strategy!r} "
-                                  f"({'engine' if state.engine_checkpoint else 'DCP'} format); strategy "
-                                  f"{self.strategy.name!r} cannot read it. Resume with strategy.name="
-                                  f"{state.strategy}.", key="strategy.name")
         self.strategy.load_checkpoint(path)
         notes += self._restore_extras(path, state)
         self.last_saved_step = state.step

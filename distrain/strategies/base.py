@@ -77,6 +77,10 @@ class Strategy(abc.ABC):
     # any world size). A strategy whose engine has a format of its own (DeepSpeed) sets engine_checkpoint and
     # overrides save_checkpoint and load_checkpoint; its saves are synchronous.
     engine_checkpoint = False
+    # Whether its DCP state is torch's FQN-keyed get_state_dict view ({"model": {fqn: ...}, "optim": {"state": {fqn:
+    # {...}}, "param_groups": [...]}}, whole tensors, DTensor shards or a rank's owned entries alike): a resume may
+    # then switch to any other such strategy (distrain.checkpoint.conversion). False for a layout of its own.
+    portable_checkpoint = True
     # Payload bytes this rank has handed to collectives for gradient/parameter sync so far (None: not counted).
     comm_bytes: Optional[int] = None
     # Whether train.micro_batch=auto may redo a step that ran out of memory on some rank (section 6 below); where

@@ -31,7 +31,10 @@ class RunReport:
         self.log, self.plan = log, plan
         main = info.is_main
         self.writer = MetricsWriter(run_dir, cfg, fresh=start_step == 0, start_step=start_step) if main else None
-        self.record = RunRecord(run_dir) if main else None
+        # A finished run started again trains nothing: run.json keeps the finished run's record (status, start,
+        # final loss, wall time) instead of an empty attempt's.
+        idle = start_step >= int(cfg.train.steps)
+        self.record = RunRecord(run_dir) if main and not idle else None
         if self.record:
             self.record.start(info.world_size, vars(plan) | {"per_rank": plan.per_rank}, start_step)
             record_attempt(self.record, start_step)  # SLURM / torchelastic restart counts of this run
