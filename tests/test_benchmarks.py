@@ -25,7 +25,7 @@ def test_ddp_overhead_script_runs_from_a_plain_python():
 def test_bench_command_lists_the_suites_and_rejects_unknown_ones():
     proc = run_cli(["bench", "--help"])
     assert proc.returncode == 0
-    for suite in ("step_time", "comm", "memory", "scaling", "startup", "data", "ddp_overhead", "gpu"):
+    for suite in ("step_time", "comm", "memory", "scaling", "startup", "data", "ddp_overhead", "gpu", "auto_micro"):
         assert suite in proc.stdout
     bad = run_cli(["bench", "no_such_suite"])
     assert bad.returncode == 2 and "no_such_suite" in bad.stderr and "Traceback" not in bad.stderr

@@ -231,7 +231,7 @@ class Checkpointer:
             strategy=self.strategy.name, engine_checkpoint=bool(self.strategy.engine_checkpoint),
             config=config, config_hash=config_hash(self.cfg, bool(kind.exact)), model=self.model_info,
             data_spec=self.data_spec, versions=versions(), reason=reason, run_id=self.run_id,
-            data_fingerprint=self.data_fingerprint, **record(kind))
+            data_fingerprint=self.data_fingerprint, micro_batch=self.strategy.ctx.plan.micro_batch, **record(kind))
 
     def _strategy_kind(self) -> StrategyKind:
         return running_kind(self.strategy, to_container(self.cfg)["strategy"])

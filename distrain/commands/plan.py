@@ -1,4 +1,4 @@
-"""`distrain plan CONFIG --world N [--mem-per-rank GB]`: memory per rank and traffic per step of every strategy."""
+"""`distrain plan CONFIG --world N [--mem-per-rank GB] [--device-memory-gb GB]`: memory per rank and traffic per step of every strategy."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ def register(sub) -> None:
     p.add_argument("--world", type=int, required=True, metavar="N", help="number of ranks to plan for")
     p.add_argument("--mem-per-rank", type=float, default=None, metavar="GB",
                    help="memory each rank may use, in GiB; strategies that need more are flagged")
+    p.add_argument("--device-memory-gb", type=float, default=None, metavar="GB",
+                   help="one device's memory, in GiB: which micro-batch each strategy is expected to fit (compare it "
+                        "with what train.micro_batch=auto finds)")
     p.set_defaults(handler=run)
 
 
@@ -25,6 +28,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--world {args.world} is not allowed: it must be at least 1 (the number of ranks).")
     if args.mem_per_rank is not None and args.mem_per_rank <= 0:
         raise UsageError(f"--mem-per-rank {args.mem_per_rank:g} is not allowed: it must be a positive number of GiB.")
-    plan = make_plan(load_config(args.config, args.overrides), args.world, args.mem_per_rank)
+    if args.device_memory_gb is not None and args.device_memory_gb <= 0:
+        raise UsageError(f"--device-memory-gb {args.device_memory_gb:g} is not allowed: it must be a positive number "
+                         f"of GiB.")
+    plan = make_plan(load_config(args.config, args.overrides), args.world, args.mem_per_rank,
+                     device_memory_gb=args.device_memory_gb)
     print(format_plan(plan))
     return 0 if plan.recommended is not None else 1

@@ -69,7 +69,11 @@ class PruneConfig:
 @dataclass
 class TrainConfig:
     global_batch: int = 64  # samples per optimizer step, summed over all ranks: the invariant
-    micro_batch: Optional[int] = None  # samples per forward/backward on one rank; None = global_batch / world
+    # samples per forward/backward on one rank: a positive integer; None = global_batch / world; auto = the
+    # largest divisor of global_batch / world that fits, found by retrying a step that ran out of memory at the
+    # next smaller divisor (docs/out-of-memory.md)
+    micro_batch: Optional[Any] = None
+    micro_batch_max: Optional[int] = None  # with micro_batch=auto: where the search starts (None: global_batch / world)
     steps: int = 100  # optimizer steps to train for (in total, across resumes)
     optimizer: str = "adamw"  # sgd | adam | adamw
     optimizer_impl: str = "auto"  # auto (fused kernel on CUDA, torch's default elsewhere) | fused | foreach | for_loop
@@ -193,6 +197,9 @@ class MetricsConfig:
     # (rank<R>_steps<S>-<E>.json.gz), distrain's phases labelled: split, forward, backward, grad-sync, optimizer,
     # sync, checkpoint. TensorBoard's profiler plugin and ui.perfetto.dev read them.
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    # Record the CUDA allocator's history and, on an out-of-memory error, write it to
+    # <run dir>/memory/oom_rank<R>_step<S>.pickle (open it at https://pytorch.org/memory_viz); nothing on a CPU
+    memory_snapshot: bool = False
 
 
 @dataclass

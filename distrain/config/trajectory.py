@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 # change too: a corpus moved to another disk is the same data, and what the data are is compared by fingerprint.
 RESUME_MAY_CHANGE = (
     "run.name", "run.dir", "train.steps", "train.resume", "train.resume_data", "train.log_every", "train.eval_every",
-    "train.micro_batch", "data.kwargs.path",
+    "train.micro_batch", "train.micro_batch_max", "data.kwargs.path",
     "data.eval_batch", "data.num_workers", "data.pin_memory", "data.prefetch_factor", "data.persistent_workers",
     "dist", "checkpoint", "metrics", "faults", "model.init", "train.compile", "train.compile_options",
     "train.activation_checkpointing", "train.blocks", "train.optimizer_impl",

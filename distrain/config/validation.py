@@ -19,6 +19,8 @@ from distrain.config.schema import CHOICES, COMPILE_OPTIONS, FAULT_SIGNALS, TRAC
 from distrain.errors import ConfigError
 from distrain.registry import is_import_path
 
+AUTO = "auto"  # train.micro_batch=auto
+
 
 def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
     if not cond:
@@ -88,8 +90,12 @@ def validate(cfg: DictConfig) -> None:
 
 def _validate_train(t: DictConfig) -> None:
     _require(t.global_batch >= 1, "train.global_batch", t.global_batch, "it must be a positive integer")
-    _require(t.micro_batch is None or t.micro_batch >= 1, "train.micro_batch", t.micro_batch,
-             "it must be a positive integer (or null to use global_batch / world_size)")
+    _require(t.micro_batch is None or t.micro_batch == AUTO
+             or (isinstance(t.micro_batch, int) and not isinstance(t.micro_batch, bool) and t.micro_batch >= 1),
+             "train.micro_batch", t.micro_batch, "it must be a positive integer, null (to use global_batch / "
+             "world_size) or auto (the largest that fits in memory, found by retrying at the next smaller divisor)")
+    _require(t.micro_batch_max is None or t.micro_batch_max >= 1, "train.micro_batch_max", t.micro_batch_max,
+             "it must be a positive integer (where micro_batch=auto starts its search), or null")
     _require(t.steps >= 1, "train.steps", t.steps, "it must be a positive integer")
     _require(t.lr > 0, "train.lr", t.lr, "it must be a positive number")
     _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", list(t.betas),
@@ -214,6 +220,7 @@ class BatchPlan:
     world_size: int
     micro_batch: int
     grad_accum: int
+    auto: bool = False  # train.micro_batch=auto: micro_batch is where the search stands (smaller after an OOM)
 
     @property
     def per_rank(self) -> int:
@@ -234,6 +241,8 @@ def batch_plan(cfg: DictConfig, world_size: int) -> BatchPlan:
             f"world size (each rank takes an equal slice). Choose a global batch divisible by {w}, "
             f"or run with a world size that divides {g}.", key="train.global_batch")
     per_rank = g // w
+    if cfg.train.micro_batch == AUTO:
+        return auto_plan(g, w, cfg.train.micro_batch_max)
     m = int(cfg.train.micro_batch) if cfg.train.micro_batch is not None else per_rank
     if per_rank % m:
         raise ConfigError(
@@ -242,6 +251,22 @@ def batch_plan(cfg: DictConfig, world_size: int) -> BatchPlan:
             f"integer. Pick a micro_batch that divides {per_rank} (the per-rank share), e.g. "
             f"{_divisor_hint(per_rank, m)}.", key="train.micro_batch")
     return BatchPlan(global_batch=g, world_size=w, micro_batch=m, grad_accum=per_rank // m)
+
+
+def auto_plan(global_batch: int, world_size: int, start: Optional[int] = None) -> BatchPlan:
+    """train.micro_batch=auto: the largest divisor of the per-rank share that is at most ``start`` (default: the
+    share itself), the micro-batch the search tries first."""
+    per_rank = global_batch // world_size
+    m = max(d for d in range(1, per_rank + 1) if per_rank % d == 0 and (start is None or d <= start))
+    return BatchPlan(global_batch=global_batch, world_size=world_size, micro_batch=m, grad_accum=per_rank // m,
+                     auto=True)
+
+
+def smaller_plan(plan: BatchPlan) -> Optional[BatchPlan]:
+    """The same plan at the next smaller divisor of the per-rank share (None at micro-batch 1)."""
+    if plan.micro_batch == 1:
+        return None
+    return auto_plan(plan.global_batch, plan.world_size, plan.micro_batch - 1)
 
 
 def _divisor_hint(n: int, near: int) -> int:
@@ -267,6 +292,7 @@ def elastic_batch_plans(cfg: DictConfig, world_sizes: Sequence[int]) -> List[Bat
     if not failing:
         return plans
     g, m = int(cfg.train.global_batch), cfg.train.micro_batch
+    m = None if m == AUTO else m  # auto picks a divisor at every world size, as null does
     unit = math.lcm(*sizes) * (int(m) if m is not None else 1)
     fit = unit * max(1, -(-g // unit))  # the smallest multiple of unit that is at least the configured batch
     micro = f"train.micro_batch={m} x " if m is not None else ""

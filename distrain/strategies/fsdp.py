@@ -37,6 +37,8 @@ from distrain.strategies.base import Strategy, StrategyContext
 class FSDPStrategy(Strategy):
     name = "fsdp"
     meta_init = True
+    auto_micro_batch_refusal = ("FSDP all-gathers parameters in every micro-step's forward and backward, so a rank "
+                                "that stops early leaves its peers inside an all-gather only a forward could match")
 
     @classmethod
     def layouts(cls) -> List[Layout]:

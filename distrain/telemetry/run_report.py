@@ -29,7 +29,7 @@ class RunReport:
                  throughput: Throughput, device: torch.device, log: logging.Logger,
                  record_attempt: Callable[[Optional[RunRecord], int], None]):
         """``record_attempt(record, start_step)``: adds this attempt of the job (restart counts) to run.json."""
-        self.log = log
+        self.log, self.plan = log, plan
         main = info.is_main
         self.writer = MetricsWriter(run_dir, cfg, fresh=start_step == 0, start_step=start_step) if main else None
         # A finished run started again trains nothing: run.json keeps the finished run's record (status, start,
@@ -53,6 +53,20 @@ class RunReport:
         if self.profiler is not None:
             self.profiler.step()
         self.progress.advance(step)
+
+    def plan_used(self, step: int, plan: BatchPlan) -> None:
+        """After step ``step``: the plan it trained at. A new micro-batch (train.micro_batch=auto after an
+        out-of-memory error) is printed, written to metrics.jsonl and to run.json's plan."""
+        if plan == self.plan:
+            return
+        self.plan = plan
+        if not self.record:
+            return
+        self.log.info(f"train.micro_batch=auto: training at micro_batch={plan.micro_batch} (x {plan.grad_accum} "
+                      f"micro-steps) from step {step}")
+        self.record.update(plan=vars(plan) | {"per_rank": plan.per_rank})
+        if self.writer:
+            self.writer.write({"step": step, "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum})
 
     def logged(self, step: int, record: Dict[str, Any]) -> None:
         """A log step's record: metrics.jsonl and trackers, and the console (a non-finite loss warned about)."""

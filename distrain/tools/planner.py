@@ -31,6 +31,7 @@ from distrain.models.blocks import find_blocks
 from distrain.strategies import STRATEGIES, strategy_class
 from distrain.strategies.placement import FULL, SHARD, Layout
 from distrain.telemetry.units import format_bytes
+from distrain.tools.micro_fit import activation_bytes_per_sample, fitting_micro_batch
 
 
 def layouts() -> List[Layout]:
@@ -133,9 +134,18 @@ class Plan:
     recommended: Optional[Estimate]
     precision: str = "fp32"
     optimizer: str = "adamw"
+    device_memory: Optional[float] = None  # bytes (--device-memory-gb): which micro-batch each strategy fits
+    per_rank: int = 0  # samples per rank and step (global_batch / world)
+    activations_per_sample: int = 0  # bytes, measured (distrain.tools.micro_fit)
 
     def fits(self, e: Estimate) -> bool:
         return self.mem_per_rank is None or e.peak <= self.mem_per_rank
+
+    def micro_batch(self, e: Estimate) -> str:
+        """The micro-batch ``e``'s strategy is expected to fit in the device memory ("-" when none fits)."""
+        assert self.device_memory is not None
+        fit = fitting_micro_batch(self.per_rank, self.device_memory, e.peak, self.activations_per_sample)
+        return str(fit) if fit is not None else "-"
 
 
 def count_parameters(cfg: DictConfig) -> tuple:
@@ -165,12 +175,13 @@ def plan_backend(cfg: DictConfig) -> str:
 
 def make_plan(cfg: DictConfig, world_size: int, mem_per_rank_gb: Optional[float] = None,
               only: Sequence[str] = (), n_params: Optional[int] = None, largest_unit: int = 0,
-              backend: Optional[str] = None) -> Plan:
+              backend: Optional[str] = None, device_memory_gb: Optional[float] = None) -> Plan:
     """Estimates for every layout at ``world_size`` and the fastest exact one that fits in ``mem_per_rank_gb``.
 
     Raises ConfigError when the config's global batch does not split over ``world_size`` ranks.
     """
-    accum = batch_plan(cfg, world_size).grad_accum
+    batches = batch_plan(cfg, world_size)
+    accum = batches.grad_accum
     backend = backend or plan_backend(cfg)
     if n_params is None:
         n_params, largest_unit = count_parameters(cfg)
@@ -180,6 +191,9 @@ def make_plan(cfg: DictConfig, world_size: int, mem_per_rank_gb: Optional[float]
                  for layout in declared if not only or layout.label in only]
     plan = Plan(str(cfg.run.name), str(cfg.model.name), n_params, largest_unit, world_size, accum, backend, limit,
                 estimates, unavailable, None, str(cfg.train.precision), str(cfg.train.optimizer))
+    if device_memory_gb is not None:
+        plan.device_memory, plan.per_rank = device_memory_gb * 2**30, batches.per_rank
+        plan.activations_per_sample = activation_bytes_per_sample(cfg)
     fitting = [e for e in estimates if e.layout.exact and plan.fits(e)]
     # Fastest: least traffic per step, then fewer collectives and less engine machinery.
     plan.recommended = min(fitting, key=lambda e: (round(e.comm_bytes), e.layout.speed_rank), default=None)
@@ -193,15 +207,21 @@ def format_plan(plan: Plan) -> str:
              f"world size N = {plan.world_size}, grad_accum {plan.grad_accum}, {plan.backend}, "
              f"{plan.precision} {plan.optimizer}"
              + (f"; memory per rank {format_bytes(plan.mem_per_rank, 2)}" if plan.mem_per_rank is not None else ""), ""]
+    micro = plan.device_memory is not None
     header = (f"{'strategy':<22} {'formula':<14} {'params':>11} {'grads':>11} {'optimizer':>11} {'states':>11} "
-              f"{'peak':>11} {'sent/step':>11}  fits")
+              f"{'peak':>11} {'sent/step':>11}  fits" + ("  micro_batch" if micro else ""))
     lines += [header, "-" * len(header)]
     for e in plan.estimates:
         fit = "yes" if plan.fits(e) else "NO"
         lines.append(f"{e.layout.label:<22} {e.formula:<14} {format_bytes(e.params, 2):>11} {format_bytes(e.grads, 2):>11} "
                      f"{format_bytes(e.optimizer, 2):>11} {format_bytes(e.states, 2):>11} {format_bytes(e.peak, 2):>11} "
-                     f"{format_bytes(e.comm_bytes, 2):>11}  {fit}")
+                     f"{format_bytes(e.comm_bytes, 2):>11}  {fit:<4}" + (f"  {plan.micro_batch(e):>11}" if micro else ""))
     lines.append("")
+    if micro:
+        lines.append(f"micro_batch: the largest divisor of the per-rank share ({plan.per_rank}) whose activations "
+                     f"({format_bytes(plan.activations_per_sample, 2)} per sample, measured on the meta device) fit "
+                     f"beside the peak in {format_bytes(plan.device_memory, 2)} of device memory; compare it with what "
+                     f"train.micro_batch=auto finds (docs/out-of-memory.md).")
     lines.append("states: parameters + gradients + optimizer state per rank (ZeRO accounting); peak adds what a "
                  "sharded strategy gathers during the step. Activations are extra and depend on micro_batch.")
     if plan.unavailable:

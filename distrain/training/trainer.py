@@ -48,6 +48,7 @@ from distrain.training.divergence import DivergenceGuard
 from distrain.training.evaluation import Evaluator
 from distrain.training.lifetime import close_at_exit
 from distrain.training.losses import LossFn, default_items, resolve_loss
+from distrain.training.micro_steps import MicroSteps
 from distrain.training.objective import ItemsRule, MetricFn, Objective, forward_sample
 from distrain.optim import lr_at
 from distrain.training.run_dir import claim_run_dir, finished_note
@@ -180,6 +181,8 @@ class Trainer:
         self.objective = Objective(module, self.device, self.plan.global_batch, loss_fn=self.loss_fn,
                                    step_fn=step_fn, frozen=frozen, items=items, metrics=metrics,
                                    default_items=default_items(spec) if default_loss else None, sample=self._sample)
+        self.micro_steps = MicroSteps(self.strategy, self.objective, self.loader, self.timer, self.log,
+                                      snapshots=self.run_dir / "memory" if self.cfg.metrics.memory_snapshot else None)
         self._resources.callback(self.strategy.teardown)  # before setup: a half-built engine is released too
         self.strategy.setup(module)
         self.compression = Compression(self.cfg.train, self.strategy)  # pruning masks, QAT switch, PowerSGD state
@@ -207,7 +210,9 @@ class Trainer:
         self._resources.callback(self.checkpointer.close)  # before the engine and the group: an async save needs both
         resume_from = self.checkpointer.resolve(self.settings.resume)  # auto | never | PATH, validated
         if resume_from is not None:
-            self.step = self.checkpointer.load(resume_from).step
+            state = self.checkpointer.load(resume_from)
+            self.step = state.step
+            self.micro_steps.resume(state.micro_batch, state.world_size)  # micro_batch=auto: the size found
             note = finished_note(self.cfg, self.step) if self.info.is_main else None
             if note:  # a finished run started again
                 self.log.warning(note)
@@ -250,21 +255,8 @@ class Trainer:
         return loss
 
     def _forward_backward(self, step: int, batches: List[Any]) -> torch.Tensor:
-        """Forward and backward every micro-batch, each as its share of the global-batch mean over valid items.
-
-        The step's items are counted first (all micro-batches, summed over ranks), so every backward divides by
-        the same global count: W ranks, any micro_batch and one full batch optimise the same objective.
-        """
-        counts, total = self.objective.step_counts(batches, step)  # an empty micro-batch under a mean: noted
-        loss: Optional[torch.Tensor] = None
-        for i, (batch, items) in enumerate(zip(batches, counts)):
-            with self.timer.phase("micro"), self.strategy.accumulate(last_micro_step=i == len(batches) - 1):
-                with self.strategy.forward_context(), label("forward"):
-                    micro = self.objective.micro_loss(self.strategy.model, batch, items, total)
-                with label("backward"):  # gradient sync rides the last backward (grad-sync: DDP's bucket hooks)
-                    self.strategy.backward(micro.loss, micro.scale)
-            loss = micro.share if loss is None else loss + micro.share
-        return loss
+        """Every micro-batch's forward and backward; micro_batch=auto redoes an OOM step smaller (micro_steps)."""
+        return self.micro_steps.run(step, batches)
 
     def fit(self) -> Dict[str, Any]:
         """Train to ``train.steps``; returns the final metrics (identical on every rank)."""
@@ -299,6 +291,7 @@ class Trainer:
             self.faults.step_started(self.step)  # the watchdog's "last seen" for this rank
             loss_sum = self.train_step(self.step)  # split, train, update, sync
             self.step += 1
+            report.plan_used(self.step, self.micro_steps.plan)  # micro_batch=auto: a new size, once
             window.step_done()
             if self.step == first_step + 1:  # the optimizer state now exists
                 self.log.info(describe_holdings(self.info.rank, self.memory_report(), self.strategy.name))
@@ -362,7 +355,9 @@ class Trainer:
     def load_checkpoint(self, path: Union[str, Path]) -> None:
         """Load model, optimizer and trainer state from a checkpoint (or a run's newest valid one), on every rank;
         training continues at its step, on exactly the next samples, at any world size."""
-        self.step = self.checkpointer.load(self.checkpointer.resolve_path(Path(path))).step
+        state = self.checkpointer.load(self.checkpointer.resolve_path(Path(path)))
+        self.step = state.step
+        self.micro_steps.resume(state.micro_batch, state.world_size)
 
     # --- results ---------------------------------------------------------------------------------------
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
