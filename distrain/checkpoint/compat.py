@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Tuple
 from omegaconf import OmegaConf
 
 from distrain.config.schema import Config
-from distrain.config.trajectory import RESUME_MAY_CHANGE, flatten, may_change_on_resume
+from distrain.config.trajectory import RESUME_MAY_CHANGE, flatten, may_change_on_resume, without_changeable
 from distrain.errors import CheckpointError
 
 
@@ -28,7 +28,7 @@ def _flat_pair(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[Dict[str
 
 def differing_keys(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
     """Config keys that differ between the checkpoint's config and this run's, and that may not."""
-    return _differing(*_flat_pair(saved, current))
+    return _differing(*_flat_pair(without_changeable(saved), without_changeable(current)))
 
 
 def _differing(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
@@ -39,7 +39,7 @@ def _differing(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
 def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any], where: str) -> List[str]:
     """Raise CheckpointError if the config changed in a way that breaks the trajectory; returns notes to log."""
     a, b = _flat_pair(saved, current)
-    bad = _differing(a, b)
+    bad = differing_keys(saved, current)
     if bad:
         detail = "; ".join(f"{k}: {a.get(k, '<unset>')!r} in the checkpoint, {b.get(k, '<unset>')!r} now" for k in bad)
         raise CheckpointError(

@@ -26,6 +26,8 @@ RESUME_MAY_CHANGE = (
     "data.eval_batch", "data.num_workers", "data.pin_memory", "data.prefetch_factor", "data.persistent_workers",
     "dist", "checkpoint", "metrics", "faults", "model.init", "train.compile", "train.compile_options",
     "train.activation_checkpointing", "train.blocks", "train.optimizer_impl",
+    # fsdp's mesh (HSDP replicas x shards): DCP reshards on load, and every mesh takes the same step
+    "strategy.kwargs.replicate",
 )
 
 
@@ -41,12 +43,18 @@ def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def without_changeable(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``tree`` less the keys a resume may change, so that a section holding only those (strategy.kwargs with just
+    replicate) reads as the empty section of a config without them."""
+    return {k: without_changeable(v, f"{prefix}{k}.") if isinstance(v, dict) else v
+            for k, v in tree.items() if not may_change_on_resume(f"{prefix}{k}")}
+
+
 def may_change_on_resume(key: str) -> bool:
     return any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE)
 
 
 def config_hash(cfg: DictConfig) -> str:
     """A short fingerprint of everything that shapes the trajectory (the keys a resume may not change)."""
-    data = flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-    kept = {k: v for k, v in data.items() if not may_change_on_resume(k)}
+    kept = flatten(without_changeable(OmegaConf.to_container(cfg, resolve=True)))  # type: ignore[arg-type]
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
