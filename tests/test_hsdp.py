@@ -48,6 +48,20 @@ def test_replicate_must_divide_the_world_size_or_be_auto():
             replicas(bad, 4, 4)
 
 
+def test_the_declared_range_admits_auto_and_refuses_zero():
+    from distrain.config.options import parse_options
+    from distrain.strategies.fsdp import FSDPStrategy
+
+    def parse(value):
+        return parse_options(FSDPStrategy.__init__, {"replicate": value}, "strategy.kwargs", "strategy 'fsdp'",
+                             skip=("self", "ctx"))["replicate"]
+
+    assert parse("auto") == "auto" and parse(2) == 2 and parse_options(
+        FSDPStrategy.__init__, {}, "strategy.kwargs", "fsdp", skip=("self", "ctx"))["replicate"] == 1
+    with pytest.raises(ConfigError, match=r"replicate' has value 0, which is out of range .* >= 1"):
+        parse(0)
+
+
 def test_an_elastic_job_is_checked_at_every_world_size_it_can_have():
     check_job(load_config(GPT, [*COMMON, "train.global_batch=48", "strategy.kwargs.replicate=2"]), [4, 6, 8])
     with pytest.raises(ConfigError, match="does not divide the world size 6"):
