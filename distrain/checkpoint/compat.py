@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from distrain.config.schema import Config
 from distrain.config.trajectory import (RESUME_MAY_CHANGE, flatten, may_change_on_resume,
-                                       may_change_on_strategy_change)
+                                       may_change_on_strategy_change, without_changeable)
 from distrain.errors import CheckpointError
 
 
@@ -31,7 +31,7 @@ def _flat_pair(saved: Dict[str, Any], current: Dict[str, Any]) -> Tuple[Dict[str
 def differing_keys(saved: Dict[str, Any], current: Dict[str, Any], strategy_converts: bool = False) -> List[str]:
     """Config keys that differ between the checkpoint's config and this run's, and that may not;
     ``strategy_converts``: the strategy section may (an exact conversion, distrain.checkpoint.conversion)."""
-    return _differing(*_flat_pair(saved, current), strategy_converts)
+    return _differing(*_flat_pair(without_changeable(saved), without_changeable(current)), strategy_converts)
 
 
 def _differing(a: Dict[str, Any], b: Dict[str, Any], strategy_converts: bool = False) -> List[str]:
@@ -45,7 +45,7 @@ def check_resume_config(saved: Dict[str, Any], current: Dict[str, Any], where: s
     """Raise CheckpointError if the config changed in a way that breaks the trajectory; returns notes to log.
     ``strategy_converts``: the strategy section may change (an exact conversion, distrain.checkpoint.conversion)."""
     a, b = _flat_pair(saved, current)
-    bad = _differing(a, b, strategy_converts)
+    bad = differing_keys(saved, current, strategy_converts)
     if bad:
         detail = "; ".join(f"{k}: {a.get(k, '<unset>')!r} in the checkpoint, {b.get(k, '<unset>')!r} now" for k in bad)
         raise CheckpointError(

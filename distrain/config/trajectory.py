@@ -27,6 +27,8 @@ RESUME_MAY_CHANGE = (
     "data.eval_batch", "data.num_workers", "data.pin_memory", "data.prefetch_factor", "data.persistent_workers",
     "dist", "checkpoint", "metrics", "faults", "model.init", "train.compile", "train.compile_options",
     "train.activation_checkpointing", "train.blocks", "train.optimizer_impl",
+    # fsdp's mesh (HSDP replicas x shards): DCP reshards on load, and every mesh takes the same step
+    "strategy.kwargs.replicate",
 )
 
 
@@ -45,6 +47,13 @@ def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 # The config section a resume may change when the checkpoint's strategy and this run's are both exact and portable
 # (distrain.checkpoint.conversion decides; the resume check is told so).
 STRATEGY = "strategy"
+
+
+def without_changeable(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``tree`` less the keys a resume may change, so that a section holding only those (strategy.kwargs with just
+    replicate) reads as the empty section of a config without them."""
+    return {k: without_changeable(v, f"{prefix}{k}.") if isinstance(v, dict) else v
+            for k, v in tree.items() if not may_change_on_resume(f"{prefix}{k}")}
 
 
 def may_change_on_resume(key: str) -> bool:
@@ -67,9 +76,8 @@ def config_hash(cfg: DictConfig, strategy_exact: bool = False) -> str:
     trajectory is one-rank training's under any exact strategy, and a resume may switch between them
     (distrain.checkpoint.conversion): the strategy section then counts as the one value "exact".
     """
-    data = flatten(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-    kept = {k: v for k, v in data.items() if not may_change_on_resume(k)
-            and not (strategy_exact and may_change_on_strategy_change(k))}
+    data = flatten(without_changeable(OmegaConf.to_container(cfg, resolve=True)))  # type: ignore[arg-type]
+    kept = {k: v for k, v in data.items() if not (strategy_exact and may_change_on_strategy_change(k))}
     if strategy_exact:
         kept[STRATEGY] = "exact"
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]

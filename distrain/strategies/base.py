@@ -336,6 +336,11 @@ class Strategy(abc.ABC):
         return []
 
     @classmethod
+    def check_world(cls, kwargs: Dict[str, Any], world_size: int) -> None:
+        """Before any worker starts: raise ConfigError if these strategy.kwargs cannot run at ``world_size`` (called
+        for each size an elastic job may have). Most strategies run at any world size."""
+
+    @classmethod
     def exact_for(cls, kwargs: Dict[str, Any]) -> bool:
         """Whether this strategy with these strategy.kwargs should reproduce 1 rank (lossy options say no)."""
         return cls.exact
