@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 
 class CollectiveLedger:
@@ -134,22 +134,28 @@ class FSDPOomRecovery:
                                    f"the same from one micro-step to the next, so the peers cannot be matched")
         self.ledger.begin_micro_step()
 
-    def close(self) -> None:
-        """Put the wrapped comms back: the model trains on without the ledger."""
-        for unit in self.model.modules():
-            if isinstance(unit, FSDPModule):
-                for group in unit._get_fsdp_state()._fsdp_param_groups:
-                    if isinstance(group._all_gather_comm, _LedgerAllGather):
-                        unit.set_custom_all_gather(group._all_gather_comm.inner)
-                    if isinstance(group._reduce_scatter_comm, _LedgerReduceScatter):
-                        unit.set_custom_reduce_scatter(group._reduce_scatter_comm.inner)
-
 
 def reset_after_oom(model: nn.Module) -> None:
     """FSDP's per-iteration state after an exception mid-forward or mid-backward, back to idle and resharded
     (torch's ``reset_iter_state`` on the root); gradients the failed iteration was accumulating are discarded."""
-    assert isinstance(model, FSDPModule)
+    if not isinstance(model, FSDPModule):
+        raise TypeError(f"reset_after_oom needs the root module fully_shard was applied to, not {type(model).__name__}")
     model.reset_iter_state()
+
+
+def unsupported(model: nn.Module) -> Optional[str]:
+    """Why a failed rank of this sharded model cannot be brought back in step (None: it can)."""
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule) and any(group._is_hsdp for group in unit._get_fsdp_state()._fsdp_param_groups):
+            return ("HSDP (a replicate dimension) all-reduces gradients on a second process group that the ledger "
+                    "does not count")
+    return None
+
+
+def first_sample(batch: Any) -> Any:
+    """``batch`` cut to its first sample (every tensor's first row): the input of a replay, which only has to
+    reach FSDP's hooks, as cheaply as the model allows."""
+    return tree_map(lambda t: t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t, batch)
 
 
 def _zero_backward(output: Any) -> None:

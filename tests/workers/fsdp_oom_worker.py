@@ -30,7 +30,7 @@ from torch import nn
 from distrain.config import batch_plan, load_config
 from distrain.env import ProcessInfo
 from distrain.strategies import StrategyContext, build_strategy
-from distrain.strategies.fsdp_oom import FSDPOomRecovery, any_rank_failed
+from distrain.strategies.fsdp_oom import any_rank_failed, first_sample
 
 STEPS, PER_RANK, START, K, DEADLINE_S = 3, 8, 4, 2, 60
 # case: (phase, in the last micro-step, strategy.kwargs.reshard_after_forward)
@@ -107,13 +107,11 @@ def _strategy(world: int, rank: int, reshard_after_forward: bool = True):
     return strategy
 
 
-def _attempt(strategy, recovery: FSDPOomRecovery, x: torch.Tensor, y: torch.Tensor, micro: int,
-             global_batch: int) -> bool:
+def _attempt(strategy, x: torch.Tensor, y: torch.Tensor, micro: int, global_batch: int) -> bool:
     """The step's micro-steps at ``micro``; on an OOM this rank pays the collectives it owes. Whether it failed."""
     n = x.shape[0] // micro
     for i in range(n):
         Injection.armed = i == (n - 1 if Injection.at_last else 0)
-        recovery.begin_micro_step()
         xs, ys = x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]
         try:
             with strategy.accumulate(last_micro_step=i == n - 1):
@@ -121,8 +119,8 @@ def _attempt(strategy, recovery: FSDPOomRecovery, x: torch.Tensor, y: torch.Tens
                 strategy.backward(loss)
         except torch.OutOfMemoryError:
             Injection.armed = False
-            ISSUED_BEFORE_OOM.append(recovery.ledger.issued)
-            recovery.owed_collectives_after_oom(lambda: strategy.model(xs[:1]), i, n)
+            ISSUED_BEFORE_OOM.append(strategy.oom.ledger.issued)
+            strategy.recover_from_oom(lambda: strategy.model(first_sample(xs)), i, n)
             return True
     return False
 
@@ -132,7 +130,6 @@ def _train(case: str, world: int, rank: int, data) -> Dict:
     Injection.phase, Injection.at_last, reshard = CASES.get(case, (None, False, True))
     strategy = _strategy(world, rank, reshard)
     ISSUED_BEFORE_OOM.clear()
-    recovery = FSDPOomRecovery(strategy.model)
     micro = 2 if case == "fixed" else START
     tried: List[List[int]] = []
     started = time.perf_counter()
@@ -141,7 +138,7 @@ def _train(case: str, world: int, rank: int, data) -> Dict:
         tried.append([])
         while True:
             tried[-1].append(micro)
-            failed = _attempt(strategy, recovery, x, y, micro, PER_RANK * world)
+            failed = _attempt(strategy, x, y, micro, PER_RANK * world)
             if not any_rank_failed(failed, torch.device("cpu")):
                 break
             strategy.optimizer.zero_grad(set_to_none=True)  # the attempt is dropped on every rank
@@ -149,7 +146,6 @@ def _train(case: str, world: int, rank: int, data) -> Dict:
         strategy.step()
     seconds = time.perf_counter() - started
     params = {name: p.full_tensor().detach().clone() for name, p in strategy.model.named_parameters()}
-    recovery.close()
     issued: List[List[int]] = [[] for _ in range(world)]
     torch_dist.all_gather_object(issued, list(ISSUED_BEFORE_OOM))
     return {"params": params, "tried": tried, "seconds": seconds, "issued_before_oom": issued}
