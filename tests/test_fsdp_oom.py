@@ -38,3 +38,25 @@ def test_an_oom_on_one_rank_is_redone_smaller_and_equals_the_fixed_micro_batch(t
     # failed after 3 all-gathers (root, block 0, block 1), the last backward after block 2's reduce-scatter
     counts = {case: report[case]["issued_before_oom"][report[case]["injected_rank"]][0] for case in CASES}
     assert counts == {"forward": 3, "backward_nonlast": 8, "backward_last": 9, "backward_last_zero2": 5}
+
+
+def test_a_replay_input_is_the_first_sample_of_every_tensor_in_the_batch():
+    import torch
+
+    from distrain.strategies.fsdp_oom import first_sample
+
+    batch = {"x": torch.arange(12).view(4, 3), "pair": (torch.arange(4), torch.tensor(2.0)), "name": "b"}
+    cut = first_sample(batch)
+    assert cut["x"].tolist() == [[0, 1, 2]] and cut["pair"][0].tolist() == [0]
+    assert cut["pair"][1].item() == 2.0 and cut["name"] == "b"  # a scalar and a non-tensor pass through
+
+
+def test_the_recovery_needs_the_root_fsdp_module():
+    import torch
+
+    from distrain.strategies.fsdp_oom import FSDPOomRecovery, reset_after_oom
+
+    with pytest.raises(TypeError, match="fully_shard"):
+        FSDPOomRecovery(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="fully_shard"):
+        reset_after_oom(torch.nn.Linear(2, 2))
