@@ -58,15 +58,17 @@ class CollectiveLedger:
         return True
 
 
-class _LedgerAllGather(AllGather):
-    """The unit's all-gather, counted (allocation and the collective itself stay the wrapped comm's)."""
+class _Counted:
+    """A unit's comm, counted by the ledger; allocation and the collective itself stay the wrapped comm's."""
 
-    def __init__(self, inner: AllGather, ledger: CollectiveLedger):
+    def __init__(self, inner: Any, ledger: CollectiveLedger):
         self.inner, self.ledger = inner, ledger
 
     def allocate(self, size: Sequence[Any], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return self.inner.allocate(size, dtype=dtype, device=device)
 
+
+class _LedgerAllGather(_Counted, AllGather):
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
                  async_op: bool = False) -> Optional[dist.Work]:
         if not self.ledger.passes(output_tensor):
@@ -74,15 +76,7 @@ class _LedgerAllGather(AllGather):
         return self.inner(output_tensor, input_tensor, group, async_op)
 
 
-class _LedgerReduceScatter(ReduceScatter):
-    """The unit's reduce-scatter, counted."""
-
-    def __init__(self, inner: ReduceScatter, ledger: CollectiveLedger):
-        self.inner, self.ledger = inner, ledger
-
-    def allocate(self, size: Sequence[Any], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return self.inner.allocate(size, dtype=dtype, device=device)
-
+class _LedgerReduceScatter(_Counted, ReduceScatter):
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
                  op: Any, async_op: bool = False) -> Optional[dist.Work]:
         if not self.ledger.passes(output_tensor):
