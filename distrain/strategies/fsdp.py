@@ -112,14 +112,19 @@ class FSDPStrategy(Strategy):
     def accumulate(self, last_micro_step: bool) -> ContextManager:
         # Earlier micro-steps accumulate unsharded gradients locally; the last one reduce-scatters their sum.
         self.model.set_requires_gradient_sync(last_micro_step)
-        self.oom.begin_micro_step()
+        self.oom.begin_micro_step()  # the ledger counts this micro-step's collectives (fsdp_oom)
         return contextlib.nullcontext()
 
+    def backward(self, loss: torch.Tensor, scale: Union[float, torch.Tensor] = 1.0) -> None:
+        super().backward(loss, scale)
+        self.oom.begin_micro_step()  # all of this micro-step's collectives went out: an OOM from here owes the next
+
     def recover_from_oom(self, shadow_forward: Callable[[], Any], micro_step: int, micro_steps: int) -> None:
-        """On the rank that ran out of memory in micro-step ``micro_step`` of ``micro_steps``: issue the
-        all-gathers and reduce-scatters its peers still expect this step, and leave FSDP ready for the redo.
-        ``shadow_forward()``: the model's forward (or loss) on one sample (fsdp_oom.first_sample of the batch).
-        Every rank then learns the outcome (fsdp_oom.any_rank_failed) and drops the step; docs/out-of-memory.md."""
+        """On the rank that ran out of memory in micro-step ``micro_step`` of ``micro_steps`` (the first whose
+        backward did not return): issue the all-gathers and reduce-scatters its peers still expect this step, and
+        leave FSDP ready for the redo. ``shadow_forward()``: the model's forward (or loss) on one sample
+        (fsdp_oom.first_sample of the batch). Every rank then learns the outcome (fsdp_oom.any_rank_failed) and
+        drops the step's gradients; docs/out-of-memory.md, section FSDP."""
         self.oom.owed_collectives_after_oom(shadow_forward, micro_step, micro_steps)
 
     def clip_grad_norm(self, max_norm: float) -> Optional[torch.Tensor]:
