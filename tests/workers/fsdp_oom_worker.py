@@ -9,7 +9,7 @@ start. The auto cases start at 4 (two micro-steps) and go down to the next divis
 block 1 holds an autograd Function that raises torch.OutOfMemoryError on one rank when its batch is larger than
 K=2, in the forward of the first micro-step ("forward"), in the backward of the first (non-last) micro-step
 ("backward_nonlast") or in the backward of the last micro-step ("backward_last": the peers are then inside the
-other units' reduce-scatters). Rank 0 writes OUT_DIR/w<W>.json: per case the full parameters' maximum relative
+other units' reduce-scatters; "backward_last_zero2" the same with reshard_after_forward=false). Rank 0 writes OUT_DIR/w<W>.json: per case the full parameters' maximum relative
 difference from "fixed", the micro-batches each step tried, and the seconds it took. Every wait is bounded by the
 process group's timeout (DEADLINE_S): a rank that was not brought back in step ends the launch with an error.
 """
