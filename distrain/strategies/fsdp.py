@@ -25,7 +25,7 @@ same size as plain FSDP's and resumes on any mesh and world size.
 from __future__ import annotations
 
 import contextlib
-from typing import Annotated, Any, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Annotated, Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ from distrain.errors import ConfigError
 from distrain.models.blocks import AUTO, find_blocks
 from distrain.models.meta_init import is_meta, materialise
 from distrain.strategies import precision
+from distrain.strategies.fsdp_oom import FSDPOomRecovery
 from distrain.strategies.placement import AUTO_REPLICATE, SHARD, Layout
 from distrain.strategies.base import Strategy, StrategyContext
 
@@ -85,6 +86,7 @@ class FSDPStrategy(Strategy):
         self.offload = offload
         self.grad_scaler = precision.grad_scaler(ctx.train.precision, ctx.device, sharded=True)
         self.units: List[FSDPModule] = []
+        self.oom: Optional[FSDPOomRecovery] = None  # counts FSDP's collectives per micro-step (fsdp_oom)
 
     def setup(self, model: nn.Module) -> None:
         sharded_from_birth = is_meta(model)
@@ -106,6 +108,7 @@ class FSDPStrategy(Strategy):
             materialise(model, torch.device("cpu") if self.offload else self.ctx.device)
         self.model = model
         self.optimizer = self._build_optimizer(model)  # over the DTensor shards
+        self.oom = FSDPOomRecovery(model)  # a counter per collective: what lets a rank that ran out of memory rejoin
 
     def _mesh(self) -> DeviceMesh:
         """1-D over every rank (FSDP), or 2-D replicas x shards (HSDP): FSDP2 reads the placement from its shape."""
@@ -138,7 +141,20 @@ class FSDPStrategy(Strategy):
     def accumulate(self, last_micro_step: bool) -> ContextManager:
         # Earlier micro-steps accumulate unsharded gradients locally; the last one reduce-scatters their sum.
         self.model.set_requires_gradient_sync(last_micro_step)
+        self.oom.begin_micro_step()  # the ledger counts this micro-step's collectives (fsdp_oom)
         return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, scale: Union[float, torch.Tensor] = 1.0) -> None:
+        super().backward(loss, scale)
+        self.oom.begin_micro_step()  # all of this micro-step's collectives went out: an OOM from here owes the next
+
+    def recover_from_oom(self, shadow_forward: Callable[[], Any], micro_step: int, micro_steps: int) -> None:
+        """On the rank that ran out of memory in micro-step ``micro_step`` of ``micro_steps`` (the first whose
+        backward did not return): issue the all-gathers and reduce-scatters its peers still expect this step, and
+        leave FSDP ready for the redo. ``shadow_forward()``: the model's forward (or loss) on one sample
+        (fsdp_oom.first_sample of the batch). Every rank then learns the outcome (fsdp_oom.any_rank_failed) and
+        drops the step's gradients; docs/out-of-memory.md, section FSDP."""
+        self.oom.owed_collectives_after_oom(shadow_forward, micro_step, micro_steps)
 
     def clip_grad_norm(self, max_norm: float) -> Optional[torch.Tensor]:
         if max_norm <= 0:
