@@ -18,8 +18,10 @@ from typing import Dict, List, Optional, Sequence
 
 from safetensors.torch import load_file
 import torch
+from omegaconf import DictConfig
 
 from distrain.config import load_config
+from distrain.config.validation import AUTO, auto_plan
 from distrain.errors import DistrainError, UsageError
 from distrain.preflight import check_job
 from distrain.verify.user_objects import FLAG, load_function
@@ -111,6 +113,21 @@ def _key_difference(reference: WorldResult, other: WorldResult) -> Optional[str]
     return "; ".join(parts) or None
 
 
+def fitted_micro_batch(cfg: DictConfig, world: int) -> List[str]:
+    """``["train.micro_batch=M"]`` when the config's micro-batch is larger than one rank's share of the global batch
+    at ``world`` ranks (a config sized for fewer ranks: gpt.yaml's 16 of 32 at W=4): the largest divisor of the share
+    below it, said on the console; else []. The trajectory does not depend on the micro-batch, so verify may pick it;
+    a micro-batch that merely does not divide the share is left for check_job to refuse."""
+    micro, per_rank = cfg.train.micro_batch, int(cfg.train.global_batch) // world
+    if micro in (None, AUTO) or int(cfg.train.global_batch) % world or int(micro) <= per_rank:
+        return []
+    fitted = auto_plan(int(cfg.train.global_batch), world, int(micro)).micro_batch
+    print(f"distrain verify: world size {world}: train.micro_batch={micro} is more than one rank's share "
+          f"({per_rank}) of train.global_batch={cfg.train.global_batch}; it runs at train.micro_batch={fitted} (the "
+          f"trajectory does not depend on the micro-batch)", flush=True)
+    return [f"train.micro_batch={fitted}"]
+
+
 def verify(config: str, worlds: Sequence[int], overrides: Sequence[str] = (), steps: Optional[int] = None,
            workdir: Optional[Path] = None, trainer_args: Optional[str] = None, full_batch: bool = False
            ) -> List[Comparison]:
@@ -125,9 +142,9 @@ def verify(config: str, worlds: Sequence[int], overrides: Sequence[str] = (), st
         load_function(trainer_args)  # a wrong name fails here, before any worker starts
     overrides = list(overrides) + ([f"train.steps={steps}"] if steps else [])
     cfg = load_config(config, overrides)
-    for w in worlds:
-        check_job(cfg, w)  # every world size must split the global batch; say so before starting anything
-    runs = [(f"w{w}", w, []) for w in worlds]
+    runs = [(f"w{w}", w, fitted_micro_batch(cfg, w)) for w in worlds]
+    for _, w, extra in runs:  # every world size must split the global batch; say so before starting anything
+        check_job(load_config(config, overrides + extra) if extra else cfg, w)
     if full_batch:
         runs.insert(0, ("full-batch", 1, ["train.micro_batch=null"]))
     tmp = tempfile.TemporaryDirectory(prefix="distrain-verify-") if workdir is None else None
