@@ -8,6 +8,8 @@ from omegaconf import DictConfig
 
 from distrain.errors import ConfigError
 
+# Strategies whose gradients QAT sums in float64 (bit-identical at every world size: compression.float64_grads).
+FLOAT64_GRAD_STRATEGIES = ("ddp", "zero1")
 # Strategies whose ranks hold different weights between syncs: their magnitudes, so their masks, would differ.
 NO_PRUNING = {
     "local_sgd": "local SGD ranks train apart between syncs, so their weights (and magnitude masks) differ",
@@ -43,14 +45,18 @@ def check_compression(cfg: DictConfig) -> None:
 
 
 def inexact_compression(cfg: DictConfig) -> Optional[str]:
-    """Why compression keeps W ranks from reproducing 1 rank bit for bit (`distrain verify`), or None.
+    """Why compression keeps W ranks from reproducing 1 rank to float rounding (`distrain verify`), or None.
 
     QAT rounds every linear weight to the int8 grid in the forward: a weight a last bit away from a rounding tie
-    (DDP sums gradients in another order at each world size) lands a whole grid step away, and the optimizer
-    carries that on. Pruning's threshold is a tie too, but an exact one (integer counts), and one weight at most."""
-    if cfg.train.qat != "none":
-        return (f"train.qat={cfg.train.qat} rounds weights to the int8 grid, so a last-bit difference next to a "
-                f"rounding tie becomes a grid step")
+    lands a whole grid step away, and the optimizer carries that on. Under ddp and zero1, QAT sums the gradients in
+    float64 (distrain.compression.float64_grads), so every world size has the same weights to the bit and no last
+    bit to differ in; the other strategies reduce in float32 in an order that depends on the world size. Pruning's
+    threshold is a tie too, but an exact one (integer counts), and one weight at most."""
+    if cfg.train.qat != "none" and cfg.strategy.name not in FLOAT64_GRAD_STRATEGIES:
+        return (f"train.qat={cfg.train.qat} rounds weights to the int8 grid, and strategy.name="
+                f"{cfg.strategy.name!r} sums gradients in float32 in an order that depends on the world size (only "
+                f"{' and '.join(FLOAT64_GRAD_STRATEGIES)} sum QAT's gradients in float64), so a last-bit difference "
+                f"next to a rounding tie becomes a grid step")
     return None
 
 

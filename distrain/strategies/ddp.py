@@ -41,6 +41,9 @@ class DDPStrategy(Strategy):
         self.powersgd_rank = powersgd_rank
         self._sent = ByteCounter()
         self.comm_hook_state: Optional[object] = None  # PowerSGD's state, saved per rank (distrain.compression)
+        # False: every micro-step runs under no_sync and the caller sums the gradients (QAT's float64 sum,
+        # distrain.compression.float64_grads)
+        self.engine_reduces_grads = True
         if static_graph and ctx.plan.grad_accum > 1:
             # no_sync under static_graph crashes on the first backward, and once past that stops all-reducing
             # (pytorch/pytorch#143580, fix pending in #187732); syncing every micro-step instead would add each
@@ -60,6 +63,10 @@ class DDPStrategy(Strategy):
         """Gradient bytes this rank has all-reduced so far (after compression, when a comm hook compresses)."""
         return self._sent.total
 
+    def count_sent(self, nbytes: int) -> None:
+        """Gradient bytes a caller all-reduced itself (engine_reduces_grads False: QAT's float64 sum)."""
+        self._sent.total += nbytes
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model on the device, checkpointed and compiled per train.*, in DDP (the model itself at W=1)."""
         model = self._on_device(model)
@@ -77,6 +84,6 @@ class DDPStrategy(Strategy):
         self.optimizer = self._build_optimizer(self.module)
 
     def accumulate(self, last_micro_step: bool) -> ContextManager:
-        if last_micro_step or not isinstance(self.model, DistributedDataParallel):
+        if (last_micro_step and self.engine_reduces_grads) or not isinstance(self.model, DistributedDataParallel):
             return contextlib.nullcontext()
         return self.model.no_sync()
