@@ -247,12 +247,14 @@ def test_verify_calls_qat_exact_where_it_sums_gradients_in_float64_only():
 
     from distrain.compression.checks import inexact_compression
 
-    def cfg(strategy: str, qat: str = "int8"):
-        return OmegaConf.create({"train": {"qat": qat}, "strategy": {"name": strategy}})
+    def cfg(strategy: str, qat: str = "int8", **kwargs: object):
+        return OmegaConf.create({"train": {"qat": qat}, "strategy": {"name": strategy, "kwargs": kwargs}})
 
     assert inexact_compression(cfg("ddp")) is None and inexact_compression(cfg("zero1")) is None
     assert inexact_compression(cfg("fsdp", "none")) is None
-    assert "strategy.name='fsdp' sums gradients in float32" in inexact_compression(cfg("fsdp"))
+    fsdp = inexact_compression(cfg("fsdp"))
+    assert "strategy.name='fsdp' with these strategy.kwargs sums gradients in float32" in fsdp
+    assert "in float32" in inexact_compression(cfg("ddp", static_graph=True))
 
 
 @pytest.mark.slow  # minutes of real multi-rank runs: the default run stays under 15 min; CI runs -m slow

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig
 
@@ -10,6 +10,14 @@ from distrain.errors import ConfigError
 
 # Strategies whose gradients QAT sums in float64 (bit-identical at every world size: compression.float64_grads).
 FLOAT64_GRAD_STRATEGIES = ("ddp", "zero1")
+
+
+def sums_qat_grads_in_float64(strategy: str, kwargs: Mapping[str, Any]) -> bool:
+    """Whether QAT's gradients are summed in float64 under ``strategy`` with these strategy.kwargs: ddp and zero1,
+    unless a comm hook compresses them (lossy anyway) or DDP's static graph forbids skipping its all-reduce (no_sync
+    breaks under it, distrain.strategies.ddp); there the engine's float32 reduction stays."""
+    return (strategy in FLOAT64_GRAD_STRATEGIES and kwargs.get("comm_hook") is None
+            and not kwargs.get("static_graph", False))
 # Strategies whose ranks hold different weights between syncs: their magnitudes, so their masks, would differ.
 NO_PRUNING = {
     "local_sgd": "local SGD ranks train apart between syncs, so their weights (and magnitude masks) differ",
@@ -50,13 +58,14 @@ def inexact_compression(cfg: DictConfig) -> Optional[str]:
     QAT rounds every linear weight to the int8 grid in the forward: a weight a last bit away from a rounding tie
     lands a whole grid step away, and the optimizer carries that on. Under ddp and zero1, QAT sums the gradients in
     float64 (distrain.compression.float64_grads), so every world size has the same weights to the bit and no last
-    bit to differ in; the other strategies reduce in float32 in an order that depends on the world size. Pruning's
-    threshold is a tie too, but an exact one (integer counts), and one weight at most."""
-    if cfg.train.qat != "none" and cfg.strategy.name not in FLOAT64_GRAD_STRATEGIES:
+    bit to differ in; the other strategies (and static_graph) reduce in float32 in an order that depends on the
+    world size. Pruning's threshold is a tie too, but an exact one (integer counts), and one weight at most."""
+    kwargs = cfg.strategy.get("kwargs") or {}
+    if cfg.train.qat != "none" and not sums_qat_grads_in_float64(cfg.strategy.name, kwargs):
         return (f"train.qat={cfg.train.qat} rounds weights to the int8 grid, and strategy.name="
-                f"{cfg.strategy.name!r} sums gradients in float32 in an order that depends on the world size (only "
-                f"{' and '.join(FLOAT64_GRAD_STRATEGIES)} sum QAT's gradients in float64), so a last-bit difference "
-                f"next to a rounding tie becomes a grid step")
+                f"{cfg.strategy.name!r} with these strategy.kwargs sums gradients in float32 in an order that depends "
+                f"on the world size (only {' and '.join(FLOAT64_GRAD_STRATEGIES)} without static_graph sum QAT's "
+                f"gradients in float64), so a last-bit difference next to a rounding tie becomes a grid step")
     return None
 
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from distrain.compression.checks import FLOAT64_GRAD_STRATEGIES, prune_end
+from distrain.compression.checks import prune_end, sums_qat_grads_in_float64
 from distrain.compression.float64_grads import Float64GradSum
 from distrain.strategies.param_views import param_views
 from distrain.compression.pruning import Pruner, is_update_step, ramp
@@ -69,7 +69,9 @@ class Compression:
             self.pruner = Pruner([name for name, _ in weights], views, str(p.scope))
         self.end = prune_end(train)
         self.grad_sum: Optional[Float64GradSum] = None
-        if train.qat != "none" and strategy.name in FLOAT64_GRAD_STRATEGIES and strategy.comm_hook is None:
+        kwargs = {"comm_hook": getattr(strategy, "comm_hook", None),
+                  "static_graph": getattr(strategy, "ddp_kwargs", {}).get("static_graph", False)}
+        if train.qat != "none" and sums_qat_grads_in_float64(strategy.name, kwargs):
             # from step 0, not qat_start: a last-bit difference before QAT starts would meet the grid later
             self.grad_sum = Float64GradSum(strategy.module.parameters())
             strategy.engine_reduces_grads = False
