@@ -57,3 +57,8 @@ class DivergenceError(DistrainError, exit_code=1):
 class CorruptDataError(DataError, exit_code=1):
     """Data files whose bytes no longer match the checksums written with them (``distrain data verify``): damaged
     after they were written, a runtime failure of the storage rather than a mistake in the input."""
+
+
+class OutOfMemoryError(DistrainError, exit_code=1):
+    """A device ran out of memory in a training step (distrain.training.oom): names the rank, the step, the
+    micro-batch and the memory figures, and what to try."""

@@ -18,7 +18,8 @@ def check_job(cfg: DictConfig, world_size: Union[int, Sequence[int]]) -> BatchPl
     """Everything checkable before any worker starts (launch, verify, config show, slurm submit): the batch plan
     for ``world_size`` (for a sequence of them, an elastic job's: each must divide; the largest's plan is returned),
     that the named strategy, dataset, model and trackers exist (each registry's own
-    lookup, so the message is the one a worker would give), and that data.collate_fn imports."""
+    lookup, so the message is the one a worker would give), that the strategy's kwargs fit each world size (fsdp's
+    replicate must divide it), and that data.collate_fn imports."""
     sizes = [world_size] if isinstance(world_size, int) else list(world_size)
     plan = elastic_batch_plans(cfg, sizes)[-1]  # before the imports below pull in torch: batch mistakes fail in 0.3 s
     # lazy: start-up (torch, ~2 s): a batch that does not divide is refused before they load
@@ -28,7 +29,9 @@ def check_job(cfg: DictConfig, world_size: Union[int, Sequence[int]]) -> BatchPl
     from distrain.strategies import strategy_class
     from distrain.telemetry.trackers import TRACKERS
 
-    strategy_class(cfg.strategy.name)
+    strategy = strategy_class(cfg.strategy.name)
+    for size in sizes:  # e.g. fsdp's replicate must divide every world size an elastic job can have
+        strategy.check_world(cfg.strategy.kwargs, size)
     dataset_builder(cfg.data.name)
     model_builder(cfg.model.name)
     for tracker in cfg.metrics.trackers:

@@ -25,7 +25,7 @@ def test_ddp_overhead_script_runs_from_a_plain_python():
 def test_bench_command_lists_the_suites_and_rejects_unknown_ones():
     proc = run_cli(["bench", "--help"])
     assert proc.returncode == 0
-    for suite in ("step_time", "comm", "memory", "scaling", "startup", "data", "ddp_overhead", "gpu"):
+    for suite in ("step_time", "comm", "memory", "scaling", "startup", "data", "ddp_overhead", "gpu", "auto_micro"):
         assert suite in proc.stdout
     bad = run_cli(["bench", "no_such_suite"])
     assert bad.returncode == 2 and "no_such_suite" in bad.stderr and "Traceback" not in bad.stderr
@@ -96,3 +96,55 @@ def test_gpu_suite_runs_in_its_tiny_cpu_mode(tmp_path):
     assert {"tokens_vs_nanogpt", "overhead", "defaults_vs_eager"} <= set(result["ratios"])
     report = (tmp_path / "smoke-gpu" / "BENCHMARKS.md").read_text()
     assert "## 6. One GPU" in report and "Tiny CPU mode" in report
+
+
+@pytest.mark.bench
+def test_scale_suite_measures_every_cost_at_w_1_and_2(tmp_path):
+    # The full suite goes to W = 32 (tens of minutes on 2 cores); the smoke run launches W = 1 and 2 only.
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "scale", "--smoke", "--out-dir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200, env=child_env())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(next(tmp_path.glob("*-smoke-scale.json")).read_text())["suites"]["scale"]
+    rows = {row["world"]: row for row in result["rows"]}
+    assert sorted(rows) == [1, 2]
+    for row in rows.values():
+        # a first step, two saves (steps 2 and 4) each timed, steps timed, rank 0's memory read
+        assert row["first_step_s"] > 0 and row["step_s"] > 0 and row["rank0_peak_rss_mb"] > 100
+        assert len(row["raw"][0]["checkpoint_s"]) == 2 and row["checkpoint_s"] > 0
+    # a checkpoint holds a DCP shard and an RNG state per rank, plus the rank-0 files
+    assert rows[2]["checkpoint_files"] - rows[1]["checkpoint_files"] == 2
+    assert result["growth"]["checkpoint_files"] > 1
+    assert [c["world"] for c in result["commit"]] == [2, 8]
+    assert result["commit"][1]["gathered_bytes"] == 4 * result["commit"][0]["gathered_bytes"]
+    report = (tmp_path / "smoke-scale" / "BENCHMARKS.md").read_text()
+    assert "## 7. Scale" in report and "growth per doubling of W" in report
+    assert (tmp_path / "smoke-scale" / "scale.png").is_file()
+
+
+@pytest.mark.bench
+def test_straggler_tracking_cost_suite_runs(tmp_path):
+    # Issue 20: step time with metrics.straggler_factor=1.5 vs 0, whole log windows interleaved (mlp only when smoke).
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "stragglers", "--smoke", "--out-dir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900, env=child_env())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    results = json.loads(next(tmp_path.glob("*-smoke-stragglers.json")).read_text())
+    job = results["suites"]["stragglers"]["models"]["mlp"]
+    assert job["tracking_active"] and job["log_every"] >= 1
+    assert len(job["times_on"]) == len(job["times_off"]) == job["rounds"] and job["ratio"]["ratio"] > 0
+    assert 0 < job["added"]["all_reduce_s"] < job["added"]["per_window_s"] and job["added"]["fraction_of_window"] > 0
+    assert "## Straggler tracking" in (tmp_path / "smoke-stragglers" / "BENCHMARKS.md").read_text()
+def test_loop_cost_suite_times_every_piece_of_the_loop_body(tmp_path):
+    # Issue 20: distrain's own per-step work, piece by piece, against the mlp and gpt steps (2 gloo ranks).
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "loop_cost", "--smoke", "--out-dir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900, env=child_env())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(next(tmp_path.glob("*-smoke-loop_cost.json")).read_text())["suites"]["loop_cost"]
+    from benchmarks.suites.loop_cost import IN_TOTAL
+
+    for model in ("mlp", "gpt"):
+        job = result["models"][model]
+        assert set(IN_TOTAL) | {"count_allreduce"} == set(job["pieces_us"])
+        assert all(job["pieces_us"][p]["median"] > 0 for p in IN_TOTAL)
+        assert job["total_us"] == pytest.approx(sum(job["pieces_us"][p]["median"] for p in IN_TOTAL))
+        assert 0 < job["fraction"] < 1 and job["step_us"]["median"] > job["total_us"]
+    assert "## distrain's own per-step cost" in (tmp_path / "smoke-loop_cost" / "BENCHMARKS.md").read_text()

@@ -302,6 +302,22 @@ def test_compat_accepts_what_may_change_and_names_every_key_that_may_not():
     assert "train.lr: 0.001 in the checkpoint, 0.5 now" in str(err.value) and "Cannot resume from step_10" in str(err.value)
 
 
+def test_compat_lets_the_data_move_and_leaves_what_they_are_to_the_fingerprint():
+    """A corpus moved to another directory is the same data: a resume with a new data.kwargs.path is not refused by
+    the config check (train.resume_data's fingerprint comparison decides; test_data_fingerprint), whatever
+    train.resume_data says; another data set (data.name) still is."""
+    from distrain.checkpoint.compat import differing_keys
+    from distrain.config import to_container
+
+    saved = to_container(load_config(None, ["data.name=tokens", "data.kwargs.path=/old/shards"]))
+    for policy in ("check", "accept"):
+        moved = to_container(load_config(None, ["data.name=tokens", "data.kwargs.path=/new/shards",
+                                                f"train.resume_data={policy}"]))
+        assert differing_keys(saved, moved) == []
+    other = to_container(load_config(None, ["data.name=images", "data.kwargs.path=/new/shards"]))
+    assert differing_keys(saved, other) == ["data.name"]
+
+
 def test_compat_reads_a_key_an_older_checkpoint_lacks_as_its_default():
     """A checkpoint written before data.collate_fn (or any later key) existed resumes while the key is at its
     default, and is refused when it is not."""

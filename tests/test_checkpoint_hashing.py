@@ -15,6 +15,7 @@ import socket
 import time
 
 from conftest import run_torchrun
+from distrain.checkpoint.manifest import own_digests
 
 RANK0 = ["dcp/.metadata", "dcp/__0_0.distcp", "rng/rank0.json", "trainer_state.json"]
 RANK1 = ["dcp/__1_0.distcp", "rng/rank1.json"]
@@ -44,3 +45,21 @@ def test_each_rank_hashes_its_own_files_and_all_ranks_agree(tmp_path):
     assert "step 2: the loss is not finite (nan or inf) on rank(s) 1; skipped its update on every rank" in log
     for rank in (0, 1):
         assert f"is in use by another run: pid {os.getpid()} on host {socket.gethostname()}" in agree[rank]["refused"]
+
+
+def test_a_rank_finds_its_own_files_without_a_stat_of_everyone_elses(tmp_path, monkeypatch):
+    """At W ranks a checkpoint holds 2W+ files (a DCP shard and an RNG state per rank), and every rank lists it to
+    find the files it wrote: a stat of every file was W x 2W metadata operations per save, job-wide (2 million at
+    1,024 ranks, on a shared filesystem's metadata server). A rank now stats and hashes only its own files."""
+    world = 64
+    for name in ["trainer_state.json", "dcp/.metadata"] + [f for r in range(world)
+                                                            for f in (f"dcp/__{r}_0.distcp", f"rng/rank{r}.json")]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(name)
+    stat = os.stat
+    seen = []
+    monkeypatch.setattr(os, "stat", lambda path, *args, **kwargs: seen.append(str(path)) or stat(path, *args,
+                                                                                                     **kwargs))
+    digests = own_digests(tmp_path, 5, world)
+    assert sorted(digests) == ["dcp/__5_0.distcp", "rng/rank5.json"]
+    assert sorted(os.path.relpath(p, tmp_path) for p in seen) == ["dcp/__5_0.distcp", "rng/rank5.json"], seen

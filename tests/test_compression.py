@@ -253,7 +253,7 @@ def test_verify_calls_qat_exact_where_it_sums_gradients_in_float64_only():
     assert inexact_compression(cfg("ddp")) is None and inexact_compression(cfg("zero1")) is None
     assert inexact_compression(cfg("fsdp", "none")) is None
     fsdp = inexact_compression(cfg("fsdp"))
-    assert "strategy.name='fsdp' with these strategy.kwargs sums gradients in float32" in fsdp
+    assert "strategy.name='fsdp' with these settings sums gradients in float32" in fsdp
     assert "in float32" in inexact_compression(cfg("ddp", static_graph=True))
 
 

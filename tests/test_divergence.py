@@ -32,7 +32,7 @@ MLP = str(REPO / "configs" / "mlp.yaml")
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 FLOATS = ["train.lr", "train.eps", "train.weight_decay", "train.momentum", "train.min_lr_ratio", "train.grad_clip",
           "data.eval_fraction", "dist.timeout_s", "checkpoint.every_minutes", "metrics.peak_flops", "run.lock_grace_s",
-          "metrics.tracker_timeout_s", "train.prune.amount"]
+          "metrics.tracker_timeout_s", "train.prune.amount", "metrics.straggler_factor"]
 
 
 def _strict_json(text: str):

@@ -101,7 +101,10 @@ def _rel(results, reference: WorldResult, name: str, world: int) -> float:
     return compare(reference, results[name][world]["result"]).max_rel_diff
 
 
+# The tests on the `results` fixture (15 trainings, ~90 s) run with -m slow (CI), to keep the default run under 15
+# minutes on 2 cores.
 # --- exact token-level normalisation ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_hf_gpt2_at_w1_w2_w3_equals_full_batch_training_with_its_own_loss(results, hf_reference):
     assert [results["hf"][w]["grad_accum"] for w in (1, 2, 3)] == [6, 3, 2]
     for world in (1, 2, 3):
@@ -111,24 +114,28 @@ def test_hf_gpt2_at_w1_w2_w3_equals_full_batch_training_with_its_own_loss(result
         results["hf"][3]["result"].indices
 
 
+@pytest.mark.slow
 def test_hf_gpt2_micro_batch_12_and_2_agree(results, hf_reference):
     assert results["hf-mb12"][1]["grad_accum"] == 1
     assert compare(results["hf-mb12"][1]["result"], results["hf"][1]["result"]).max_rel_diff <= 1e-5
     assert _rel(results, hf_reference, "hf-mb12", 1) <= 1e-5
 
 
+@pytest.mark.slow
 def test_builtin_gpt_on_padded_text_equals_full_batch_training(results, gpt_reference):
     for name, world in (("gpt", 1), ("gpt", 2), ("gpt", 3), ("gpt-mb12", 1)):
         rel = _rel(results, gpt_reference, name, world)
         assert rel <= 1e-5, f"built-in gpt ({name}) at W={world} differs from full-batch training by {rel:.3e}"
 
 
+@pytest.mark.slow
 def test_logged_loss_is_the_global_mean_at_every_world_size(results):
     losses = [results["hf"][w]["loss"] for w in (1, 2, 3)] + [results["hf-mb12"][1]["loss"]]
     assert max(losses) - min(losses) <= 1e-5 * abs(losses[0])
 
 
 # --- every strategy, checkpoints, export ------------------------------------------------------------------
+@pytest.mark.slow
 def test_hf_gpt2_trains_exactly_under_every_strategy(results, hf_reference):
     for name in STRATEGIES:
         rel = _rel(results, hf_reference, name, 2)
@@ -137,12 +144,14 @@ def test_hf_gpt2_trains_exactly_under_every_strategy(results, hf_reference):
     assert math.isfinite(local) and abs(local - results["hf"][2]["loss"]) <= 0.05 * results["hf"][2]["loss"]
 
 
+@pytest.mark.slow
 def test_hf_gpt2_resumes_exactly_from_its_checkpoint(results):
     assert results["hf-half"][2]["steps"] == 5 and results["hf-resumed"][2]["steps"] == 10
     assert compare(results["hf"][2]["result"], results["hf-resumed"][2]["result"]).max_rel_diff <= 1e-6
 
 
 # --- a frozen teacher -------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["distill-ddp", "distill-fsdp"])
 def test_frozen_teacher_is_never_wrapped_trained_checkpointed_or_exported(results, name):
     student_shapes = {k: list(v.shape) for k, v in gpt2().state_dict().items()}
@@ -163,6 +172,7 @@ def test_frozen_teacher_is_never_wrapped_trained_checkpointed_or_exported(result
     assert set(student) == set(student_shapes)
 
 
+@pytest.mark.slow
 def test_distillation_moves_the_student_and_evaluates_with_the_metric_hook(results):
     scores = results["distill-ddp"][2]["eval"]
     assert set(scores) == {"eval_loss", "eval_accuracy", "eval_ce"}
@@ -172,6 +182,7 @@ def test_distillation_moves_the_student_and_evaluates_with_the_metric_hook(resul
 
 
 # --- evaluation of any output -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_eval_of_model_outputs_is_the_training_objective_over_the_eval_set(results):
     """A transformers ModelOutput is evaluated (it crashed before): eval_loss equals the model's own mean over
     every valid label of the eval set in one forward, and accuracy is over the same shifted labels."""

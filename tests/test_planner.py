@@ -87,3 +87,34 @@ def test_predictions_match_measured_memory_and_traffic_with_real_processes():
                                          f"planner {r['predicted']:.0f} ({r['formula']})")
         assert r["sent_measured"] == pytest.approx(r["sent_predicted"], rel=0.10), \
             f"W={r['world']} {r['label']}: sent {r['sent_measured']:.0f} B/step, planner {r['sent_predicted']:.0f}"
+
+
+def test_hsdp_shards_within_a_node_and_all_reduces_shards_between_nodes():
+    # 16 ranks on 4 nodes: R = 4 replicas (one per node) of S = 4 shards.
+    n, nodes, s, g = 16, 4, 4, 4 * PSI
+    hsdp = estimate(BY_LABEL["hsdp (full shard)"], PSI, n, _train(), backend="nccl", nodes=nodes)
+    assert hsdp.replicate == nodes and hsdp.formula == "16Ψ/S"
+    assert hsdp.states == pytest.approx(16 * PSI / s)  # sharded over a node's 4 ranks, not all 16
+    # Inside a node: two all-gathers and a reduce-scatter over S; between nodes: an all-reduce of the 1/S shard.
+    assert hsdp.intra_node == pytest.approx(3 * (s - 1) / s * g)
+    assert hsdp.inter_node == pytest.approx(2 * (nodes - 1) / nodes * g / s)
+    # Flat FSDP over 16 ranks: M of the ring's N links cross a node boundary.
+    flat = estimate(BY_LABEL["fsdp (full shard)"], PSI, n, _train(), backend="nccl", nodes=nodes)
+    assert flat.inter_node == pytest.approx(flat.comm_bytes * nodes / n) and flat.inter_node > hsdp.inter_node
+    # One node: "auto" is one replica, plain FSDP.
+    assert estimate(BY_LABEL["hsdp (full shard)"], PSI, n, _train(), nodes=1).states == pytest.approx(16 * PSI / n)
+
+
+def test_plan_with_nodes_shows_hsdp_and_the_traffic_inside_and_between_nodes(capsys):
+    from conftest import run_cli_here
+
+    code, out, err = run_cli_here(["plan", "configs/gpt.yaml", "--world", "16", "--nodes", "4", "dist.backend=nccl",
+                                   "train.micro_batch=2"],
+                                  capsys)
+    assert code == 0, err
+    assert "intra-node" in out and "inter-node" in out and "hsdp (full shard) 4x4" in out
+    assert "recommended: hsdp (full shard)" in out and "strategy.kwargs.replicate=auto" in out
+    code, out, _ = run_cli_here(["plan", "configs/gpt.yaml", "--world", "2"], capsys)
+    assert code == 0 and "hsdp" not in out and "inter-node" not in out  # one node: nothing between nodes
+    code, _, err = run_cli_here(["plan", "configs/gpt.yaml", "--world", "16", "--nodes", "3"], capsys)
+    assert code == 2 and "--nodes 3" in err and "Traceback" not in err

@@ -30,7 +30,7 @@ def test_plot_writes_a_png_comparing_both_runs(two_runs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "w1, w2" in proc.stdout and "Traceback" not in proc.stderr
     image = matplotlib.image.imread(out)
-    assert image.shape[:2] == (950, 1800)
+    assert image.shape[:2] == (1400, 1800)  # three rows: w2's ranks logged their own step times
     assert image[..., :3].std() > 0.05  # drawn on, not a blank canvas
 
 
@@ -67,7 +67,8 @@ def test_accuracy_has_its_own_axis_and_series_never_logged_have_no_legend_entry(
         json.dumps({**r, "compute_s": None, "comm_s": None} if "loss" in r else r) + "\n" for r in records))
     runs = [read_run(two_runs / "w1"), read_run(tmp_path / "w2")]
     fig = build_figure(runs, ["w1", "w2"])
-    evaluation, accuracy = fig.axes[2], fig.axes[6]
+    evaluation = fig.axes[2]
+    accuracy = next(ax for ax in fig.axes if ax.get_ylabel() == "eval accuracy")
     assert accuracy.get_shared_x_axes().joined(accuracy, evaluation) and accuracy.get_ylabel() == "eval accuracy"
     for run, loss, acc in zip((two_runs / "w1", tmp_path / "w2"), evaluation.get_lines(), accuracy.get_lines()):
         evals = [r for r in read_jsonl(run / "metrics.jsonl") if "eval_accuracy" in r]
@@ -106,6 +107,8 @@ def test_runs_ls_summarises_finished_runs(two_runs):
     assert lines[0].split()[:3] == ["RUN", "STATUS", "STEPS"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert rows["w1"][1:5] == ["finished", "40/40", "1", "ddp"] and rows["w2"][1:5] == ["finished", "40/40", "2", "ddp"]
+    # RANK STEP MS: each rank's own step time at 2 ranks (the one most often slowest marked *), none at one rank
+    assert rows["w1"][-1] == "-" and len(rows["w2"]) == len(rows["w1"]) + 1 and "*" in " ".join(rows["w2"][-2:])
     as_json = [json.loads(line) for line in run_cli(["runs", "ls", str(two_runs), "--json"]).stdout.splitlines()]
     for row in as_json:
         records = read_jsonl(two_runs / row["name"] / "metrics.jsonl")

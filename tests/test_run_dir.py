@@ -23,6 +23,7 @@ from conftest import REPO, child_env, read_jsonl, run_cli
 from distrain.checkpoint.paths import committed, read_latest, step_name
 from distrain.checkpoint.manifest import problem
 from distrain.config import load_config
+from distrain.telemetry.units import format_duration
 from distrain.errors import CheckpointError, ConfigError
 from distrain.telemetry.metrics import MetricsWriter
 from distrain.training import run_lock
@@ -293,12 +294,21 @@ def test_starting_a_finished_run_again_says_so_and_the_suggested_keys_work(tmp_p
     common = [MLP, f"run.dir={tmp_path}", "metrics.progress=plain", "train.eval_every=0", "train.log_every=1"]
     first = run_cli(["train", *common, "train.steps=4"], timeout=240)
     assert first.returncode == 0, first.stderr[-3000:]
+    record = json.loads((tmp_path / "mlp-digits" / "run.json").read_text())
     again = run_cli(["train", *common, "train.steps=4"], timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]
     said = again.stdout + again.stderr
     assert ("run 'mlp-digits' already finished at step 4 of train.steps=4: nothing to train. To train again, use "
             "another run.name (e.g. run.name=mlp-digits-2); to continue this run, raise train.steps (e.g. "
             "train.steps=8).") in said
+    # The start that trained nothing leaves the finished run's record as it was (its final loss and wall time were
+    # replaced by an empty attempt's: `distrain runs` then showed WALL 0:00:00).
+    after = json.loads((tmp_path / "mlp-digits" / "run.json").read_text())
+    assert {k: after.get(k) for k in ("status", "started", "start_step", "final", "attempts")} == \
+        {k: record.get(k) for k in ("status", "started", "start_step", "final", "attempts")}
+    listed = run_cli(["runs", "ls", str(tmp_path)], timeout=120)
+    wall = format_duration(record["final"]["wall_s"])
+    assert listed.returncode == 0 and listed.stdout.splitlines()[-1].split()[-1] == wall, listed.stdout
     more = run_cli(["train", *common, "train.steps=8"], timeout=240)
     assert more.returncode == 0, more.stderr[-3000:]
     assert "step 8/8" in more.stdout + more.stderr and "already finished" not in more.stdout + more.stderr

@@ -12,13 +12,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import torch.distributed as torch_dist
 
-from distrain.faults.store import BoundedStore, StoreSilent
+from distrain.env import ProcessInfo
+from distrain.faults.store import BoundedStore, StoreSilent, call_deadline, open_store, read_all
 from distrain.faults.watchdog import Heartbeat, _missing_ranks, explain, is_communication_error
+from distrain.ports import free_port
 
 # The texts gloo raised in a real 2-rank job (torch 2.13): a peer that never entered all_reduce, a peer that died.
 GLOO_TIMEOUT = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
@@ -107,26 +110,31 @@ def test_every_rank_in_the_collective_blames_the_network_not_a_rank():
 
 
 # --- a store whose owner is frozen ------------------------------------------------------------------------------
+def _store_owner(port: int) -> subprocess.Popen:
+    """A child process hosting a real TCPStore on ``port`` (key k = v)."""
+    return subprocess.Popen([sys.executable, "-c", "import time, torch.distributed as d; "
+                             f"s = d.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False); "
+                             "s.set('k', 'v'); time.sleep(600)"])
+
+
+def _client_once_up(port: int) -> torch_dist.TCPStore:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return torch_dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False,
+                                       timeout=datetime.timedelta(seconds=2))
+        except Exception:
+            assert time.monotonic() < deadline, "the store never came up"
+            time.sleep(0.2)
+
+
 def test_a_call_to_a_frozen_store_ends_at_its_deadline_and_later_calls_fail_at_once():
     """A real TCPStore hosted by a child process, stopped with SIGSTOP: torch's own client timeout does not end a
     get (it waits for the owner to wake up); the bounded client gives up after its deadline, then fails at once."""
-    from distrain.ports import free_port
-
     port = free_port()
-    owner = subprocess.Popen([sys.executable, "-c", "import time, torch.distributed as d; "
-                              f"s = d.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False); "
-                              "s.set('k', 'v'); time.sleep(600)"])
+    owner = _store_owner(port)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client = torch_dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False,
-                                             timeout=datetime.timedelta(seconds=2))
-                break
-            except Exception:
-                assert time.monotonic() < deadline, "the store never came up"
-                time.sleep(0.2)
-        store = BoundedStore(client, deadline_s=1.0)
+        store = BoundedStore(_client_once_up(port), deadline_s=1.0)
         assert store.call("get", "k") == b"v"
         os.kill(owner.pid, signal.SIGSTOP)
         started = time.monotonic()
@@ -147,3 +155,62 @@ def test_a_call_to_a_frozen_store_ends_at_its_deadline_and_later_calls_fail_at_o
         os.kill(owner.pid, signal.SIGCONT)
         owner.kill()
         owner.wait()
+
+
+def test_the_watchdog_connecting_to_a_frozen_store_owner_gives_up_at_its_deadline(monkeypatch):
+    """Rank 0 frozen before the watchdog starts: building the TCPStore client (its handshake) must not block the
+    rank; open_store gives up within its call deadline and the watchdog runs without heartbeats."""
+    port = free_port()
+    owner = _store_owner(port)
+    try:
+        _client_once_up(port)
+        os.kill(owner.pid, signal.SIGSTOP)
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        info = ProcessInfo(rank=1, local_rank=1, world_size=2, local_world_size=2, master_addr="127.0.0.1",
+                           master_port=port, source="torchelastic")
+        opened: list = []
+        started = time.monotonic()
+        opener = threading.Thread(target=lambda: opened.append(open_store(info, timeout_s=4)), daemon=True)
+        opener.start()
+        opener.join(timeout=call_deadline(4) + 10)
+        assert not opener.is_alive(), "open_store blocked on a frozen store owner"
+        assert time.monotonic() - started < call_deadline(4) + 5
+        # None when the handshake waits for the owner's reply (torch 2.13 usually does), else a bounded client
+        assert len(opened) == 1 and (opened[0] is None or isinstance(opened[0], BoundedStore))
+    finally:
+        os.kill(owner.pid, signal.SIGCONT)  # the handshake completes, so no thread is inside torch at our exit
+        time.sleep(2)
+        owner.kill()
+        owner.wait()
+
+
+class CountingStore:
+    """A real TCPStore that counts the requests made to it."""
+
+    def __init__(self, store):
+        self.store, self.requests = store, 0
+
+    def __getattr__(self, name):
+        self.requests += 1
+        return getattr(self.store, name)
+
+
+def test_every_heartbeat_is_read_in_two_requests_not_two_per_rank():
+    """After a failed collective every rank reads every rank's heartbeat: one request per key was W x 2W requests
+    to the one store (2 million at 1,024 ranks). With every key set it is one check and one multi_get; a rank
+    that never published is still told apart (None), at the old cost."""
+    world = 64
+    server = torch_dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                 timeout=datetime.timedelta(seconds=5))
+    keys = [f"hb/{rank}" for rank in range(world)]
+    for rank in range(world - 1):
+        server.set(keys[rank], f"beat {rank}")
+    counted = CountingStore(server)
+    partial = read_all(BoundedStore(counted, deadline_s=5.0), keys)
+    assert partial[world - 1] is None and partial[3] == b"beat 3" and len(partial) == world
+    server.set(keys[world - 1], "last")
+    counted.requests = 0
+    values = read_all(BoundedStore(counted, deadline_s=5.0), keys)
+    assert [values[r] for r in range(world)] == [f"beat {r}".encode() for r in range(world - 1)] + [b"last"]
+    assert counted.requests == 2

@@ -7,16 +7,15 @@ A save, on every rank at the same step:
     2. every rank writes its own shard of model and optimizer with DCP (``dcp.save``, or ``dcp.async_save`` in
        a background thread when ``checkpoint.async_save``) - or the engine saves itself (DeepSpeed): what a
        strategy writes is its own (``Strategy.save_checkpoint``, ``load_checkpoint``);
-    3. every rank hashes the files it wrote (size + sha256), and the digests are gathered to rank 0 (on the
-       default group, or for an async save in the background thread, on the save's own group); that gather is also
-       the point where every rank's files are on disk;
+    3. every rank hashes the files it wrote (size + sha256), the digests are gathered to rank 0 (the default group,
+       or an async save's own group in its thread); that gather is also the point where every rank's files are on disk;
     4. rank 0 writes the manifest from the digests, renames the directory to ``step_XXXXXXXX/`` in one os.rename,
        points ``latest`` at it (atomic replace), and applies retention to this run's checkpoints only.
 A save killed anywhere before the rename leaves only a ``.tmp-`` directory, which nothing ever reads.
 
 A run is one lineage of checkpoints (``run_id``, in the trainer state and the manifest): a fresh start draws a new
-id, a resume carries on the checkpoint's. Retention, and the removal of checkpoints a resume from an earlier step
-left behind, only ever delete checkpoints of this lineage.
+id, a resume carries on the checkpoint's. Retention (and removing what a resume from an earlier step left behind)
+only ever deletes checkpoints of this lineage.
 
 A resume verifies the checkpoint it loads on every rank at once: rank 0 checks the manifest, files and sizes, and
 every rank hashes the files its rank wrote (``manifest.share_of``), so no rank waits in a collective while another
@@ -36,11 +35,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 import torch.distributed as torch_dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from distrain import dist
 from distrain.checkpoint.compat import check_resume_config
+from distrain.checkpoint.conversion import StrategyKind, check_strategy_change, record, running_kind, saved_kind
 from distrain.checkpoint.fault_injection import STALL_ENV, stall_if_asked
 from distrain.checkpoint.data_check import check_resume_data
 from distrain.checkpoint.export import not_a_checkpoint
@@ -59,6 +59,7 @@ from distrain.env import ProcessInfo
 from distrain.errors import CheckpointError, StorageError
 from distrain.storage_errors import write_failure_hint
 from distrain.telemetry.logs import get_logger
+from distrain.telemetry.profiling import label
 from distrain.telemetry.run_record import versions
 from distrain.telemetry.units import format_bytes
 
@@ -113,6 +114,7 @@ class Checkpointer:
         self.last_save_s = 0.0  # rank 0: start of the latest committed save to its commit (async: in the background)
         self.last_save_bytes = 0  # rank 0: its size on disk
         self._last_save_time = time.monotonic()  # every_minutes counts from here: a save's start (async) or commit
+        self._cadence = OmegaConf.to_object(cfg.checkpoint)  # due() per step: a DictConfig read costs ~10 us
         self._pending: Optional[_PendingSave] = None
         self.run_id = uuid.uuid4().hex[:12]  # this run's lineage of checkpoints; a resume carries on the checkpoint's
         self._owns_unnamed = False  # resumed from a checkpoint written before lineages were recorded
@@ -126,7 +128,7 @@ class Checkpointer:
     # --- cadence -----------------------------------------------------------------------------------
     def due(self, step: int) -> Optional[str]:
         """Why a checkpoint is due after ``step`` steps ("every" / "every_minutes"), or None; same on all ranks."""
-        c = self.cfg.checkpoint
+        c = self._cadence
         if c.every and step % c.every == 0:
             return "every"
         if c.every_minutes > 0:
@@ -141,7 +143,8 @@ class Checkpointer:
         reason = self.due(step)
         if reason is None:
             return None
-        return self._save(step, reason, blocking=not self.cfg.checkpoint.async_save, scheduled=True)
+        with label("checkpoint"):  # a named range in metrics.profile traces
+            return self._save(step, reason, blocking=not self.cfg.checkpoint.async_save, scheduled=True)
 
     # --- saving ------------------------------------------------------------------------------------
     def save(self, step: int, reason: str = "manual", blocking: bool = True) -> Path:
@@ -222,12 +225,16 @@ class Checkpointer:
 
     def _trainer_state(self, step: int, reason: str) -> TrainerState:
         epoch, offset = self.sampler.epoch_and_offset(step)
+        config, kind = to_container(self.cfg), self._strategy_kind()
         return TrainerState(
             step=step, data_epoch=int(epoch), data_offset=int(offset), world_size=self.info.world_size,
             strategy=self.strategy.name, engine_checkpoint=bool(self.strategy.engine_checkpoint),
-            config=to_container(self.cfg), config_hash=config_hash(self.cfg), model=self.model_info,
+            config=config, config_hash=config_hash(self.cfg, bool(kind.exact)), model=self.model_info,
             data_spec=self.data_spec, versions=versions(), reason=reason, run_id=self.run_id,
-            data_fingerprint=self.data_fingerprint)
+            data_fingerprint=self.data_fingerprint, micro_batch=self.strategy.ctx.plan.micro_batch, **record(kind))
+
+    def _strategy_kind(self) -> StrategyKind:
+        return running_kind(self.strategy, to_container(self.cfg)["strategy"])
 
     def _commit(self, step: int, tmp: Path, final: Path, reason: str, started: float, gathered: List[tuple],
                 blocked_s: Optional[float], waited_s: float) -> None:
@@ -389,14 +396,12 @@ class Checkpointer:
         trainer state. Raises CheckpointError if the config changed in a way that breaks the trajectory."""
         path = Path(path)
         state = TrainerState.read(path)
-        notes = check_resume_config(state.config, to_container(self.cfg), str(path))
+        # a change of strategy converts through DCP (or is refused) before the other keys are compared
+        converted = check_strategy_change(saved_kind(state), self._strategy_kind(), str(path))
+        notes = [converted] if converted else []
+        notes += check_resume_config(state.config, to_container(self.cfg), str(path), bool(converted))
         notes += check_resume_data(state.data_fingerprint, self.data_fingerprint, self.cfg.train.resume_data,
                                    str(path), self.log)
-        if state.engine_checkpoint != bool(self.strategy.engine_checkpoint):
-            raise CheckpointError(f"Checkpoint {path} was written by strategy {state.strategy!r} "
-                                  f"({'engine' if state.engine_checkpoint else 'DCP'} format); strategy "
-                                  f"{self.strategy.name!r} cannot read it. Resume with strategy.name="
-                                  f"{state.strategy}.", key="strategy.name")
         self.strategy.load_checkpoint(path)
         notes += self._restore_extras(path, state)
         self.last_saved_step = state.step

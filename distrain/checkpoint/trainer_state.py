@@ -45,6 +45,13 @@ class TrainerState:
     run_id: Optional[str] = None  # the lineage of checkpoints this belongs to (None: written before lineages)
     # {"train", "eval"} fingerprints of the data (distrain.data.fingerprint); None: written before fingerprints
     data_fingerprint: Optional[Dict[str, Any]] = None
+    # The micro-batch the run trained at when it saved (train.micro_batch=auto resumes there at the same world
+    # size); None: written before it was kept
+    micro_batch: Optional[int] = None
+    # Whether the strategy was exact with its kwargs and its DCP state portable (distrain.checkpoint.conversion: a
+    # resume may then change the strategy); None: written before they were recorded
+    strategy_exact: Optional[bool] = None
+    portable_checkpoint: Optional[bool] = None
     # The fp16 grad scaler is strategy state: Strategy.checkpoint_state puts it beside model and optimizer in DCP.
 
     def write(self, directory: Path) -> None:

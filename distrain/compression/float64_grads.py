@@ -1,13 +1,13 @@
 """QAT's gradient sum in float64: one rank and W ranks hand the optimizer bit-identical float32 gradients.
 
 Why (measured, docs/compression.md): one rank adds its micro-batches' float32 gradients in one order, DDP adds each
-rank's partial sums in another, and the two differ in the last bit. Where a gradient cancels to nearly nothing
-(|g| ~ 1e-9, under AdamW's eps of 1e-8) that last bit is a 1e-3 relative change of g, which AdamW's normalisation
-turns into a weight difference of 1.8e-5 relative in one step (4.4e-5 after six, on the quickstart, with or
-without QAT); QAT's rounding to the int8 grid adds to it, as a last bit next to a rounding tie becomes a grid step. A float64 sum of the step's few float32 terms (micro-batches
-x ranks) is exact unless their magnitudes lie some 10^7 apart (and then off by 2^-53 of the largest, which moves the
-float32 result only where it sits that close to a float32 rounding boundary), so the order no longer matters and
-the one rounding to float32 is the same at every world size.
+rank's partial sums in another, and the two differ in the last bit. Where a gradient cancels to nearly nothing (|g| ~
+1e-9, under AdamW's eps of 1e-8) that last bit is a 1e-3 relative change of g, which AdamW's normalisation turns into a
+weight difference of 1.8e-5 relative in one step (4.4e-5 after six, on the quickstart, with or without QAT); QAT's
+rounding to the int8 grid adds to it, as a last bit next to a rounding tie becomes a grid step. A float64 sum of the
+step's few float32 terms (micro-batches x ranks) is exact unless their magnitudes lie some 10^7 apart (and then off by
+2^-53 of the largest, which moves the float32 result only where it sits that close to a float32 rounding boundary), so
+the order no longer matters and the one rounding to float32 is the same at every world size.
 
 Each parameter's post-accumulate-grad hook (torch's) moves its micro-batch gradient into one flat float64 buffer;
 ``finish``, before the update, all-reduces that buffer once (twice the bytes of DDP's float32 all-reduce, after the

@@ -71,7 +71,7 @@ class Compression:
         self.grad_sum: Optional[Float64GradSum] = None
         kwargs = {"comm_hook": getattr(strategy, "comm_hook", None),
                   "static_graph": getattr(strategy, "ddp_kwargs", {}).get("static_graph", False)}
-        if train.qat != "none" and sums_qat_grads_in_float64(strategy.name, kwargs):
+        if train.qat != "none" and sums_qat_grads_in_float64(strategy.name, kwargs, strategy.ctx.plan.auto):
             # from step 0, not qat_start: a last-bit difference before QAT starts would meet the grid later
             self.grad_sum = Float64GradSum(strategy.module.parameters())
             strategy.engine_reduces_grads = False

@@ -181,7 +181,8 @@ def check_ranges(options: Mapping[str, Any], ranges: Mapping[str, Range], key: s
     for name, allowed in ranges.items():
         value = options.get(name)
         values = value if isinstance(value, list) else [value]
-        if all(v is None or allowed.admits(v) for v in values):
+        # A word in place of a number (fsdp's replicate=auto) is the builder's to check.
+        if all(v is None or isinstance(v, str) or allowed.admits(v) for v in values):
             continue
         number = "an integer " if all(isinstance(v, int) for v in values if v is not None) else "a number "
         subject = "each entry" if isinstance(value, list) else "it"

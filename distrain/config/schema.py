@@ -69,7 +69,11 @@ class PruneConfig:
 @dataclass
 class TrainConfig:
     global_batch: int = 64  # samples per optimizer step, summed over all ranks: the invariant
-    micro_batch: Optional[int] = None  # samples per forward/backward on one rank; None = global_batch / world
+    # samples per forward/backward on one rank: a positive integer; None = global_batch / world; auto = the
+    # largest divisor of global_batch / world that fits, found by retrying a step that ran out of memory at the
+    # next smaller divisor (docs/out-of-memory.md)
+    micro_batch: Optional[Any] = None
+    micro_batch_max: Optional[int] = None  # with micro_batch=auto: where the search starts (None: global_batch / world)
     steps: int = 100  # optimizer steps to train for (in total, across resumes)
     optimizer: str = "adamw"  # sgd | adam | adamw
     optimizer_impl: str = "auto"  # auto (fused kernel on CUDA, torch's default elsewhere) | fused | foreach | for_loop
@@ -163,6 +167,14 @@ class WandbConfig:
 
 
 @dataclass
+class ProfileConfig:
+    start: int = 1  # the first profiled step, counted from 0 (ProfilerStep#<start> in the trace)
+    steps: int = 0  # how many steps to record; 0 = profiling off (the default: no cost)
+    ranks: Any = "all"  # all, or a list of ranks, e.g. [0]
+    memory: bool = False  # also record tensor allocations and shapes (profile_memory, record_shapes)
+
+
+@dataclass
 class MetricsConfig:
     # Experiment trackers fed by rank 0, besides metrics.jsonl: any of tensorboard, mlflow, wandb. Each gets the
     # resolved config, every metrics and eval record, and at the end config.yaml and the final checkpoint's path;
@@ -176,6 +188,18 @@ class MetricsConfig:
     tracker_timeout_s: float = 10.0
     progress: str = "auto"  # auto (bar on a TTY, plain lines otherwise) | bar | plain | none
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = look up a table, or skip
+    # Stragglers: on every log step each rank's own data and compute time (without waiting for peers) is compared
+    # with the median rank's; a rank >= straggler_factor x slower for straggler_window log steps in a row is warned
+    # about once (its rank, host and slow phase). metrics.jsonl gets step_s_ranks and slowest_rank. 0 = off.
+    straggler_factor: float = 1.5
+    straggler_window: int = 3  # log steps in a row a rank must lag before the warning
+    # torch.profiler traces of a few steps: one gzipped Chrome/Perfetto trace per selected rank in <run dir>/profile/
+    # (rank<R>_steps<S>-<E>.json.gz), distrain's phases labelled: split, forward, backward, grad-sync, optimizer,
+    # sync, checkpoint. TensorBoard's profiler plugin and ui.perfetto.dev read them.
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    # Record the CUDA allocator's history and, on an out-of-memory error, write it to
+    # <run dir>/memory/oom_rank<R>_step<S>.pickle (open it at https://pytorch.org/memory_viz); nothing on a CPU
+    memory_snapshot: bool = False
 
 
 @dataclass

@@ -12,12 +12,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence, get_type_hints
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from distrain.compression.checks import check_compression
 from distrain.config.schema import CHOICES, COMPILE_OPTIONS, FAULT_SIGNALS, TRACKER_NAMES, Config
 from distrain.errors import ConfigError
 from distrain.registry import is_import_path
+
+AUTO = "auto"  # train.micro_batch=auto
 
 
 def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
@@ -82,13 +84,18 @@ def validate(cfg: DictConfig) -> None:
              "it must be a positive, finite number of seconds (at most 1e9)")
     _validate_checkpoint_and_run(cfg)
     _validate_metrics(cfg.metrics)
+    _validate_profile(cfg.metrics.profile, cfg.train.steps)
     _validate_faults(cfg.faults)
 
 
 def _validate_train(t: DictConfig) -> None:
     _require(t.global_batch >= 1, "train.global_batch", t.global_batch, "it must be a positive integer")
-    _require(t.micro_batch is None or t.micro_batch >= 1, "train.micro_batch", t.micro_batch,
-             "it must be a positive integer (or null to use global_batch / world_size)")
+    _require(t.micro_batch is None or t.micro_batch == AUTO
+             or (isinstance(t.micro_batch, int) and not isinstance(t.micro_batch, bool) and t.micro_batch >= 1),
+             "train.micro_batch", t.micro_batch, "it must be a positive integer, null (to use global_batch / "
+             "world_size) or auto (the largest that fits in memory, found by retrying at the next smaller divisor)")
+    _require(t.micro_batch_max is None or t.micro_batch_max >= 1, "train.micro_batch_max", t.micro_batch_max,
+             "it must be a positive integer (where micro_batch=auto starts its search), or null")
     _require(t.steps >= 1, "train.steps", t.steps, "it must be a positive integer")
     _require(t.lr > 0, "train.lr", t.lr, "it must be a positive number")
     _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", list(t.betas),
@@ -139,10 +146,46 @@ def _validate_metrics(m: DictConfig) -> None:
     _require(m.peak_flops >= 0, "metrics.peak_flops", m.peak_flops, "it must be zero or positive")
     _require(0 < m.tracker_timeout_s <= 3600, "metrics.tracker_timeout_s", m.tracker_timeout_s,
              "it must be a positive number of seconds, at most 3600")
+    _require(m.straggler_factor == 0 or m.straggler_factor > 1, "metrics.straggler_factor", m.straggler_factor,
+             "it must be 0 (straggler tracking off) or greater than 1, e.g. 1.5 (a rank 1.5x slower than the median "
+             "rank)")
+    _require(m.straggler_window >= 1, "metrics.straggler_window", m.straggler_window,
+             "it must be a whole number of log steps, at least 1")
     trackers = list(m.trackers)
     _require(all(t in TRACKER_NAMES or is_import_path(t) for t in trackers) and len(set(trackers)) == len(trackers),
              "metrics.trackers", trackers, f"list each of {', '.join(TRACKER_NAMES)} (or your own Tracker subclass as "
              f"'package.module:Class') at most once, e.g. [tensorboard, mlflow]")
+
+
+def selected_ranks(ranks: Any, world_size: Optional[int]) -> List[int]:
+    """``metrics.profile.ranks`` as a list of ranks: "all", or distinct ranks below ``world_size`` (None: not known
+    yet, any rank >= 0); a ConfigError otherwise."""
+    if ranks == "all":
+        return list(range(world_size or 0))
+    listed = list(ranks) if isinstance(ranks, (list, tuple, ListConfig)) else []
+    limit = world_size if world_size is not None else math.inf
+    if not listed or len(set(listed)) != len(listed) or not all(
+            isinstance(r, int) and not isinstance(r, bool) and 0 <= r < limit for r in listed):
+        within = (f"between 0 and {world_size - 1} (this job has world_size={world_size})" if world_size is not None
+                  else "(0, 1, ...)")
+        raise ConfigError(f"Config key 'metrics.profile.ranks' has value {ranks!r}; it must be 'all' or a non-empty "
+                          f"list of distinct ranks {within}, e.g. [0] or [0, 1].", key="metrics.profile.ranks")
+    return listed
+
+
+def _validate_profile(profile: DictConfig, total_steps: int) -> None:
+    """``metrics.profile`` (distrain.telemetry.profiling) as far as it needs no world size (the ranks are checked
+    against it when a run starts)."""
+    start, steps = profile.start, profile.steps
+    if not (isinstance(steps, int) and steps >= 0):
+        raise ConfigError(f"Config key 'metrics.profile.steps' has value {steps!r}; it must be 0 (profiling off) or "
+                          f"the number of steps to record, e.g. 2.", key="metrics.profile.steps")
+    if not (isinstance(start, int) and 0 <= start) or (steps and start + steps > total_steps):
+        raise ConfigError(f"Config key 'metrics.profile.start' has value {start!r} with metrics.profile.steps="
+                          f"{steps}; the profiled steps start..start+steps-1 must lie within the run's steps 0.."
+                          f"{total_steps - 1} (train.steps={total_steps}).", key="metrics.profile.start")
+    if steps:
+        selected_ranks(profile.ranks, world_size=None)
 
 
 def _validate_faults(f: DictConfig) -> None:
@@ -177,6 +220,7 @@ class BatchPlan:
     world_size: int
     micro_batch: int
     grad_accum: int
+    auto: bool = False  # train.micro_batch=auto: micro_batch is where the search stands (smaller after an OOM)
 
     @property
     def per_rank(self) -> int:
@@ -197,6 +241,8 @@ def batch_plan(cfg: DictConfig, world_size: int) -> BatchPlan:
             f"world size (each rank takes an equal slice). Choose a global batch divisible by {w}, "
             f"or run with a world size that divides {g}.", key="train.global_batch")
     per_rank = g // w
+    if cfg.train.micro_batch == AUTO:
+        return auto_plan(g, w, cfg.train.micro_batch_max)
     m = int(cfg.train.micro_batch) if cfg.train.micro_batch is not None else per_rank
     if per_rank % m:
         raise ConfigError(
@@ -205,6 +251,22 @@ def batch_plan(cfg: DictConfig, world_size: int) -> BatchPlan:
             f"integer. Pick a micro_batch that divides {per_rank} (the per-rank share), e.g. "
             f"{_divisor_hint(per_rank, m)}.", key="train.micro_batch")
     return BatchPlan(global_batch=g, world_size=w, micro_batch=m, grad_accum=per_rank // m)
+
+
+def auto_plan(global_batch: int, world_size: int, start: Optional[int] = None) -> BatchPlan:
+    """train.micro_batch=auto: the largest divisor of the per-rank share that is at most ``start`` (default: the
+    share itself), the micro-batch the search tries first."""
+    per_rank = global_batch // world_size
+    m = max(d for d in range(1, per_rank + 1) if per_rank % d == 0 and (start is None or d <= start))
+    return BatchPlan(global_batch=global_batch, world_size=world_size, micro_batch=m, grad_accum=per_rank // m,
+                     auto=True)
+
+
+def smaller_plan(plan: BatchPlan) -> Optional[BatchPlan]:
+    """The same plan at the next smaller divisor of the per-rank share (None at micro-batch 1)."""
+    if plan.micro_batch == 1:
+        return None
+    return auto_plan(plan.global_batch, plan.world_size, plan.micro_batch - 1)
 
 
 def _divisor_hint(n: int, near: int) -> int:
@@ -230,6 +292,7 @@ def elastic_batch_plans(cfg: DictConfig, world_sizes: Sequence[int]) -> List[Bat
     if not failing:
         return plans
     g, m = int(cfg.train.global_batch), cfg.train.micro_batch
+    m = None if m == AUTO else m  # auto picks a divisor at every world size, as null does
     unit = math.lcm(*sizes) * (int(m) if m is not None else 1)
     fit = unit * max(1, -(-g // unit))  # the smallest multiple of unit that is at least the configured batch
     micro = f"train.micro_batch={m} x " if m is not None else ""

@@ -216,6 +216,14 @@ class StepLoader:
         self._next_step = step + 1
         return out
 
+    def use_micro_batch(self, micro_batch: int) -> None:
+        """Cut every step into micro-batches of ``micro_batch`` from now on (train.micro_batch=auto after an
+        out-of-memory error): the next ``micro_batches`` starts the DataLoader again at the step it asks for, so a
+        step is fetched again, the same samples cut smaller."""
+        self.grad_accum = self.batches.sampler.global_batch // self.batches.world_size // micro_batch
+        self.batches.micro_batch = micro_batch
+        self._next_step = None
+
     def _restart(self, step: int) -> None:
         """Start (again) at ``step``: steps past the configured end (a benchmark, an extended run) have no end."""
         self.batches.start = step

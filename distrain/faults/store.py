@@ -6,7 +6,8 @@ frozen store owner (rank 0 stopped with SIGSTOP or swapping, or a host gone sile
 ``timeout=3 s`` logged "timed out after 3000ms" and still sat in ``get`` 60 s later, returning only after SIGCONT;
 a second client of its own short timeout blocks the same way. So the client is owned by one helper thread that
 runs every call, and the caller waits at most a deadline (a bounded join). A call stuck past it marks the store
-silent; later calls fail at once until the stuck one returns, so nothing queues behind a dead socket.
+silent; later calls fail at once until the stuck one returns, so nothing queues behind a dead socket. The client is
+built on that thread too: its constructor's handshake blocks against a frozen owner the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch.distributed as torch_dist
 from torch.distributed.distributed_c10d import _get_default_store
@@ -44,7 +45,7 @@ class BoundedStore:
     def __init__(self, store: Any, deadline_s: float):
         self._store = store
         self.deadline_s = deadline_s
-        self._calls: "queue.Queue[Tuple[Future, str, tuple]]" = queue.Queue()
+        self._calls: "queue.Queue[Tuple[Future, Callable[[], Any]]]" = queue.Queue()
         self._busy_since: Optional[float] = None  # when the call in progress began; None when idle
         self._thread = threading.Thread(target=self._work, name="distrain-store", daemon=True)
         self._thread.start()
@@ -54,12 +55,24 @@ class BoundedStore:
         since = self._busy_since
         return 0.0 if since is None else time.monotonic() - since
 
+    @classmethod
+    def connect(cls, build: Callable[[], Any], deadline_s: float) -> "BoundedStore":
+        """A bounded client whose store is built by ``build()`` on the client's thread, within the deadline
+        (StoreSilent otherwise): a TCPStore client's handshake with a frozen owner never returns."""
+        bounded = cls(None, deadline_s)
+        bounded._store = bounded._run(build)
+        return bounded
+
     def call(self, method: str, *args: Any) -> Any:
         """``store.<method>(*args)``, or StoreSilent when it does not return within the deadline."""
+        return self._run(lambda: getattr(self._store, method)(*args))
+
+    def _run(self, work: Callable[[], Any]) -> Any:
+        """``work()`` on the client's thread; its result, or StoreSilent past the deadline."""
         if self.silent_for() > self.deadline_s:
             raise StoreSilent(self.silent_for())  # still stuck: don't queue behind it
         future: Future = Future()
-        self._calls.put((future, method, args))
+        self._calls.put((future, work))
         try:
             return future.result(timeout=self.deadline_s)
         except FutureTimeout:
@@ -68,16 +81,38 @@ class BoundedStore:
 
     def _work(self) -> None:
         while True:
-            future, method, args = self._calls.get()
+            future, work = self._calls.get()
             if not future.set_running_or_notify_cancel():
                 continue
             self._busy_since = time.monotonic()
             try:
-                future.set_result(getattr(self._store, method)(*args))
+                future.set_result(work())
             except BaseException as err:  # handed to the caller, who decides what a failed store means
                 future.set_exception(err)
             finally:
                 self._busy_since = None
+
+
+def read_all(store: BoundedStore, keys: List[str]) -> Dict[int, Optional[bytes]]:
+    """index -> the value of ``keys[index]``, None for a key that is not set; a key after the store stopped
+    answering is left out (unknown, not missing).
+
+    Every rank reads every rank's heartbeat after a failed collective: one request per key made W x 2W requests to
+    the one store (2 million at 1,024 ranks, while the job is already in trouble). When all keys are set (the
+    usual case: every rank publishes before training) it is one check and one multi_get.
+    """
+    try:
+        if store.call("check", keys):
+            return dict(enumerate(store.call("multi_get", keys)))
+    except Exception:
+        return {}  # the store itself is gone or silent
+    values: Dict[int, Optional[bytes]] = {}
+    for index, key in enumerate(keys):
+        try:
+            values[index] = store.call("get", key) if store.call("check", [key]) else None
+        except Exception:
+            break  # gone or silent: waiting on it once per key would only delay the report
+    return values
 
 
 def call_deadline(timeout_s: float) -> float:
@@ -114,11 +149,15 @@ def open_store(info: ProcessInfo, timeout_s: float) -> Optional[BoundedStore]:
     prefix = f"distrain/watchdog/{run_id}/{attempt}/"  # a restarted group must not read the last attempt's abort
     timeout = datetime.timedelta(seconds=min(30.0, max(5.0, timeout_s)))
     host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    try:
+
+    def build() -> Any:
         if host and port:
             store = torch_dist.TCPStore(host, int(port), is_master=False, timeout=timeout, wait_for_workers=False)
         else:
             store = _get_default_store()  # private, but the only way to the group's own store without MASTER_*
-        return BoundedStore(torch_dist.PrefixStore(prefix, store), call_deadline(timeout_s))
-    except Exception:
+        return torch_dist.PrefixStore(prefix, store)
+
+    try:
+        return BoundedStore.connect(build, call_deadline(timeout_s))
+    except Exception:  # StoreSilent included: no heartbeats, said by the caller; training itself is unaffected
         return None

@@ -69,11 +69,13 @@ class FaultTolerance:
                 f"{self.watchdog.step_age():.0f} s, past dist.timeout_s={timeout_s:g}")
 
     def record_attempt(self, record: Any, start_step: int) -> None:
-        """Append this run of the job (start step, SLURM / torchelastic restart counts) to run.json's attempts."""
+        """Append this run of the job (start step, world size, SLURM / torchelastic restart counts) to run.json's
+        attempts: an elastic job that lost or regained a node shows each world size it ran at."""
         if record is None:
             return
         attempts = list(record.data.get("attempts", []))
-        attempts.append({"start_step": start_step, "started": time.time(), **attempt_info()})
+        attempts.append({"start_step": start_step, "world_size": self.info.world_size, "started": time.time(),
+                         **attempt_info()})
         record.update(attempts=attempts)
 
     # --- in the loop -----------------------------------------------------------------------------------

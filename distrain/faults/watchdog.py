@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from distrain.env import ProcessInfo
-from distrain.faults.store import BoundedStore, StoreSilent, open_store, silent_store_story, store_owner
+from distrain.faults.store import BoundedStore, StoreSilent, open_store, read_all, silent_store_story, store_owner
 from distrain.errors import DistributedError
 
 FLIGHT_RECORDER_ENV = "TORCH_FR_BUFFER_SIZE"
@@ -133,8 +133,8 @@ class Watchdog:
         """Connect to the job's store and start the heartbeat thread; False (and a log line) if there is no store."""
         self._store = open_store(self.info, self.timeout_s)
         if self._store is None:
-            self.log.warning("watchdog: no c10d store to publish heartbeats to; a stuck collective will be "
-                             "reported without naming the ranks that did not arrive")
+            self.log.warning("watchdog: no c10d store to publish heartbeats to (none, or it did not answer); a stuck "
+                             "collective will be reported without naming the ranks that did not arrive")
             return False
         try:
             self._publish()  # before training starts, so every rank has a heartbeat from the start
@@ -294,14 +294,8 @@ class Watchdog:
     def _read_heartbeats(self) -> Dict[int, Optional[Heartbeat]]:
         """rank -> its heartbeat, or None when it never published one. A rank whose heartbeat could not be read
         (the store stopped answering) is left out: unknown, not missing."""
-        beats: Dict[int, Optional[Heartbeat]] = {}
-        for rank in range(self.info.world_size):
-            try:
-                raw = self._store.call("get", f"hb/{rank}") if self._store.call("check", [f"hb/{rank}"]) else None
-            except Exception:
-                break  # the store itself is gone or silent: waiting on it once per rank would only delay the report
-            beats[rank] = Heartbeat(**json.loads(raw)) if raw else None
-        return beats
+        raws = read_all(self._store, [f"hb/{rank}" for rank in range(self.info.world_size)])
+        return {rank: Heartbeat(**json.loads(raw)) if raw else None for rank, raw in raws.items()}
 
 
 def explain(err: BaseException, completed: int, beats: Dict[int, Optional[Heartbeat]], world_size: int,

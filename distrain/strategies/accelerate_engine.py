@@ -23,7 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distrain.strategies.placement import Layout
 from distrain.strategies.base import Strategy, StrategyContext
+from distrain.config import BatchPlan
 from distrain.strategies.comm_hooks import BucketCapMB, ByteCounter, register_comm_hook
+from distrain.strategies.ddp import refuse_auto_with
+from distrain.strategies.ddp_join import BackwardJoin, Outcome
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -33,6 +36,7 @@ class AccelerateStrategy(Strategy):
 
     name = "accelerate"
     meta_init = True
+    supports_auto_micro_batch = True
 
     @classmethod
     def layouts(cls) -> List[Layout]:
@@ -44,6 +48,8 @@ class AccelerateStrategy(Strategy):
         self.grad_scaler = None  # Accelerate keeps its own GradScaler for fp16
         self.accelerator: Any = None
         self._sent = ByteCounter()
+        self._join: Optional[BackwardJoin] = None  # micro_batch=auto at W > 1 (distrain.strategies.ddp_join)
+        refuse_auto_with(ctx.plan, find_unused_parameters=find_unused_parameters)
 
     def setup(self, model: nn.Module) -> None:
         from accelerate import Accelerator  # lazy: start-up: Accelerate takes seconds to import
@@ -59,6 +65,8 @@ class AccelerateStrategy(Strategy):
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         if isinstance(self.model, DistributedDataParallel):  # one process: Accelerate leaves the model unwrapped
             register_comm_hook(self.model, None, counter=self._sent)  # SUM, counted (see the module docstring)
+            if self.ctx.plan.auto:
+                self._join = BackwardJoin(self.model, self._sent)
 
     @property
     def comm_bytes(self) -> int:
@@ -70,6 +78,8 @@ class AccelerateStrategy(Strategy):
         return self.accelerator.autocast()  # a no-op for fp32; the prepared model also casts outputs to fp32
 
     def accumulate(self, last_micro_step: bool) -> ContextManager:
+        if self._join is not None:
+            self._join.arm()
         context = self.accelerator.accumulate(self.model)
         return _CheckedAccumulate(context, self.accelerator, last_micro_step)
 
@@ -88,6 +98,22 @@ class AccelerateStrategy(Strategy):
         norm = super().grad_norm()
         scaler = self.accelerator.scaler  # fp16: Accelerate's own GradScaler, not self.grad_scaler
         return norm / scaler.get_scale() if scaler is not None else norm
+
+    def rejoin_after_oom(self, micro: int, micro_steps: int, phase: str) -> bool:
+        return self._join is None or self._join.join(last=micro == micro_steps - 1)
+
+    def outcome_channel(self) -> Optional[Outcome]:
+        return None if self._join is None else self._join.outcome
+
+    def drop_step(self) -> None:
+        self.optimizer.optimizer.zero_grad(set_to_none=True)  # Accelerate's wrapper only clears on a sync micro-step
+        self.accelerator.step = 0  # its micro-step counter restarts with the step (a failed rank stopped early)
+        if self._join is not None:
+            self._join.reset()
+
+    def use_plan(self, plan: BatchPlan) -> None:
+        super().use_plan(plan)  # loss_factor follows: Accelerate divides each backward by the new accumulation
+        self.accelerator.gradient_accumulation_steps = plan.grad_accum
 
     def step(self) -> None:
         self.optimizer.step()  # the prepared optimizer: steps only on the sync micro-step, through the scaler
@@ -126,6 +152,8 @@ class AccelerateStrategy(Strategy):
         return tensors
 
     def teardown(self) -> None:
+        if self._join is not None:
+            self._join.close()
         if self.accelerator is not None:
             # lazy: start-up: Accelerate takes seconds to import
             from accelerate.state import AcceleratorState, GradientState

@@ -9,7 +9,8 @@ optimizer step, parameter synchronisation, and how the state is gathered or save
 3. the step: forward context, accumulation, backward, clipping, norms, the update;
 4. an engine's tensors seen from outside (``local_tensor``, ``param_shape``, ``scalar``): the only way code
    outside strategies/ reads a sharded parameter or an engine's result, so DTensor and DeepSpeed details stay here;
-5. state and checkpoints.
+5. state and checkpoints;
+6. out of memory under ``train.micro_batch: auto``: rejoining the peers, dropping the step, another micro-batch.
 
 What differs per engine lives in the engine's file only.
 """
@@ -76,8 +77,16 @@ class Strategy(abc.ABC):
     # any world size). A strategy whose engine has a format of its own (DeepSpeed) sets engine_checkpoint and
     # overrides save_checkpoint and load_checkpoint; its saves are synchronous.
     engine_checkpoint = False
+    # Whether its DCP state is torch's FQN-keyed get_state_dict view ({"model": {fqn: ...}, "optim": {"state": {fqn:
+    # {...}}, "param_groups": [...]}}, whole tensors, DTensor shards or a rank's owned entries alike): a resume may
+    # then switch to any other such strategy (distrain.checkpoint.conversion). False for a layout of its own.
+    portable_checkpoint = True
     # Payload bytes this rank has handed to collectives for gradient/parameter sync so far (None: not counted).
     comm_bytes: Optional[int] = None
+    # Whether train.micro_batch=auto may redo a step that ran out of memory on some rank (section 6 below); where
+    # it may not, the reason, completing "train.micro_batch=auto is not supported by strategy.name=X: ..." (exit 2).
+    supports_auto_micro_batch = False
+    auto_micro_batch_refusal = "it cannot bring a rank that ran out of memory back in step with its peers' collectives"
 
     def __init__(self, ctx: StrategyContext):
         self.ctx = ctx
@@ -290,11 +299,46 @@ class Strategy(abc.ABC):
         """Bytes of parameters, gradients and optimizer state held by this rank (shards count as local)."""
         return {kind: sum(_local_bytes(t) for t in tensors) for kind, tensors in self.state_tensors().items()}
 
+    # --- out of memory under train.micro_batch=auto (distrain.training.micro_steps, docs/out-of-memory.md) ------
+    # The loop calls these only where supports_auto_micro_batch is set. A rank that ran out of memory stops its
+    # micro-steps; the loop then calls, on that rank only, rejoin_after_oom; then on every rank the outcome is
+    # shared (outcome_channel, or one all-reduce), and after a failure anywhere drop_step and use_plan on every rank.
+    def rejoin_after_oom(self, micro: int, micro_steps: int, phase: str) -> bool:
+        """On a rank whose micro-step ``micro`` (0-based, of ``micro_steps``) raised out of memory in ``phase``
+        (``forward`` | ``backward``): issue, in their order, every collective its peers still run in this step's
+        forwards and backwards (the rest of micro-step ``micro`` and all later ones), so none of them waits;
+        what they compute is thrown away (``drop_step`` follows on every rank). Called outside ``accumulate``,
+        after the failed micro-step's activations are released. False where it cannot: the step is then not
+        redone and every rank ends in one paragraph. Here: no collective rides a forward or backward."""
+        return True
+
+    def outcome_channel(self) -> Optional[Any]:
+        """Where a step attempt's outcome rides behind the last gradient collective, so micro_batch=auto costs
+        no collective of its own once settled: an object with ``set(row)`` (called before the first micro-step
+        and again, on a failed rank, before ``rejoin_after_oom``) and ``result()`` (every rank's row after the
+        last backward, or None; DDP's is ddp_join.Outcome). None: micro_steps all-reduces the rows itself."""
+        return None
+
+    def drop_step(self) -> None:
+        """Drop a failed step's gradients on every rank alike (and any engine state the attempt advanced, such
+        as a micro-step counter): the step is redone from its first micro-step, with the same samples."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def use_plan(self, plan: BatchPlan) -> None:
+        """Train at ``plan``'s micro-batch from now on (a smaller one after an OOM, or the one a checkpoint
+        trained at); the global batch is the same, the accumulation count changes."""
+        self.ctx.plan = plan
+
     @classmethod
     def layouts(cls) -> List["Layout"]:
         """How this strategy places model states and what it sends per step, for `distrain plan` (one Layout per
         option set worth comparing). A strategy that declares none is not planned."""
         return []
+
+    @classmethod
+    def check_world(cls, kwargs: Dict[str, Any], world_size: int) -> None:
+        """Before any worker starts: raise ConfigError if these strategy.kwargs cannot run at ``world_size`` (called
+        for each size an elastic job may have). Most strategies run at any world size."""
 
     @classmethod
     def exact_for(cls, kwargs: Dict[str, Any]) -> bool:

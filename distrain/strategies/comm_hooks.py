@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distrain.config.options import Range
 from distrain.strategies.powersgd_state import PowerSGDMemory
+from distrain.telemetry.profiling import label
 from distrain.errors import ConfigError
 
 HOOKS = ("fp16", "bf16", "powersgd")
@@ -28,10 +29,16 @@ def sum_allreduce_hook(process_group: Optional[dist.ProcessGroup], bucket: dist.
 
 
 class ByteCounter:
-    """Payload bytes handed to gradient collectives, summed over steps (what goes on the wire, per rank)."""
+    """Payload bytes handed to gradient collectives, summed over steps (what goes on the wire, per rank); and what
+    to launch right behind a backward's last bucket (``after_last``: micro_batch=auto's outcome, ddp_join.py)."""
 
     def __init__(self) -> None:
         self.total = 0
+        self.after_last: Optional[Callable[[], None]] = None
+
+    def handed(self, bucket: dist.GradBucket) -> None:
+        if self.after_last is not None and bucket.is_last():
+            self.after_last()
 
 
 def _counted(hook: Callable, counter: ByteCounter, bytes_per_element: Optional[int]) -> Callable:
@@ -40,7 +47,10 @@ def _counted(hook: Callable, counter: ByteCounter, bytes_per_element: Optional[i
     def counted_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         buffer = bucket.buffer()
         counter.total += buffer.numel() * (bytes_per_element or buffer.element_size())
-        return hook(state, bucket)
+        with label("grad-sync"):  # a named range in metrics.profile traces (a no-op otherwise)
+            future = hook(state, bucket)
+        counter.handed(bucket)
+        return future
 
     return counted_hook
 
@@ -55,10 +65,12 @@ def _counted_powersgd(counter: ByteCounter, memory: PowerSGDMemory) -> Callable:
         buffer = bucket.buffer()
         if state.iter < state.start_powerSGD_iter:  # warm-up: a plain all-reduce of the whole bucket
             counter.total += buffer.numel() * buffer.element_size()
-            return powerSGD_hook.powerSGD_hook(state, bucket)
-        before = state.total_numel_after_compression  # PowerSGD's own tally of what it all-reduces
-        future = powerSGD_hook.powerSGD_hook(state, bucket)
-        counter.total += (state.total_numel_after_compression - before) * buffer.element_size()
+            future = powerSGD_hook.powerSGD_hook(state, bucket)
+        else:
+            before = state.total_numel_after_compression  # PowerSGD's own tally of what it all-reduces
+            future = powerSGD_hook.powerSGD_hook(state, bucket)
+            counter.total += (state.total_numel_after_compression - before) * buffer.element_size()
+        counter.handed(bucket)
         return future
 
     return counted_hook

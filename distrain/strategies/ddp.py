@@ -13,7 +13,9 @@ from typing import Any, ContextManager, Dict, List, Optional
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from distrain.config import BatchPlan
 from distrain.errors import ConfigError
+from distrain.strategies.ddp_join import BackwardJoin, Outcome
 from distrain.strategies.placement import Layout
 from distrain.strategies.base import Strategy, StrategyContext
 from distrain.strategies.comm_hooks import BucketCapMB, ByteCounter, PowerSGDRank, register_comm_hook
@@ -25,6 +27,7 @@ class DDPStrategy(Strategy):
 
     name = "ddp"
     meta_init = True
+    supports_auto_micro_batch = True
 
     @classmethod
     def layouts(cls) -> List[Layout]:
@@ -44,6 +47,8 @@ class DDPStrategy(Strategy):
         # False: every micro-step runs under no_sync and the caller sums the gradients (QAT's float64 sum,
         # distrain.compression.float64_grads)
         self.engine_reduces_grads = True
+        self._join: Optional[BackwardJoin] = None  # micro_batch=auto at W > 1 (distrain.strategies.ddp_join)
+        refuse_auto_with(ctx.plan, find_unused_parameters=find_unused_parameters, static_graph=static_graph)
         if static_graph and ctx.plan.grad_accum > 1:
             # no_sync under static_graph crashes on the first backward, and once past that stops all-reducing
             # (pytorch/pytorch#143580, fix pending in #187732); syncing every micro-step instead would add each
@@ -77,6 +82,8 @@ class DDPStrategy(Strategy):
         ddp = DistributedDataParallel(model, device_ids=device_ids, **self.ddp_kwargs)
         self.grad_reduction, self.comm_hook_state = register_comm_hook(ddp, self.comm_hook, self.powersgd_rank,
                                                                        self._sent)
+        if self.ctx.plan.auto:
+            self._join = BackwardJoin(ddp, self._sent)
         return ddp
 
     def setup(self, model: nn.Module) -> None:
@@ -84,6 +91,34 @@ class DDPStrategy(Strategy):
         self.optimizer = self._build_optimizer(self.module)
 
     def accumulate(self, last_micro_step: bool) -> ContextManager:
+        if self._join is not None:
+            self._join.arm()
         if (last_micro_step and self.engine_reduces_grads) or not isinstance(self.model, DistributedDataParallel):
             return contextlib.nullcontext()
         return self.model.no_sync()
+
+    def rejoin_after_oom(self, micro: int, micro_steps: int, phase: str) -> bool:
+        return self._join is None or self._join.join(last=micro == micro_steps - 1)
+
+    def outcome_channel(self) -> Optional[Outcome]:
+        return None if self._join is None else self._join.outcome
+
+    def teardown(self) -> None:
+        if self._join is not None:
+            self._join.close()
+
+    def drop_step(self) -> None:
+        super().drop_step()
+        if self._join is not None:
+            self._join.reset()
+
+
+def refuse_auto_with(plan: BatchPlan, **options: bool) -> None:
+    """train.micro_batch=auto cannot redo a step under DDP's find_unused_parameters (its extra all-reduce of the
+    used parameters) or static_graph (no no_sync): one paragraph naming the option."""
+    for name, value in options.items():
+        if plan.auto and value:
+            raise ConfigError(f"train.micro_batch=auto cannot be combined with strategy.kwargs.{name}=true: a rank "
+                              f"that runs out of memory rejoins its peers' gradient all-reduces through DDP's "
+                              f"reducer, which {name} changes (docs/out-of-memory.md). Set a fixed "
+                              f"train.micro_batch, or strategy.kwargs.{name}=false.", key=f"strategy.kwargs.{name}")

@@ -75,6 +75,8 @@ def import_deepspeed() -> Any:
 
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
+    auto_micro_batch_refusal = ("DeepSpeed owns the micro-batch (train_micro_batch_size_per_gpu, fixed when its "
+                                "engine is built) and its own gradient accumulation")
     engine_checkpoint = True
     opaque_step = True  # engine.step() clips, measures the gradient norm and updates in one call
     meta_init = True

@@ -13,30 +13,40 @@ unit), then the root. A list of class names instead shards every submodule of th
 Sharded from birth: a model built on the meta device (distrain.models.meta_init) is checkpointed, compiled and
 sharded there, and only then materialised: ``to_empty`` allocates each rank's shards, and every parameter's
 initial value is replayed on the CPU and cut to this rank's shard. No rank ever holds the whole model.
+
+HSDP (``replicate``): R > 1 lays the W ranks out as a 2-D mesh of R replicas x S = W/R shards (torchtitan's
+data_parallel_replicate/shard degrees). Parameters are sharded over the S ranks of a replica only, so the all-gathers
+and reduce-scatters stay inside it (a node, with ``auto``: ranks are numbered node by node), and only the
+reduce-scattered gradient shards are all-reduced across replicas (over the slow network). Ranks r*S..(r+1)*S-1 form
+replica r. DCP saves one copy of each shard (its planner drops the replicas' duplicates), so a checkpoint is the
+same size as plain FSDP's and resumes on any mesh and world size.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Dict, List, Optional, Sequence, Union
+from typing import Annotated, Any, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from distrain.config.options import Range
 from distrain.errors import ConfigError
 from distrain.models.blocks import AUTO, find_blocks
 from distrain.models.meta_init import is_meta, materialise
 from distrain.strategies import precision
-from distrain.strategies.placement import SHARD, Layout
+from distrain.strategies.placement import AUTO_REPLICATE, SHARD, Layout
 from distrain.strategies.base import Strategy, StrategyContext
 
 
 class FSDPStrategy(Strategy):
     name = "fsdp"
     meta_init = True
+    auto_micro_batch_refusal = ("FSDP all-gathers parameters in every micro-step's forward and backward, so a rank "
+                                "that stops early leaves its peers inside an all-gather only a forward could match")
 
     @classmethod
     def layouts(cls) -> List[Layout]:
@@ -45,11 +55,23 @@ class FSDPStrategy(Strategy):
         return [Layout("fsdp (shard grad op)", cls.name, {"reshard_after_forward": False}, SHARD, SHARD, SHARD,
                        sharded_reduce=True, gathers_per_micro_step=1.0, peak_unsharded="model", speed_rank=3),
                 Layout("fsdp (full shard)", cls.name, {"reshard_after_forward": True}, SHARD, SHARD, SHARD,
-                       sharded_reduce=True, gathers_per_micro_step=2.0, peak_unsharded="unit", speed_rank=5)]
+                       sharded_reduce=True, gathers_per_micro_step=2.0, peak_unsharded="unit", speed_rank=5),
+                # HSDP, one replica per node: planned where the job has several nodes (`distrain plan --nodes`).
+                Layout("hsdp (full shard)", cls.name, {"reshard_after_forward": True, "replicate": "auto"}, SHARD,
+                       SHARD, SHARD, sharded_reduce=True, gathers_per_micro_step=2.0, peak_unsharded="unit",
+                       speed_rank=6, replicate=AUTO_REPLICATE)]
+
+    @classmethod
+    def check_world(cls, kwargs: Dict[str, Any], world_size: int) -> None:
+        """Before any worker starts: a numeric strategy.kwargs.replicate must divide ``world_size``."""
+        replicas(kwargs.get("replicate", 1), world_size, local_world_size=None)
 
     def __init__(self, ctx: StrategyContext, reshard_after_forward: bool = True,
-                 wrap: Union[str, Sequence[str]] = "auto", offload: bool = False):
+                 wrap: Union[str, Sequence[str]] = "auto", offload: bool = False,
+                 replicate: Annotated[Union[int, str], Range(ge=1, note="the number of model replicas, or auto: one "
+                                                                        "per node")] = 1):
         super().__init__(ctx)
+        self.replicate = replicas(replicate, ctx.info.world_size, ctx.info.local_world_size)
         if not isinstance(reshard_after_forward, bool):
             raise ConfigError(f"strategy.kwargs.reshard_after_forward={reshard_after_forward!r} must be true "
                               f"(ZeRO-3: free gathered parameters after forward) or false (ZeRO-2-like: keep them "
@@ -69,8 +91,7 @@ class FSDPStrategy(Strategy):
         if not sharded_from_birth:
             model = model.to(self.ctx.device)
         self._checkpoint_and_compile(model)  # per block, before fully_shard (see distrain.models.compile)
-        mesh = init_device_mesh(self.ctx.device.type, (self.ctx.info.world_size,))
-        kwargs: Dict[str, Any] = dict(mesh=mesh, reshard_after_forward=self.reshard_after_forward,
+        kwargs: Dict[str, Any] = dict(mesh=self._mesh(), reshard_after_forward=self.reshard_after_forward,
                                       offload_policy=CPUOffloadPolicy() if self.offload else OffloadPolicy())
         for unit in self._units(model):  # bottom-up: blocks first, the root takes what is left
             fully_shard(unit, mp_policy=self._mixed_precision(root=False), **kwargs)
@@ -85,6 +106,14 @@ class FSDPStrategy(Strategy):
             materialise(model, torch.device("cpu") if self.offload else self.ctx.device)
         self.model = model
         self.optimizer = self._build_optimizer(model)  # over the DTensor shards
+
+    def _mesh(self) -> DeviceMesh:
+        """1-D over every rank (FSDP), or 2-D replicas x shards (HSDP): FSDP2 reads the placement from its shape."""
+        world = self.ctx.info.world_size
+        if self.replicate == 1:
+            return init_device_mesh(self.ctx.device.type, (world,))
+        return init_device_mesh(self.ctx.device.type, (self.replicate, world // self.replicate),
+                                mesh_dim_names=("replicate", "shard"))
 
     def _units(self, model: nn.Module) -> List[nn.Module]:
         if isinstance(self.wrap_policy, str) and self.wrap_policy != AUTO:
@@ -135,3 +164,32 @@ class FSDPStrategy(Strategy):
 
         # All-gathers shard by shard onto rank 0's CPU memory; other ranks get an empty dict.
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def replicas(replicate: Union[int, str], world_size: int, local_world_size: Optional[int]) -> int:
+    """strategy.kwargs.replicate as a number of replicas R dividing ``world_size``: ``auto`` is one per node (W /
+    LOCAL_WORLD_SIZE; None: not known yet, before launch). One process has nothing to shard or replicate: 1."""
+    key = "strategy.kwargs.replicate"
+    if replicate == "auto":
+        if local_world_size is None or world_size == 1:
+            return 1
+        if world_size % local_world_size:
+            raise ConfigError(f"{key}=auto makes one replica per node, but the world size {world_size} is not a "
+                              f"multiple of the ranks per node ({local_world_size}, LOCAL_WORLD_SIZE): the nodes "
+                              f"differ. Start the same number of ranks on every node, or set {key} to a number "
+                              f"that divides {world_size}.", key=key)
+        return world_size // local_world_size
+    if isinstance(replicate, bool) or not isinstance(replicate, int) or replicate < 1:
+        raise ConfigError(f"{key}={replicate!r} is not allowed: it must be auto (one replica per node) or a whole "
+                          f"number of replicas >= 1 that divides the world size (1 = plain FSDP).", key=key)
+    if world_size > 1 and world_size % replicate:
+        allowed = ", ".join(str(r) for r in divisors(world_size))
+        raise ConfigError(f"{key}={replicate} does not divide the world size {world_size}: HSDP lays the ranks out as "
+                          f"{replicate} replicas of equal shard groups. Allowed at world size {world_size}: {allowed} "
+                          f"or auto (one replica per node).", key=key)
+    return replicate if world_size > 1 else 1
+
+
+def divisors(n: int) -> Tuple[int, ...]:
+    """The numbers of replicas ``n`` ranks can form."""
+    return tuple(d for d in range(1, n + 1) if n % d == 0)

@@ -32,8 +32,10 @@ OUTER = ("average", "nesterov")
 class LocalSGDStrategy(Strategy):
     name = "local_sgd"
     exact = False
+    portable_checkpoint = False  # every rank's own parameters and optimizer state, keyed by rank (checkpoint_state)
     grad_reduction = "mean"  # no gradient reduction at all: each rank's loss is scaled by 1/grad_accum only
     meta_init = True
+    supports_auto_micro_batch = True  # nothing rides forward or backward: a failed rank only stops its micro-steps
 
     @classmethod
     def layouts(cls) -> List[Layout]:

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+# Layout.replicate for HSDP with one replica per node: the planner resolves it to the number of nodes.
+AUTO_REPLICATE = 0
+
 # Which model states a layout keeps whole on every rank ("full") or split over the N ranks ("shard").
 FULL, SHARD = "full", "shard"
 
@@ -40,3 +43,6 @@ class Layout:
     exact: bool = True  # reproduces 1 rank (sync every step); only exact layouts are recommended
     peak_unsharded: str = ""  # what a sharded layout gathers transiently during the step ("unit" | "model")
     speed_rank: int = 0  # tie-break among equal traffic: fewer collectives and less engine machinery first
+    # HSDP: "shard" states split over the W/R ranks of one of R replicas, whose gradient shards are then all-reduced
+    # across replicas. 1: one replica (plain sharding over all W); AUTO_REPLICATE: one replica per node.
+    replicate: int = 1

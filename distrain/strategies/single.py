@@ -11,6 +11,7 @@ class SingleStrategy(Strategy):
     name = "single"
     needs_process_group = False
     meta_init = True
+    supports_auto_micro_batch = True  # one rank: nothing to rejoin
 
     def setup(self, model: nn.Module) -> None:
         self.model = self._on_device(model)

@@ -14,6 +14,9 @@ How the step time is split (measured on log steps only, where the device is sync
   next step while this one computes; the whole fetch with data.num_workers=0).
 * With one micro-step per step on several ranks there is no sync-free micro-step to compare with, so the
   split is reported as null (lower train.micro_batch to get accumulation and the split).
+* With straggler tracking (distrain.telemetry.stragglers) a measured step on several ranks waits for every rank's
+  data in a timed all-reduce right after the data phase: the time a rank waits there for a slower rank's
+  micro-batches is neither its data nor its compute.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, ContextManager, Dict, Iterator, List, Optional
 
 import torch
 
+from distrain import dist
 from distrain.telemetry.flops import FlopsEstimate, PeakFlops
 
 
@@ -33,10 +37,11 @@ _NOT_MEASURED = contextlib.nullcontext()
 
 
 class StepTimer:
-    """Wall time of the phases of one measured step: micro-steps, optimizer update, parameter sync."""
+    """Wall time of the phases of one measured step: micro-steps, optimizer update, parameter sync; with
+    ``time_waits`` (straggler tracking on several ranks) also the wait for the peers' data."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, time_waits: bool = False):
+        self.device, self.time_waits = device, time_waits
         self.measuring = False
         self.micro: List[float] = []
         self.phases: Dict[str, float] = {}
@@ -49,8 +54,20 @@ class StepTimer:
             self._sync_device()
 
     def phase(self, name: str) -> ContextManager[None]:
-        """Time a phase ("micro" for a micro-step's forward+backward, or "data", "update", "sync")."""
-        return self._timed(name) if self.measuring else _NOT_MEASURED  # unmeasured steps pay ~nothing
+        """Time a phase ("micro" for a micro-step's forward+backward, or "data", "update", "sync"). With
+        ``time_waits``, the data phase ends with the wait for the peers' data (``_data_then_wait``)."""
+        if not self.measuring:
+            return _NOT_MEASURED  # unmeasured steps pay ~nothing
+        return self._data_then_wait() if name == "data" and self.time_waits else self._timed(name)
+
+    @contextlib.contextmanager
+    def _data_then_wait(self) -> Iterator[None]:
+        """The data phase, then a timed all-reduce of one number, so that a rank waiting for a slower rank's
+        micro-batches waits there ("wait") rather than inside its backward, where it would pass for compute."""
+        with self._timed("data"):
+            yield
+        with self._timed("wait"):
+            dist.all_reduce_sum(torch.zeros(1, device=self.device))
 
     @contextlib.contextmanager
     def _timed(self, name: str) -> Iterator[None]:
@@ -69,16 +86,30 @@ class StepTimer:
         if not self.micro:
             return {}
         data = self.phases.get("data")
-        total = sum(self.micro) + sum(v for k, v in self.phases.items() if k != "data")
-        if world_size == 1:
-            comm: Optional[float] = 0.0
-        elif len(self.micro) >= 2:
-            baseline = sum(self.micro[:-1]) / (len(self.micro) - 1)
-            comm = max(0.0, self.micro[-1] - baseline) + self.phases.get("sync", 0.0)
-        else:
-            comm = None
-        times = {"compute_s": None if comm is None else total - comm, "comm_s": comm}
+        comm = self._comm(world_size)
+        times = {"compute_s": None if comm is None else self._busy() - comm, "comm_s": comm}
         return times if data is None else {**times, "data_s": data}
+
+    def own_times(self, world_size: int) -> List[float]:
+        """(data_s, compute_s, wait_s) of the last measured step, for distrain.telemetry.stragglers: compute without
+        the exposed communication where it is measurable (it holds the wait for a slower rank's backward), else
+        everything but data; wait is the timed wait for the peers' data plus that exposed communication."""
+        comm = self._comm(world_size) if self.micro else None
+        wait = self.phases.get("wait", 0.0) + (comm or 0.0)
+        return [self.phases.get("data", 0.0), self._busy() - (comm or 0.0), wait]
+
+    def _busy(self) -> float:
+        """Seconds of the micro-steps, update and sync: the step without its data and its wait for the peers' data."""
+        return sum(self.micro) + sum(v for k, v in self.phases.items() if k not in ("data", "wait"))
+
+    def _comm(self, world_size: int) -> Optional[float]:
+        """The exposed communication (see the module docstring); None where it cannot be told apart."""
+        if world_size == 1:
+            return 0.0
+        if len(self.micro) >= 2:
+            baseline = sum(self.micro[:-1]) / (len(self.micro) - 1)
+            return max(0.0, self.micro[-1] - baseline) + self.phases.get("sync", 0.0)
+        return None
 
     def _sync_device(self) -> None:
         if self.device.type == "cuda":

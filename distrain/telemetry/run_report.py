@@ -1,6 +1,6 @@
 """What one ``Trainer.fit`` reports besides checkpoints, from its start to its end: run.json's status (RunRecord),
 metrics.jsonl and the trackers (MetricsWriter), and the console progress. Rank 0 writes; other ranks hold nothing
-and every method is a no-op there."""
+and every method is a no-op there, except the profiler traces (metrics.profile), which every selected rank writes."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from distrain.config import BatchPlan
 from distrain.env import ProcessInfo
 from distrain.telemetry.metrics import MetricsWriter
 from distrain.telemetry.perf import Throughput, memory_kind
+from distrain.telemetry.profiling import build_profiler
 from distrain.telemetry.progress import Progress
 from distrain.telemetry.run_record import RunRecord
 
@@ -28,10 +29,13 @@ class RunReport:
                  throughput: Throughput, device: torch.device, log: logging.Logger,
                  record_attempt: Callable[[Optional[RunRecord], int], None]):
         """``record_attempt(record, start_step)``: adds this attempt of the job (restart counts) to run.json."""
-        self.log = log
+        self.log, self.plan = log, plan
         main = info.is_main
         self.writer = MetricsWriter(run_dir, cfg, fresh=start_step == 0, start_step=start_step) if main else None
-        self.record = RunRecord(run_dir) if main else None
+        # A finished run started again trains nothing: run.json keeps the finished run's record (status, start,
+        # final loss, wall time) instead of an empty attempt's.
+        idle = start_step >= int(cfg.train.steps)
+        self.record = RunRecord(run_dir) if main and not idle else None
         if self.record:
             self.record.start(info.world_size, vars(plan) | {"per_rank": plan.per_rank}, start_step)
             record_attempt(self.record, start_step)  # SLURM / torchelastic restart counts of this run
@@ -42,9 +46,27 @@ class RunReport:
                      f"{peak.source}")
         self.progress = Progress(cfg.metrics.progress if main else "none", cfg.train.steps, start_step,
                                  description=cfg.run.name)
+        self.profiler = build_profiler(cfg.metrics.profile, info, run_dir, start_step, log)  # None when off
 
     def advance(self, step: int) -> None:
+        """After every step (``step`` completed)."""
+        if self.profiler is not None:
+            self.profiler.step()
         self.progress.advance(step)
+
+    def plan_used(self, step: int, plan: BatchPlan) -> None:
+        """After step ``step``: the plan it trained at. A new micro-batch (train.micro_batch=auto after an
+        out-of-memory error) is printed, written to metrics.jsonl and to run.json's plan."""
+        if plan == self.plan:
+            return
+        self.plan = plan
+        if not self.record:
+            return
+        self.log.info(f"train.micro_batch=auto: training at micro_batch={plan.micro_batch} (x {plan.grad_accum} "
+                      f"micro-steps) from step {step}")
+        self.record.update(plan=vars(plan) | {"per_rank": plan.per_rank})
+        if self.writer:
+            self.writer.write({"step": step, "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum})
 
     def logged(self, step: int, record: Dict[str, Any]) -> None:
         """A log step's record: metrics.jsonl and trackers, and the console (a non-finite loss warned about)."""
@@ -73,6 +95,8 @@ class RunReport:
     def close(self, outcome: str, checkpoint: Optional[Path] = None) -> None:
         """The console stops and the trackers learn how the run ended (finished | preempted | failed) and its newest
         committed checkpoint."""
+        if self.profiler is not None:
+            self.profiler.stop()
         self.progress.close()
         if self.writer:
             self.writer.close(outcome, checkpoint)

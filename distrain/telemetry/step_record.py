@@ -1,19 +1,22 @@
 """The record of a log step (metrics.jsonl, the trackers, the progress line) and the wall-time window it measures.
 
 A record holds the loss reduced over the global batch, the learning rate, samples seen, the step time and its
-split (distrain.telemetry.perf), throughput and MFU, the gradient norm, the bytes sent for sync and every rank's
-peak memory. Building it is collective: the loss and the peak memory are reduced over all ranks.
+split (distrain.telemetry.perf), throughput and MFU, the gradient norm, the bytes sent for sync, every rank's
+peak memory and, with straggler tracking, every rank's own step time and the slowest rank
+(distrain.telemetry.stragglers). Building it is collective: the loss is reduced over all ranks, and the peak memory
+and phase times of every rank are gathered in one small all-reduce.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from distrain import dist
 from distrain.telemetry.perf import StepTimer, Throughput, peak_memory_bytes
+from distrain.telemetry.stragglers import StragglerTracker
 
 
 class StepWindow:
@@ -45,20 +48,26 @@ class StepWindow:
         return warmup
 
 
-def peak_memory_mb(device: torch.device) -> List[float]:
-    """Every rank's peak memory in MiB (see distrain.telemetry.perf.peak_memory_bytes), gathered with one all-reduce."""
-    mine = torch.tensor(peak_memory_bytes(device) / 2**20, dtype=torch.float64, device=device)
-    return [round(v, 1) for v in dist.per_rank(mine)]
+def gather_rank_numbers(device: torch.device, extra: Sequence[float] = ()) -> Tuple[List[float], List[List[float]]]:
+    """Every rank's peak memory in MiB (see distrain.telemetry.perf.peak_memory_bytes) and its ``extra`` numbers,
+    gathered with one all-reduce."""
+    mine = torch.tensor([peak_memory_bytes(device) / 2**20, *extra], dtype=torch.float64, device=device)
+    rows = dist.per_rank_vector(mine)
+    return [round(row[0], 1) for row in rows], [row[1:] for row in rows]
 
 
 class StepRecorder:
     """Builds the record of a log step from the step's numbers, its step timer (``timer``: the loop times its
-    phases with it) and the throughput estimate. ``spec``: a built-in dataset's DataSpec (text: tokens/s too)."""
+    phases with it) and the throughput estimate. ``spec``: a built-in dataset's DataSpec (text: tokens/s too);
+    ``stragglers``: the metrics config whose straggler_factor and straggler_window compare the ranks' phase times
+    (None, factor 0 or a single rank: not compared)."""
 
     def __init__(self, device: torch.device, global_batch: int, world_size: int, throughput: Throughput,
-                 spec: Any = None):
+                 spec: Any = None, stragglers: Any = None):
         self.device, self.global_batch, self.world_size = device, global_batch, world_size
-        self.timer, self.throughput = StepTimer(device), throughput
+        tracker = None if stragglers is None else StragglerTracker.from_config(stragglers, world_size)
+        self.stragglers = tracker if tracker is not None and tracker.enabled else None
+        self.timer, self.throughput = StepTimer(device, time_waits=self.stragglers is not None), throughput
         lm = getattr(spec, "task", None) == "lm"
         self.tokens_per_sample: Optional[int] = spec.input_shape[0] if lm else None
 
@@ -82,9 +91,13 @@ class StepRecorder:
             record["grad_norm"] = grad_norm
         if comm_bytes is not None:  # payload this rank sent for sync since it started (DDP, local SGD)
             record["comm_bytes"] = comm_bytes
-        memory = peak_memory_mb(self.device)
+        # a record without a measured step (only the warm-up step in its window) has no phase times to compare
+        compare = self.stragglers is not None and step_time is not None
+        memory, times = gather_rank_numbers(self.device, self.timer.own_times(self.world_size) if compare else ())
         record["peak_mem_mb"], record["peak_mem_mb_ranks"] = max(memory), memory
+        if compare:
+            record.update(self.stragglers.fields(step, times))
         return record
 
 
-__all__ = ["StepRecorder", "StepWindow", "peak_memory_mb"]
+__all__ = ["StepRecorder", "StepWindow", "gather_rank_numbers"]

@@ -14,6 +14,12 @@ the bytes distrain's engines really keep:
 Communication per step is what each rank sends with ring collectives: an all-reduce of n bytes sends
 2(N-1)/N x n, an all-gather or reduce-scatter (N-1)/N x n. Activations are not model states and are not
 counted (they depend on the batch, not on the strategy); the plan says so.
+
+Across nodes (``--nodes M``, ranks numbered node by node) the traffic splits into what stays inside a node and what
+crosses to another: a ring over all N ranks crosses a node boundary on M of its N links, so M/N of what a rank sends
+goes between nodes. HSDP (fsdp with R replicas of S = N/R ranks, one per node) shards over S: model states 16Ψ/S,
+gathers and reduce-scatters within the node, and only an all-reduce of each rank's gradient shard, 2(R-1)/R x 4Ψ/S,
+between nodes.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ from distrain.errors import DistrainError
 from distrain.models import build_model
 from distrain.models.blocks import find_blocks
 from distrain.strategies import STRATEGIES, strategy_class
-from distrain.strategies.placement import FULL, SHARD, Layout
+from distrain.strategies.placement import AUTO_REPLICATE, FULL, SHARD, Layout
 from distrain.telemetry.units import format_bytes
+from distrain.tools.micro_fit import activation_bytes_per_sample, fitting_micro_batch
 
 
 def layouts() -> List[Layout]:
@@ -67,6 +74,12 @@ class Estimate:
     peak_extra: float  # transient unsharded parameters/gradients during the step
     comm_bytes: float  # bytes each rank sends per step (averaged over the sync period)
     formula: str
+    inter_node: float = 0.0  # of comm_bytes, what crosses between nodes (the rest stays inside a node)
+    replicate: int = 1  # HSDP's replicas (1: sharded over all N ranks)
+
+    @property
+    def intra_node(self) -> float:
+        return self.comm_bytes - self.inter_node
 
     @property
     def states(self) -> float:
@@ -78,9 +91,11 @@ class Estimate:
 
 
 def estimate(layout: Layout, n_params: int, world_size: int, train: DictConfig, largest_unit: int = 0,
-             grad_accum: int = 1, backend: str = "gloo") -> Estimate:
-    """Bytes per rank and bytes sent per step for ``layout`` on a model of ``n_params`` parameters."""
-    n = world_size
+             grad_accum: int = 1, backend: str = "gloo", nodes: int = 1) -> Estimate:
+    """Bytes per rank and bytes sent per step for ``layout`` on a model of ``n_params`` parameters, with the
+    world's ranks spread over ``nodes`` nodes."""
+    replicate = nodes if layout.replicate == AUTO_REPLICATE else layout.replicate
+    n = world_size // replicate  # what a "shard" state is split over: every rank, or one HSDP replica's ranks
     psi = float(n_params)
     half = layout.half_precision_states and train.precision in ("bf16", "fp16")
     p_bytes, g_bytes = (2, 2) if half else (4, 4)
@@ -107,14 +122,20 @@ def estimate(layout: Layout, n_params: int, world_size: int, train: DictConfig, 
     gathers = layout.gathers_per_step + per_micro * grad_accum
     sent = (reductions * reduce_factor + gathers * ring) * g_bytes * psi / layout.every
     terms = [(layout.params, p_bytes), (layout.grads, g_bytes), (layout.optimizer, k), (master, 4)]
-    return Estimate(layout, n, params, grads, optim, extra, sent, formula(terms))
+    if replicate > 1:  # the replicas all-reduce their reduce-scattered gradient shards, across nodes
+        across = 2 * (replicate - 1) / replicate * g_bytes * psi / n
+        return Estimate(layout, world_size, params, grads, optim, extra, sent + across, formula(terms, "S"), across,
+                        replicate)
+    inter = sent * nodes / world_size if nodes > 1 else 0.0  # a flat ring's links that cross a node boundary
+    return Estimate(layout, world_size, params, grads, optim, extra, sent, formula(terms), inter)
 
 
-def formula(terms: Sequence[tuple]) -> str:
-    """The per-rank formula in the paper's notation from (placement, bytes per parameter) terms, e.g. 8Ψ + 8Ψ/N."""
+def formula(terms: Sequence[tuple], shards: str = "N") -> str:
+    """The per-rank formula in the paper's notation from (placement, bytes per parameter) terms, e.g. 8Ψ + 8Ψ/N;
+    ``shards`` names what sharded states are split over (S: one HSDP replica's ranks)."""
     whole = sum(b for kind, b in terms if kind == FULL)
     split = sum(b for kind, b in terms if kind == SHARD)
-    parts = ([f"{whole}Ψ"] if whole else []) + ([f"{split}Ψ/N"] if split else [])
+    parts = ([f"{whole}Ψ"] if whole else []) + ([f"{split}Ψ/{shards}"] if split else [])
     return " + ".join(parts) or "0"
 
 
@@ -127,15 +148,25 @@ class Plan:
     world_size: int
     grad_accum: int
     backend: str
+    nodes: int
     mem_per_rank: Optional[float]  # bytes; None = no limit given
     estimates: List[Estimate]
     unavailable: Dict[str, str]
     recommended: Optional[Estimate]
     precision: str = "fp32"
     optimizer: str = "adamw"
+    device_memory: Optional[float] = None  # bytes (--device-memory-gb): which micro-batch each strategy fits
+    per_rank: int = 0  # samples per rank and step (global_batch / world)
+    activations_per_sample: int = 0  # bytes, measured (distrain.tools.micro_fit)
 
     def fits(self, e: Estimate) -> bool:
         return self.mem_per_rank is None or e.peak <= self.mem_per_rank
+
+    def micro_batch(self, e: Estimate) -> str:
+        """The micro-batch ``e``'s strategy is expected to fit in the device memory ("-" when none fits)."""
+        assert self.device_memory is not None
+        fit = fitting_micro_batch(self.per_rank, self.device_memory, e.peak, self.activations_per_sample)
+        return str(fit) if fit is not None else "-"
 
 
 def count_parameters(cfg: DictConfig) -> tuple:
@@ -165,24 +196,32 @@ def plan_backend(cfg: DictConfig) -> str:
 
 def make_plan(cfg: DictConfig, world_size: int, mem_per_rank_gb: Optional[float] = None,
               only: Sequence[str] = (), n_params: Optional[int] = None, largest_unit: int = 0,
-              backend: Optional[str] = None) -> Plan:
-    """Estimates for every layout at ``world_size`` and the fastest exact one that fits in ``mem_per_rank_gb``.
+              backend: Optional[str] = None, device_memory_gb: Optional[float] = None, nodes: int = 1) -> Plan:
+    """Estimates for every layout at ``world_size`` ranks on ``nodes`` nodes, and the fastest exact one that fits in
+    ``mem_per_rank_gb``. HSDP (one replica per node) is planned only on several nodes: on one it is plain FSDP.
 
     Raises ConfigError when the config's global batch does not split over ``world_size`` ranks.
     """
-    accum = batch_plan(cfg, world_size).grad_accum
+    batches = batch_plan(cfg, world_size)
+    accum = batches.grad_accum
     backend = backend or plan_backend(cfg)
     if n_params is None:
         n_params, largest_unit = count_parameters(cfg)
     limit = mem_per_rank_gb * 2**30 if mem_per_rank_gb is not None else None
     declared, unavailable = declared_layouts()
-    estimates = [estimate(layout, n_params, world_size, cfg.train, largest_unit, accum, backend)
-                 for layout in declared if not only or layout.label in only]
-    plan = Plan(str(cfg.run.name), str(cfg.model.name), n_params, largest_unit, world_size, accum, backend, limit,
-                estimates, unavailable, None, str(cfg.train.precision), str(cfg.train.optimizer))
+    estimates = [estimate(layout, n_params, world_size, cfg.train, largest_unit, accum, backend, nodes)
+                 for layout in declared if (not only or layout.label in only)
+                 and (layout.replicate != AUTO_REPLICATE or nodes > 1)]
+    plan = Plan(str(cfg.run.name), str(cfg.model.name), n_params, largest_unit, world_size, accum, backend, nodes,
+                limit, estimates, unavailable, None, str(cfg.train.precision), str(cfg.train.optimizer))
+    if device_memory_gb is not None:
+        plan.device_memory, plan.per_rank = device_memory_gb * 2**30, batches.per_rank
+        plan.activations_per_sample = activation_bytes_per_sample(cfg)
     fitting = [e for e in estimates if e.layout.exact and plan.fits(e)]
-    # Fastest: least traffic per step, then fewer collectives and less engine machinery.
-    plan.recommended = min(fitting, key=lambda e: (round(e.comm_bytes), e.layout.speed_rank), default=None)
+    # Fastest: least traffic over the slow links between nodes, then per step in all, then fewer collectives and
+    # less engine machinery.
+    plan.recommended = min(fitting, key=lambda e: (round(e.inter_node), round(e.comm_bytes), e.layout.speed_rank),
+                           default=None)
     return plan
 
 
@@ -191,26 +230,41 @@ def format_plan(plan: Plan) -> str:
     """The plan as the table `distrain plan` prints."""
     lines = [f"model {plan.model}: Ψ = {plan.n_params:,} parameters (largest shardable unit {plan.largest_unit:,}); "
              f"world size N = {plan.world_size}, grad_accum {plan.grad_accum}, {plan.backend}, "
-             f"{plan.precision} {plan.optimizer}"
+             f"{plan.precision} {plan.optimizer}" + (f", {plan.nodes} nodes" if plan.nodes > 1 else "")
              + (f"; memory per rank {format_bytes(plan.mem_per_rank, 2)}" if plan.mem_per_rank is not None else ""), ""]
+    micro, nodes = plan.device_memory is not None, plan.nodes > 1
     header = (f"{'strategy':<22} {'formula':<14} {'params':>11} {'grads':>11} {'optimizer':>11} {'states':>11} "
-              f"{'peak':>11} {'sent/step':>11}  fits")
+              f"{'peak':>11} {'sent/step':>11}" + (f" {'intra-node':>11} {'inter-node':>11}" if nodes else "")
+              + "  fits" + ("  micro_batch" if micro else ""))
     lines += [header, "-" * len(header)]
     for e in plan.estimates:
         fit = "yes" if plan.fits(e) else "NO"
-        lines.append(f"{e.layout.label:<22} {e.formula:<14} {format_bytes(e.params, 2):>11} {format_bytes(e.grads, 2):>11} "
+        label = e.layout.label + (f" {e.replicate}x{e.world_size // e.replicate}" if e.replicate > 1 else "")
+        split = f" {format_bytes(e.intra_node, 2):>11} {format_bytes(e.inter_node, 2):>11}" if nodes else ""
+        lines.append(f"{label:<22} {e.formula:<14} {format_bytes(e.params, 2):>11} {format_bytes(e.grads, 2):>11} "
                      f"{format_bytes(e.optimizer, 2):>11} {format_bytes(e.states, 2):>11} {format_bytes(e.peak, 2):>11} "
-                     f"{format_bytes(e.comm_bytes, 2):>11}  {fit}")
+                     f"{format_bytes(e.comm_bytes, 2):>11}{split}  {fit:<4}"
+                     + (f"  {plan.micro_batch(e):>11}" if micro else ""))
     lines.append("")
+    if micro:
+        lines.append(f"micro_batch: the largest divisor of the per-rank share ({plan.per_rank}) whose activations "
+                     f"({format_bytes(plan.activations_per_sample, 2)} per sample, measured on the meta device) fit "
+                     f"beside the peak in {format_bytes(plan.device_memory, 2)} of device memory; compare it with what "
+                     f"train.micro_batch=auto finds (docs/out-of-memory.md).")
     lines.append("states: parameters + gradients + optimizer state per rank (ZeRO accounting); peak adds what a "
                  "sharded strategy gathers during the step. Activations are extra and depend on micro_batch.")
+    if nodes:
+        lines.append(f"sent/step = intra-node + inter-node, per rank, ranks numbered node by node "
+                     f"({plan.world_size // plan.nodes} a node); hsdp RxS: R replicas (one per node) of S shards, "
+                     f"S = N/R.")
     if plan.unavailable:
         lines.append("not available here: " + ", ".join(f"{k} ({v})" for k, v in plan.unavailable.items()))
     if plan.recommended is not None:
         r = plan.recommended
         lines.append(f"recommended: {r.layout.label} (strategy.name={r.layout.strategy}"
                      + "".join(f" strategy.kwargs.{k}={v}" for k, v in r.layout.kwargs.items())
-                     + "): the least communication per step among the exact strategies that fit.")
+                     + "): the least communication " + ("between nodes, then " if nodes else "")
+                     + "per step among the exact strategies that fit.")
     else:
         lines.append("recommended: none fits: add ranks (--world), lower the memory need (bf16 with DeepSpeed, "
                      "a smaller model), or give each rank more memory.")

@@ -1,4 +1,5 @@
-"""`distrain plot`: one PNG comparing runs - loss and eval against steps and samples, throughput, step time.
+"""`distrain plot`: one PNG comparing runs - loss and eval against steps and samples, throughput, step time, and
+per-rank step time when the runs logged it (several ranks, straggler tracking on).
 
 matplotlib's Agg backend renders without a display (SSH sessions, SLURM nodes, CI). Each run keeps one colour in
 every panel and is labelled with its directory name, so ddp vs fsdp vs local_sgd, or W=1 vs W=2, read at a glance.
@@ -81,7 +82,9 @@ def build_figure(runs: List[RunData], names: List[str], title: Optional[str] = N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # lazy: optional: matplotlib is optional (distrain[viz])
 
-    fig, axes = plt.subplots(2, 3, figsize=(18, 9.5), constrained_layout=True)
+    # a third row, per rank, for runs that logged every rank's own step time (distrain.telemetry.stragglers)
+    ranked = any(isinstance(r.get("step_s_ranks"), list) for run in runs for r in run.steps)
+    fig, axes = plt.subplots(3 if ranked else 2, 3, figsize=(18, 14 if ranked else 9.5), constrained_layout=True)
     # Accuracy (a fraction) and loss (nats) share no scale: accuracy gets its own axis, on the right.
     has_accuracy = any(_values(run.evals, lambda r: r.get("step"), "eval_accuracy")[0] for run in runs)
     accuracy = axes[0, 2].twinx() if has_accuracy else None
@@ -124,15 +127,32 @@ def _plot_run(axes, accuracy, run: RunData, name: str, colour: str) -> None:
     if not any(isinstance(r.get("compute_s"), (int, float)) for r in run.steps):
         _line(ax, _values(run.steps, step_x, "step_time_s"), color=colour, label=f"{name} step time")
     _line(axes[1, 2], _values(run.steps, step_x, "grad_norm"), color=colour, label=name)
+    if len(axes) > 2:
+        _plot_ranks(axes[2], run, name, colour)
+
+
+def _plot_ranks(axes, run: RunData, name: str, colour: str) -> None:
+    """Every rank's own step time and data time (one line style per rank), and the slowest rank's lag."""
+    styles = ["-", "--", ":", "-."]
+    ranks = max((len(r["step_s_ranks"]) for r in run.steps if isinstance(r.get("step_s_ranks"), list)), default=0)
+    for rank in range(ranks):
+        label = f"{name} rank {rank}" if ranks <= len(styles) else (name if rank == 0 else None)
+        for ax, key in ((axes[0], "step_s_ranks"), (axes[1], "data_s_ranks")):
+            points = ([r["step"] for r in run.steps if len(r.get(key) or ()) > rank],
+                      [r[key][rank] for r in run.steps if len(r.get(key) or ()) > rank])
+            _line(ax, points, color=colour, linestyle=styles[rank % len(styles)], label=label)
+    _line(axes[2], _values(run.steps, lambda r: r.get("step"), "slowest_rank_lag"), color=colour, label=name)
 
 
 def _decorate(axes, accuracy, runs: List[RunData]) -> None:
     titles = [["loss vs step", "loss vs samples seen", "evaluation vs step"],
-              ["throughput", "step time (measured on log steps)", "gradient norm"]]
-    xlabels = [["step", "samples", "step"], ["step", "step", "step"]]
-    ylabels = [["loss", "loss", "eval loss"], ["per second (global)", "seconds", "L2 norm"]]
+              ["throughput", "step time (measured on log steps)", "gradient norm"],
+              ["per-rank step time (data + compute, no waiting)", "per-rank data time", "slowest rank / median rank"]]
+    xlabels = [["step", "samples", "step"], ["step", "step", "step"], ["step", "step", "step"]]
+    ylabels = [["loss", "loss", "eval loss"], ["per second (global)", "seconds", "L2 norm"],
+               ["seconds", "seconds", "ratio"]]
     losses = [r["loss"] for run in runs for r in run.steps if isinstance(r.get("loss"), (int, float))]
-    for row in range(2):
+    for row in range(len(axes)):
         for col in range(3):
             ax = axes[row, col]
             ax.set_title(titles[row][col])

@@ -123,6 +123,10 @@ class RunSummary:
     best_eval_accuracy: Optional[float]
     wall_s: Optional[float]
     started: Optional[float]
+    # each rank's mean own step time (data + compute, no waiting for peers) over the logged steps; the rank that was
+    # slowest most often (distrain.telemetry.stragglers; absent at one rank or with metrics.straggler_factor=0)
+    step_s_ranks: Optional[List[float]] = None
+    slowest_rank: Optional[int] = None
 
     def as_dict(self) -> Dict[str, Any]:
         return dict(vars(self))
@@ -164,8 +168,31 @@ def summarize(run: RunData, name: str, hostname: Optional[str] = None) -> RunSum
         final_loss=last.get("loss", final.get("loss")),
         best_eval_loss=min(eval_losses) if eval_losses else None,
         best_eval_accuracy=max(accuracies) if accuracies else None,
-        wall_s=wall, started=started,
+        wall_s=wall, started=started, **rank_times(run.steps),
     )
+
+
+def rank_times(steps: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Each rank's mean ``step_s_ranks`` over the records that hold one, and the rank most often ``slowest_rank``."""
+    rows = [r["step_s_ranks"] for r in steps if isinstance(r.get("step_s_ranks"), list) and r["step_s_ranks"]]
+    rows = [row for row in rows if len(row) == len(rows[-1])]  # one world size: a resume may have changed it
+    if not rows:
+        return {}
+    slowest = [r["slowest_rank"] for r in steps if isinstance(r.get("slowest_rank"), int)]
+    return {"step_s_ranks": [sum(col) / len(col) for col in zip(*rows)],
+            "slowest_rank": max(set(slowest), key=slowest.count) if slowest else None}
+
+
+def format_rank_times(means: Optional[List[float]], slowest: Optional[int], shown: int = 4) -> str:
+    """`distrain runs`' RANK STEP column: each rank's mean own step time in ms (up to ``shown`` ranks, else the
+    median and the slowest), the rank slowest most often marked with *."""
+    if not means:
+        return "-"
+    if len(means) <= shown:
+        return " ".join(f"{1e3 * t:.1f}{'*' if r == slowest else ''}" for r, t in enumerate(means))
+    median = sorted(means)[(len(means) - 1) // 2]
+    top = max(range(len(means)), key=means.__getitem__)
+    return f"median {1e3 * median:.1f}, rank {top} {1e3 * means[top]:.1f}"
 
 
 def _last_activity(path: Path, info: Dict[str, Any]) -> float:
@@ -200,13 +227,14 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 def format_runs(rows: List[RunSummary]) -> str:
     """The table `distrain runs ls` prints."""
-    header = ["RUN", "STATUS", "STEPS", "WORLD", "STRATEGY", "FINAL LOSS", "BEST EVAL LOSS", "BEST EVAL ACC", "WALL"]
+    header = ["RUN", "STATUS", "STEPS", "WORLD", "STRATEGY", "FINAL LOSS", "BEST EVAL LOSS", "BEST EVAL ACC", "WALL",
+              "RANK STEP MS"]
     table = [header]
     for r in rows:
         steps = "-" if r.step is None else f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step)
         table.append([r.name, r.status, steps, _fmt(r.world_size, "d"), r.strategy or "-", _fmt(r.final_loss, ".4f"),
                       _fmt(r.best_eval_loss, ".4f"),
                       "-" if r.best_eval_accuracy is None else f"{100 * r.best_eval_accuracy:.2f}%",
-                      format_duration(r.wall_s)])
+                      format_duration(r.wall_s), format_rank_times(r.step_s_ranks, r.slowest_rank)])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)

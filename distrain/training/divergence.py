@@ -11,8 +11,9 @@ scale overflows now and then by design, and the scaler skips those updates itsel
     warn       log it (once per report) and go on.
 
 skip_step must know before the update, so it reduces every rank's code there (one small all-reduce per step: the
-price of asking for it). stop and warn cost no collective and no host sync per step: each rank keeps its first
-non-finite step and a count on the device, and ``settle`` reduces them (one all-reduce of two numbers per rank) where
+price of asking for it). stop and warn cost no collective, no host sync and no device op per step: each rank keeps
+references to its steps' losses and measured norms, and ``settle`` checks them at once on the device and reduces the
+first non-finite step and a count (one all-reduce of two numbers per rank) where
 the loop synchronises anyway: on log steps (the logged loss is reduced there), before a checkpoint is saved, and after
 the last step. So a run stops at most ``train.log_every`` steps after it diverged, naming the step it diverged at, and
 nothing non-finite is ever committed: the Checkpointer runs ``check_before_save`` first at every save, which settles
@@ -24,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -54,12 +55,15 @@ class DivergenceGuard:
     """Checks each step's loss (and measured gradient norm) on every rank alike, and acts per ``train.on_nonfinite``."""
 
     def __init__(self, mode: str, strategy: Any, device: torch.device, precision: str, checkpoints: Path,
-                 log: logging.Logger):
+                 log: logging.Logger, before_settle: Callable[[], None] = lambda: None):
+        """``before_settle``: a collective check run first at every settle, whose error names the cause of a
+        non-finite loss better than the guard can (an empty micro-batch under a mean loss: Objective.settle_items)."""
         if mode == "skip_step" and strategy.opaque_step:
             raise ConfigError(f"train.on_nonfinite=skip_step cannot be honoured by strategy {strategy.name!r}: its "
                               f"engine clips, measures and applies the update in one call, so a step cannot be "
                               f"skipped from outside. Use train.on_nonfinite=stop or warn.", key="train.on_nonfinite")
         self.mode = mode
+        self.before_settle = before_settle
         self.strategy = strategy
         self.device = device
         self.check_grad_norm = precision != "fp16" and not strategy.opaque_step
@@ -67,34 +71,47 @@ class DivergenceGuard:
         self.log = log
         self.nonfinite_steps = 0  # steps with a non-finite loss or gradient norm (skipped, or warned about)
         self._streak = False
-        self._noted: Optional[torch.Tensor] = None  # stop / warn: [first non-finite step, count] since the last settle
+        # stop / warn: (step, loss, grad norm) of each step since the last settle, checked there all at once: a step
+        # pays a list append, not the handful of tiny device ops (~40 us on a CPU) a per-step code would cost
+        self._pending: List[Tuple[int, torch.Tensor, Any]] = []
 
     def allows_update(self, step: int, loss: torch.Tensor, grad_norm: Any) -> bool:
         """Once per step before the update (``step`` counts from 1): whether to apply it. skip_step decides now (a
-        collective); stop and warn only note a non-finite step on the device, for ``settle``."""
+        collective); stop and warn only keep the step's loss and norm for ``settle``."""
+        if self.mode == "skip_step":
+            return self._decide(step, [float(c) for c in dist.per_rank(self._code(loss, grad_norm))])
+        # stop / warn: keep references only; the codes are computed for all the steps at once in settle
+        self._pending.append((step, loss.detach(), grad_norm if self.check_grad_norm else None))
+        return True
+
+    def _code(self, loss: torch.Tensor, grad_norm: Any) -> torch.Tensor:
+        """A step's code on the device: LOSS when its loss is not finite, + GRAD_NORM when its measured norm is not."""
         code = torch.isfinite(loss.detach()).logical_not().double()
         if grad_norm is not None and self.check_grad_norm:
             if torch.is_tensor(grad_norm):
                 code = code + GRAD_NORM * torch.isfinite(grad_norm.detach()).logical_not().double().to(code.device)
             elif not math.isfinite(grad_norm):
                 code = code + GRAD_NORM
-        if self.mode == "skip_step":
-            return self._decide(step, [float(c) for c in dist.per_rank(code)])
-        bad = code > 0
-        packed = torch.where(bad, code + 4.0 * step, torch.full_like(code, -1.0))  # step and code in one number
-        if self._noted is None:
-            self._noted = torch.stack([packed, bad.double()])
-        else:  # keep the first non-finite step since the last settle, and count them
-            first = torch.where(self._noted[0] >= 0, self._noted[0], packed)
-            self._noted = torch.stack([first, self._noted[1] + bad.double()])
-        return True
+        return code
+
+    def _noted(self) -> Optional[torch.Tensor]:
+        """[first non-finite step packed with its code (step x 4 + code; -1: none), count] of the steps since the last
+        settle, on the device; None when there were none (alike on every rank)."""
+        if not self._pending:
+            return None
+        pending, self._pending = self._pending, []
+        codes = torch.stack([self._code(loss, norm).reshape(()) for _, loss, norm in pending])
+        steps = torch.tensor([step for step, _, _ in pending], dtype=torch.float64, device=codes.device)
+        packed = torch.where(codes > 0, codes + 4.0 * steps, torch.full_like(codes, math.inf)).min()
+        return torch.stack([torch.where(torch.isinf(packed), -1.0, packed), (codes > 0).sum().double()])
 
     def settle(self) -> None:
         """Collective (every rank, at the same points): act on the steps noted since the last settle (stop / warn).
         Called on log steps, before a checkpoint is saved, and after the last step."""
-        if self._noted is None:  # nothing noted since the last settle, alike on every rank: no collective
+        self.before_settle()
+        noted = self._noted()
+        if noted is None:  # no step since the last settle, alike on every rank: no collective
             return
-        noted, self._noted = self._noted, None
         per_rank = dist.per_rank_vector(noted)  # [first packed step and code, count] of every rank
         firsts = [int(first) for first, _ in per_rank if first >= 0]
         if not firsts:

@@ -35,6 +35,7 @@ from distrain.data import split_input_target
 from distrain.data.datasets import IGNORE_INDEX
 from distrain.errors import ConfigError, DataError
 from distrain.telemetry.logs import get_logger
+from distrain.training.empty_items import EmptyItemsCheck
 
 ITEM_RULES = ("samples", "labels", "elements")
 NUM_ITEMS = "num_items_in_batch"  # transformers' name for the global item count a summing loss divides by
@@ -220,6 +221,9 @@ class Objective:
         else:
             self.source, self.sums = "the model's forward", model_accepts_num_items(module)
         self.items = self._items_rule(items, default_items, sample)
+        self._empty = EmptyItemsCheck(self._empty_message, key="loss_fn" if loss_fn is not None else "step_fn"
+                                      if step_fn is not None else "model")
+        self.settle_items = self._empty.settle  # collective: at the DivergenceGuard's settle points
 
     # --- setup checks --------------------------------------------------------------------------------
     @staticmethod
@@ -289,9 +293,13 @@ class Objective:
         labels = batch["labels"]
         return (labels[..., 1:], True) if self.shift else (labels, False)
 
-    def step_counts(self, batches: Sequence[Any]) -> Tuple[List[Count], Count]:
-        """Every micro-batch's item count and the step's global count N (summed over ranks: one all-reduce)."""
+    def step_counts(self, batches: Sequence[Any], step: int = 0) -> Tuple[List[Count], Count]:
+        """Every micro-batch's item count and the step's global count N (summed over ranks: one all-reduce). Under
+        a per-micro-batch mean, a micro-batch without items is noted on the device for ``settle_items`` (no host
+        read here: a GPU step makes no host-device sync)."""
         counts = [self.count(b) for b in batches]
+        if not (self.sums or self.static_count):
+            self._empty.note(counts, step)
         if self.items == "samples":
             return counts, self.global_batch
         if self.items == "elements":  # fixed-size targets: every sample holds as many as the first
@@ -310,18 +318,12 @@ class Objective:
         return MicroLoss(outputs, loss, torch.as_tensor(items, dtype=torch.float64)
                          / torch.as_tensor(total, dtype=torch.float64))
 
-    def check_items(self, counts: Sequence[Count], step: int, rank: int) -> None:
-        """A mean over no items is 0/0: refuse it where the loss is a per-micro-batch mean (one sync per step)."""
-        if self.sums or self.static_count:
-            return
-        empty = (torch.stack(list(counts)) == 0).nonzero().flatten().tolist()
-        if empty:
-            raise ConfigError(f"Micro-batch {empty[0]} of step {step} on rank {rank} has no valid items (every label "
-                              f"is {IGNORE_INDEX}), and the loss is a per-micro-batch mean, which is 0/0 there. Let "
-                              f"the loss sum instead: {self.source} accepting a num_items_in_batch argument and "
-                              f"returning the summed item losses / num_items_in_batch (distrain passes the step's "
-                              f"global count).", key="loss_fn" if self.loss_fn is not None else "step_fn"
-                              if self.step_fn is not None else "model")
+    def _empty_message(self, micro: int, step: int, rank: int) -> str:
+        """The paragraph for a micro-batch without items under a per-micro-batch mean (distrain.training.empty_items)."""
+        return (f"Micro-batch {micro} of step {step} on rank {rank} has no valid items (every label is {IGNORE_INDEX}), "
+                f"and the loss is a per-micro-batch mean, which is 0/0 there. Let the loss sum instead: {self.source} "
+                f"accepting a num_items_in_batch argument and returning the summed item losses / num_items_in_batch "
+                f"(distrain passes the step's global count).")
 
     def _forward(self, model: nn.Module, batch: Any, total: Count) -> Tuple[Any, torch.Tensor]:
         extra = {NUM_ITEMS: total} if self.sums else {}

@@ -40,6 +40,7 @@ from distrain.strategies import StrategyContext, build_strategy, strategy_class
 from distrain.telemetry.flops import flops_per_sample, peak_flops
 from distrain.telemetry.logs import close_logging, setup_logging
 from distrain.telemetry.perf import Throughput, describe_holdings
+from distrain.telemetry.profiling import label
 from distrain.telemetry.metrics import MetricsWriter
 from distrain.telemetry.run_report import RunReport
 from distrain.telemetry.step_record import StepRecorder, StepWindow
@@ -47,6 +48,7 @@ from distrain.training.divergence import DivergenceGuard
 from distrain.training.evaluation import Evaluator
 from distrain.training.lifetime import close_at_exit
 from distrain.training.losses import LossFn, default_items, resolve_loss
+from distrain.training.micro_steps import MicroSteps
 from distrain.training.objective import ItemsRule, MetricFn, Objective, forward_sample
 from distrain.optim import lr_at
 from distrain.training.run_dir import claim_run_dir, finished_note
@@ -151,7 +153,8 @@ class Trainer:
                  else flops_per_sample(built.module, spec, sample=forward_sample(built.module, self._sample())))
         self.throughput = Throughput(flops, peak_flops(self.device, self.settings.precision,
                                                        self.cfg.metrics.peak_flops), self.info.world_size)
-        self.recorder = StepRecorder(self.device, self.plan.global_batch, self.info.world_size, self.throughput, spec)
+        self.recorder = StepRecorder(self.device, self.plan.global_batch, self.info.world_size, self.throughput, spec,
+                                     stragglers=self.cfg.metrics)  # metrics.straggler_*: which rank lags
         self.timer = self.recorder.timer  # train_step times its phases on log steps
         return built
 
@@ -178,6 +181,8 @@ class Trainer:
         self.objective = Objective(module, self.device, self.plan.global_batch, loss_fn=self.loss_fn,
                                    step_fn=step_fn, frozen=frozen, items=items, metrics=metrics,
                                    default_items=default_items(spec) if default_loss else None, sample=self._sample)
+        self.micro_steps = MicroSteps(self.strategy, self.objective, self.loader, self.timer, self.log,
+                                      snapshots=self.run_dir / "memory" if self.cfg.metrics.memory_snapshot else None)
         self._resources.callback(self.strategy.teardown)  # before setup: a half-built engine is released too
         self.strategy.setup(module)
         self.compression = Compression(self.cfg.train, self.strategy)  # pruning masks, QAT switch, PowerSGD state
@@ -195,7 +200,8 @@ class Trainer:
     def _build_checkpointing(self, model_object: Optional[nn.Module], spec: Any) -> None:
         """The divergence guard (train.on_nonfinite), the checkpointer it guards, and the resume."""
         self.divergence = DivergenceGuard(self.settings.on_nonfinite, self.strategy, self.device,
-                                          self.settings.precision, checkpoints_root(self.run_dir), self.log)
+                                          self.settings.precision, checkpoints_root(self.run_dir), self.log,
+                                          before_settle=self.objective.settle_items)  # 0/0 micro-batches first
         self.checkpointer = Checkpointer(self.run_dir, self.cfg, self.strategy, self.info, self.sampler,
                                          before_save=self.divergence.check_before_save,  # nothing diverged is saved
                                          model_object=model_object, data_spec=spec,
@@ -204,7 +210,9 @@ class Trainer:
         self._resources.callback(self.checkpointer.close)  # before the engine and the group: an async save needs both
         resume_from = self.checkpointer.resolve(self.settings.resume)  # auto | never | PATH, validated
         if resume_from is not None:
-            self.step = self.checkpointer.load(resume_from).step
+            state = self.checkpointer.load(resume_from)
+            self.step = state.step
+            self.micro_steps.resume(state.micro_batch, state.world_size)  # micro_batch=auto: the size found
             note = finished_note(self.cfg, self.step) if self.info.is_main else None
             if note:  # a finished run started again
                 self.log.warning(note)
@@ -228,12 +236,12 @@ class Trainer:
         self.strategy.set_lr(lr_at(step, self.settings))
         measure = self._is_log_step(step + 1)
         self.timer.begin(measure)  # log steps time their phases: compute vs exposed communication
-        with self.timer.phase("data"):
+        with self.timer.phase("data"), label("split"):
             # split: my slice of the step's batch, collated and on the device (torch's DataLoader: workers, pinned
             # memory, the next step prefetched)
             batches = self.loader.micro_batches(step)
         loss = self._forward_backward(step, batches)  # train
-        with self.timer.phase("update"):
+        with self.timer.phase("update"), label("optimizer"):
             self.compression.before_update()  # QAT under ddp/zero1: the gradients' float64 sum over ranks
             self._grad_norm = self.strategy.clip_grad_norm(self.settings.grad_clip)
             if self._grad_norm is None and measure:  # logged without clipping too, on log steps only
@@ -242,27 +250,14 @@ class Trainer:
                 self.strategy.step()  # update: optimizer step on this rank's (shard of the) parameters
             else:
                 self.strategy.skip_step()  # train.on_nonfinite=skip_step
-        with self.timer.phase("sync"):
+        with self.timer.phase("sync"), label("sync"):
             self.strategy.sync(step)  # sync: parameter averaging, for strategies that skip gradient sync
         self.compression.on_step(step + 1)  # pruned weights stay zero; masks and QAT on their schedule
         return loss
 
     def _forward_backward(self, step: int, batches: List[Any]) -> torch.Tensor:
-        """Forward and backward every micro-batch, each as its share of the global-batch mean over valid items.
-
-        The step's items are counted first (all micro-batches, summed over ranks), so every backward divides by
-        the same global count: W ranks, any micro_batch and one full batch optimise the same objective.
-        """
-        counts, total = self.objective.step_counts(batches)
-        self.objective.check_items(counts, step, self.info.rank)
-        loss: Optional[torch.Tensor] = None
-        for i, (batch, items) in enumerate(zip(batches, counts)):
-            with self.timer.phase("micro"), self.strategy.accumulate(last_micro_step=i == len(batches) - 1):
-                with self.strategy.forward_context():
-                    micro = self.objective.micro_loss(self.strategy.model, batch, items, total)
-                self.strategy.backward(micro.loss, micro.scale)  # gradient sync rides the last backward
-            loss = micro.share if loss is None else loss + micro.share
-        return loss
+        """Every micro-batch's forward and backward; micro_batch=auto redoes an OOM step smaller (micro_steps)."""
+        return self.micro_steps.run(step, batches)
 
     def fit(self) -> Dict[str, Any]:
         """Train to ``train.steps``; returns the final metrics (identical on every rank)."""
@@ -297,6 +292,7 @@ class Trainer:
             self.faults.step_started(self.step)  # the watchdog's "last seen" for this rank
             loss_sum = self.train_step(self.step)  # split, train, update, sync
             self.step += 1
+            report.plan_used(self.step, self.micro_steps.plan)  # micro_batch=auto: a new size, once
             window.step_done()
             if self.step == first_step + 1:  # the optimizer state now exists
                 self.log.info(describe_holdings(self.info.rank, self.memory_report(), self.strategy.name))
@@ -360,7 +356,9 @@ class Trainer:
     def load_checkpoint(self, path: Union[str, Path]) -> None:
         """Load model, optimizer and trainer state from a checkpoint (or a run's newest valid one), on every rank;
         training continues at its step, on exactly the next samples, at any world size."""
-        self.step = self.checkpointer.load(self.checkpointer.resolve_path(Path(path))).step
+        state = self.checkpointer.load(self.checkpointer.resolve_path(Path(path)))
+        self.step = state.step
+        self.micro_steps.resume(state.micro_batch, state.world_size)
 
     # --- results ---------------------------------------------------------------------------------------
     def full_state_dict(self) -> Dict[str, torch.Tensor]:

@@ -6,6 +6,8 @@ environment variables, because `distrain launch`, torchrun, sbatch and srun all 
 every worker:
 
     DISTRAIN_TEST_STEP_DELAY=S       sleep S seconds in every step (so a signal lands mid-run)
+    DISTRAIN_TEST_SLOW=FILE:S        sleep S more seconds in every step while FILE exists (a test holds a job back
+                                     while it waits for something slower than the job, e.g. a node to come back)
     DISTRAIN_TEST_STALL=RANK:STEP    rank RANK sleeps forever inside step STEP (1-based)
     DISTRAIN_TEST_KILL=RANK:STEP     rank RANK kills itself with SIGKILL inside step STEP (kill -9)
     DISTRAIN_TEST_OUT=DIR            rank 0 writes DIR/weights-stepN.safetensors at teardown (N = steps done);
@@ -37,6 +39,7 @@ DELAY_ENV = "DISTRAIN_TEST_STEP_DELAY"
 STALL_ENV = "DISTRAIN_TEST_STALL"
 KILL_ENV = "DISTRAIN_TEST_KILL"
 OUT_ENV = "DISTRAIN_TEST_OUT"
+SLOW_ENV = "DISTRAIN_TEST_SLOW"
 
 
 def _cue(name: str) -> Optional[Tuple[int, int]]:
@@ -81,6 +84,9 @@ class FaultDDP(DDPStrategy):
         delay = float(os.environ.get(DELAY_ENV) or 0)
         if delay:
             time.sleep(delay)
+        slow_file, _, slow_s = (os.environ.get(SLOW_ENV) or "").rpartition(":")
+        if slow_file and Path(slow_file).exists():
+            time.sleep(float(slow_s))
         rank = self.ctx.info.rank
         if _cue(STALL_ENV) == (rank, step) and first_attempt():
             _fired()

@@ -7,8 +7,10 @@ rank's memory report and comm byte count.
 
     torchrun --nproc-per-node W tests/workers/strategy_worker.py OUT_DIR RUNS_JSON
 RUNS_JSON: [{"name": ..., "config": path, "overrides": [...], "worlds": [1, 2, 3]}, ...]; a run with
-"continues": NAME shares NAME's run directory and resumes from its latest checkpoint; one with "model":
-"module:function" trains that factory's model (a module on this script's path, e.g. meta_models:user_model).
+"continues": NAME shares NAME's run directory and resumes from its latest checkpoint; one with "resume": PATH
+resumes from that checkpoint (any run's); one with "model": "module:function" trains that factory's model (a module
+on this script's path, e.g. meta_models:user_model); one with "dump_optim": true also writes the optimizer state it
+holds once built (resumed), whole tensors keyed "<fqn>.<name>", to optim.safetensors.
 
 A run that fails writes its error (``error.rank<R>.txt``) instead of its results and the next run starts: one
 broken strategy fails its own tests, not every test of the module. The watchdog is off here: its abort notice
@@ -43,8 +45,9 @@ def main(out_dir: Path, runs: list) -> None:
             continue
         run_dir = out_dir / run["name"] / f"w{world}"
         run_name = f"{run.get('continues', run['name'])}-w{world}"
+        default_resume = "auto" if "continues" in run else "never"
         overrides = list(run["overrides"]) + [f"run.dir={out_dir / 'runs'}", f"run.name={run_name}",
-                                              f"train.resume={'auto' if 'continues' in run else 'never'}",
+                                              f"train.resume={run.get('resume', default_resume)}",
                                               "checkpoint.at_end=false", "metrics.progress=none",
                                               "faults.watchdog=false", "dist.timeout_s=120"]
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -60,6 +63,8 @@ def main(out_dir: Path, runs: list) -> None:
                 model = getattr(importlib.import_module(module), function)
             with Trainer(cfg, model=model, train_data=recording, eval_data=None) as trainer:
                 recording.seen.clear()  # only what training consumes (a user's model is FLOP-counted on sample 0)
+                if run.get("dump_optim"):
+                    _dump_optimizer_state(trainer, run_dir / "optim.safetensors", rank)
                 final = trainer.fit()
                 weights = trainer.full_state_dict()
                 memory = dist.all_gather_object(trainer.memory_report())
@@ -76,6 +81,30 @@ def main(out_dir: Path, runs: list) -> None:
             (run_dir / f"error.rank{rank}.txt").write_text(traceback.format_exc())
         dist.barrier()
     torch_dist.destroy_process_group()
+
+
+def _dump_optimizer_state(trainer, path: Path, rank: int) -> None:
+    """The optimizer state the strategy holds, whole, to ``path`` on rank 0 (a collective: every rank calls it).
+
+    Read through ``Strategy.checkpoint_state``, the FQN-keyed view every DCP strategy saves: DTensor shards (fsdp)
+    are gathered whole, and the entries each rank owns (zero1) are merged over ranks.
+    """
+    from safetensors.torch import save_file
+
+    from distrain import dist
+
+    state = trainer.strategy.checkpoint_state()["optim"]["state"]
+    mine = {}
+    for fqn in sorted(state):  # the same order on every rank: full_tensor() is a collective
+        for key in sorted(state[fqn]):
+            value = state[fqn][key]
+            value = value.full_tensor() if hasattr(value, "full_tensor") else value
+            mine[f"{fqn}.{key}"] = value.detach().cpu().clone()
+    merged = {}
+    for part in dist.all_gather_object(mine):
+        merged.update(part)
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in merged.items()}, str(path))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,108 @@
+"""Bringing a DDP rank whose last micro-step failed (out of memory) back in step with its peers' bucket all-reduces.
+
+The peers of a rank that ran out of memory are inside DDP's gradient all-reduces of the last (syncing) backward,
+one per bucket, launched in bucket order as each bucket's gradients become ready. The failed rank issues the
+all-reduces it has not yet issued, through DDP's own reducer, so the collectives match one for one:
+
+* its last forward never completed (it failed there, or in an earlier micro-step and stopped): the reducer is
+  prepared as DDP's forward prepares it (``prepare_for_backward([])``), and a backward of zero gradients over
+  every parameter marks each one ready, so every bucket is all-reduced in order and DDP finalises the backward;
+* it failed inside the last backward: the parameters whose gradients were accumulated (seen by a post-accumulate
+  hook, which runs just before DDP's) are already marked; a zero-gradient backward over the others marks the
+  rest, launches the remaining buckets and finalises, exactly as the interrupted backward would have.
+
+Where every parameter was marked before the failure (the OOM struck after the last gradient, before DDP's final
+callback), nothing is left to issue and the reducer cannot be finalised: ``join`` says so and the step is not
+recoverable (every rank then ends in one paragraph). The zero gradients reach the buckets; no rank keeps them:
+the step is dropped everywhere and redone. docs/out-of-memory.md has the whole protocol.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Set
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from distrain.strategies.comm_hooks import ByteCounter
+
+
+class Outcome:
+    """Every rank's outcome of a step attempt (one row of numbers per rank), all-reduced right behind the last
+    gradient bucket of the syncing backward: the ranks are all in that collective already, so the outcome costs
+    no extra round trip of its own. A rank that failed sets its row before it joins (and so launches the last
+    bucket); a healthy rank's row says OK."""
+
+    def __init__(self, world_size: int, rank: int, device: torch.device):
+        self.world_size, self.rank, self.device = world_size, rank, device
+        self.rows = self.mine = torch.zeros(0)
+        self.work: Optional[dist.Work] = None
+
+    def set(self, row: List[float]) -> None:
+        """This rank's numbers for the next launch (a list of the same length on every rank)."""
+        if self.mine.numel() != len(row):  # the buffers, allocated once
+            self.mine = torch.zeros(len(row), dtype=torch.float64, device=self.device)
+            self.rows = torch.zeros(self.world_size, len(row), dtype=torch.float64, device=self.device)
+        self.mine.copy_(torch.tensor(row, dtype=torch.float64))
+
+    def launch(self) -> None:
+        """From the comm hook of the backward's last bucket."""
+        self.rows.zero_()
+        self.rows[self.rank] = self.mine
+        self.work = dist.all_reduce(self.rows, async_op=True)
+
+    def result(self) -> Optional[List[List[float]]]:
+        """The rows, once the all-reduce is done; None if no last bucket was launched in this attempt."""
+        work, self.work = self.work, None
+        if work is None:
+            return None
+        work.wait()
+        return self.rows.tolist()
+
+
+class BackwardJoin:
+    """Tracks which parameters' gradients the current syncing backward has accumulated, and joins the rest."""
+
+    def __init__(self, model: DistributedDataParallel, counter: ByteCounter):
+        """``counter``: the byte counter DDP's comm hook reports to; the outcome rides behind its last bucket."""
+        self.model = model
+        self.outcome = Outcome(dist.get_world_size(), dist.get_rank(), next(model.parameters()).device)
+        counter.after_last = self.outcome.launch
+        self.params: List[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
+        self.ready: Set[int] = set()
+        # runs just before DDP's own hook on the gradient accumulator
+        self.handles = [p.register_post_accumulate_grad_hook(self._accumulated) for p in self.params]
+
+    def _accumulated(self, param: torch.Tensor) -> None:
+        self.ready.add(id(param))
+
+    def arm(self) -> None:
+        """A micro-step starts: nothing of its backward is accumulated yet."""
+        self.ready.clear()
+
+    def join(self, last: bool) -> bool:
+        """Issue the bucket all-reduces this rank still owes in the syncing backward (``last``: the failed
+        micro-step was that one; otherwise none of it ran); False where none is left to issue and DDP's reducer
+        cannot be finalised (the step cannot be redone)."""
+        missing = [p for p in self.params if not last or id(p) not in self.ready]
+        if not missing:
+            return False
+        if len(missing) == len(self.params):  # no forward reached DDP's post-forward, or it did and backward never
+            self.model.reducer.prepare_for_backward([])  # began: what DDP's forward does (find_unused is refused)
+        for p in missing:  # one parameter at a time: one gradient-sized zero tensor alive at once
+            torch.autograd.backward(p, torch.zeros_like(p))
+        return True
+
+    def close(self) -> None:
+        """Remove the hooks: the model may be trained again, by another Trainer."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def reset(self) -> None:
+        """Before the step is redone: every rank broadcasts buffers in its next forward alike (DDP decides it
+        from the previous forward, which differs on a rank that stopped early)."""
+        self.model.require_forward_param_sync = True
+        self.arm()
