@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--steps {args.steps} is not allowed: it must be at least 1.")
     cfg = load_config(args.config, args.overrides)
     strategy = strategy_class(cfg.strategy.name)
-    # e.g. ddp with a compressing comm hook is not exact, nor is a run whose weights are rounded to a grid (QAT)
+    # e.g. ddp with a compressing comm hook is not exact, nor is QAT where gradients are not summed in float64
     why = (None if strategy.exact_for(cfg.strategy.kwargs) else
            f"strategy {strategy.name!r} with these strategy.kwargs does not sync every step, or compresses what it "
            f"syncs")

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig
 
 from distrain.errors import ConfigError
 
+# Strategies whose gradients QAT sums in float64 (bit-identical at every world size: compression.float64_grads).
+FLOAT64_GRAD_STRATEGIES = ("ddp", "zero1")
+
+
+def sums_qat_grads_in_float64(strategy: str, kwargs: Mapping[str, Any], auto_micro_batch: bool) -> bool:
+    """Whether QAT's gradients are summed in float64 under ``strategy`` with these strategy.kwargs: ddp and zero1,
+    unless a comm hook compresses them (lossy anyway), DDP's static graph forbids skipping its all-reduce (no_sync
+    breaks under it, distrain.strategies.ddp) or train.micro_batch=auto rejoins an out-of-memory rank through DDP's
+    reducer (distrain.strategies.ddp_join); there the engine's float32 reduction stays."""
+    return (strategy in FLOAT64_GRAD_STRATEGIES and kwargs.get("comm_hook") is None
+            and not kwargs.get("static_graph", False) and not auto_micro_batch)
 # Strategies whose ranks hold different weights between syncs: their magnitudes, so their masks, would differ.
 NO_PRUNING = {
     "local_sgd": "local SGD ranks train apart between syncs, so their weights (and magnitude masks) differ",
@@ -43,14 +54,22 @@ def check_compression(cfg: DictConfig) -> None:
 
 
 def inexact_compression(cfg: DictConfig) -> Optional[str]:
-    """Why compression keeps W ranks from reproducing 1 rank bit for bit (`distrain verify`), or None.
+    """Why compression keeps W ranks from reproducing 1 rank to float rounding (`distrain verify`), or None.
 
     QAT rounds every linear weight to the int8 grid in the forward: a weight a last bit away from a rounding tie
-    (DDP sums gradients in another order at each world size) lands a whole grid step away, and the optimizer
-    carries that on. Pruning's threshold is a tie too, but an exact one (integer counts), and one weight at most."""
-    if cfg.train.qat != "none":
-        return (f"train.qat={cfg.train.qat} rounds weights to the int8 grid, so a last-bit difference next to a "
-                f"rounding tie becomes a grid step")
+    lands a whole grid step away, and the optimizer carries that on. Under ddp and zero1, QAT sums the gradients in
+    float64 (distrain.compression.float64_grads), so every world size has the same weights to the bit and no last
+    bit to differ in; the other strategies (and static_graph, micro_batch=auto) reduce in float32 in an order that
+    depends on the world size. Pruning's threshold is a tie too, but an exact one (integer counts), and one weight
+    at most."""
+    kwargs = cfg.strategy.get("kwargs") or {}
+    auto = cfg.train.get("micro_batch") == "auto"
+    if cfg.train.qat != "none" and not sums_qat_grads_in_float64(cfg.strategy.name, kwargs, auto):
+        return (f"train.qat={cfg.train.qat} rounds weights to the int8 grid, and strategy.name="
+                f"{cfg.strategy.name!r} with these settings sums gradients in float32 in an order that depends on "
+                f"the world size (only {' and '.join(FLOAT64_GRAD_STRATEGIES)}, without static_graph, comm_hook or "
+                f"micro_batch=auto, sum QAT's gradients in float64), so a last-bit difference next to a rounding tie "
+                f"becomes a grid step")
     return None
 
 

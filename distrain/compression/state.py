@@ -1,7 +1,8 @@
 """The one object the loop and the checkpointer talk to: ``Compression``.
 
-The trainer calls ``on_step(step)`` after every optimizer step (masks back on, a mask update when the schedule says,
-QAT on from train.qat_start); the checkpointer calls ``write`` on every rank at a save and ``load`` at a resume.
+The trainer calls ``before_update()`` before every optimizer step (QAT's float64 gradient sum, where the strategy
+allows it) and ``on_step(step)`` after it (masks back on, a mask update when the schedule says, QAT on from
+train.qat_start); the checkpointer calls ``write`` on every rank at a save and ``load`` at a resume.
 Each rank writes ``compression/rank<r>.safetensors``: its PowerSGD state (tensors) and, in the metadata, the pruning
 state (the sparsity reached, the pruned tensors' names and zero counts), which every rank holds alike.
 """
@@ -17,7 +18,8 @@ from omegaconf import DictConfig
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from distrain.compression.checks import prune_end
+from distrain.compression.checks import prune_end, sums_qat_grads_in_float64
+from distrain.compression.float64_grads import Float64GradSum
 from distrain.strategies.param_views import param_views
 from distrain.compression.pruning import Pruner, is_update_step, ramp
 from distrain.compression.qat import set_fake_quant
@@ -66,7 +68,19 @@ class Compression:
             views = param_views([param for _, param in weights], deepspeed=strategy.name == "deepspeed")
             self.pruner = Pruner([name for name, _ in weights], views, str(p.scope))
         self.end = prune_end(train)
+        self.grad_sum: Optional[Float64GradSum] = None
+        kwargs = {"comm_hook": getattr(strategy, "comm_hook", None),
+                  "static_graph": getattr(strategy, "ddp_kwargs", {}).get("static_graph", False)}
+        if train.qat != "none" and sums_qat_grads_in_float64(strategy.name, kwargs, strategy.ctx.plan.auto):
+            # from step 0, not qat_start: a last-bit difference before QAT starts would meet the grid later
+            self.grad_sum = Float64GradSum(strategy.module.parameters())
+            strategy.engine_reduces_grads = False
         self.on_step(0)  # train.prune.start=0 prunes the initial weights; QAT off until train.qat_start
+
+    def before_update(self) -> None:
+        """After the step's last backward: QAT's float64 gradient sum over ranks into ``p.grad`` (when on)."""
+        if self.grad_sum is not None:
+            self.strategy.count_sent(self.grad_sum.finish())  # the strategy's comm_bytes count it
 
     def on_step(self, step: int) -> None:
         """After ``step`` optimizer steps: pruned weights back to zero, new masks when due, QAT on from qat_start."""

@@ -44,6 +44,9 @@ class DDPStrategy(Strategy):
         self.powersgd_rank = powersgd_rank
         self._sent = ByteCounter()
         self.comm_hook_state: Optional[object] = None  # PowerSGD's state, saved per rank (distrain.compression)
+        # False: every micro-step runs under no_sync and the caller sums the gradients (QAT's float64 sum,
+        # distrain.compression.float64_grads)
+        self.engine_reduces_grads = True
         self._join: Optional[BackwardJoin] = None  # micro_batch=auto at W > 1 (distrain.strategies.ddp_join)
         refuse_auto_with(ctx.plan, find_unused_parameters=find_unused_parameters, static_graph=static_graph)
         if static_graph and ctx.plan.grad_accum > 1:
@@ -64,6 +67,10 @@ class DDPStrategy(Strategy):
     def comm_bytes(self) -> int:
         """Gradient bytes this rank has all-reduced so far (after compression, when a comm hook compresses)."""
         return self._sent.total
+
+    def count_sent(self, nbytes: int) -> None:
+        """Gradient bytes a caller all-reduced itself (engine_reduces_grads False: QAT's float64 sum)."""
+        self._sent.total += nbytes
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model on the device, checkpointed and compiled per train.*, in DDP (the model itself at W=1)."""
@@ -86,7 +93,7 @@ class DDPStrategy(Strategy):
     def accumulate(self, last_micro_step: bool) -> ContextManager:
         if self._join is not None:
             self._join.arm()
-        if last_micro_step or not isinstance(self.model, DistributedDataParallel):
+        if (last_micro_step and self.engine_reduces_grads) or not isinstance(self.model, DistributedDataParallel):
             return contextlib.nullcontext()
         return self.model.no_sync()
 

@@ -242,6 +242,7 @@ class Trainer:
             batches = self.loader.micro_batches(step)
         loss = self._forward_backward(step, batches)  # train
         with self.timer.phase("update"), label("optimizer"):
+            self.compression.before_update()  # QAT under ddp/zero1: the gradients' float64 sum over ranks
             self._grad_norm = self.strategy.clip_grad_norm(self.settings.grad_clip)
             if self._grad_norm is None and measure:  # logged without clipping too, on log steps only
                 self._grad_norm = self.strategy.grad_norm()
