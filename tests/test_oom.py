@@ -32,7 +32,10 @@ CASES = {  # where: (overrides, after): micro_batch_max=4 gives 2 micro-steps at
     "last_backward": ([], 2),
 }
 STRATEGIES = {"ddp": [TINY_BUCKETS], "zero1": [TINY_BUCKETS], "accelerate": ["strategy.kwargs.bucket_cap_mb=0.0001"],
-              "local_sgd": []}
+              "local_sgd": [],
+              # each Linear its own FSDP unit: a failed rank has issued some units' all-gathers (and, in the last
+              # backward, the later layers' reduce-scatters) when it raises
+              "fsdp": ["strategy.kwargs.wrap=[Linear]"]}
 
 
 def test_auto_plan_starts_at_the_largest_divisor_and_walks_down():
@@ -66,7 +69,7 @@ def _case(strategy: str, where: str) -> dict:
 # some buckets were all-reduced, and a redone step that must draw the dropout its failed attempt drew (zero1, in
 # the forward). -m slow runs the rest of the matrix, one launch per world size.
 REPRESENTATIVE = [("ddp", "last_backward"), ("zero1", "forward")]
-MATRIX = [(s, w) for s in ("ddp", "zero1", "accelerate") for w in CASES] + [("local_sgd", "last_backward")]
+MATRIX = [(s, w) for s in ("ddp", "zero1", "accelerate", "fsdp") for w in CASES] + [("local_sgd", "last_backward")]
 
 
 def _max_rel(a: dict, b: dict) -> float:
