@@ -137,7 +137,7 @@ def reset_after_oom(model: nn.Module) -> None:
     model.reset_iter_state()
 
 
-HSDP_UNCOUNTED = "all-reduces gradients on a second process group that the ledger does not count"
+HSDP_UNCOUNTED = "all-reduces gradients on a second process group that the out-of-memory replay does not count"
 
 
 def unsupported(model: nn.Module) -> Optional[str]:
