@@ -19,7 +19,10 @@ import torch.nn.functional as F
 from conftest import REPO, run_cli, run_torchrun
 from distrain.config import batch_plan, load_config
 from distrain.config.validation import smaller_plan
+from distrain.env import ProcessInfo
 from distrain.errors import ConfigError
+from distrain.strategies import StrategyContext, build_strategy
+from distrain.training.micro_steps import MicroSteps
 from distrain.training.trainer import Trainer
 from oom_injection import IndexedData, OOMNet
 
@@ -32,7 +35,10 @@ CASES = {  # where: (overrides, after): micro_batch_max=4 gives 2 micro-steps at
     "last_backward": ([], 2),
 }
 STRATEGIES = {"ddp": [TINY_BUCKETS], "zero1": [TINY_BUCKETS], "accelerate": ["strategy.kwargs.bucket_cap_mb=0.0001"],
-              "local_sgd": []}
+              "local_sgd": [],
+              # each Linear its own FSDP unit: a failed rank has issued some units' all-gathers (and, in the last
+              # backward, the later layers' reduce-scatters) when it raises
+              "fsdp": ["strategy.kwargs.wrap=[Linear]"]}
 
 
 def test_auto_plan_starts_at_the_largest_divisor_and_walks_down():
@@ -66,7 +72,7 @@ def _case(strategy: str, where: str) -> dict:
 # some buckets were all-reduced, and a redone step that must draw the dropout its failed attempt drew (zero1, in
 # the forward). -m slow runs the rest of the matrix, one launch per world size.
 REPRESENTATIVE = [("ddp", "last_backward"), ("zero1", "forward")]
-MATRIX = [(s, w) for s in ("ddp", "zero1", "accelerate") for w in CASES] + [("local_sgd", "last_backward")]
+MATRIX = [(s, w) for s in ("ddp", "zero1", "accelerate", "fsdp") for w in CASES] + [("local_sgd", "last_backward")]
 
 
 def _max_rel(a: dict, b: dict) -> float:
@@ -122,12 +128,30 @@ def test_an_oom_that_cannot_be_retried_ends_in_one_paragraph(tmp_path, overrides
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
-def test_auto_is_refused_where_a_strategy_cannot_redo_a_step(tmp_path, strategy):
+def test_auto_is_refused_where_a_strategy_cannot_redo_a_step(tmp_path):
     proc = run_cli(["train", str(REPO / "configs" / "quickstart.yaml"), f"run.dir={tmp_path}", "train.steps=1",
-                    f"strategy.name={strategy}", "train.micro_batch=auto", "metrics.progress=none"])
+                    "strategy.name=deepspeed", "train.micro_batch=auto", "metrics.progress=none"])
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"train.micro_batch=auto is not supported by strategy.name='{strategy}'" in " ".join(proc.stderr.split())
+    assert "train.micro_batch=auto is not supported by strategy.name='deepspeed'" in " ".join(proc.stderr.split())
+
+
+def test_auto_is_refused_under_hsdp_and_taken_by_plain_fsdp():
+    """HSDP's gradient all-reduce over the replicate group is not counted by fsdp_oom's ledger: refused before any
+    model is sharded (the strategy is built for rank 0 of 4, as the Trainer builds it, and never set up)."""
+    cfg = load_config(None, ["strategy.name=fsdp", "train.micro_batch=auto", "train.global_batch=16"])
+    info = ProcessInfo(rank=0, local_rank=0, world_size=4, local_world_size=4, master_addr="127.0.0.1",
+                       master_port=29500, source="torchrun")
+    for replicate, refused in ((2, True), (1, False)):
+        ctx = StrategyContext(info=info, device=torch.device("cpu"), plan=batch_plan(cfg, 4), train=cfg.train, seed=0)
+        strategy = build_strategy("fsdp", ctx, {"replicate": replicate})
+        assert strategy.supports_auto_micro_batch is not refused
+        if refused:
+            with pytest.raises(ConfigError) as err:
+                MicroSteps(strategy, None, None, None, None)
+            assert err.value.key == "train.micro_batch"
+            assert ("not supported by strategy.name='fsdp': strategy.kwargs.replicate=2 makes it HSDP, which "
+                    "all-reduces gradients on a second process group") in str(err.value)
+            assert "strategy.kwargs.replicate=1 (plain FSDP) can" in str(err.value)
 
 
 @pytest.mark.slow

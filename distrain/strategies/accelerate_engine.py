@@ -15,7 +15,7 @@ out; the ranks' contributions are added, as with the ddp strategy.
 
 from __future__ import annotations
 
-from typing import Any, ContextManager, Dict, List, Optional, Union
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -99,7 +99,7 @@ class AccelerateStrategy(Strategy):
         scaler = self.accelerator.scaler  # fp16: Accelerate's own GradScaler, not self.grad_scaler
         return norm / scaler.get_scale() if scaler is not None else norm
 
-    def rejoin_after_oom(self, micro: int, micro_steps: int, phase: str) -> bool:
+    def rejoin_after_oom(self, micro: int, micro_steps: int, phase: str, replay: Callable[[], Any]) -> bool:
         return self._join is None or self._join.join(last=micro == micro_steps - 1)
 
     def outcome_channel(self) -> Optional[Outcome]:

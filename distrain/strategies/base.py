@@ -21,7 +21,7 @@ import abc
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager, Dict, Iterable, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, Iterable, List, Optional, Union
 
 import torch
 from omegaconf import DictConfig
@@ -303,13 +303,15 @@ class Strategy(abc.ABC):
     # The loop calls these only where supports_auto_micro_batch is set. A rank that ran out of memory stops its
     # micro-steps; the loop then calls, on that rank only, rejoin_after_oom; then on every rank the outcome is
     # shared (outcome_channel, or one all-reduce), and after a failure anywhere drop_step and use_plan on every rank.
-    def rejoin_after_oom(self, micro: int, micro_steps: int, phase: str) -> bool:
+    def rejoin_after_oom(self, micro: int, micro_steps: int, phase: str, replay: Callable[[], Any]) -> bool:
         """On a rank whose micro-step ``micro`` (0-based, of ``micro_steps``) raised out of memory in ``phase``
         (``forward`` | ``backward``): issue, in their order, every collective its peers still run in this step's
         forwards and backwards (the rest of micro-step ``micro`` and all later ones), so none of them waits;
         what they compute is thrown away (``drop_step`` follows on every rank). Called outside ``accumulate``,
-        after the failed micro-step's activations are released. False where it cannot: the step is then not
-        redone and every rank ends in one paragraph. Here: no collective rides a forward or backward."""
+        after the failed micro-step's activations are released. ``replay()``: the loss of one sample of the
+        failed micro-batch (the model's forward, as cheap as it gets), for an engine whose collectives only its
+        own forward and backward hooks issue (FSDP); each call is a new forward. False where it cannot: the step
+        is then not redone and every rank ends in one paragraph. Here: no collective rides a forward or backward."""
         return True
 
     def outcome_channel(self) -> Optional[Any]:

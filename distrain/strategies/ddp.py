@@ -8,7 +8,7 @@ reducer hooks on every gradient, the same step as the single strategy.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Dict, List, Optional
+from typing import Any, Callable, ContextManager, Dict, List, Optional
 
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -97,7 +97,7 @@ class DDPStrategy(Strategy):
             return contextlib.nullcontext()
         return self.model.no_sync()
 
-    def rejoin_after_oom(self, micro: int, micro_steps: int, phase: str) -> bool:
+    def rejoin_after_oom(self, micro: int, micro_steps: int, phase: str, replay: Callable[[], Any]) -> bool:
         return self._join is None or self._join.join(last=micro == micro_steps - 1)
 
     def outcome_channel(self) -> Optional[Outcome]:

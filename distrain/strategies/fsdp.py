@@ -38,7 +38,7 @@ from distrain.errors import ConfigError
 from distrain.models.blocks import AUTO, find_blocks
 from distrain.models.meta_init import is_meta, materialise
 from distrain.strategies import precision
-from distrain.strategies.fsdp_oom import FSDPOomRecovery
+from distrain.strategies.fsdp_oom import HSDP_UNCOUNTED, FSDPOomRecovery, reset_after_oom
 from distrain.strategies.placement import AUTO_REPLICATE, SHARD, Layout
 from distrain.strategies.base import Strategy, StrategyContext
 
@@ -46,8 +46,6 @@ from distrain.strategies.base import Strategy, StrategyContext
 class FSDPStrategy(Strategy):
     name = "fsdp"
     meta_init = True
-    auto_micro_batch_refusal = ("FSDP all-gathers parameters in every micro-step's forward and backward, so a rank "
-                                "that stops early leaves its peers inside an all-gather only a forward could match")
 
     @classmethod
     def layouts(cls) -> List[Layout]:
@@ -148,13 +146,32 @@ class FSDPStrategy(Strategy):
         super().backward(loss, scale)
         self.oom.begin_micro_step()  # all of this micro-step's collectives went out: an OOM from here owes the next
 
+    # --- out of memory under train.micro_batch=auto (fsdp_oom; docs/out-of-memory.md, section FSDP) ---------
+    @property
+    def supports_auto_micro_batch(self) -> bool:  # type: ignore[override]
+        return self.replicate == 1
+
+    @property
+    def auto_micro_batch_refusal(self) -> str:  # type: ignore[override]
+        return (f"strategy.kwargs.replicate={self.replicate} makes it HSDP, which {HSDP_UNCOUNTED}, so a rank that ran "
+                f"out of memory cannot be brought back in step; strategy.kwargs.replicate=1 (plain FSDP) can")
+
+    def rejoin_after_oom(self, micro: int, micro_steps: int, phase: str, replay: Callable[[], Any]) -> bool:
+        self.recover_from_oom(replay, micro, micro_steps)
+        return True
+
     def recover_from_oom(self, shadow_forward: Callable[[], Any], micro_step: int, micro_steps: int) -> None:
         """On the rank that ran out of memory in micro-step ``micro_step`` of ``micro_steps`` (the first whose
         backward did not return): issue the all-gathers and reduce-scatters its peers still expect this step, and
         leave FSDP ready for the redo. ``shadow_forward()``: the model's forward (or loss) on one sample
-        (fsdp_oom.first_sample of the batch). Every rank then learns the outcome (fsdp_oom.any_rank_failed) and
-        drops the step's gradients; docs/out-of-memory.md, section FSDP."""
+        (fsdp_oom.first_sample of the batch). Every rank then learns the outcome (micro_steps' outcome all-reduce)
+        and drops the step (``drop_step``). An OOM inside the replay itself propagates: this rank's run ends, and
+        its peers at dist.timeout_s."""
         self.oom.owed_collectives_after_oom(shadow_forward, micro_step, micro_steps)
+
+    def drop_step(self) -> None:
+        super().drop_step()
+        reset_after_oom(self.model)  # every rank's FSDP state back to idle and resharded alike before the redo
 
     def clip_grad_norm(self, max_norm: float) -> Optional[torch.Tensor]:
         if max_norm <= 0:

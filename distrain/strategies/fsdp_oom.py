@@ -137,12 +137,14 @@ def reset_after_oom(model: nn.Module) -> None:
     model.reset_iter_state()
 
 
+HSDP_UNCOUNTED = "all-reduces gradients on a second process group that the out-of-memory replay does not count"
+
+
 def unsupported(model: nn.Module) -> Optional[str]:
     """Why a failed rank of this sharded model cannot be brought back in step (None: it can)."""
     for unit in model.modules():
         if isinstance(unit, FSDPModule) and any(group._is_hsdp for group in unit._get_fsdp_state()._fsdp_param_groups):
-            return ("HSDP (a replicate dimension) all-reduces gradients on a second process group that the ledger "
-                    "does not count")
+            return f"HSDP (a replicate dimension) {HSDP_UNCOUNTED}"
     return None
 
 

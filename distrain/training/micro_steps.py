@@ -9,7 +9,8 @@ with the same samples, the same random state and nothing else changed. docs/out-
 1. a rank that runs out of memory stops its micro-steps; the earlier ones synchronise nothing (no_sync), so
    no peer waits for it there;
 2. it issues the collectives its peers still run in the step (``Strategy.rejoin_after_oom``: DDP's gradient
-   all-reduces of the last backward, strategies/ddp_join.py);
+   all-reduces of the last backward, strategies/ddp_join.py; FSDP's all-gathers and reduce-scatters of every
+   micro-step left, by replaying them on one sample, strategies/fsdp_oom.py);
 3. after the last backward every rank shares its outcome (one small all-reduce per step: the only cost once the
    size is settled); on any failure every rank drops the step's gradients, releases memory, restores the random
    state and redoes the step smaller, or, at micro-batch 1 or where the strategy could not join, every rank ends
@@ -21,7 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -31,6 +32,7 @@ from distrain.config.validation import auto_plan, smaller_plan
 from distrain.data import StepLoader
 from distrain.errors import ConfigError, OutOfMemoryError
 from distrain.strategies.base import Strategy
+from distrain.strategies.fsdp_oom import first_sample
 from distrain.telemetry.logs import FILE_ONLY
 from distrain.telemetry.profiling import label
 from distrain.training.objective import Objective
@@ -58,7 +60,7 @@ class MicroSteps:
         if self.plan.auto and not strategy.supports_auto_micro_batch:
             raise ConfigError(f"train.micro_batch=auto is not supported by strategy.name={strategy.name!r}: "
                               f"{strategy.auto_micro_batch_refusal} (docs/out-of-memory.md). Set a fixed "
-                              f"train.micro_batch, or use ddp, zero1, accelerate or local_sgd.",
+                              f"train.micro_batch, or use ddp, zero1, fsdp, accelerate or local_sgd.",
                               key="train.micro_batch")
         self.strategy, self.objective, self.loader, self.timer, self.log = strategy, objective, loader, timer, log
         self.info, self.device = strategy.ctx.info, strategy.ctx.device
@@ -108,8 +110,17 @@ class MicroSteps:
         # riding behind them where the strategy carries it
         if channel is not None:
             channel.set(_row(failure))
-        joined = self.plan.auto and self.strategy.rejoin_after_oom(failure.micro, len(batches), failure.phase)
+        replay = self._replay(batches[failure.micro], counts[failure.micro], total)
+        joined = self.plan.auto and self.strategy.rejoin_after_oom(failure.micro, len(batches), failure.phase, replay)
         return Attempt(None, failure, joined)
+
+    def _replay(self, batch: Any, items: Any, total: Any) -> Callable[[], torch.Tensor]:
+        """The loss of the failed micro-batch's first sample: what a strategy whose collectives ride the model's
+        own forward and backward (FSDP) runs to issue the ones its peers still expect (its value is thrown away)."""
+        def replay() -> torch.Tensor:
+            with self.strategy.forward_context():
+                return self.objective.micro_loss(self.strategy.model, first_sample(batch), items, total).loss
+        return replay
 
     def _micro_step(self, batch: Any, items: Any, total: Any, last: bool) -> torch.Tensor:
         self._phase = PHASES[0]

@@ -1,8 +1,9 @@
 """Out-of-memory errors injected as the real exception type: a tiny MLP that raises torch.OutOfMemoryError on one
-rank when its micro-batch holds more than ``limit`` samples, in the forward, in a non-last micro-step's backward or
-in the last micro-step's backward (a custom autograd Function between its first and second layers, so the later
-layers' gradients, and DDP buckets, are already done when it raises). Every sample's first feature is its index:
-the model records which samples each forward saw, per micro-batch size."""
+rank when its micro-batch holds more than ``limit`` samples, in the forward (after its first layer: under FSDP that
+layer's all-gather is out), in a non-last micro-step's backward or in the last micro-step's backward (a custom
+autograd Function between its first and second layers, so the later layers' gradients, DDP buckets and FSDP
+reduce-scatters, are already done when it raises). Every sample's first feature is its index: the model records
+which samples each forward saw, per micro-batch size."""
 
 from __future__ import annotations
 
@@ -57,13 +58,14 @@ class OOMNet(nn.Module):
         forwards = sum(1 for r in self.records if r[0] != -1)
         armed = (size > self.limit and self.where != "none" and forwards >= self.after
                  and (not torch_dist.is_initialized() or torch_dist.get_rank() == self.rank))
-        if armed and self.where == "forward":
+        h = torch.relu(self.l1(x[:, 1:]))
+        if armed and self.where == "forward":  # after the first layer: under FSDP its all-gather has gone out
             _raise("forward", size)
         if torch.is_grad_enabled():
             self.records.append([size, *x[:, 0].long().tolist()])
         fail_backward = armed and ((self.where == "backward" and micro == 0 and self.per_rank // size > 1)
                                    or (self.where == "last_backward" and micro == self.per_rank // size - 1))
-        h = _Inject.apply(torch.relu(self.l1(x[:, 1:])), fail_backward)
+        h = _Inject.apply(h, fail_backward)
         return self.l3(self.dropout(torch.relu(self.l2(h)))).squeeze(-1)
 
 
