@@ -19,8 +19,8 @@ from conftest import run_torchrun
 CASES = ("forward", "backward_nonlast", "backward_last", "backward_last_zero2")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.slow  # W=3 only: test_oom's slow matrix runs fsdp through the whole loop at W=2 and W=3
+@pytest.mark.parametrize("world", [3])
 def test_an_oom_on_one_rank_is_redone_smaller_and_equals_the_fixed_micro_batch(tmp_path, world):
     proc = run_torchrun(world, ["tests/workers/fsdp_oom_worker.py", str(tmp_path)], timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
