@@ -133,6 +133,9 @@ def test_straggler_tracking_cost_suite_runs(tmp_path):
     assert len(job["times_on"]) == len(job["times_off"]) == job["rounds"] and job["ratio"]["ratio"] > 0
     assert 0 < job["added"]["all_reduce_s"] < job["added"]["per_window_s"] and job["added"]["fraction_of_window"] > 0
     assert "## Straggler tracking" in (tmp_path / "smoke-stragglers" / "BENCHMARKS.md").read_text()
+
+
+@pytest.mark.bench
 def test_loop_cost_suite_times_every_piece_of_the_loop_body(tmp_path):
     # Issue 20: distrain's own per-step work, piece by piece, against the mlp and gpt steps (2 gloo ranks).
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "loop_cost", "--smoke", "--out-dir", str(tmp_path)],

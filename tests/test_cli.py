@@ -67,6 +67,7 @@ def test_config_show_prints_the_plan():
     assert "global_batch=64 = micro_batch 8 x grad_accum 2 x world_size 4" in proc.stdout
 
 
+@pytest.mark.slow  # a long run: with -m slow (CI), to keep the default run under 15 minutes on 2 cores
 def test_verify_passes_for_ddp_and_catches_a_strategy_that_skips_gradient_sync():
     common = ["configs/mlp.yaml", "--worlds", "1,2", "--steps", "10", "train.global_batch=16", "train.micro_batch=4"]
     good = run_cli(["verify", *common])

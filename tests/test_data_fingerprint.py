@@ -41,6 +41,7 @@ def _latest(run: Path) -> Path:
     return root / read_latest(root)
 
 
+@pytest.mark.slow  # a long run: with -m slow (CI), to keep the default run under 15 minutes on 2 cores
 def test_a_resume_on_token_shards_prepared_again_is_refused_unless_accepted(tmp_path):
     shards = token_shards(tmp_path / "shards", max_bytes=40_000, shard_tokens=20_000)
     config = _config(tmp_path, shards)

@@ -8,6 +8,8 @@ import re
 import socket
 import time
 
+import pytest
+
 from conftest import run_cli
 
 EXPECTED = {"python", "torch", "deepspeed", "accelerate", "backend gloo", "backend nccl", "backend mpi", "CUDA devices",
@@ -15,6 +17,7 @@ EXPECTED = {"python", "torch", "deepspeed", "accelerate", "backend gloo", "backe
             "gloo all_reduce (2 processes)"}
 
 
+@pytest.mark.slow  # a long run: with -m slow (CI), to keep the default run under 15 minutes on 2 cores
 def test_doctor_reports_everything_and_measures_gloo_bandwidth():
     started = time.monotonic()
     proc = run_cli(["doctor", "--json"], timeout=120)

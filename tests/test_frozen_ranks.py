@@ -58,6 +58,7 @@ def _freeze_one(tmp_path: Path, frozen: int) -> tuple:
     return took, output, log, proc.returncode
 
 
+@pytest.mark.slow  # a long run: with -m slow (CI), to keep the default run under 15 minutes on 2 cores
 def test_a_frozen_rank_0_is_named_as_the_silent_store_owner(tmp_path):
     took, output, log, code = _freeze_one(tmp_path, frozen=0)
     assert took <= 2 * TIMEOUT_S, f"rank 1 took {took:.1f} s to end after rank 0 froze"

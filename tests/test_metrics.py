@@ -170,6 +170,7 @@ def test_progress_bar_on_a_terminal_and_plain_lines_in_a_log_file(tmp_path):
     assert record["tokens_per_s"] == pytest.approx(record["samples_per_s"] * 64)
 
 
+@pytest.mark.slow  # a long run: with -m slow (CI), to keep the default run under 15 minutes on 2 cores
 def test_a_resume_after_a_crash_leaves_one_record_per_step(tmp_path):
     """kill -9 of rank 1 in step 9 (steps 6-8 logged after the checkpoint at step 5), a restart of the group resumes
     from step 5 and logs 6-8 again: metrics.jsonl, and `distrain runs` / `distrain plot` reading it, hold one record

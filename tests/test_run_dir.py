@@ -308,7 +308,9 @@ def test_starting_a_finished_run_again_says_so_and_the_suggested_keys_work(tmp_p
         {k: record.get(k) for k in ("status", "started", "start_step", "final", "attempts")}
     listed = run_cli(["runs", "ls", str(tmp_path)], timeout=120)
     wall = format_duration(record["final"]["wall_s"])
-    assert listed.returncode == 0 and listed.stdout.splitlines()[-1].split()[-1] == wall, listed.stdout
+    header, row = listed.stdout.splitlines()[0], listed.stdout.splitlines()[-1]
+    column = header.index("WALL")  # the table is aligned: the row's value starts where its header does
+    assert listed.returncode == 0 and row[column:].split()[0] == wall, listed.stdout
     more = run_cli(["train", *common, "train.steps=8"], timeout=240)
     assert more.returncode == 0, more.stderr[-3000:]
     assert "step 8/8" in more.stdout + more.stderr and "already finished" not in more.stdout + more.stderr

@@ -409,6 +409,7 @@ def test_deepspeed_checkpoint_with_a_pickle_payload_is_refused_before_deepspeed_
 
 
 # --- one process, engines that fail, contexts that must be left ---------------------------------------------
+@pytest.mark.slow  # a long run: with -m slow (CI), to keep the default run under 15 minutes on 2 cores
 def test_deepspeed_trains_in_one_process_without_a_launcher(tmp_path):
     """The acceptance command, verbatim but for where the run goes: no torchrun, so no LOCAL_RANK from a launcher."""
     proc = run_cli(["train", GPT, "strategy.name=deepspeed", "train.steps=5", f"run.dir={tmp_path}",

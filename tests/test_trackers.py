@@ -158,6 +158,7 @@ def test_an_unknown_tracker_is_a_config_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # a long run: with -m slow (CI), to keep the default run under 15 minutes on 2 cores
 def test_an_unreachable_tracker_costs_a_bounded_flush_and_the_run_still_finishes(tmp_path):
     """2 ranks, MLflow at a closed port with its default retries (~2 min of backoff) and dist.timeout_s=30: the run
     exits 0 within 30 s of its last step with one warning naming the tracker; no rank waits in the shutdown barrier
