@@ -13,6 +13,14 @@ import pytest
 
 from conftest import REPO, child_env, run_cli
 
+def _smoke(suite: str, tmp_path, timeout: int = 900) -> dict:
+    """``python -m benchmarks SUITE --smoke`` into ``tmp_path``; its results file, read."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", suite, "--smoke", "--out-dir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, env=child_env())
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return json.loads(next(tmp_path.glob(f"*-smoke-{suite}.json")).read_text())
+
+
 
 def test_ddp_overhead_script_runs_from_a_plain_python():
     # Issue 3's benchmark as a script: it finds the repository on its own (the smoke run covers the ddp pair).
@@ -101,10 +109,7 @@ def test_gpu_suite_runs_in_its_tiny_cpu_mode(tmp_path):
 @pytest.mark.bench
 def test_scale_suite_measures_every_cost_at_w_1_and_2(tmp_path):
     # The full suite goes to W = 32 (tens of minutes on 2 cores); the smoke run launches W = 1 and 2 only.
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "scale", "--smoke", "--out-dir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=1200, env=child_env())
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    result = json.loads(next(tmp_path.glob("*-smoke-scale.json")).read_text())["suites"]["scale"]
+    result = _smoke("scale", tmp_path, timeout=1200)["suites"]["scale"]
     rows = {row["world"]: row for row in result["rows"]}
     assert sorted(rows) == [1, 2]
     for row in rows.values():
@@ -124,10 +129,7 @@ def test_scale_suite_measures_every_cost_at_w_1_and_2(tmp_path):
 @pytest.mark.bench
 def test_straggler_tracking_cost_suite_runs(tmp_path):
     # Issue 20: step time with metrics.straggler_factor=1.5 vs 0, whole log windows interleaved (mlp only when smoke).
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "stragglers", "--smoke", "--out-dir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900, env=child_env())
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    results = json.loads(next(tmp_path.glob("*-smoke-stragglers.json")).read_text())
+    results = _smoke("stragglers", tmp_path)
     job = results["suites"]["stragglers"]["models"]["mlp"]
     assert job["tracking_active"] and job["log_every"] >= 1
     assert len(job["times_on"]) == len(job["times_off"]) == job["rounds"] and job["ratio"]["ratio"] > 0
@@ -138,10 +140,7 @@ def test_straggler_tracking_cost_suite_runs(tmp_path):
 @pytest.mark.bench
 def test_loop_cost_suite_times_every_piece_of_the_loop_body(tmp_path):
     # Issue 20: distrain's own per-step work, piece by piece, against the mlp and gpt steps (2 gloo ranks).
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "loop_cost", "--smoke", "--out-dir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900, env=child_env())
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    result = json.loads(next(tmp_path.glob("*-smoke-loop_cost.json")).read_text())["suites"]["loop_cost"]
+    result = _smoke("loop_cost", tmp_path)["suites"]["loop_cost"]
     from benchmarks.suites.loop_cost import IN_TOTAL
 
     for model in ("mlp", "gpt"):
