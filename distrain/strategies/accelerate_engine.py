@@ -15,7 +15,7 @@ out; the ranks' contributions are added, as with the ddp strategy.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Union
+from typing import Any, ContextManager, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -26,12 +26,12 @@ from distrain.strategies.base import Strategy, StrategyContext
 from distrain.config import BatchPlan
 from distrain.strategies.comm_hooks import BucketCapMB, ByteCounter, register_comm_hook
 from distrain.strategies.ddp import refuse_auto_with
-from distrain.strategies.ddp_join import BackwardJoin, Outcome
+from distrain.strategies.ddp_join import BackwardJoin, JoinsDDPBackward
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
-class AccelerateStrategy(Strategy):
+class AccelerateStrategy(JoinsDDPBackward, Strategy):
     """Hugging Face Accelerate's Accelerator (DDP underneath) prepares the model and optimizer and runs backward."""
 
     name = "accelerate"
@@ -98,12 +98,6 @@ class AccelerateStrategy(Strategy):
         norm = super().grad_norm()
         scaler = self.accelerator.scaler  # fp16: Accelerate's own GradScaler, not self.grad_scaler
         return norm / scaler.get_scale() if scaler is not None else norm
-
-    def rejoin_after_oom(self, micro: int, micro_steps: int, phase: str, replay: Callable[[], Any]) -> bool:
-        return self._join is None or self._join.join(last=micro == micro_steps - 1)
-
-    def outcome_channel(self) -> Optional[Outcome]:
-        return None if self._join is None else self._join.outcome
 
     def drop_step(self) -> None:
         self.optimizer.optimizer.zero_grad(set_to_none=True)  # Accelerate's wrapper only clears on a sync micro-step

@@ -8,20 +8,20 @@ reducer hooks on every gradient, the same step as the single strategy.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ContextManager, Dict, List, Optional
+from typing import Any, ContextManager, Dict, List, Optional
 
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distrain.config import BatchPlan
 from distrain.errors import ConfigError
-from distrain.strategies.ddp_join import BackwardJoin, Outcome
+from distrain.strategies.ddp_join import BackwardJoin, JoinsDDPBackward
 from distrain.strategies.placement import Layout
 from distrain.strategies.base import Strategy, StrategyContext
 from distrain.strategies.comm_hooks import BucketCapMB, ByteCounter, PowerSGDRank, register_comm_hook
 
 
-class DDPStrategy(Strategy):
+class DDPStrategy(JoinsDDPBackward, Strategy):
     """torch's DistributedDataParallel: every rank holds the whole model and optimizer; gradients are averaged in
     buckets while the last micro-batch's backward runs."""
 
@@ -96,12 +96,6 @@ class DDPStrategy(Strategy):
         if (last_micro_step and self.engine_reduces_grads) or not isinstance(self.model, DistributedDataParallel):
             return contextlib.nullcontext()
         return self.model.no_sync()
-
-    def rejoin_after_oom(self, micro: int, micro_steps: int, phase: str, replay: Callable[[], Any]) -> bool:
-        return self._join is None or self._join.join(last=micro == micro_steps - 1)
-
-    def outcome_channel(self) -> Optional[Outcome]:
-        return None if self._join is None else self._join.outcome
 
     def teardown(self) -> None:
         if self._join is not None:

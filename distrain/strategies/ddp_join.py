@@ -19,7 +19,7 @@ the step is dropped everywhere and redone. docs/out-of-memory.md has the whole p
 
 from __future__ import annotations
 
-from typing import List, Optional, Set
+from typing import Any, Callable, List, Optional, Set
 
 import torch
 import torch.distributed as dist
@@ -106,3 +106,16 @@ class BackwardJoin:
         from the previous forward, which differs on a rank that stopped early)."""
         self.model.require_forward_param_sync = True
         self.arm()
+
+
+class JoinsDDPBackward:
+    """The micro_batch=auto methods of a strategy whose gradients DDP's reducer syncs (ddp, accelerate), mixed in
+    before Strategy: ``_join`` is its BackwardJoin (W > 1 under auto), else None."""
+
+    _join: Optional[BackwardJoin] = None
+
+    def rejoin_after_oom(self, micro: int, micro_steps: int, phase: str, replay: Callable[[], Any]) -> bool:
+        return self._join is None or self._join.join(last=micro == micro_steps - 1)
+
+    def outcome_channel(self) -> Optional[Outcome]:
+        return None if self._join is None else self._join.outcome
