@@ -157,17 +157,14 @@ class FSDPStrategy(Strategy):
                 f"out of memory cannot be brought back in step; strategy.kwargs.replicate=1 (plain FSDP) can")
 
     def rejoin_after_oom(self, micro: int, micro_steps: int, phase: str, replay: Callable[[], Any]) -> bool:
-        self.recover_from_oom(replay, micro, micro_steps)
+        """On the rank that ran out of memory in micro-step ``micro`` of ``micro_steps`` (the first whose backward
+        did not return; ``phase`` does not matter: the ledger knows what was issued): issue the all-gathers and
+        reduce-scatters its peers still expect this step, and leave FSDP ready for the redo. ``replay()``: the
+        model's forward (or loss) on one sample (fsdp_oom.first_sample of the batch). Every rank then learns the
+        outcome (micro_steps' outcome all-reduce) and drops the step (``drop_step``). An OOM inside the replay
+        itself propagates: this rank's run ends, and its peers at dist.timeout_s."""
+        self.oom.owed_collectives_after_oom(replay, micro, micro_steps)
         return True
-
-    def recover_from_oom(self, shadow_forward: Callable[[], Any], micro_step: int, micro_steps: int) -> None:
-        """On the rank that ran out of memory in micro-step ``micro_step`` of ``micro_steps`` (the first whose
-        backward did not return): issue the all-gathers and reduce-scatters its peers still expect this step, and
-        leave FSDP ready for the redo. ``shadow_forward()``: the model's forward (or loss) on one sample
-        (fsdp_oom.first_sample of the batch). Every rank then learns the outcome (micro_steps' outcome all-reduce)
-        and drops the step (``drop_step``). An OOM inside the replay itself propagates: this rank's run ends, and
-        its peers at dist.timeout_s."""
-        self.oom.owed_collectives_after_oom(shadow_forward, micro_step, micro_steps)
 
     def drop_step(self) -> None:
         super().drop_step()

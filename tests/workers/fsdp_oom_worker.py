@@ -121,7 +121,7 @@ def _attempt(strategy, x: torch.Tensor, y: torch.Tensor, micro: int, global_batc
         except torch.OutOfMemoryError:
             Injection.armed = False
             ISSUED_BEFORE_OOM.append(strategy.oom.ledger.issued)
-            strategy.recover_from_oom(lambda: strategy.model(first_sample(xs)), i, n)
+            strategy.rejoin_after_oom(i, n, Injection.phase, lambda: strategy.model(first_sample(xs)))
             return True
     return False
 
