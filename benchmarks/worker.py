@@ -35,9 +35,8 @@ def main(argv: List[str]) -> int:
         result = module.worker(params, info, device)
         if info.rank == 0:
             Path(out_path).write_text(json.dumps(result, indent=1, default=float))
-        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        dist.leave_process_group(wait_for_peers=True)  # a barrier, then a GIL-free pause (see there)
         if info.rank == 0:
             shutil.rmtree(scratch, ignore_errors=True)
     return 0

@@ -34,6 +34,8 @@ def child_env(extra: Optional[Dict[str, str]] = None, gpu: bool = False) -> Dict
            if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in
            ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")}
     env["OMP_NUM_THREADS"] = "1"
+    # a rank that aborts (SIGABRT, SIGSEGV) prints every thread's Python stack: a rare teardown abort names itself
+    env.setdefault("PYTHONFAULTHANDLER", "1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(WORKERS_DIR), env.get("PYTHONPATH", "")])
     if gpu:
         env.pop("CUDA_VISIBLE_DEVICES")

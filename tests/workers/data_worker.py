@@ -55,7 +55,8 @@ def main(out_dir: Path, runs: list) -> None:
                     "loss": final["loss"], "eval_loss": final.get("eval_loss"), "grad_accum": trainer.plan.grad_accum,
                     "world_size": world, "num_workers": trainer.loader_options.num_workers, "steps": trainer.step}))
         dist.barrier()
-    torch_dist.destroy_process_group()
+    # as the Trainer leaves a group it owns: a barrier, then a GIL-free pause before the teardown (see there)
+    dist.leave_process_group(wait_for_peers=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ CASES = {
 def main(out: Path) -> None:
     from safetensors.torch import save_file
 
+    from distrain import dist
     from distrain.data import build_datasets
     from distrain.training.trainer import Trainer
 
@@ -45,7 +46,8 @@ def main(out: Path) -> None:
                                  "flops_per_sample": trainer.throughput.flops.per_sample}
     if rank == 0:
         (out / "results.json").write_text(json.dumps(results))
-    torch_dist.destroy_process_group()
+    # as the Trainer leaves a group it owns: a barrier, then a GIL-free pause before the teardown (see there)
+    dist.leave_process_group(wait_for_peers=True)
 
 
 if __name__ == "__main__":

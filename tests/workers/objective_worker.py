@@ -104,7 +104,8 @@ def main(out_dir: Path, runs: list) -> None:
         dist.barrier()
         if rank == 0 and os.environ.get("OBJECTIVE_WORKER_TIMES"):
             print(f"{run['name']} W={world}: {time.perf_counter() - started:.1f} s", flush=True)
-    torch_dist.destroy_process_group()
+    # as the Trainer leaves a group it owns: a barrier, then a GIL-free pause before the teardown (see there)
+    dist.leave_process_group(wait_for_peers=True)
 
 
 if __name__ == "__main__":

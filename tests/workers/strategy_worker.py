@@ -80,7 +80,8 @@ def main(out_dir: Path, runs: list) -> None:
         except Exception:  # noqa: BLE001 - reported by the run's own tests
             (run_dir / f"error.rank{rank}.txt").write_text(traceback.format_exc())
         dist.barrier()
-    torch_dist.destroy_process_group()
+    # as the Trainer leaves a group it owns: a barrier, then a GIL-free pause before the teardown (see there)
+    dist.leave_process_group(wait_for_peers=True)
 
 
 def _dump_optimizer_state(trainer, path: Path, rank: int) -> None:
