@@ -154,6 +154,25 @@ def test_auto_is_refused_under_hsdp_and_taken_by_plain_fsdp():
             assert "strategy.kwargs.replicate=1 (plain FSDP) can" in str(err.value)
 
 
+@pytest.mark.parametrize("kwargs, setting", [({"find_unused_parameters": True}, "find_unused_parameters=true"),
+                                             ({"static_graph": True}, "static_graph=true"),
+                                             ({"comm_hook": "powersgd"}, "comm_hook=powersgd")])
+def test_auto_is_refused_with_a_ddp_option_that_cannot_redo_a_step_exactly(kwargs, setting):
+    """PowerSGD's error feedback would advance through the dropped attempt (the redone step would differ from the
+    fixed micro-batch's); find_unused_parameters and static_graph change the reducer the rejoin goes through.
+    The stateless comm hooks (fp16, bf16) are taken."""
+    cfg = load_config(None, ["train.micro_batch=auto", "train.global_batch=16"])
+    info = ProcessInfo(rank=0, local_rank=0, world_size=2, local_world_size=2, master_addr="127.0.0.1",
+                       master_port=29500, source="torchrun")
+    ctx = StrategyContext(info=info, device=torch.device("cpu"), plan=batch_plan(cfg, 2), train=cfg.train, seed=0)
+    with pytest.raises(ConfigError) as err:
+        build_strategy("ddp", ctx, kwargs)
+    name = setting.partition("=")[0]
+    assert err.value.key == f"strategy.kwargs.{name}"
+    assert f"train.micro_batch=auto cannot be combined with strategy.kwargs.{setting}" in str(err.value)
+    assert build_strategy("ddp", ctx, {"comm_hook": "bf16"}).supports_auto_micro_batch
+
+
 @pytest.mark.slow
 def test_the_size_found_is_recorded_and_a_resume_starts_from_it_at_the_same_world_size(tmp_path):
     (tmp_path / "cases.json").write_text(json.dumps([{"name": "resume", "where": "forward", "limit": 2,

@@ -49,7 +49,7 @@ class AccelerateStrategy(JoinsDDPBackward, Strategy):
         self.accelerator: Any = None
         self._sent = ByteCounter()
         self._join: Optional[BackwardJoin] = None  # micro_batch=auto at W > 1 (distrain.strategies.ddp_join)
-        refuse_auto_with(ctx.plan, find_unused_parameters=find_unused_parameters)
+        refuse_auto_with(ctx.plan, **{"find_unused_parameters=true": find_unused_parameters})
 
     def setup(self, model: nn.Module) -> None:
         from accelerate import Accelerator  # lazy: start-up: Accelerate takes seconds to import

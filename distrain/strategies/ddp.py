@@ -48,7 +48,8 @@ class DDPStrategy(JoinsDDPBackward, Strategy):
         # distrain.compression.float64_grads)
         self.engine_reduces_grads = True
         self._join: Optional[BackwardJoin] = None  # micro_batch=auto at W > 1 (distrain.strategies.ddp_join)
-        refuse_auto_with(ctx.plan, find_unused_parameters=find_unused_parameters, static_graph=static_graph)
+        refuse_auto_with(ctx.plan, **{"find_unused_parameters=true": find_unused_parameters,
+                                      "static_graph=true": static_graph, "comm_hook=powersgd": comm_hook == "powersgd"})
         if static_graph and ctx.plan.grad_accum > 1:
             # no_sync under static_graph crashes on the first backward, and once past that stops all-reducing
             # (pytorch/pytorch#143580, fix pending in #187732); syncing every micro-step instead would add each
@@ -109,10 +110,17 @@ class DDPStrategy(JoinsDDPBackward, Strategy):
 
 def refuse_auto_with(plan: BatchPlan, **options: bool) -> None:
     """train.micro_batch=auto cannot redo a step under DDP's find_unused_parameters (its extra all-reduce of the
-    used parameters) or static_graph (no no_sync): one paragraph naming the option."""
-    for name, value in options.items():
+    used parameters) or static_graph (no no_sync), nor under the PowerSGD comm hook, whose error feedback and warm
+    start would advance through the dropped attempt (the redone step would not be the step a fixed micro-batch
+    takes): one paragraph naming the option. ``options``: the setting as written (``static_graph=true``) -> set."""
+    for setting, value in options.items():
         if plan.auto and value:
-            raise ConfigError(f"train.micro_batch=auto cannot be combined with strategy.kwargs.{name}=true: a rank "
-                              f"that runs out of memory rejoins its peers' gradient all-reduces through DDP's "
-                              f"reducer, which {name} changes (docs/out-of-memory.md). Set a fixed "
-                              f"train.micro_batch, or strategy.kwargs.{name}=false.", key=f"strategy.kwargs.{name}")
+            name = setting.partition("=")[0]
+            why = ("PowerSGD's error feedback and warm-start factors would advance through the attempt that is "
+                   "dropped, so the redone step would differ from the one a fixed micro-batch takes"
+                   if name == "comm_hook" else
+                   f"a rank that runs out of memory rejoins its peers' gradient all-reduces through DDP's reducer, "
+                   f"which {name} changes")
+            raise ConfigError(f"train.micro_batch=auto cannot be combined with strategy.kwargs.{setting}: {why} "
+                              f"(docs/out-of-memory.md). Set a fixed train.micro_batch, or change "
+                              f"strategy.kwargs.{name}.", key=f"strategy.kwargs.{name}")
