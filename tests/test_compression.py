@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, run_cli, run_torchrun
+from counting import CountingReads
 from distrain.compression.pruning import kth_magnitude, ramp
 from distrain.compression.selection import selected_weights
 from distrain.verify import verify
@@ -367,17 +368,6 @@ def test_an_int8_export_given_to_train_resume_is_one_paragraph(exported, tmp_pat
             ["train.resume=", "is an int8 export, not a checkpoint", "Resume from the checkpoint it was exported from"])
 
 
-class _CountingReads:
-    """A train config that counts the reads of its keys (a DictConfig read costs ~10-100 us)."""
-
-    def __init__(self, train):
-        self._train, self.reads = train, 0
-
-    def __getattr__(self, key):
-        self.reads += 1
-        return getattr(self._train, key)
-
-
 def test_the_per_step_hook_reads_no_config_key():
     """Compression.on_step runs after every step: its settings are plain values read once. Three DictConfig reads a
     step (train.qat, and none configured) cost 0.1 ms of the mlp's 3 ms step (BENCHMARKS.md, step-time ratios)."""
@@ -386,7 +376,7 @@ def test_the_per_step_hook_reads_no_config_key():
     from distrain.compression.state import Compression
     from distrain.config import load_config
 
-    train = _CountingReads(load_config(QUICK, ["train.prune.amount=0.5", "train.prune.start=0", "train.prune.end=4",
+    train = CountingReads(load_config(QUICK, ["train.prune.amount=0.5", "train.prune.start=0", "train.prune.end=4",
                                                   "train.prune.every=1"]).train)
     strategy = SimpleNamespace(name="single", module=torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)),
                                ctx=SimpleNamespace(plan=SimpleNamespace(auto=False)))
