@@ -30,7 +30,7 @@ from typing import Any, Dict, List
 
 
 from benchmarks.workload import REPO, Workload
-from distrain.optim import build_optimizer, lr_at
+from distrain.optim import lr_at
 
 TARGET = 1.02
 
@@ -51,12 +51,12 @@ class RawDeepSpeed:
                   "gradient_accumulation_steps": plan.grad_accum, "gradient_clipping": float(train.grad_clip),
                   "bf16": {"enabled": train.precision == "bf16"}, "zero_optimization": zero,
                   "zero_allow_untested_optimizer": True, "steps_per_print": 2**31 - 1}
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model.parameters(), train),
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=work.optimizer(model),
                                                     config=config, dist_init_required=False)
 
     def step(self, step: int) -> None:
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr_at(step, self.work.cfg.train)
+            group["lr"] = lr_at(step, self.work.train)  # plain values, as RawLoop
         for inputs, targets in self.work.micro_batches(step):
             loss = self.work.loss_fn(self.engine(inputs), targets)
             self.engine.backward(loss)
@@ -76,10 +76,10 @@ class RawAccelerate:
         self.accelerator = Accelerator(gradient_accumulation_steps=work.plan.grad_accum, cpu=work.device.type == "cpu",
                                        mixed_precision={"fp32": "no"}.get(train.precision, train.precision))
         model = work.build_model().to(self.accelerator.device)
-        self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model.parameters(), train))
+        self.model, self.optimizer = self.accelerator.prepare(model, work.optimizer(model))
 
     def step(self, step: int) -> None:
-        train = self.work.cfg.train
+        train = self.work.train  # plain values, as RawLoop: a DictConfig read per step would slow this side
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, train)
         for inputs, targets in self.work.micro_batches(step):

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks.workload import Workload
-from distrain.optim import build_optimizer, lr_at
+from distrain.optim import lr_at
 
 
 class RawLoop:
@@ -65,7 +65,7 @@ class RawDDP(RawLoop):
         super().__init__(work)
         self.model = DistributedDataParallel(work.build_model().to(work.device), device_ids=_device_ids(work),
                                              bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True)
-        self.optimizer = build_optimizer(self.model.parameters(), self.train)
+        self.optimizer = work.optimizer(self.model)
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         return self.model.no_sync()
@@ -80,8 +80,8 @@ class RawZeRO1(RawDDP):
         RawLoop.__init__(self, work)
         self.model = DistributedDataParallel(work.build_model().to(work.device), device_ids=_device_ids(work),
                                              gradient_as_bucket_view=True)
-        local = build_optimizer(self.model.parameters(), self.train)  # only to read the class and its defaults
-        self.optimizer = ZeroRedundancyOptimizer(self.model.parameters(), optimizer_class=type(local),
+        local = work.optimizer(self.model)  # only to read the class, its groups and its defaults
+        self.optimizer = ZeroRedundancyOptimizer(local.param_groups, optimizer_class=type(local),
                                                  **{k: v for k, v in local.defaults.items() if k in _HYPER})
 
 
@@ -99,7 +99,7 @@ class RawFSDP(RawLoop):
         for unit in (units if units is not None else shard_units(model)):
             fully_shard(unit, reshard_after_forward=reshard_after_forward)
         self.model = fully_shard(model, reshard_after_forward=reshard_after_forward)
-        self.optimizer = build_optimizer(self.model.parameters(), self.train)
+        self.optimizer = work.optimizer(self.model)
 
     def sync_context(self, last: bool) -> contextlib.AbstractContextManager:
         self.model.set_requires_gradient_sync(last)
@@ -120,7 +120,7 @@ class RawLocalSGD(RawLoop):
 
         super().__init__(work)
         self.model = work.build_model().to(work.device)
-        self.optimizer = build_optimizer(self.model.parameters(), self.train)
+        self.optimizer = work.optimizer(self.model)
         self.averager = PeriodicModelAverager(period=period, warmup_steps=0)
 
     def after_step(self, step: int) -> None:

@@ -23,6 +23,7 @@ from distrain.data import GlobalStepSampler, build_datasets, fetch_batch, move_t
 from distrain.env import ProcessInfo
 from distrain.training.losses import default_loss
 from distrain.models import build_model
+from distrain.optim import build_optimizer, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,6 +54,13 @@ class Workload:
         """The model, initialised from the run seed (identical for every contestant and rank)."""
         torch.manual_seed(self.cfg.run.seed)
         return build_model(self.cfg.model.name, self.cfg.model.kwargs, self.spec)
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer distrain's strategies build, over ``model``'s parameters: the same hyper-parameters and the
+        same groups (weight decay off for biases, norms and embeddings, nanoGPT's practice). One group with decay on
+        every parameter would be another recipe, and under ZeRO (DeepSpeed, ZeroRedundancyOptimizer), which shards
+        each group apart, another number of collectives."""
+        return build_optimizer(param_groups(model, self.train), self.train)
 
     def micro_batches(self, step: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches of global step ``step``, on the device (what the Trainer's loop fetches)."""

@@ -22,6 +22,7 @@ from distrain.env import ProcessInfo
 from distrain.faults.store import BoundedStore, StoreSilent, call_deadline, open_store, read_all
 from distrain.faults.watchdog import Heartbeat, _missing_ranks, explain, is_communication_error
 from distrain.ports import free_port
+from counting import CountingReads
 
 # The texts gloo raised in a real 2-rank job (torch 2.13): a peer that never entered all_reduce, a peer that died.
 GLOO_TIMEOUT = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
@@ -185,17 +186,6 @@ def test_the_watchdog_connecting_to_a_frozen_store_owner_gives_up_at_its_deadlin
         owner.wait()
 
 
-class CountingStore:
-    """A real TCPStore that counts the requests made to it."""
-
-    def __init__(self, store):
-        self.store, self.requests = store, 0
-
-    def __getattr__(self, name):
-        self.requests += 1
-        return getattr(self.store, name)
-
-
 def test_every_heartbeat_is_read_in_two_requests_not_two_per_rank():
     """After a failed collective every rank reads every rank's heartbeat: one request per key was W x 2W requests
     to the one store (2 million at 1,024 ranks). With every key set it is one check and one multi_get; a rank
@@ -206,11 +196,11 @@ def test_every_heartbeat_is_read_in_two_requests_not_two_per_rank():
     keys = [f"hb/{rank}" for rank in range(world)]
     for rank in range(world - 1):
         server.set(keys[rank], f"beat {rank}")
-    counted = CountingStore(server)
+    counted = CountingReads(server)  # a real TCPStore, its requests counted
     partial = read_all(BoundedStore(counted, deadline_s=5.0), keys)
     assert partial[world - 1] is None and partial[3] == b"beat 3" and len(partial) == world
     server.set(keys[world - 1], "last")
-    counted.requests = 0
+    counted.reads = 0
     values = read_all(BoundedStore(counted, deadline_s=5.0), keys)
     assert [values[r] for r in range(world)] == [f"beat {r}".encode() for r in range(world - 1)] + [b"last"]
-    assert counted.requests == 2
+    assert counted.reads == 2

@@ -7,6 +7,7 @@ median(distrain) / median(raw); target <= 1.02.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
@@ -22,6 +23,9 @@ from distrain.env import ProcessInfo
 NAME = "step_time"
 TITLE = "1. Step time vs peers"
 TARGET = 1.02
+# Hand-written: where each measured miss goes (attribution, fixes, what is the engine's or the measurement's). The
+# report includes it below the tables, so a regenerated BENCHMARKS.md keeps it.
+NOTES = Path(__file__).resolve().parents[1] / "notes" / "step_time.md"
 # model -> (config, overrides, timed rounds of a full run): the mlp's steps are short, so it affords more rounds.
 MODELS = {"mlp": ("configs/mlp.yaml", [], 200), "gpt": ("configs/gpt.yaml", [], 60)}
 
@@ -99,6 +103,8 @@ def report(result: Dict[str, Any], ctx: Any) -> Section:
                  "(but not what runs on the backend's threads).\n")
     for label, why in result["skipped"].items():
         lines.append(f"- skipped **{label}**: {why}.")
+    if NOTES.is_file():
+        lines.append("\n" + NOTES.read_text().strip() + "\n")
     plots = [ctx.plot_step_time(result)] if result["models"] else []
     return Section(TITLE, "\n".join(lines), checks, [p for p in plots if p])
 
