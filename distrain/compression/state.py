@@ -56,6 +56,8 @@ class Compression:
     def __init__(self, train: DictConfig, strategy: Strategy):
         self.train = train
         self.strategy = strategy
+        # plain values: on_step runs after every step, and a DictConfig read costs microseconds (loop_cost)
+        self.qat_start: Optional[int] = int(train.qat_start) if train.qat != "none" else None
         p = train.prune
         self.pruner: Optional[Pruner] = None
         if p.amount > 0:
@@ -93,8 +95,8 @@ class Compression:
 
     def _qat_switch(self, step: int) -> None:
         """QAT's fake quantizers on from train.qat_start (after ``step`` steps), off before."""
-        if self.train.qat != "none":
-            set_fake_quant(self.strategy.module, step >= int(self.train.qat_start))
+        if self.qat_start is not None:
+            set_fake_quant(self.strategy.module, step >= self.qat_start)
 
     # --- checkpoint -------------------------------------------------------------------------------
     def write(self, directory: Path, rank: int) -> None:
