@@ -146,8 +146,11 @@ def test_loop_cost_suite_times_every_piece_of_the_loop_body(tmp_path):
     for model in ("mlp", "gpt"):
         job = result["models"][model]
         assert set(IN_TOTAL) | {"count_allreduce"} == set(job["pieces_us"])
-        assert all(job["pieces_us"][p]["median"] > 0 for p in IN_TOTAL)
-        assert job["total_us"] == pytest.approx(sum(job["pieces_us"][p]["median"] for p in IN_TOTAL))
+        assert all(job["per_step_us"][p] > 0 for p in IN_TOTAL)
+        assert job["total_us"] == pytest.approx(sum(job["per_step_us"][p] for p in IN_TOTAL))
+        # one log step in log_every; the stop agreement: the mean of the steps run as the loop runs them
+        assert job["per_step_us"]["metrics"] == pytest.approx(job["pieces_us"]["metrics"]["median"] / job["log_every"])
+        assert job["pieces_us"]["faults"]["n"] == result["loop_steps"]
         assert 0 < job["fraction"] < 1 and job["step_us"]["median"] > job["total_us"]
     assert "## distrain's own per-step cost" in (tmp_path / "smoke-loop_cost" / "BENCHMARKS.md").read_text()
 

@@ -5,13 +5,16 @@
 * kill -9 of a worker under --max-restarts: the agent restarts the group, training resumes from the latest
   checkpoint and ends on exactly the parameters of an uninterrupted run;
 * a preemption signal to one rank only: every rank stops after the same step, a checkpoint is committed,
-  run.json says "preempted", and the next launch resumes to the same final parameters.
+  run.json says "preempted", and the next launch resumes to the same final parameters;
+* the stop agreement behind it is lagged a step (torchrun, 2 ranks): no rank waits for a slower one at a step
+  boundary, and both read the same stop one boundary after the signal.
 
 The workers run the quickstart config (shortened) with ``fault_helpers:FaultDDP``, which injects the faults.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -21,11 +24,13 @@ import time
 
 import pytest
 
+from conftest import run_torchrun
 from distrain.config import load_config
 from distrain.errors import ConfigError
 from fault_helpers import (DELAY_ENV, FAST, KILL_ENV, PYTHON, QUICKSTART, REPO, STALL_ENV, launch_command,
                            load_weights, max_rel_diff, processes_mentioning, run_json, steps_logged, wait_until,
                            worker_env)
+from stop_agreement_worker import BEHIND_S, SIGNAL_AT
 
 STEPS = 20
 TOLERANCE = 1e-5  # fp32, relative; resumes here are in fact bit-exact
@@ -125,6 +130,27 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, refere
     diff = max_rel_diff(reference, load_weights(out, STEPS))
     print(f"SIGUSR1 to rank 1, stop at step {stopped}, resume: max relative difference {diff:.3e}")
     assert diff <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_the_stop_agreement_waits_for_no_rank_and_every_rank_stops_at_the_same_step(tmp_path):
+    proc = run_torchrun(2, ["tests/workers/stop_agreement_worker.py", str(tmp_path)], timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    slow, quick = zip(*((r["slow"], r["quick"]) for r in
+                        (json.loads((tmp_path / f"agree-rank{rank}.json").read_text()) for rank in range(2))))
+    print("slow steps: seconds per agreement on rank 0:", [f"{s:.3f}" for s in slow[0]["seconds"]],
+          "; quick steps: stopped", [r["stopped"] for r in quick], "agreements started", [r["started"] for r in quick])
+    # slow steps: rank 1 was signalled before its second boundary, which started the all-reduce the third reads
+    assert [r["codes"] for r in slow] == [[0, 0, 1], [0, 0, 1]], slow
+    # rank 0's second boundary reads the first agreement (done) and starts the next: it does not wait for rank 1's
+    # slow step (a synchronous agreement waits BEHIND_S there)
+    assert slow[0]["seconds"][1] < BEHIND_S / 2, slow[0]
+    # quick steps: both stop after the same step, within two agreements' spacing of the signal (about 2 x 0.25 s,
+    # i.e. 100 steps of 5 ms; allow for a loaded machine), and agree far less often than once per step
+    assert quick[0]["stopped"] == quick[1]["stopped"], quick
+    assert SIGNAL_AT < quick[0]["stopped"] < SIGNAL_AT + 300, quick
+    assert quick[0]["started"] < quick[0]["stopped"] / 2, quick
+    assert not any(r["in_flight"] for r in slow + quick)  # a stop starts no further agreement
 
 
 @pytest.mark.slow

@@ -13,8 +13,11 @@ mean of a burst of calls (every rank runs the same bursts, so the collectives am
   (profiling off);
 - lr: ``lr_at`` and ``strategy.set_lr``;
 - progress: ``StepWindow.step_done`` and ``RunReport.advance`` (progress line and profiler hook);
-- faults: the watchdog's ``step_started`` and ``should_stop``, the per-step preemption agreement (a gloo
-  all-reduce of one int when signals are handled, as under torchrun);
+- faults: the watchdog's ``step_started`` and ``should_stop``, the stop agreement for preemption signals (a gloo
+  all-reduce of two ints when signals are handled, as under torchrun). The agreement is lagged and spaced
+  (``distrain.faults.stop_agreement``: started after one step, read about a quarter second of training later),
+  which a burst of calls with nothing between them cannot show: this piece is timed in ``loop_steps`` steps run
+  back to back as the loop runs them, and is their mean (every other piece: the median of the rounds);
 - checkpoint: ``Checkpointer.maybe_save`` on a step that is not due; compression: ``Compression.on_step``;
 - metrics: the log step's record (``Trainer._log_step``: the loss and peak-memory reductions, metrics.jsonl, the
   divergence settle), divided by train.log_every (10): its share of every step.
@@ -23,6 +26,7 @@ mean of a burst of calls (every rank runs the same bursts, so the collectives am
 from __future__ import annotations
 
 import random
+import statistics
 import time
 from typing import Any, Callable, Dict, List
 
@@ -50,7 +54,7 @@ IN_TOTAL = ("count", "divergence", "timers", "lr", "progress", "faults", "checkp
 
 def run(opts: Options) -> Dict[str, Any]:
     params = opts.job_params(rounds=opts.timed_rounds(full=30, smoke=2), burst=opts.pick(full=200, smoke=5),
-                             warmup=opts.pick(full=3, smoke=1))
+                             warmup=opts.pick(full=3, smoke=1), loop_steps=opts.pick(full=100, smoke=4))
     return run_job(NAME, params, opts.nproc, opts.threads_per_rank, opts.timeout_s)
 
 
@@ -73,16 +77,12 @@ def _pieces(trainer: Any, report: RunReport, window: StepWindow, step: int) -> D
         window.step_done()
         report.advance(step + 1)
 
-    def faults() -> None:
-        trainer.faults.step_started(step)
-        trainer.faults.should_stop(step + 1)
-
     return {"count": lambda: trainer.objective.step_counts(batches, step),
             "count_allreduce": lambda: dist.all_reduce_sum(count),
             "divergence": lambda: trainer.divergence.allows_update(step + 1, loss, norm),
             "timers": timers,
             "lr": lambda: trainer.strategy.set_lr(lr_at(step, trainer.settings)),
-            "progress": progress, "faults": faults,
+            "progress": progress,
             "checkpoint": lambda: trainer.checkpointer.maybe_save(step + 1),
             "compression": lambda: trainer.compression.on_step(step + 1),
             "metrics": lambda: trainer._log_step(loss, window, report)}
@@ -98,6 +98,22 @@ def _burst(fn: Callable[[], Any], n: int, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / n
+
+
+def _in_loop(trainer: Any, first: int, steps: int) -> List[float]:
+    """Seconds of the loop's fault calls (``step_started``, ``should_stop``) in each of ``steps`` steps from
+    ``first``, run back to back as ``Trainer._loop`` runs them (no barrier, nothing else between)."""
+    times = []
+    for step in range(first, first + steps):
+        start = time.perf_counter()
+        trainer.faults.step_started(step)
+        spent = time.perf_counter() - start
+        trainer.train_step(step)
+        start = time.perf_counter()
+        trainer.faults.should_stop(step + 1)
+        times.append(spent + time.perf_counter() - start)
+    trainer.faults.should_stop(first + steps, last=True)  # collects the agreement in flight
+    return times
 
 
 def _measure(model: str, params: Dict[str, Any], info: ProcessInfo, device: torch.device) -> Dict[str, Any]:
@@ -121,30 +137,35 @@ def _measure(model: str, params: Dict[str, Any], info: ProcessInfo, device: torc
             order.shuffle(calls)
             for name, fn in calls:
                 pieces.setdefault(name, []).append(_burst(fn, params["burst"], device))
+        faults = _in_loop(trainer, params["warmup"] + params["rounds"], params["loop_steps"])
         trainer.faults.training(False)
         report.close("finished")
     us = {name: stats.summary([t * 1e6 for t in times]) for name, times in pieces.items()}
-    us["metrics"] = {k: v / log_every if isinstance(v, float) else v for k, v in us["metrics"].items()}
-    total = sum(us[name]["median"] for name in IN_TOTAL)
+    us["faults"] = stats.summary([t * 1e6 for t in faults])
+    per_step = {name: summary["median"] for name, summary in us.items()}
+    per_step["metrics"] /= log_every  # one log step in log_every
+    per_step["faults"] = statistics.mean(faults) * 1e6  # the agreements' cost spread over the steps between them
+    total = sum(per_step[name] for name in IN_TOTAL)
     step_us = stats.summary([t * 1e6 for t in steps])
-    return {"step_us": step_us, "pieces_us": us, "total_us": total, "fraction": total / step_us["median"],
-            "log_every": log_every, "workload": work.describe()}
+    return {"step_us": step_us, "pieces_us": us, "per_step_us": per_step, "total_us": total,
+            "fraction": total / step_us["median"], "log_every": log_every, "workload": work.describe()}
 
 
 def worker(params: Dict[str, Any], info: ProcessInfo, device: torch.device) -> Dict[str, Any]:
     return {"models": {model: _measure(model, params, info, device) for model in MODELS},
-            "rounds": params["rounds"], "burst": params["burst"]}
+            "rounds": params["rounds"], "burst": params["burst"], "loop_steps": params["loop_steps"]}
 
 
 def report(result: Dict[str, Any], ctx: Any) -> Section:
     models = result["models"]
     names = list(next(iter(models.values()))["pieces_us"])
     lines = [f"Microseconds per step, median of {result['rounds']} rounds (each piece the mean of {result['burst']} "
-             f"calls), 2 gloo ranks, ddp; the step is the whole train_step, barrier to barrier.\n",
+             f"calls; faults: the mean over {result['loop_steps']} steps run as the loop runs them), 2 gloo ranks, "
+             f"ddp; the step is the whole train_step, barrier to barrier.\n",
              "| piece | " + " | ".join(f"{m} us" for m in models) + " |", "| --- |" + " --- |" * len(models)]
     for name in names:
         note = "" if name in IN_TOTAL else " (only for a loss that counts labels; not in the total)"
-        lines.append(f"| {name}{note} | " + " | ".join(f"{job['pieces_us'][name]['median']:.1f}"
+        lines.append(f"| {name}{note} | " + " | ".join(f"{job['per_step_us'][name]:.1f}"
                                                       for job in models.values()) + " |")
     lines.append("| **total** | " + " | ".join(f"**{job['total_us']:.1f}**" for job in models.values()) + " |")
     lines.append("| step | " + " | ".join(f"{job['step_us']['median']:.0f}" for job in models.values()) + " |")

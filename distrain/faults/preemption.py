@@ -1,10 +1,10 @@
-"""Preemption signals: handlers that only set a flag, and the per-step agreement that makes every rank stop together.
+"""Preemption signals: handlers that only set a flag, which the stop agreement turns into one decision.
 
 A preemption signal (``faults.signals``: SIGUSR1 from SLURM's ``--signal`` timer, SIGTERM from scancel or a
 preempting scheduler) only sets a flag: Python runs the handler between bytecodes, and a handler that did real
-work could interrupt a collective or a checkpoint half-way. Once per step every rank contributes its flag to one
-tiny all-reduce (MAX), so all ranks see the same answer after the same step - even when only some of them were
-signalled - and stop there together.
+work could interrupt a collective or a checkpoint half-way. Every rank's flag goes into the agreement
+(``distrain.faults.stop_agreement``), so all ranks stop after the same step - even when only some of them were
+signalled.
 """
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ import os
 import signal
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
-
-import torch
-import torch.distributed as torch_dist
 
 # Agreement codes, ordered so that MAX picks the strongest request any rank received.
 NO_STOP, STOP, STOP_AND_REQUEUE = 0, 1, 2
@@ -28,7 +25,7 @@ def parse_signal(name: str) -> signal.Signals:
 
 
 class PreemptionHandler:
-    """Signal handlers that request a stop; ``agree()`` turns the requests of all ranks into one decision."""
+    """Signal handlers that request a stop (``local_code``); the stop agreement turns every rank's into one."""
 
     def __init__(self, signals: Sequence[str], requeue_signals: Sequence[str]):
         self.signals = [parse_signal(s) for s in signals]
@@ -78,12 +75,3 @@ class PreemptionHandler:
         if self.received is None:
             return NO_STOP
         return STOP_AND_REQUEUE if self.received in self.requeue_signals else STOP
-
-    def agree(self, group: Any = None) -> int:
-        """Collective (every rank, once per step): the strongest stop request any rank has received."""
-        code = self.local_code()
-        if not (torch_dist.is_initialized() and torch_dist.get_world_size(group) > 1):
-            return code
-        flag = torch.tensor([code], dtype=torch.int32)  # on the CPU: the group used is gloo (see FaultTolerance)
-        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=group)
-        return int(flag.item())

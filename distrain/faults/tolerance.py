@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from distrain.env import ProcessInfo
 from distrain.faults.preemption import NO_STOP, STOP_AND_REQUEUE, PreemptionHandler
 from distrain.faults.requeue import attempt_info, requeue_slurm_job, slurm_job_id
+from distrain.faults.stop_agreement import StopAgreement
 from distrain.faults.watchdog import Watchdog, enable_flight_recorder
 
 
@@ -36,6 +37,7 @@ class FaultTolerance:
         self.stop_code = NO_STOP
         self.watchdog: Optional[Watchdog] = None
         self._group: Any = None
+        self.agreement: Optional[StopAgreement] = None  # with signals handled on several ranks
         self.log = logging.getLogger("distrain")
         if cfg.watchdog and info.distributed:
             enable_flight_recorder()
@@ -53,6 +55,7 @@ class FaultTolerance:
         if torch_dist.is_initialized() and torch_dist.get_world_size() > 1 and self.handling_signals:
             # Agree over gloo on the CPU: on NCCL a GPU all-reduce plus .item() would sync the stream every step.
             self._group = torch_dist.new_group(backend="gloo") if backend != "gloo" else None
+            self.agreement = StopAgreement(self._group)
         if self.cfg.watchdog and self.info.distributed:
             self.watchdog = Watchdog(self.info, timeout_s, log)
             self.watchdog.start()
@@ -83,11 +86,16 @@ class FaultTolerance:
         if self.watchdog:
             self.watchdog.step_started(completed)
 
-    def should_stop(self, completed: int) -> bool:
-        """Collective, once per step on every rank: True on all ranks alike when any rank was signalled."""
+    def should_stop(self, completed: int, last: bool = False) -> bool:
+        """Collective, after every step on every rank: True on all ranks alike once the stop agreement
+        (``distrain.faults.stop_agreement``: lagged and spaced) finds a rank that was signalled. After the ``last``
+        step the agreement in flight is only collected: the run is complete, there is nothing to stop."""
         if not self.handling_signals:
             return False
-        self.stop_code = self.preemption.agree(self._group)
+        request = self.preemption.local_code()
+        if self.agreement is not None:  # several ranks
+            request = self.agreement.collect(completed, request, start_next=not last)
+        self.stop_code = NO_STOP if last else request
         if self.stop_code != NO_STOP:
             mine = self.preemption.received
             self.log.info(f"stopping after step {completed} for preemption: "
@@ -136,6 +144,8 @@ class FaultTolerance:
             self.watchdog = None
         if self.preemption is not None:
             self.preemption.uninstall()
+        if self.agreement is not None:  # an agreement in flight after a failure: before its group goes
+            self.agreement.drop_finished()
         if self._group is not None:  # the gloo group of the stop agreement (NCCL runs)
             if torch_dist.is_initialized():
                 torch_dist.destroy_process_group(self._group)

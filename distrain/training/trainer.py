@@ -304,7 +304,7 @@ class Trainer:
                 final.update(scores)
                 report.evaluated(self.step, scores)
             self.checkpointer.maybe_save(self.step)  # checkpoint.every / every_minutes (async if configured)
-            if self.step < self.settings.steps and self.faults.should_stop(self.step):  # a preemption: all agree
+            if self.faults.should_stop(self.step, last=self.step >= self.settings.steps):  # a preemption: all agree
                 break
         return final
 
