@@ -140,11 +140,9 @@ def test_the_stop_agreement_waits_for_no_rank_and_every_rank_stops_at_the_same_s
                         (json.loads((tmp_path / f"agree-rank{rank}.json").read_text()) for rank in range(2))))
     print("slow steps: seconds per agreement on rank 0:", [f"{s:.3f}" for s in slow[0]["seconds"]],
           "; quick steps: stopped", [r["stopped"] for r in quick], "agreements started", [r["started"] for r in quick])
-    # slow steps: rank 1 was signalled before its second boundary, which started the all-reduce the third reads
-    assert [r["codes"] for r in slow] == [[0, 0, 1], [0, 0, 1]], slow
-    # rank 0's second boundary reads the first agreement (done) and starts the next: it does not wait for rank 1's
-    # slow step (a synchronous agreement waits BEHIND_S there)
-    assert slow[0]["seconds"][1] < BEHIND_S / 2, slow[0]
+    # slow steps (rank 1's second step takes BEHIND_S, more than AGREE_EVERY_S): the agreement is read as soon as it
+    # is started, so the signal rank 1 got in its second step is acted on by every rank right after that step
+    assert [r["codes"][:2] for r in slow] == [[0, 1], [0, 1]], slow
     # quick steps: both stop after the same step, within two agreements' spacing of the signal (about 2 x 0.25 s,
     # i.e. 100 steps of 5 ms; allow for a loaded machine), and agree far less often than once per step
     assert quick[0]["stopped"] == quick[1]["stopped"], quick

@@ -5,14 +5,16 @@ the same answer after the same step - even when only some of them were signalled
 cost is kept off the loop (a synchronous all-reduce after every step cost 1.4% of the gpt step on 2 gloo ranks;
 BENCHMARKS.md, "distrain's own per-step cost") in two ways:
 
-- lagged: started (``async_op``) after one step and read at the next agreement, so it travels while training goes
-  on, and the read finds it done instead of waiting for a round trip to every rank;
-- spaced: the next agreement comes ``every`` steps later, about ``AGREE_EVERY_S`` of training (at least one step).
-  Each rank proposes its own spacing from its step time, inside the all-reduce (as a negative number: MAX keeps
-  the smallest spacing), so every rank reads the same spacing and the agreements fall after the same steps.
+- spaced: on short steps the next agreement comes ``every`` steps later, about ``AGREE_EVERY_S`` of training. Each
+  rank proposes its own spacing from its step time, inside the all-reduce (as a negative number: MAX keeps the
+  smallest spacing), so every rank reads the same spacing and the agreements fall after the same steps;
+- lagged: on short steps an agreement is started (``async_op``) after one step and read at the next agreement, so
+  it travels while training goes on, and the read finds it done instead of waiting for a round trip to every rank.
 
-A signal is acted on at the latest two agreements after it arrives: about 2 x ``AGREE_EVERY_S`` of training, or
-two steps when a step is longer than that.
+Where a step takes ``AGREE_EVERY_S`` or more on some rank (the agreed spacing is one step), the round trip is
+nothing beside a step: the agreement is read as soon as it is started, and a signal is acted on after the step in
+which it arrives, as a long step's preemption deadline needs. On short steps a signal is acted on at the latest two
+agreements after it arrives: about 2 x ``AGREE_EVERY_S`` of training.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class StopAgreement:
         # The agreement in flight: its work and the tensor it reduces (kept here until the work is done, so the
         # tensor is never freed from gloo's worker thread, which would need the GIL: see dist.leave_process_group).
         self._pending: Optional[Tuple[Any, torch.Tensor]] = None
-        self._due = 0  # the completed step at which the pending agreement is read: the same on every rank
+        self._due = 0  # the completed step of the next read or start: the same on every rank
+        self._every = 1  # the agreed spacing in steps (1 until the ranks have timed their steps)
         self._started: Optional[Tuple[int, float]] = None  # (completed step, perf_counter) of the last start
 
     @property
@@ -49,20 +52,27 @@ class StopAgreement:
     def collect(self, completed: int, request: int, start_next: bool = True) -> int:
         """Collective, after every step on every rank: the strongest request any rank made when the agreement
         due now started (NO_STOP when none is due), then the next one with ``request``, unless there is a stop to
-        act on or ``start_next`` is False (no step left: the one in flight is read now, whatever is due)."""
-        if self._pending is not None and completed < self._due and start_next:
+        act on or ``start_next`` is False (no step left: the one in flight is read now, whatever is due). With
+        long steps (an agreed spacing of one step) the new agreement is read at once."""
+        if start_next and completed < self._due:
             return NO_STOP  # between two agreements: nothing to read, nothing to start
-        agreed, every = NO_STOP, 1
-        if self._pending is not None:
-            work, flag = self._pending
-            work.wait()  # started about AGREE_EVERY_S ago: done, unless a rank is that far behind
-            agreed, every = (int(value) for value in flag.tolist())
-            every, self._pending = -every, None
+        agreed = self._read() if self._pending is not None else NO_STOP
         if agreed == NO_STOP and start_next:
             # on the CPU: the group is gloo (see FaultTolerance)
             flag = torch.tensor([request, -self._spacing(completed)], dtype=torch.int64)
             work = torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=self.group, async_op=True)
-            self._pending, self._due = (work, flag), completed + every
+            self._pending = (work, flag)
+            if self._every == 1:  # the same on every rank: the spacing came out of the last all-reduce
+                agreed = self._read()
+            self._due = completed + self._every
+        return agreed
+
+    def _read(self) -> int:
+        """The pending agreement's answer (its spacing kept for the next one); waits for it if it is not done."""
+        work, flag = self._pending
+        work.wait()  # started about AGREE_EVERY_S ago: done, unless a rank is that far behind
+        agreed, every = (int(value) for value in flag.tolist())
+        self._every, self._pending = -every, None
         return agreed
 
     def _spacing(self, completed: int) -> int:

@@ -3,8 +3,8 @@ gloo ranks, with real signals.
 
     torchrun --nproc-per-node 2 tests/workers/stop_agreement_worker.py OUT_DIR
 
-1. slow steps: three step boundaries; before the second, rank 1 is a slow step behind (it sleeps ``BEHIND_S``)
-   and then receives a real SIGUSR1;
+1. slow steps: three step boundaries; before the second, rank 1 is a slow step behind (it sleeps ``BEHIND_S``,
+   a step longer than the agreement's spacing) and then receives a real SIGUSR1;
 2. quick steps (``QUICK_S``): rank 1 receives SIGUSR1 after step ``SIGNAL_AT``; every rank runs until it is told
    to stop.
 Each rank writes ``OUT_DIR/agree-rank<r>.json``: phase 1's codes and seconds per call, phase 2's stop step and the
