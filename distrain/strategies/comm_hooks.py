@@ -37,6 +37,15 @@ class Rider:
     def __init__(self, size: int, device: torch.device):
         self.values = torch.zeros(size, dtype=torch.float64, device=device)
         self.carried = False  # whether a last bucket carried ``values`` since ``arm``
+        self._flat = torch.zeros(0)
+
+    def flat_for(self, bucket: torch.Tensor) -> torch.Tensor:
+        """A flat buffer for ``bucket`` and the values after it, in the bucket's dtype: allocated once (DDP's
+        last bucket keeps its size, except once when DDP rebuilds its buckets after the first backward)."""
+        size = bucket.numel() + self.values.numel()
+        if self._flat.numel() != size or self._flat.dtype != bucket.dtype or self._flat.device != bucket.device:
+            self._flat = torch.empty(size, dtype=bucket.dtype, device=bucket.device)
+        return self._flat
 
     def arm(self, values: float = 0.0) -> None:
         """This rank's numbers for the next last bucket (the sum replaces them once it is done)."""
@@ -61,17 +70,19 @@ def _riding_sum_hook(counter: ByteCounter) -> Callable:
         rider = counter.rider
         if rider is None or not bucket.is_last():
             return sum_allreduce_hook(process_group, bucket)
-        buffer = bucket.buffer()
-        # one copy of the bucket here and one back (DDP copies the result into the gradients): cheaper than
-        # a second collective's round trip, which the step would wait for
-        flat = torch.cat([buffer, rider.values.to(buffer.dtype)])
-        work = dist.all_reduce(flat, group=process_group if process_group is not None else dist.group.WORLD, async_op=True)
+        buffer, size = bucket.buffer(), bucket.buffer().numel()
+        # one copy of the bucket into a flat buffer with room for the rider, and one back into the bucket (whose
+        # views are the gradients): cheaper than a second collective's round trip, which the step would wait for
+        flat = rider.flat_for(buffer)
+        flat[:size].copy_(buffer)
+        flat[size:].copy_(rider.values)
+        work = dist.all_reduce(flat, group=process_group if process_group is not None else dist.group.WORLD,
+                               async_op=True)
         rider.carried = True
-        size = buffer.numel()
 
         def split(future: torch.futures.Future) -> torch.Tensor:
             rider.values.copy_(flat[size:])
-            return flat[:size]
+            return buffer.copy_(flat[:size])
 
         return work.get_future().then(split)
 

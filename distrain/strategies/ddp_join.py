@@ -56,12 +56,10 @@ class BackwardJoin:
         self.outcome = Outcome(next(model.parameters()).device)
         counter.rider = self.outcome
         self.params: List[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
-        self.ready: Set[int] = set()
-        # runs just before DDP's own hook on the gradient accumulator
-        self.handles = [p.register_post_accumulate_grad_hook(self._accumulated) for p in self.params]
-
-    def _accumulated(self, param: torch.Tensor) -> None:
-        self.ready.add(id(param))
+        # the parameters accumulated so far (tensors hash by identity); the hook runs just before DDP's own hook
+        # on the gradient accumulator, once per parameter and backward: the set's own add, no Python frame of ours
+        self.ready: Set[torch.Tensor] = set()
+        self.handles = [p.register_post_accumulate_grad_hook(self.ready.add) for p in self.params]
 
     def arm(self) -> None:
         """A micro-step starts: nothing of its backward is accumulated yet."""
@@ -71,7 +69,7 @@ class BackwardJoin:
         """Issue the bucket all-reduces this rank still owes in the syncing backward (``last``: the failed
         micro-step was that one; otherwise none of it ran); False where none is left to issue and DDP's reducer
         cannot be finalised (the step cannot be redone)."""
-        missing = [p for p in self.params if not last or id(p) not in self.ready]
+        missing = [p for p in self.params if not last or p not in self.ready]
         if not missing:
             return False
         if len(missing) == len(self.params):  # no forward reached DDP's post-forward, or it did and backward never
