@@ -234,6 +234,8 @@ def test_auto_micro_benchmark_smoke_run(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     result = json.loads(next(tmp_path.glob("*-smoke-auto_micro.json")).read_text())["suites"]["auto_micro"]
     assert result["micro_batch"] == {"fixed": 8, "auto": 8} and result["ratio"]["ratio"] > 0
+    # once settled, auto's outcome rides inside the last gradient bucket: not one collective more than fixed
+    assert result["collectives"]["auto"] == result["collectives"]["fixed"] != []
 
 
 # A gpt whose activations need ~2 GiB a sample (embed 4096 x 4 blocks of 2048 tokens): 64 samples a step cannot fit

@@ -4,8 +4,11 @@ gpt (configs/gpt.yaml), 2 ranks, ddp, global batch 32 = micro 8 x accum 2 x 2 ra
 distrain Trainers built in the same processes, taking turns step by step in shuffled rounds: one with
 ``train.micro_batch=8``, one with ``train.micro_batch=auto`` and ``micro_batch_max=8`` (settled at 8 from the
 start: on a CPU nothing runs out of memory, and a settled run executes the same code as one that searched). What
-auto adds per step: one all-reduce of a few numbers per rank, a copy of the CPU random state and a Python call per
-parameter per backward. Target: ratio of medians <= 1.01. ``python -m benchmarks auto_micro``.
+auto adds per step: one number appended to the last gradient bucket's all-reduce (no collective of its own: the
+collectives of one profiled step of each are counted and reported), a copy of the CPU random state and a Python
+call per parameter per backward. Target: ratio of medians <= 1.01. The step time varies by a fifth from step to
+step on a shared 2-core machine, so the default is 400 rounds (about a minute), enough for a 95% interval of a
+few percent. ``python -m benchmarks auto_micro``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any, Dict, List
 import torch
 
 from benchmarks import stats
+from benchmarks.comm_count import collectives
 from benchmarks.contestants import DistrainContestant, build_on_all_ranks
 from benchmarks.jobs import run_job
 from benchmarks.options import Options, Section, check
@@ -43,7 +47,7 @@ class MicroBatchContestant(DistrainContestant):
 
 def run(opts: Options) -> Dict[str, Any]:
     params = opts.job_params(config="configs/gpt.yaml", overrides=[f"train.micro_batch={MICRO}"],
-                             rounds=opts.timed_rounds(full=80, smoke=3), warmup=opts.pick(full=5, smoke=1))
+                             rounds=opts.timed_rounds(full=400, smoke=3), warmup=opts.pick(full=5, smoke=1))
     return run_job(NAME, params, opts.nproc, opts.threads_per_rank, opts.timeout_s)
 
 
@@ -58,10 +62,12 @@ def worker(params: Dict[str, Any], info: ProcessInfo, device: torch.device) -> D
     timings = interleaved_rounds({k: c.step for k, c in contestants.items()}, params["rounds"], params["warmup"],
                                  device)
     plans = {k: c.trainer.plan.micro_batch for k, c in contestants.items()}
+    step = params["warmup"] + params["rounds"]  # one more step of each, profiled: its collectives (all ranks alike)
+    counts = {k: [x.kind for x in collectives(lambda c=c: c.step(step))] for k, c in contestants.items()}
     for c in contestants.values():
         c.close()
     auto, fixed = timings.wall["auto"], timings.wall["fixed"]
-    return {"workload": work.describe(), "notes": notes, "rounds": params["rounds"], "micro_batch": plans,
+    return {"workload": work.describe(), "notes": notes, "rounds": params["rounds"], "micro_batch": plans, "collectives": counts,
             "auto": stats.summary(auto), "fixed": stats.summary(fixed), "ratio": stats.ratio_of_medians(auto, fixed),
             "times_auto": auto, "times_fixed": fixed}
 
@@ -74,6 +80,13 @@ def report(result: Dict[str, Any], ctx: Any) -> Section:
              "| contestant | median ms (IQR) |", "| --- | --- |",
              f"| fixed | {result['fixed']['median'] * 1e3:.2f} ({result['fixed']['iqr'] * 1e3:.2f}) |",
              f"| auto | {result['auto']['median'] * 1e3:.2f} ({result['auto']['iqr'] * 1e3:.2f}) |", "",
+             f"collectives in a settled step: fixed {_described(result['collectives']['fixed'])}, auto "
+             f"{_described(result['collectives']['auto'])}", "",
              f"ratio auto / fixed: {r['ratio']:.4f} (95% CI {r['ci_lo']:.4f}-{r['ci_hi']:.4f}); target <= {TARGET}: "
              f"{'met' if c.met else 'NOT met'}"] + [f"- {n}" for n in result["notes"]]
     return Section(TITLE, "\n".join(lines), [c], [])
+
+
+def _described(kinds: List[str]) -> str:
+    """e.g. "2 (all_reduce x 2)"."""
+    return f"{len(kinds)} (" + ", ".join(f"{k} x {kinds.count(k)}" for k in sorted(set(kinds))) + ")"

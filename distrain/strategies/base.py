@@ -315,10 +315,11 @@ class Strategy(abc.ABC):
         return True
 
     def outcome_channel(self) -> Optional[Any]:
-        """Where a step attempt's outcome rides behind the last gradient collective, so micro_batch=auto costs
-        no collective of its own once settled: an object with ``set(row)`` (called before the first micro-step
-        and again, on a failed rank, before ``rejoin_after_oom``) and ``result()`` (every rank's row after the
-        last backward, or None; DDP's is ddp_join.Outcome). None: micro_steps all-reduces the rows itself."""
+        """Where whether any rank's step attempt failed rides inside the last gradient collective, so
+        micro_batch=auto costs no collective of its own once settled: an object with ``arm()`` (called before the
+        first micro-step), ``fail()`` (on a failed rank, before ``rejoin_after_oom``), ``carried`` and
+        ``any_failed()`` (after the last backward; DDP's is ddp_join.Outcome). None, or not carried: micro_steps
+        all-reduces every rank's outcome itself."""
         return None
 
     def drop_step(self) -> None:

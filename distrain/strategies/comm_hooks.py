@@ -28,17 +28,65 @@ def sum_allreduce_hook(process_group: Optional[dist.ProcessGroup], bucket: dist.
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
+class Rider:
+    """A few numbers every rank adds to the all-reduce of a syncing backward's last gradient bucket: the plain SUM
+    hook appends them to that bucket's flat buffer and splits them off after, so they are summed across ranks with
+    no collective of their own (micro_batch=auto's outcome, ddp_join.Outcome). The compressing hooks do not carry
+    them (``carried`` stays False)."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.values = torch.zeros(size, dtype=torch.float64, device=device)
+        self.carried = False  # whether a last bucket carried ``values`` since ``arm``
+        self._flat = torch.zeros(0)
+
+    def flat_for(self, bucket: torch.Tensor) -> torch.Tensor:
+        """A flat buffer for ``bucket`` and the values after it, in the bucket's dtype: allocated once (DDP's
+        last bucket keeps its size, except once when DDP rebuilds its buckets after the first backward)."""
+        size = bucket.numel() + self.values.numel()
+        if self._flat.numel() != size or self._flat.dtype != bucket.dtype or self._flat.device != bucket.device:
+            self._flat = torch.empty(size, dtype=bucket.dtype, device=bucket.device)
+        return self._flat
+
+    def arm(self, values: float = 0.0) -> None:
+        """This rank's numbers for the next last bucket (the sum replaces them once it is done)."""
+        self.values.fill_(values)
+        self.carried = False
+
+
 class ByteCounter:
     """Payload bytes handed to gradient collectives, summed over steps (what goes on the wire, per rank); and what
-    to launch right behind a backward's last bucket (``after_last``: micro_batch=auto's outcome, ddp_join.py)."""
+    rides inside a backward's last bucket (``rider``: micro_batch=auto's outcome, ddp_join.py)."""
 
     def __init__(self) -> None:
         self.total = 0
-        self.after_last: Optional[Callable[[], None]] = None
+        self.rider: Optional[Rider] = None
 
-    def handed(self, bucket: dist.GradBucket) -> None:
-        if self.after_last is not None and bucket.is_last():
-            self.after_last()
+
+def _riding_sum_hook(counter: ByteCounter) -> Callable:
+    """sum_allreduce_hook, whose all-reduce of the backward's last bucket also sums ``counter.rider``."""
+
+    def hook(process_group: Optional[dist.ProcessGroup], bucket: dist.GradBucket
+             ) -> torch.futures.Future[torch.Tensor]:
+        rider = counter.rider
+        if rider is None or not bucket.is_last():
+            return sum_allreduce_hook(process_group, bucket)
+        buffer, size = bucket.buffer(), bucket.buffer().numel()
+        # one copy of the bucket into a flat buffer with room for the rider, and one back into the bucket (whose
+        # views are the gradients): cheaper than a second collective's round trip, which the step would wait for
+        flat = rider.flat_for(buffer)
+        flat[:size].copy_(buffer)
+        flat[size:].copy_(rider.values)
+        work = dist.all_reduce(flat, group=process_group if process_group is not None else dist.group.WORLD,
+                               async_op=True)
+        rider.carried = True
+
+        def split(future: torch.futures.Future) -> torch.Tensor:
+            rider.values.copy_(flat[size:])
+            return buffer.copy_(flat[:size])
+
+        return work.get_future().then(split)
+
+    return hook
 
 
 def _counted(hook: Callable, counter: ByteCounter, bytes_per_element: Optional[int]) -> Callable:
@@ -49,7 +97,6 @@ def _counted(hook: Callable, counter: ByteCounter, bytes_per_element: Optional[i
         counter.total += buffer.numel() * (bytes_per_element or buffer.element_size())
         with label("grad-sync"):  # a named range in metrics.profile traces (a no-op otherwise)
             future = hook(state, bucket)
-        counter.handed(bucket)
         return future
 
     return counted_hook
@@ -70,7 +117,6 @@ def _counted_powersgd(counter: ByteCounter, memory: PowerSGDMemory) -> Callable:
             before = state.total_numel_after_compression  # PowerSGD's own tally of what it all-reduces
             future = powerSGD_hook.powerSGD_hook(state, bucket)
             counter.total += (state.total_numel_after_compression - before) * buffer.element_size()
-        counter.handed(bucket)
         return future
 
     return counted_hook
@@ -85,7 +131,7 @@ def register_comm_hook(ddp: DistributedDataParallel, name: Optional[str], powers
     """
     counter = counter if counter is not None else ByteCounter()
     if name is None:
-        ddp.register_comm_hook(None, _counted(sum_allreduce_hook, counter, None))
+        ddp.register_comm_hook(None, _counted(_riding_sum_hook(counter), counter, None))
         return "sum", None
     state = None
     if name == "fp16":

@@ -22,61 +22,44 @@ from __future__ import annotations
 from typing import Any, Callable, List, Optional, Set
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distrain.strategies.comm_hooks import ByteCounter
+from distrain.strategies.comm_hooks import ByteCounter, Rider
 
 
-class Outcome:
-    """Every rank's outcome of a step attempt (one row of numbers per rank), all-reduced right behind the last
-    gradient bucket of the syncing backward: the ranks are all in that collective already, so the outcome costs
-    no extra round trip of its own. A rank that failed sets its row before it joins (and so launches the last
-    bucket); a healthy rank's row says OK."""
+class Outcome(Rider):
+    """Whether any rank's step attempt failed: each rank's 1 (failed) or 0, summed inside the all-reduce of the
+    syncing backward's last gradient bucket (comm_hooks.Rider), so the outcome costs no collective of its own. A
+    rank that failed says so before it joins (and so launches the last bucket). Only after a failure does
+    micro_steps all-reduce every rank's details (where it failed, its memory)."""
 
-    def __init__(self, world_size: int, rank: int, device: torch.device):
-        self.world_size, self.rank, self.device = world_size, rank, device
-        self.rows = self.mine = torch.zeros(0)
-        self.work: Optional[dist.Work] = None
+    def __init__(self, device: torch.device):
+        super().__init__(1, device)
 
-    def set(self, row: List[float]) -> None:
-        """This rank's numbers for the next launch (a list of the same length on every rank)."""
-        if self.mine.numel() != len(row):  # the buffers, allocated once
-            self.mine = torch.zeros(len(row), dtype=torch.float64, device=self.device)
-            self.rows = torch.zeros(self.world_size, len(row), dtype=torch.float64, device=self.device)
-        self.mine.copy_(torch.tensor(row, dtype=torch.float64))
+    def fail(self) -> None:
+        """This rank's attempt failed (before it joins; the last bucket must not have left yet)."""
+        self.values.fill_(1.0)
 
-    def launch(self) -> None:
-        """From the comm hook of the backward's last bucket."""
-        self.rows.zero_()
-        self.rows[self.rank] = self.mine
-        self.work = dist.all_reduce(self.rows, async_op=True)
-
-    def result(self) -> Optional[List[List[float]]]:
-        """The rows, once the all-reduce is done; None if no last bucket was launched in this attempt."""
-        work, self.work = self.work, None
-        if work is None:
-            return None
-        work.wait()
-        return self.rows.tolist()
+    def any_failed(self) -> Optional[bool]:
+        """Whether some rank failed, once the backward is done; None if no last bucket carried the outcome in this
+        attempt (a compressing comm hook: micro_steps then all-reduces the outcome itself)."""
+        return bool(self.values.item() > 0) if self.carried else None
 
 
 class BackwardJoin:
     """Tracks which parameters' gradients the current syncing backward has accumulated, and joins the rest."""
 
     def __init__(self, model: DistributedDataParallel, counter: ByteCounter):
-        """``counter``: the byte counter DDP's comm hook reports to; the outcome rides behind its last bucket."""
+        """``counter``: the byte counter DDP's comm hook reports to; the outcome rides inside its last bucket."""
         self.model = model
-        self.outcome = Outcome(dist.get_world_size(), dist.get_rank(), next(model.parameters()).device)
-        counter.after_last = self.outcome.launch
+        self.outcome = Outcome(next(model.parameters()).device)
+        counter.rider = self.outcome
         self.params: List[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
-        self.ready: Set[int] = set()
-        # runs just before DDP's own hook on the gradient accumulator
-        self.handles = [p.register_post_accumulate_grad_hook(self._accumulated) for p in self.params]
-
-    def _accumulated(self, param: torch.Tensor) -> None:
-        self.ready.add(id(param))
+        # the parameters accumulated so far (tensors hash by identity); the hook runs just before DDP's own hook
+        # on the gradient accumulator, once per parameter and backward: the set's own add, no Python frame of ours
+        self.ready: Set[torch.Tensor] = set()
+        self.handles = [p.register_post_accumulate_grad_hook(self.ready.add) for p in self.params]
 
     def arm(self) -> None:
         """A micro-step starts: nothing of its backward is accumulated yet."""
@@ -86,7 +69,7 @@ class BackwardJoin:
         """Issue the bucket all-reduces this rank still owes in the syncing backward (``last``: the failed
         micro-step was that one; otherwise none of it ran); False where none is left to issue and DDP's reducer
         cannot be finalised (the step cannot be redone)."""
-        missing = [p for p in self.params if not last or id(p) not in self.ready]
+        missing = [p for p in self.params if not last or p not in self.ready]
         if not missing:
             return False
         if len(missing) == len(self.params):  # no forward reached DDP's post-forward, or it did and backward never

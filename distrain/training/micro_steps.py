@@ -11,8 +11,10 @@ with the same samples, the same random state and nothing else changed. docs/out-
 2. it issues the collectives its peers still run in the step (``Strategy.rejoin_after_oom``: DDP's gradient
    all-reduces of the last backward, strategies/ddp_join.py; FSDP's all-gathers and reduce-scatters of every
    micro-step left, by replaying them on one sample, strategies/fsdp_oom.py);
-3. after the last backward every rank shares its outcome (one small all-reduce per step: the only cost once the
-   size is settled); on any failure every rank drops the step's gradients, releases memory, restores the random
+3. after the last backward every rank knows whether any rank failed (under DDP's plain comm hook a number
+   summed inside the last gradient bucket's all-reduce, no collective of its own; otherwise one small
+   all-reduce per step: the only cost once the size is settled); on a failure their rows (where, memory) are
+   all-reduced, and every rank drops the step's gradients, releases memory, restores the random
    state and redoes the step smaller, or, at micro-batch 1 or where the strategy could not join, every rank ends
    in the same paragraph.
 """
@@ -88,7 +90,7 @@ class MicroSteps:
     def _attempt(self, step: int, batches: List[Any]) -> Attempt:
         channel = self.strategy.outcome_channel() if self.plan.auto else None
         if channel is not None:
-            channel.set(_row(None))
+            channel.arm()
         counts, total = self.objective.step_counts(batches, step)  # an empty micro-batch under a mean: noted
         loss: Optional[torch.Tensor] = None
         last = len(batches) - 1
@@ -107,9 +109,9 @@ class MicroSteps:
         else:
             return Attempt(loss, None)
         # the last micro-step's gradient collectives: the peers are in them (or will be); join them, the outcome
-        # riding behind them where the strategy carries it
+        # riding inside them where the strategy carries it
         if channel is not None:
-            channel.set(_row(failure))
+            channel.fail()
         replay = self._replay(batches[failure.micro], counts[failure.micro], total)
         joined = self.plan.auto and self.strategy.rejoin_after_oom(failure.micro, len(batches), failure.phase, replay)
         return Attempt(None, failure, joined)
@@ -133,17 +135,18 @@ class MicroSteps:
         return micro.share
 
     def _agree(self, step: int, attempt: Attempt) -> Tuple[List[Failure], bool]:
-        """Every rank's outcome of the attempt: the failures, and whether any of them cannot be retried. It rode
-        behind the last gradient bucket (DDP), or costs one all-reduce of a few numbers per rank."""
+        """Every rank's outcome of the attempt: the failures, and whether any of them cannot be retried. Whether
+        any rank failed rode inside the last gradient bucket (DDP's plain hook): nothing more to do when none did;
+        otherwise (or without that channel) one all-reduce of every rank's row of a few numbers."""
         mine = attempt.failure
         channel = self.strategy.outcome_channel()
-        if channel is not None:
-            if mine is not None and not attempt.joined:  # its OK row already left with the last bucket: end here
+        if channel is not None and channel.carried:
+            if mine is not None and not attempt.joined:  # its 0 already left with the last bucket: end here
                 raise OutOfMemoryError(self._paragraph([mine], step, _TOO_LATE))
-            rows = channel.result()
-        else:
-            row = _row(mine, FATAL if mine is not None and not attempt.joined else RETRY)
-            rows = dist.per_rank_vector(torch.tensor(row, dtype=torch.float64, device=self.device))
+            if not channel.any_failed():
+                return [], False
+        row = _row(mine, FATAL if mine is not None and not attempt.joined else RETRY)
+        rows = dist.per_rank_vector(torch.tensor(row, dtype=torch.float64, device=self.device))
         failures = [Failure(rank, int(r[1]), PHASES[int(r[2])], MemoryFigures(*r[3:7]))
                     for rank, r in enumerate(rows) if r[0] != OK]
         return failures, any(r[0] == FATAL for r in rows)
