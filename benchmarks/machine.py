@@ -10,6 +10,7 @@ import datetime
 import os
 import platform
 import socket
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -40,6 +41,19 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def source_commit() -> str:
+    """The commit the numbers are of (``+changes`` when the checkout differs from it), or "unknown" outside git."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}+changes" if changed else commit
+
+
 def describe(threads_per_rank: int, device: str) -> Dict[str, Any]:
     """Everything about this machine and software that shapes the numbers."""
     import torch
@@ -60,6 +74,7 @@ def describe(threads_per_rank: int, device: str) -> Dict[str, Any]:
         "device": device,
         "versions": {name: _version(name) for name in ("torch", "deepspeed", "accelerate", "numpy", "omegaconf")},
         "distrain": _version("distrain"),
+        "commit": source_commit(),
         "threads": {"OMP_NUM_THREADS per rank": threads_per_rank,
                     "torch intra-op threads in this process": torch.get_num_threads(),
                     "torch inter-op threads in this process": torch.get_num_interop_threads()},

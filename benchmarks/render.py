@@ -30,7 +30,7 @@ def _machine_table(meta: Dict[str, Any], options: Dict[str, Any]) -> List[str]:
             ("CPU", f"{meta['cpu']} ({meta['cores_usable']} usable cores)"), ("memory", f"{meta['memory_gib']} GiB"),
             ("device / backend", f"{options['device']} / {'nccl' if options['device'] == 'cuda' else 'gloo'}, "
                                  f"{options['nproc']} ranks per job"),
-            ("python", meta["python"]), ("distrain", meta["distrain"]),
+            ("python", meta["python"]), ("distrain", f"{meta['distrain']}, commit {meta.get('commit', 'not recorded')}"),
             ("versions", ", ".join(f"{k} {v}" for k, v in meta["versions"].items())),
             ("threads", ", ".join(f"{k}: {v}" for k, v in meta["threads"].items())),
             ("load average (1, 5, 15 min)", f"at start {meta['load_average_at_start']}, at end "

@@ -21,7 +21,7 @@ def run(opts: Options) -> Dict[str, Any]:
 
 
 def report(result: Dict[str, Any], ctx: Any) -> Section:
-    section = step_time.report(result, ctx)
+    section = step_time.report(result, ctx, notes=False)  # the step_time section carries the notes
     section.title = TITLE
     for c in section.checks:
         c.suite = NAME

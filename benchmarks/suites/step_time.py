@@ -76,7 +76,7 @@ def worker(params: Dict[str, Any], info: ProcessInfo, device: torch.device) -> D
             "warmup": params["warmup"]}
 
 
-def report(result: Dict[str, Any], ctx: Any) -> Section:
+def report(result: Dict[str, Any], ctx: Any, notes: bool = True) -> Section:
     lines: List[str] = []
     checks: List[Check] = []
     for model, job in result["models"].items():
@@ -103,7 +103,7 @@ def report(result: Dict[str, Any], ctx: Any) -> Section:
                  "(but not what runs on the backend's threads).\n")
     for label, why in result["skipped"].items():
         lines.append(f"- skipped **{label}**: {why}.")
-    if NOTES.is_file():
+    if notes and NOTES.is_file():  # the hand-written attribution, once per report (ddp_overhead reuses this)
         lines.append("\n" + NOTES.read_text().strip() + "\n")
     plots = [ctx.plot_step_time(result)] if result["models"] else []
     return Section(TITLE, "\n".join(lines), checks, [p for p in plots if p])
