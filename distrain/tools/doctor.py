@@ -85,6 +85,8 @@ def _allreduce_worker(rank: int, world: int, port: int, results: Any) -> None:
         import torch  # lazy: start-up: torch takes seconds to import
         import torch.distributed as dist
 
+        from distrain.dist import leave_process_group  # lazy: it imports torch (start-up, above)
+
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=SMOKE_TIMEOUT_S))
         timings = {}
@@ -99,7 +101,7 @@ def _allreduce_worker(rank: int, world: int, port: int, results: Any) -> None:
             for _ in range(SMOKE_ITERS):
                 dist.all_reduce(tensor)
             timings[size] = (time.perf_counter() - start) / SMOKE_ITERS
-        dist.destroy_process_group()
+        leave_process_group(wait_for_peers=True)  # as the Trainer leaves a group it owns (see there)
         results.put((rank, "ok", timings))
     except Exception as err:  # reported by the parent as the check's failure
         results.put((rank, "error", f"{type(err).__name__}: {err}"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 
@@ -22,6 +21,7 @@ def main(out: Path) -> None:
     import torch.distributed as torch_dist
     import torch.nn.functional as F
 
+    from distrain import dist
     from distrain.checkpoint import manifest
     from distrain.errors import ConfigError
     from distrain.training.trainer import Trainer
@@ -79,12 +79,8 @@ def main(out: Path) -> None:
     except ConfigError as err:
         agree["refused"] = str(err)
     (out / f"agree-rank{rank}.json").write_text(json.dumps(agree))
-    # As dist.leave_process_group does for a group it owns: gloo's worker thread frees the last collective's tensors
-    # just after waking us and needs the GIL for it; destroying the group (here, the DDP reducer that still holds
-    # it, freed on return) inside that window deadlocks both threads.
-    torch_dist.barrier()
-    time.sleep(0.2)
-    torch_dist.destroy_process_group()
+    # as the Trainer leaves a group it owns: a barrier, then a GIL-free pause before the teardown (see there)
+    dist.leave_process_group(wait_for_peers=True)
 
 
 if __name__ == "__main__":

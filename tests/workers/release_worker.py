@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 
 import torch.distributed as torch_dist
 
@@ -22,6 +21,7 @@ def process_groups() -> int:
 
 
 def main(config: str, run_dir: str) -> None:
+    from distrain import dist
     from distrain.config import load_config
     from distrain.env import detect
     from distrain.errors import CheckpointError
@@ -47,8 +47,7 @@ def main(config: str, run_dir: str) -> None:
     checks["faults_groups_made"] = process_groups() - before
     faults.close()
     checks["faults_groups_left"] = process_groups() - before
-    time.sleep(0.2)  # let gloo's worker thread finish the last collective first (see dist.leave_process_group)
-    torch_dist.destroy_process_group()
+    dist.leave_process_group(wait_for_peers=False)  # a GIL-free pause, then the teardown (see there)
     # one write of one line (under PIPE_BUF): the two ranks share the pipe, and print() writes the newline apart
     sys.stdout.write(json.dumps({"rank": detect().rank, "checks": checks}) + "\n")
     sys.stdout.flush()
