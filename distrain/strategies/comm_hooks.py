@@ -47,9 +47,9 @@ class Rider:
             self._flat = torch.empty(size, dtype=bucket.dtype, device=bucket.device)
         return self._flat
 
-    def arm(self, values: float = 0.0) -> None:
-        """This rank's numbers for the next last bucket (the sum replaces them once it is done)."""
-        self.values.fill_(values)
+    def arm(self) -> None:
+        """Zeros for the next last bucket (the sum replaces them once it is done)."""
+        self.values.zero_()
         self.carried = False
 
 
